@@ -1,0 +1,349 @@
+"""The union core: a stack of layers as one tree.  No I/O, no tar, no FUSE.
+
+Everything that decides what a path *is* lives here.  A :class:`Tree` starts
+as an empty root directory; :meth:`Tree.apply_layer` applies one layer's
+entries exactly as the OCI image spec's "applying changesets" says (see
+``docs/semantics.md`` for every case and the test that covers it).  Layers are
+applied once, base first, so the result is a *flattened* index: a dict from
+canonical path to :class:`Node`.  Looking a path up is then one dict lookup
+whatever the number of layers; nothing walks the layers at lookup time.
+
+The writable upper layer (``layerfs.upper``) changes the same tree through
+the mutation methods at the bottom of this module, so the view is always this
+one dict.
+
+Inodes: a :class:`Node` is an inode.  Hardlinked names map to the same Node
+object, which counts its names in ``nlink``.  A directory's ``nlink`` is
+2 + its subdirectories, as on ext4.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat as _stat
+from typing import Iterable, Iterator, Optional
+
+from . import whiteout
+from .entry import DIRECTORY, HARDLINK, SYMLINK, Entry
+from .errors import InvalidLayerError, path_error
+from .paths import encode_name, is_canonical, join, parents, split
+
+S_IFDIR = _stat.S_IFDIR
+S_IFLNK = _stat.S_IFLNK
+S_IFREG = _stat.S_IFREG
+S_IFMT = 0o170000
+
+DEFAULT_DIR_MODE = 0o755
+MAX_SYMLINK_HOPS = 40          # Linux's limit before ELOOP
+ST_DEV = 0x1A7E5               # one made-up device number for the whole view
+BLOCK_SIZE = 4096
+
+
+class Node:
+    """One inode of the view.
+
+    ``source`` and ``data`` say where a regular file's bytes are: the index
+    of the layer that stored them and its ``DataRef``, or ``UPPER`` for a file
+    in the writable layer.  The core never reads them.
+    """
+
+    __slots__ = ("ino", "mode", "uid", "gid", "size", "mtime_ns", "atime_ns",
+                 "ctime_ns", "nlink", "rdev", "target", "xattrs", "source",
+                 "data", "children", "stat_cache")
+
+    def __init__(self, ino: int, mode: int, uid: int = 0, gid: int = 0,
+                 mtime_ns: int = 0, size: int = 0):
+        self.ino = ino
+        self.mode = mode
+        self.uid = uid
+        self.gid = gid
+        self.size = size
+        self.mtime_ns = self.atime_ns = self.ctime_ns = mtime_ns
+        # A directory counts itself and "."; any other inode counts its names,
+        # and has none until the tree gives it one.
+        self.nlink = 2 if mode & S_IFMT == S_IFDIR else 0
+        self.rdev = 0
+        self.target = ""
+        self.xattrs: Optional[dict] = None
+        self.source: Optional[int] = None
+        self.data = None
+        self.children: Optional[dict] = {} if mode & S_IFMT == S_IFDIR else None
+        self.stat_cache: Optional[os.stat_result] = None
+
+    @property
+    def is_dir(self) -> bool:
+        return self.children is not None
+
+    @property
+    def is_symlink(self) -> bool:
+        return self.mode & S_IFMT == S_IFLNK
+
+    def stat(self) -> os.stat_result:
+        """This inode's ``os.stat_result``, built once and kept until the
+        node changes (mutators call :meth:`touched`)."""
+        result = self.stat_cache
+        if result is None:
+            a, m, c = self.atime_ns, self.mtime_ns, self.ctime_ns
+            result = os.stat_result((
+                self.mode, self.ino, ST_DEV, self.nlink, self.uid, self.gid,
+                self.size, a // 1_000_000_000, m // 1_000_000_000,
+                c // 1_000_000_000, a / 1e9, m / 1e9, c / 1e9, a, m, c,
+                BLOCK_SIZE, (self.size + 511) // 512, self.rdev))
+            self.stat_cache = result
+        return result
+
+    def touched(self) -> None:
+        """Forget cached results after a change to this node."""
+        self.stat_cache = None
+
+
+class Tree:
+    """The merged view: canonical path -> :class:`Node`."""
+
+    def __init__(self) -> None:
+        self._next_ino = 1
+        root = self.new_node(S_IFDIR | DEFAULT_DIR_MODE)
+        self.root = root
+        self.nodes: dict[str, Node] = {"/": root}
+        # Bumped by every change, so callers can keep caches of derived
+        # results (directory listings, resolved paths) and know when to drop them.
+        self.version = 0
+
+    def new_node(self, mode: int, uid: int = 0, gid: int = 0,
+                 mtime_ns: int = 0, size: int = 0) -> Node:
+        node = Node(self._next_ino, mode, uid, gid, mtime_ns, size)
+        self._next_ino += 1
+        return node
+
+    # ------------------------------------------------------------------
+    # Lookup: the hot path.
+
+    def get(self, path: str) -> Optional[Node]:
+        """The node at canonical *path*, or None; follows no symlink."""
+        return self.nodes.get(path)
+
+    def resolve(self, path: str, follow: bool = True) -> tuple[str, Optional[Node]]:
+        """Resolve a path as the kernel would inside a chroot at the root.
+
+        *path* may be relative (to the root), hold ``.``, ``..``, repeated
+        slashes and symlinks in any component.  Returns the canonical real
+        path of the last component and its node, or None for the node when
+        everything but the last component exists.  *follow* says whether a
+        symlink in the last component is followed.  Raises
+        ``FileNotFoundError`` (a parent is missing), ``NotADirectoryError``
+        or ``OSError(ELOOP)``, all naming *path*.
+        """
+        if is_canonical(path):
+            node = self.nodes.get(path)
+            if node is not None and not (follow and node.mode & S_IFMT == S_IFLNK):
+                return path, node
+        return self._walk(path, follow)
+
+    def _walk(self, path: str, follow: bool) -> tuple[str, Optional[Node]]:
+        must_be_dir = path.endswith("/") and path.strip("/") != ""
+        if must_be_dir:
+            follow = True
+        pending = [c for c in reversed(path.split("/")) if c and c != "."]
+        current, node = "/", self.root
+        hops = 0
+        while pending:
+            name = pending.pop()
+            if name == "..":
+                current = split(current)[0]
+                node = self.nodes[current]
+                continue
+            if node.children is None:
+                raise path_error(errno.ENOTDIR, path)
+            child = node.children.get(name)
+            child_path = join(current, name)
+            if child is None:
+                if pending:
+                    raise path_error(errno.ENOENT, path)
+                return child_path, None
+            if child.mode & S_IFMT == S_IFLNK and (pending or follow):
+                hops += 1
+                if hops > MAX_SYMLINK_HOPS:
+                    raise path_error(errno.ELOOP, path)
+                target = child.target
+                if target.startswith("/"):
+                    current, node = "/", self.root
+                pending.extend(c for c in reversed(target.split("/")) if c and c != ".")
+                continue
+            current, node = child_path, child
+        if must_be_dir and node.children is None:
+            raise path_error(errno.ENOTDIR, path)
+        return current, node
+
+    def walk_nodes(self, top: str = "/") -> Iterator[tuple[str, Node]]:
+        """Every (path, node) at and beneath canonical *top*, parents first."""
+        stack = [(top, self.nodes[top])]
+        while stack:
+            path, node = stack.pop()
+            yield path, node
+            if node.children:
+                for name, child in node.children.items():
+                    stack.append((join(path, name), child))
+
+    # ------------------------------------------------------------------
+    # Applying a layer (see docs/semantics.md).
+
+    def apply_layer(self, entries: Iterable[Entry], layer_index: int,
+                    label: str) -> None:
+        """Apply one layer's entries (in tar order) on top of this tree."""
+        entries = entries if isinstance(entries, (list, tuple)) else list(entries)
+        self._apply_markers(entries, label)
+        nodes = self.nodes
+        for entry in entries:
+            path = entry.path
+            parent_path, name = split(path)
+            parent = nodes.get(parent_path)
+            if parent is None or parent.children is None:
+                parent = self._make_parents(path)
+            if name.startswith(whiteout.PREFIX):
+                continue        # a marker: applied above; it only implied its parents
+            if path == "/":
+                self._apply_root(entry, label)
+            elif entry.kind == DIRECTORY:
+                self._apply_directory(entry, parent, name)
+            elif entry.kind == HARDLINK:
+                self._apply_hardlink(entry, parent, name, label)
+            else:
+                self._replace(parent, name, path, self._node_from(entry, layer_index))
+        self.version += 1
+
+    def _apply_markers(self, entries: list, label: str) -> None:
+        """Phase one: whiteouts and opaque markers act on what lower layers
+        left, before any entry of their own layer, wherever they stand."""
+        for entry in entries:
+            path = entry.path
+            if whiteout.PREFIX not in path:
+                continue
+            parent_path, name = split(path)
+            for ancestor in parents(path):
+                if split(ancestor)[1].startswith(whiteout.PREFIX):
+                    raise InvalidLayerError("a whiteout name is used as a directory",
+                                            layer=label, entry=path)
+            kind, target = whiteout.classify(name)
+            if kind == whiteout.NOT_A_MARKER:
+                continue
+            if kind == whiteout.MALFORMED:
+                raise InvalidLayerError("malformed whiteout marker (no name to hide)",
+                                        layer=label, entry=path)
+            directory = self.nodes.get(parent_path)
+            if directory is None or directory.children is None:
+                continue
+            if kind == whiteout.OPAQUE:
+                for child_name in list(directory.children):
+                    self._remove(directory, child_name, join(parent_path, child_name))
+            elif target in directory.children:
+                self._remove(directory, target, join(parent_path, target))
+
+    def _make_parents(self, path: str) -> Node:
+        """Every entry implies its parent directories: a missing one is
+        created with default metadata, a non-directory is replaced by one."""
+        parent = self.root
+        for ancestor in parents(path):
+            name = split(ancestor)[1]
+            node = parent.children.get(name)
+            if node is None or node.children is None:
+                node = self.new_node(S_IFDIR | DEFAULT_DIR_MODE)
+                self._replace(parent, name, ancestor, node)
+            parent = node
+        return parent
+
+    def _apply_root(self, entry: Entry, label: str) -> None:
+        if entry.kind != DIRECTORY:
+            raise InvalidLayerError("the root of a layer must be a directory",
+                                    layer=label, entry=entry.path)
+        self._set_directory_attributes(self.root, entry)
+
+    def _apply_directory(self, entry: Entry, parent: Node, name: str) -> None:
+        existing = parent.children.get(name)
+        if existing is not None and existing.children is not None:
+            self._set_directory_attributes(existing, entry)
+            return
+        node = self.new_node(S_IFDIR | entry.mode)
+        self._set_directory_attributes(node, entry)
+        self._replace(parent, name, entry.path, node)
+
+    @staticmethod
+    def _set_directory_attributes(node: Node, entry: Entry) -> None:
+        node.mode = S_IFDIR | entry.mode
+        node.uid = entry.uid
+        node.gid = entry.gid
+        node.mtime_ns = node.atime_ns = node.ctime_ns = entry.mtime_ns
+        node.xattrs = entry.xattrs or None
+        node.stat_cache = None
+
+    def _apply_hardlink(self, entry: Entry, parent: Node, name: str,
+                        label: str) -> None:
+        target_path = entry.linkname
+        if target_path == entry.path:
+            raise InvalidLayerError("hardlink to itself", layer=label, entry=entry.path)
+        target = self.nodes.get(target_path)
+        if target is None:
+            raise InvalidLayerError(f"hardlink target {target_path!r} does not exist",
+                                    layer=label, entry=entry.path)
+        if target.children is not None:
+            raise InvalidLayerError(f"hardlink target {target_path!r} is a directory",
+                                    layer=label, entry=entry.path)
+        self._replace(parent, name, entry.path, target)
+
+    def _node_from(self, entry: Entry, layer_index: int) -> Node:
+        node = self.new_node(entry.kind | entry.mode, entry.uid, entry.gid,
+                             entry.mtime_ns, entry.size)
+        kind = entry.kind
+        if kind == S_IFREG:
+            node.source = layer_index
+            node.data = entry.data
+        elif kind == S_IFLNK:
+            node.target = entry.linkname
+            node.size = len(encode_name(entry.linkname))
+        else:
+            node.size = 0
+            node.rdev = entry.rdev
+        if entry.xattrs:
+            node.xattrs = entry.xattrs
+        return node
+
+    # ------------------------------------------------------------------
+    # The one family of primitive changes; everything else is built on these.
+
+    def _replace(self, parent: Node, name: str, path: str, node: Node) -> None:
+        """Put *node* at *path* (child *name* of *parent*), removing whatever
+        was there with everything beneath it."""
+        if name in parent.children:
+            self._remove(parent, name, path)
+        parent.children[name] = node
+        self.nodes[path] = node
+        if node.children is not None:
+            parent.nlink += 1
+        else:
+            node.nlink += 1
+        parent.stat_cache = None
+        node.stat_cache = None
+
+    def _remove(self, parent: Node, name: str, path: str) -> None:
+        """Remove *path* (child *name* of *parent*) and everything beneath."""
+        node = parent.children.pop(name)
+        parent.stat_cache = None
+        if node.children is None:
+            del self.nodes[path]
+            node.nlink -= 1
+            node.stat_cache = None
+            return
+        parent.nlink -= 1
+        stack = [(path, node)]
+        while stack:
+            dir_path, directory = stack.pop()
+            del self.nodes[dir_path]
+            for child_name, child in directory.children.items():
+                child_path = join(dir_path, child_name)
+                if child.children is None:
+                    del self.nodes[child_path]
+                    child.nlink -= 1
+                    child.stat_cache = None
+                else:
+                    stack.append((child_path, child))
+
