@@ -1,0 +1,407 @@
+"""How a layer blob is stored, and its uncompressed tar stream.
+
+Everything about compression lives here.  The compression of a blob is told by
+its first bytes only (gzip ``1f 8b``, zstd ``28 b5 2f fd``, anything else is a
+plain tar), never by a file name or a media type, which are often wrong.
+
+:class:`BlobStream` reads a blob once, from front to back, and gives the
+uncompressed tar stream with ``read(n)``, ``skip(n)`` and ``tell()``.  In the
+same single pass it hashes the blob as stored (the *digest*) and the
+uncompressed stream (the *diff_id*), and can hand every uncompressed chunk to
+a *sink* (the layer reader writes its decompressed copy that way).  Memory is
+bounded: at most about one chunk (1 MiB) of input and of output is held,
+whatever the size of the blob or of a member inside it.
+
+Checks, each an :class:`~layerfs.errors.InvalidLayerError` naming the blob:
+
+* gzip: every member's CRC-32 and length (zlib does it with ``wbits=31``);
+  several members in a row are one stream (as ``gzip -d`` reads them); zero
+  bytes after the last member are padding and accepted; anything else after
+  it is an error, and so is a stream that stops inside a member.
+* zstd: frames are decoded across frame boundaries; skippable frames are
+  allowed.  The zstandard stream reader says nothing when its input stops in
+  the middle of a frame, so :class:`_ZstdFrames` follows the frame and block
+  headers as the compressed bytes pass and reports a truncated stream.
+* decompression bombs: the uncompressed size of a *compressed* blob may not
+  exceed a limit (default 64 GiB; the ``max_size`` argument, else the
+  ``LAYERFS_MAX_LAYER_SIZE`` environment variable, in bytes).  A plain tar has
+  no limit: its size on disk already is its uncompressed size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import zlib
+from typing import Callable, Optional
+
+import zstandard
+
+from layerfs.errors import InvalidLayerError
+
+NONE = "none"
+GZIP = "gzip"
+ZSTD = "zstd"
+
+GZIP_MAGIC = b"\x1f\x8b"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+DEFAULT_MAX_SIZE = 64 << 30
+MAX_SIZE_ENV = "LAYERFS_MAX_LAYER_SIZE"
+
+CHUNK = 1 << 20            # bytes read or produced per step
+PROGRESS_STEP = 4 << 20    # call progress() about this often (blob bytes)
+
+Progress = Callable[[int, int], None]
+Sink = Callable[[bytes], object]
+
+
+def detect_compression(head: bytes) -> str:
+    """``"gzip"``, ``"zstd"`` or ``"none"`` from the first bytes of a blob."""
+    if head.startswith(GZIP_MAGIC):
+        return GZIP
+    if head.startswith(ZSTD_MAGIC):
+        return ZSTD
+    return NONE
+
+
+def max_layer_size(max_size: Optional[int] = None) -> int:
+    """The limit on the uncompressed size of a compressed blob, in bytes:
+    *max_size* if given, else ``$LAYERFS_MAX_LAYER_SIZE``, else 64 GiB."""
+    if max_size is not None:
+        return max_size
+    text = os.environ.get(MAX_SIZE_ENV, "").strip()
+    if not text:
+        return DEFAULT_MAX_SIZE
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{MAX_SIZE_ENV}={text!r} is not a number of bytes") from None
+    if value <= 0:
+        raise ValueError(f"{MAX_SIZE_ENV}={text!r} must be positive")
+    return value
+
+
+class _RawInput:
+    """The blob as stored: a byte range of an open file, read in order with
+    ``os.pread`` (no shared file position), hashed as it passes."""
+
+    def __init__(self, fd: int, offset: int, size: int,
+                 progress: Optional[Progress]):
+        self._fd = fd
+        self._offset = offset
+        self.size = size
+        self.done = 0
+        self.hasher = hashlib.sha256()
+        self._progress = progress
+        self._next_report = PROGRESS_STEP
+        self._reported = -1
+
+    def read(self, n: int) -> bytes:
+        n = min(n, self.size - self.done)
+        if n <= 0:
+            return b""
+        data = os.pread(self._fd, n, self._offset + self.done)
+        if not data:
+            return b""   # the file shrank under us; the caller reports truncation
+        self.done += len(data)
+        self.hasher.update(data)
+        if self._progress is not None and self.done >= self._next_report:
+            self._report()
+        return data
+
+    def _report(self) -> None:
+        self._next_report = self.done + PROGRESS_STEP
+        self._reported = self.done
+        self._progress(self.done, self.size)
+
+    def report_final(self) -> None:
+        if self._progress is not None and self._reported != self.done:
+            self._report()
+
+
+class _GzipDecoder:
+    """Produces the uncompressed bytes of a (multi-member) gzip stream."""
+
+    def __init__(self, raw: _RawInput, label: str):
+        self._raw = raw
+        self._label = label
+        self._obj = zlib.decompressobj(31)
+        self._pending = b""
+        self._done = False
+
+    def __call__(self) -> bytes:
+        while not self._done:
+            if not self._pending:
+                self._pending = self._raw.read(CHUNK)
+                if not self._pending:
+                    raise _invalid(self._label, "gzip stream is truncated")
+            try:
+                out = self._obj.decompress(self._pending, CHUNK)
+            except zlib.error as e:
+                raise _invalid(self._label, f"corrupt gzip stream ({e})") from None
+            self._pending = self._obj.unconsumed_tail
+            if self._obj.eof:
+                self._next_member(self._obj.unused_data)
+            if out:
+                return out
+        return b""
+
+    def _next_member(self, rest: bytes) -> None:
+        """After a member: another member, zero padding to the end, or EOF."""
+        while len(rest) < len(GZIP_MAGIC):
+            more = self._raw.read(CHUNK)
+            if not more:
+                break
+            rest += more
+        if rest.startswith(GZIP_MAGIC):
+            self._obj = zlib.decompressobj(31)
+            self._pending = rest
+            return
+        while rest:
+            if rest.count(0) != len(rest):
+                raise _invalid(self._label, "garbage after the end of the gzip stream")
+            rest = self._raw.read(CHUNK)
+        self._done = True
+
+
+class _ZstdFrames:
+    """Follows zstd frame and block headers over the compressed bytes, to
+    know whether the input stopped on a frame boundary.  It only skips
+    over block contents; decoding and checksums are zstandard's job."""
+
+    _SKIPPABLE_MASK = 0xFFFFFFF0
+    _SKIPPABLE_MAGIC = 0x184D2A50
+    _MAGIC = 0xFD2FB528
+
+    def __init__(self, label: str):
+        self._label = label
+        self._pending = b""
+        self._need = 4               # bytes of the next field to gather
+        self._step = self._on_magic  # what to do with that field
+        self._skip = 0               # content bytes to pass over first
+        self._checksum = False
+
+    def feed(self, data: bytes) -> None:
+        pos, end = 0, len(data)
+        while pos < end:
+            if self._skip:
+                taken = min(self._skip, end - pos)
+                self._skip -= taken
+                pos += taken
+                continue
+            want = self._need - len(self._pending)
+            self._pending += data[pos:pos + want]
+            pos += want
+            if len(self._pending) == self._need:
+                field, self._pending = self._pending, b""
+                self._step(field)
+
+    def finish(self) -> None:
+        at_boundary = (self._step == self._on_magic and not self._pending
+                       and not self._skip)
+        if not at_boundary:
+            raise _invalid(self._label, "zstd stream is truncated")
+
+    def _expect(self, need: int, step) -> None:
+        self._need, self._step = need, step
+
+    def _on_magic(self, field: bytes) -> None:
+        magic = int.from_bytes(field, "little")
+        if magic == self._MAGIC:
+            self._expect(1, self._on_descriptor)
+        elif magic & self._SKIPPABLE_MASK == self._SKIPPABLE_MAGIC:
+            self._expect(4, self._on_skippable_size)
+        else:
+            raise _invalid(self._label, "garbage after the end of the zstd stream")
+
+    def _on_skippable_size(self, field: bytes) -> None:
+        self._skip = int.from_bytes(field, "little")
+        self._expect(4, self._on_magic)
+
+    def _on_descriptor(self, field: bytes) -> None:
+        fhd = field[0]
+        single_segment = fhd & 0x20
+        self._checksum = bool(fhd & 0x04)
+        rest = (0 if single_segment else 1)               # window descriptor
+        rest += (0, 1, 2, 4)[fhd & 0x03]                   # dictionary id
+        rest += (1 if single_segment else 0, 2, 4, 8)[fhd >> 6]  # content size
+        self._skip = rest
+        self._expect(3, self._on_block)
+
+    def _on_block(self, field: bytes) -> None:
+        header = int.from_bytes(field, "little")
+        block_type = (header >> 1) & 3
+        self._skip = 1 if block_type == 1 else header >> 3   # RLE: one byte
+        if header & 1:          # last block of the frame
+            if self._checksum:
+                self._skip += 4
+            self._expect(4, self._on_magic)
+
+
+class _ZstdDecoder:
+    """Produces the uncompressed bytes of a zstd stream (all its frames)."""
+
+    def __init__(self, raw: _RawInput, label: str):
+        self._raw = raw
+        self._label = label
+        self._frames = _ZstdFrames(label)
+        self._reader = zstandard.ZstdDecompressor().stream_reader(
+            self, read_size=CHUNK, read_across_frames=True, closefd=False)
+
+    def read(self, n: int) -> bytes:
+        """The compressed side, as the zstandard reader pulls it."""
+        data = self._raw.read(n)
+        self._frames.feed(data)
+        return data
+
+    def __call__(self) -> bytes:
+        try:
+            out = self._reader.read(CHUNK)
+        except zstandard.ZstdError as e:
+            raise _invalid(self._label, f"corrupt zstd stream ({e})") from None
+        if not out:
+            self._frames.finish()
+        return out
+
+
+class BlobStream:
+    """The uncompressed tar stream of a blob, read once from front to back.
+
+    *fd* is an open file; the blob is its *size* bytes from *offset*.  Every
+    uncompressed chunk is passed to *sink* (if given) as it is produced, and
+    *progress(done, total)* (blob bytes) is called every few MiB.  After
+    :meth:`drain`, :attr:`digest`, :attr:`diff_id` (hex) and
+    :attr:`uncompressed_size` are final.
+    """
+
+    def __init__(self, fd: int, *, size: int, offset: int = 0, label: str,
+                 max_size: Optional[int] = None, sink: Optional[Sink] = None,
+                 progress: Optional[Progress] = None):
+        self.label = label
+        self._raw = _RawInput(fd, offset, size, progress)
+        head = os.pread(fd, min(4, size), offset)
+        self.compression = detect_compression(head)
+        if self.compression == GZIP:
+            self._next_chunk = _GzipDecoder(self._raw, label)
+        elif self.compression == ZSTD:
+            self._next_chunk = _ZstdDecoder(self._raw, label)
+        else:
+            self._next_chunk = self._raw_chunk
+        self._diff_hasher = (None if self.compression == NONE
+                             else hashlib.sha256())
+        self._max_size = (None if self.compression == NONE
+                          else max_layer_size(max_size))
+        self._sink = sink
+        self._buf = b""
+        self._pos = 0
+        self._base = 0          # stream offset of _buf[0]
+        self._produced = 0      # uncompressed bytes produced so far
+        self._eof = False
+
+    def _raw_chunk(self) -> bytes:
+        return self._raw.read(CHUNK)
+
+    def _produce(self) -> bytes:
+        """The next uncompressed chunk, b"" at the end of the stream."""
+        if self._eof:
+            return b""
+        chunk = self._next_chunk()
+        if not chunk:
+            self._eof = True
+            if self._raw.done != self._raw.size:
+                raise _invalid(self.label, "blob is shorter than expected "
+                               f"({self._raw.done} of {self._raw.size} bytes)")
+            return b""
+        self._produced += len(chunk)
+        if self._diff_hasher is not None:
+            if self._produced > self._max_size:
+                raise _invalid(self.label, "uncompressed size exceeds the limit of "
+                               f"{self._max_size} bytes (see {MAX_SIZE_ENV})")
+            self._diff_hasher.update(chunk)
+        if self._sink is not None:
+            self._sink(chunk)
+        return chunk
+
+    def read(self, n: int) -> bytes:
+        """Up to *n* bytes; fewer only at the end of the stream."""
+        pos = self._pos
+        end = pos + n
+        if end <= len(self._buf):
+            self._pos = end
+            return self._buf[pos:end]
+        parts = [self._buf[pos:]]
+        have = len(parts[0])
+        self._base += len(self._buf)
+        self._buf, self._pos = b"", 0
+        while have < n:
+            chunk = self._produce()
+            if not chunk:
+                break
+            want = n - have
+            if len(chunk) > want:
+                parts.append(chunk[:want])
+                self._buf, self._pos = chunk, want
+                have = n
+                break
+            parts.append(chunk)
+            self._base += len(chunk)
+            have += len(chunk)
+        return b"".join(parts)
+
+    def skip(self, n: int) -> int:
+        """Passes over *n* bytes without keeping them; returns how many
+        there were (fewer only at the end of the stream)."""
+        pos = self._pos
+        if pos + n <= len(self._buf):
+            self._pos = pos + n
+            return n
+        skipped = len(self._buf) - pos
+        self._base += len(self._buf)
+        self._buf, self._pos = b"", 0
+        while skipped < n:
+            chunk = self._produce()
+            if not chunk:
+                break
+            want = n - skipped
+            if len(chunk) > want:
+                self._buf, self._pos = chunk, want
+                return n
+            self._base += len(chunk)
+            skipped += len(chunk)
+        return skipped
+
+    def tell(self) -> int:
+        """Offset of the next byte in the uncompressed stream."""
+        return self._base + self._pos
+
+    def drain(self) -> None:
+        """Reads (and hashes, and checks) whatever is left of the blob."""
+        self._base += len(self._buf)
+        self._buf, self._pos = b"", 0
+        while True:
+            chunk = self._produce()
+            if not chunk:
+                break
+            self._base += len(chunk)
+        self._raw.report_final()
+
+    @property
+    def digest(self) -> str:
+        """sha256 (hex) of the blob as stored."""
+        return self._raw.hasher.hexdigest()
+
+    @property
+    def diff_id(self) -> str:
+        """sha256 (hex) of the uncompressed stream."""
+        if self._diff_hasher is None:
+            return self.digest
+        return self._diff_hasher.hexdigest()
+
+    @property
+    def uncompressed_size(self) -> int:
+        return self._produced
+
+
+def _invalid(label: str, message: str) -> InvalidLayerError:
+    return InvalidLayerError(message, layer=label)
