@@ -24,6 +24,8 @@ import os
 import stat as _stat
 from typing import Iterable, Iterator, Optional
 
+import attrs
+
 from . import whiteout
 from .entry import DIRECTORY, HARDLINK, SYMLINK, Entry
 from .errors import InvalidLayerError, path_error
@@ -96,6 +98,37 @@ class Node:
     def touched(self) -> None:
         """Forget cached results after a change to this node."""
         self.stat_cache = None
+
+
+@attrs.frozen
+class LayerChanges:
+    """What one layer does to the tree below it (paths, sorted)."""
+
+    added: list
+    changed: list
+    deleted: list
+
+
+def describe_layer(tree: "Tree", entries) -> LayerChanges:
+    """Classify a layer's entries against *tree*, the view below it.
+
+    Call before applying the layer.  Implied parents are not changes; a
+    path listed twice counts once.
+    """
+    added, changed, deleted = set(), set(), set()
+    nodes = tree.nodes
+    for entry in entries:
+        parent_path, name = split(entry.path)
+        kind, target = whiteout.classify(name)
+        if kind == whiteout.NOT_A_MARKER:
+            (changed if entry.path in nodes else added).add(entry.path)
+        elif kind == whiteout.WHITEOUT:
+            victim = join(parent_path, target)
+            if victim in nodes:
+                deleted.update(p for p, _ in tree.walk_nodes(victim))
+        elif kind == whiteout.OPAQUE and parent_path in nodes:
+            deleted.update(p for p, _ in tree.walk_nodes(parent_path) if p != parent_path)
+    return LayerChanges(sorted(added), sorted(changed), sorted(deleted))
 
 
 class Tree:

@@ -1,0 +1,386 @@
+"""The filesystem users import: an image's layers as one ``os``-shaped tree.
+
+:func:`open` loads an image (or a list of layer files), applies its layers to
+a :class:`~layerfs.union.Tree` once, and returns a :class:`FileSystem` whose
+methods answer like ``os`` functions on the extracted image would.  Absent
+paths become ``FileNotFoundError`` here and nowhere earlier.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import errno
+import io
+import os
+import stat as _stat
+from typing import BinaryIO, Iterator, Optional, Sequence, Union
+
+from .errors import ReadOnlyError, path_error
+from .image import Image, open_image
+from .tarwrite import LayerTarWriter, write_tree
+from .union import S_IFLNK, S_IFMT, LayerChanges, Node, Tree, describe_layer
+
+PathLike = Union[str, "os.PathLike[str]"]
+Source = Union[PathLike, Sequence[PathLike]]
+
+_READ_MODES = {"r", "rb", "br", "rt", "tr"}
+
+
+def open(source: Source, *, tag: Optional[str] = None, platform: Optional[str] = None,
+         cache=None, progress=None) -> "FileSystem":
+    """Open an image as a filesystem.
+
+    *source* is an OCI image layout (directory or tar), a ``docker save``
+    archive, or a sequence of layer files (base first).  *tag* and
+    *platform* (``"linux/amd64"``) choose among several manifests; the
+    default platform is the host's.  *cache* is an
+    :class:`~layerfs.layer.IndexCache` (default: the user's cache directory).
+    *progress* is called as ``progress(done_bytes, total_bytes)`` while layers
+    are indexed.  The filesystem is read-only: writes raise ``OSError(EROFS)``.
+    """
+    if not isinstance(source, (str, bytes, os.PathLike)):
+        source = [os.fspath(p) for p in source]
+    else:
+        source = os.fspath(source)
+    image = open_image(source, tag=tag, platform=platform, cache=cache,
+                       progress=progress)
+    try:
+        return FileSystem(image)
+    except BaseException:
+        image.close()
+        raise
+
+
+def build_tree(image: Image) -> Tree:
+    """Apply every layer of *image*, base first."""
+    tree = Tree()
+    for index, layer in enumerate(image.layers):
+        tree.apply_layer(layer.entries, index, layer.label)
+    return tree
+
+
+class FileSystem:
+    """An image as one filesystem; see :func:`open`."""
+
+    def __init__(self, image: Image, tree: Optional[Tree] = None):
+        self.image = image
+        self.layers = image.layers
+        self.tree = tree if tree is not None else build_tree(image)
+        self._nodes = self.tree.nodes
+
+    # -- lifecycle ------------------------------------------------------
+
+    def close(self) -> None:
+        self.image.close()
+
+    def __enter__(self) -> "FileSystem":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- lookup ---------------------------------------------------------
+
+    def node(self, path: PathLike, follow_symlinks: bool = True) -> Node:
+        """The inode at *path*; raises ``FileNotFoundError`` and friends."""
+        path = os.fspath(path)
+        node = self._nodes.get(path)
+        if node is not None and not (follow_symlinks and node.mode & S_IFMT == S_IFLNK):
+            return node
+        real, node = self.tree.resolve(path, follow_symlinks)
+        if node is None:
+            raise path_error(errno.ENOENT, path)
+        return node
+
+    def realpath(self, path: PathLike) -> str:
+        """The canonical path of *path* with every symlink resolved."""
+        path = os.fspath(path)
+        real, node = self.tree.resolve(path, True)
+        if node is None:
+            raise path_error(errno.ENOENT, path)
+        return real
+
+    def stat(self, path: PathLike, *, follow_symlinks: bool = True) -> os.stat_result:
+        node = self._nodes.get(path)
+        if node is None or (follow_symlinks and node.mode & S_IFMT == S_IFLNK):
+            node = self.node(path, follow_symlinks)
+        return node.stat_cache or node.stat()
+
+    def lstat(self, path: PathLike) -> os.stat_result:
+        node = self._nodes.get(path)
+        if node is None:
+            node = self.node(path, False)
+        return node.stat_cache or node.stat()
+
+    def exists(self, path: PathLike) -> bool:
+        try:
+            self.node(path)
+        except OSError:
+            return False
+        return True
+
+    def lexists(self, path: PathLike) -> bool:
+        try:
+            self.node(path, False)
+        except OSError:
+            return False
+        return True
+
+    def is_dir(self, path: PathLike) -> bool:
+        try:
+            return self.node(path).children is not None
+        except OSError:
+            return False
+
+    def is_file(self, path: PathLike) -> bool:
+        try:
+            return _stat.S_ISREG(self.node(path).mode)
+        except OSError:
+            return False
+
+    def is_symlink(self, path: PathLike) -> bool:
+        try:
+            return self.node(path, False).is_symlink
+        except OSError:
+            return False
+
+    def readlink(self, path: PathLike) -> str:
+        node = self.node(path, False)
+        if not node.is_symlink:
+            raise path_error(errno.EINVAL, os.fspath(path))
+        return node.target
+
+    def listdir(self, path: PathLike = "/") -> list[str]:
+        node = self.node(path)
+        if node.children is None:
+            raise path_error(errno.ENOTDIR, os.fspath(path))
+        return list(node.children)
+
+    def scandir(self, path: PathLike = "/") -> Iterator["DirEntry"]:
+        path = os.fspath(path)
+        real = self.realpath(path)
+        node = self._nodes[real]
+        if node.children is None:
+            raise path_error(errno.ENOTDIR, path)
+        prefix = path.rstrip("/")
+        for name, child in list(node.children.items()):
+            yield DirEntry(self, name, f"{prefix}/{name}", child)
+
+    def walk(self, top: PathLike = "/", topdown: bool = True, onerror=None,
+             followlinks: bool = False) -> Iterator[tuple[str, list[str], list[str]]]:
+        """Like ``os.walk``, over the image."""
+        top = os.fspath(top)
+        try:
+            entries = list(self.scandir(top))
+        except OSError as error:
+            if onerror is not None:
+                onerror(error)
+            return
+        dirs, files = [], []
+        for entry in entries:
+            (dirs if entry.is_dir(follow_symlinks=followlinks) else files).append(entry.name)
+        if topdown:
+            yield top, dirs, files
+        prefix = top.rstrip("/")
+        for name in dirs:
+            yield from self.walk(f"{prefix}/{name}", topdown, onerror, followlinks)
+        if not topdown:
+            yield top, dirs, files
+
+    # -- xattrs ---------------------------------------------------------
+
+    def listxattr(self, path: PathLike, *, follow_symlinks: bool = True) -> list[str]:
+        return list(self.node(path, follow_symlinks).xattrs or ())
+
+    def getxattr(self, path: PathLike, attribute: str, *,
+                 follow_symlinks: bool = True) -> bytes:
+        xattrs = self.node(path, follow_symlinks).xattrs or {}
+        try:
+            return xattrs[attribute]
+        except KeyError:
+            raise path_error(errno.ENODATA, os.fspath(path)) from None
+
+    # -- contents -------------------------------------------------------
+
+    def open(self, path: PathLike, mode: str = "rb", buffering: int = -1,
+             encoding: Optional[str] = None, errors: Optional[str] = None,
+             newline: Optional[str] = None):
+        """Open a file of the image, like the builtin ``open``.
+
+        Read modes return a seekable binary (or text) file object; any other
+        mode raises ``OSError(EROFS)`` on a read-only filesystem.
+        """
+        if mode not in _READ_MODES:
+            raise ReadOnlyError(os.fspath(path))
+        raw = self.open_raw(path)
+        binary = io.BufferedReader(raw, buffering if buffering > 1 else io.DEFAULT_BUFFER_SIZE)
+        if "b" in mode:
+            return binary
+        return io.TextIOWrapper(binary, encoding=encoding, errors=errors, newline=newline)
+
+    def open_raw(self, path: PathLike) -> "ImageFile":
+        """An unbuffered file object for reading the file at *path*."""
+        node = self.node(path)
+        check_readable(node, os.fspath(path))
+        return ImageFile(self, node, os.fspath(path))
+
+    def read_bytes(self, path: PathLike) -> bytes:
+        node = self.node(path)
+        check_readable(node, os.fspath(path))
+        return self.read_node(node, 0, node.size)
+
+    def read_text(self, path: PathLike, encoding: str = "utf-8",
+                  errors: str = "strict") -> str:
+        return self.read_bytes(path).decode(encoding, errors)
+
+    def read_node(self, node: Node, offset: int, length: int) -> bytes:
+        """Up to *length* bytes of a regular file's content from *offset*."""
+        end = min(node.size, offset + length)
+        if offset >= end:
+            return b""
+        if node.source is None:
+            return b""
+        return self.layers[node.source].read(node.data, node.size, offset, end - offset)
+
+    # -- whole-image operations -----------------------------------------
+
+    def export(self, out: Union[PathLike, BinaryIO], compression: Optional[str] = None,
+               progress=None) -> None:
+        """Write the flattened view as one tar (no markers; hardlinks kept).
+
+        *out* is a path (written atomically) or a binary file object.
+        """
+        items = sorted(self.tree.nodes.items())
+        total = sum(node.size for _, node in items if node.children is None)
+        if not isinstance(out, (str, os.PathLike)):
+            self._export_to(out, items, compression, progress, total)
+            return
+        out = os.fspath(out)
+        temporary = f"{out}.{os.getpid()}.tmp"
+        try:
+            with builtins.open(temporary, "wb") as stream:
+                self._export_to(stream, items, compression, progress, total)
+            os.replace(temporary, out)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+            raise
+
+    def _export_to(self, stream, items, compression, progress, total) -> None:
+        writer = LayerTarWriter(stream, compression)
+        write_tree(writer, items, self.read_node, progress, total)
+        writer.close()
+
+    def layer_changes(self) -> list[LayerChanges]:
+        """What each layer adds, changes and deletes, base first."""
+        tree = Tree()
+        changes = []
+        for index, layer in enumerate(self.layers):
+            changes.append(describe_layer(tree, layer.entries))
+            tree.apply_layer(layer.entries, index, layer.label)
+        return changes
+
+
+def check_readable(node: Node, path: str) -> None:
+    if node.children is not None:
+        raise path_error(errno.EISDIR, path)
+    if not _stat.S_ISREG(node.mode):
+        # Device nodes and fifos of an image are not backed by anything.
+        raise path_error(errno.ENXIO, path)
+
+
+class ImageFile(io.RawIOBase):
+    """A regular file of the view, read by random access."""
+
+    def __init__(self, fs: FileSystem, node: Node, path: str):
+        super().__init__()
+        self._fs = fs
+        self._node = node
+        self.name = path
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self._fs.read_node(self._node, self._position, len(buffer))
+        count = len(data)
+        buffer[:count] = data
+        self._position += count
+        return count
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            size = max(self._node.size - self._position, 0)
+        data = self._fs.read_node(self._node, self._position, size)
+        self._position += len(data)
+        return data
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_SET:
+            position = offset
+        elif whence == io.SEEK_CUR:
+            position = self._position + offset
+        elif whence == io.SEEK_END:
+            position = self._node.size + offset
+        else:
+            raise ValueError(f"invalid whence ({whence})")
+        if position < 0:
+            raise path_error(errno.EINVAL, self.name)
+        self._position = position
+        return position
+
+    def tell(self) -> int:
+        return self._position
+
+
+class DirEntry:
+    """What :meth:`FileSystem.scandir` yields, shaped like ``os.DirEntry``."""
+
+    __slots__ = ("_fs", "name", "path", "_node")
+
+    def __init__(self, fs: FileSystem, name: str, path: str, node: Node):
+        self._fs = fs
+        self.name = name
+        self.path = path
+        self._node = node
+
+    def inode(self) -> int:
+        return self._node.ino
+
+    def _target(self, follow_symlinks: bool) -> Optional[Node]:
+        if follow_symlinks and self._node.is_symlink:
+            try:
+                return self._fs.node(self.path)
+            except OSError:
+                return None
+        return self._node
+
+    def is_dir(self, *, follow_symlinks: bool = True) -> bool:
+        node = self._target(follow_symlinks)
+        return node is not None and node.children is not None
+
+    def is_file(self, *, follow_symlinks: bool = True) -> bool:
+        node = self._target(follow_symlinks)
+        return node is not None and _stat.S_ISREG(node.mode)
+
+    def is_symlink(self) -> bool:
+        return self._node.is_symlink
+
+    def stat(self, *, follow_symlinks: bool = True) -> os.stat_result:
+        if follow_symlinks and self._node.is_symlink:
+            return self._fs.stat(self.path)
+        return self._node.stat()
+
+    def __fspath__(self) -> str:
+        return self.path
+
+    def __repr__(self) -> str:
+        return f"<DirEntry {self.name!r}>"
