@@ -1,0 +1,735 @@
+"""Opening an image: OCI layouts, OCI and docker-save archives, layer lists.
+
+Everything that decides *which* blobs make up an image lives here: finding the
+manifest (by tag and platform, through nested indexes), checking every blob
+against its digest and every layer against the config's ``rootfs.diff_ids``.
+Reading what is inside a layer is :mod:`layerfs.layer`'s business.
+
+Rules this module keeps:
+
+- The kind of source is decided from its content, never from its file name.
+- Every blob read is verified: index, manifest and config are small and are
+  hashed in memory; layers are hashed by :func:`open_layer` (``digest=`` and
+  ``diff_id=``).  A blob path is built only from a validated digest, so a
+  digest such as ``sha256:../../x`` can never leave the layout.
+- An archive is never extracted: its blobs are read in place, as byte ranges
+  (:class:`BlobSource`) of the outer tar.  A compressed outer tar is refused,
+  since random access into it would mean decompressing it first.
+- A ``docker save`` archive written by Docker 25 or later also holds an OCI
+  layout (``index.json`` beside ``manifest.json``).  The OCI layout is
+  preferred there: it names a digest for every blob, so everything can be
+  verified, while ``manifest.json`` gives none for the layers.  Such an
+  archive reports the kind ``"oci-archive"``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform as _platform
+import re
+import stat
+import tarfile
+from typing import Any, Callable, Sequence
+
+import attrs
+
+from .errors import DigestMismatchError, ImageError, UnsupportedImageError
+from .layer import BlobSource, Layer, open_layer
+from .paths import BadMemberName, normalize_member_name
+
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
+INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_LIST})
+MANIFEST_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
+
+# Layer media types by compression, for manifests layerfs writes itself.
+# Readers sniff the compression, so unknown layer media types are accepted.
+OCI_LAYER_TYPES = {
+    "none": "application/vnd.oci.image.layer.v1.tar",
+    "gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
+    "zstd": "application/vnd.oci.image.layer.v1.tar+zstd",
+}
+DOCKER_LAYER_TYPES = {
+    "none": "application/vnd.docker.image.rootfs.diff.tar",
+    "gzip": "application/vnd.docker.image.rootfs.diff.tar.gzip",
+    "zstd": "application/vnd.oci.image.layer.v1.tar+zstd",  # what Docker writes
+}
+
+REF_NAME = "org.opencontainers.image.ref.name"
+CONTAINERD_NAME = "io.containerd.image.name"
+# BuildKit puts attestations (SBOMs...) in the index as manifests of the
+# platform "unknown/unknown"; they are not images.
+REFERENCE_TYPE = "vnd.docker.reference.type"
+
+MAX_JSON_SIZE = 64 << 20   # an index, manifest or config larger than this is refused
+MAX_INDEX_DEPTH = 8        # nested image indexes followed at most this deep
+
+_DIGEST_LENGTHS = {"sha256": 64, "sha512": 128}
+_HEX = re.compile(r"[0-9a-f]+\Z")
+_GOARCH = {
+    "x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64",
+    "armv7l": "arm/v7", "armv7": "arm/v7", "armv6l": "arm/v6", "armv8l": "arm/v7",
+    "i386": "386", "i486": "386", "i586": "386", "i686": "386",
+    "ppc64le": "ppc64le", "s390x": "s390x", "riscv64": "riscv64",
+}
+# Variants implied when a platform names none (as containerd normalises them).
+_DEFAULT_VARIANT = {"arm64": "v8", "arm": "v7"}
+
+
+# -- digests and small helpers shared with imagewrite -------------------------
+
+def parse_digest(digest: Any, *, where: str | None = None) -> tuple[str, str]:
+    """``"sha256:<hex>"`` -> ``("sha256", "<hex>")``, refusing anything else.
+
+    Only algorithms layerfs can verify are accepted, with exactly the number
+    of lowercase hex digits they produce: this is what keeps blob paths inside
+    the layout.
+    """
+    if not isinstance(digest, str):
+        raise UnsupportedImageError(f"digest {digest!r} is not a string", path=where)
+    algorithm, sep, hex_ = digest.partition(":")
+    if not sep or algorithm not in _DIGEST_LENGTHS:
+        raise UnsupportedImageError(
+            f"digest {digest!r}: algorithm must be one of "
+            f"{', '.join(sorted(_DIGEST_LENGTHS))}", path=where)
+    if len(hex_) != _DIGEST_LENGTHS[algorithm] or not _HEX.match(hex_):
+        raise UnsupportedImageError(
+            f"digest {digest!r}: expected {_DIGEST_LENGTHS[algorithm]} lowercase "
+            "hex digits", path=where)
+    return algorithm, hex_
+
+
+def digest_bytes(data: bytes, algorithm: str = "sha256") -> str:
+    return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
+
+
+def blob_name(digest: str, *, where: str | None = None) -> str:
+    """The path of a blob inside a layout, relative to its root."""
+    algorithm, hex_ = parse_digest(digest, where=where)
+    return f"blobs/{algorithm}/{hex_}"
+
+
+def canonical_json(value: Any) -> bytes:
+    """The bytes layerfs writes for a JSON document: sorted keys, no spaces,
+    so the same content always has the same digest."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=False).encode("utf-8")
+
+
+def descriptor(media_type: str, digest: str, size: int, **extra: Any) -> dict:
+    return {"mediaType": media_type, "digest": digest, "size": size, **extra}
+
+
+def chain_id(diff_ids: Sequence[str]) -> str | None:
+    """The ChainID of a stack of layers (OCI config spec): ChainID(L0) is
+    DiffID(L0); ChainID(L0..Ln) is sha256 of ChainID(L0..Ln-1) + " " +
+    DiffID(Ln).  ``None`` for an empty stack."""
+    chain = None
+    for diff_id in diff_ids:
+        chain = diff_id if chain is None else digest_bytes(f"{chain} {diff_id}".encode())
+    return chain
+
+
+# -- platforms ----------------------------------------------------------------
+
+def host_platform() -> str:
+    """The platform of this machine in OCI words, e.g. ``"linux/amd64"``."""
+    machine = _platform.machine().lower()
+    return "linux/" + _GOARCH.get(machine, machine)
+
+
+def _split_platform(text: str) -> tuple[str, str, str]:
+    parts = text.split("/")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise UnsupportedImageError(f"platform {text!r}: expected os/arch[/variant]")
+    os_, arch = parts[0], parts[1]
+    variant = parts[2] if len(parts) == 3 else ""
+    return os_, arch, variant
+
+
+def _platform_string(os_: Any, arch: Any, variant: Any = None) -> str | None:
+    if not isinstance(os_, str) or not isinstance(arch, str) or not os_ or not arch:
+        return None
+    return f"{os_}/{arch}/{variant}" if isinstance(variant, str) and variant else f"{os_}/{arch}"
+
+
+def _platform_matches(wanted: str, offered: str | None) -> bool:
+    """Does *offered* satisfy *wanted*?  A wanted platform without a variant
+    accepts any variant; otherwise variants compare after filling in the
+    implied default (``arm64`` is ``arm64/v8``)."""
+    if offered is None:
+        return False
+    w_os, w_arch, w_variant = _split_platform(wanted)
+    o_os, o_arch, o_variant = _split_platform(offered)
+    if (w_os, w_arch) != (o_os, o_arch):
+        return False
+    if not w_variant:
+        return True
+    default = _DEFAULT_VARIANT.get(w_arch, "")
+    return (w_variant or default) == (o_variant or default)
+
+
+def _config_platform(config: dict) -> str | None:
+    return _platform_string(config.get("os"), config.get("architecture"),
+                            config.get("variant"))
+
+
+# -- tags -----------------------------------------------------------------------
+
+def _familiar(name: str) -> str:
+    """``docker.io/library/busybox:1`` -> ``busybox:1``, as docker prints it."""
+    for prefix in ("docker.io/library/", "docker.io/"):
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name
+
+
+def _tag_part(name: str) -> str | None:
+    repo, sep, tag = name.rpartition(":")
+    return tag if sep and repo and "/" not in tag else None
+
+
+def _match_tag(wanted: str, names: Sequence[str]) -> str | None:
+    """The name among *names* that *wanted* designates, if any: the same
+    name, the same name once ``docker.io/library/`` is dropped, or (for a
+    bare tag such as ``"v1"``) the same tag part of a full reference."""
+    for name in names:
+        if wanted == name or _familiar(wanted) == _familiar(name):
+            return name
+    if ":" not in wanted and "/" not in wanted:
+        for name in names:
+            if _tag_part(name) == wanted:
+                return name
+    return None
+
+
+# -- where blobs are: a directory or a tar ------------------------------------
+
+class _DirStore:
+    """Files of an OCI layout directory."""
+
+    def __init__(self, root: str):
+        self.label = root
+
+    def where(self, name: str) -> str:
+        return os.path.join(self.label, name)
+
+    def size(self, name: str) -> int | None:
+        """Size of the regular file *name*, or None if there is none."""
+        try:
+            st = os.stat(self.where(name))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+    def read(self, name: str) -> bytes:
+        with open(self.where(name), "rb") as f:
+            return f.read(MAX_JSON_SIZE + 1)
+
+    def source(self, name: str) -> str | BlobSource:
+        return self.where(name)
+
+
+class _TarStore:
+    """Regular files of an uncompressed tar, read in place."""
+
+    def __init__(self, path: str):
+        self.label = path
+        self.members = _tar_members(path)
+
+    def where(self, name: str) -> str:
+        return f"{self.label}:{name}"
+
+    def size(self, name: str) -> int | None:
+        member = self.members.get(name)
+        return None if member is None else member[1]
+
+    def read(self, name: str) -> bytes:
+        offset, size = self.members[name]
+        with open(self.label, "rb") as f:
+            f.seek(offset)
+            return f.read(min(size, MAX_JSON_SIZE + 1))
+
+    def source(self, name: str) -> str | BlobSource:
+        offset, size = self.members[name]
+        return BlobSource(self.label, offset, size)
+
+
+_COMPRESSED_MAGIC = {
+    b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd", b"BZh": "bzip2",
+    b"\xfd7zXZ\x00": "xz",
+}
+
+
+def _tar_members(path: str) -> dict[str, tuple[int, int]]:
+    """``{name: (data offset, size)}`` for the regular files of the tar at
+    *path*, names normalised (``./blobs/x`` is ``blobs/x``), symlinks and
+    hardlinks resolved to the file they name (old ``docker save`` archives
+    link identical layers)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        file_size = os.fstat(f.fileno()).st_size
+        for magic, name in _COMPRESSED_MAGIC.items():
+            if head.startswith(magic):
+                raise UnsupportedImageError(
+                    f"{name}-compressed archive: layerfs reads image archives in "
+                    "place and needs an uncompressed tar; decompress it first",
+                    path=path)
+        f.seek(0)
+        try:
+            with tarfile.open(fileobj=f, mode="r:") as tar:
+                infos = tar.getmembers()
+        except tarfile.TarError as e:
+            raise UnsupportedImageError(
+                f"not an OCI layout, OCI archive or docker archive ({e})", path=path) from None
+    files: dict[str, tuple[int, int]] = {}
+    links: dict[str, str] = {}
+    for info in infos:
+        try:
+            name = normalize_member_name(info.name)[1:]
+        except BadMemberName as e:
+            raise UnsupportedImageError(f"archive member {info.name!r}: {e}", path=path) from None
+        if info.isreg() and info.sparse is None:
+            if info.size < 0 or info.offset_data + info.size > file_size:
+                raise UnsupportedImageError(f"archive member {name!r} is truncated", path=path)
+            files[name] = (info.offset_data, info.size)
+        elif info.issym() or info.islnk():
+            base = os.path.dirname(name) if info.issym() else ""
+            links[name] = os.path.join(base, info.linkname)
+    for name in links:
+        target = _resolve_link(name, links, files)
+        if target is not None:
+            files[name] = files[target]
+    return files
+
+
+def _resolve_link(name: str, links: dict[str, str], files: dict) -> str | None:
+    for _ in range(8):
+        try:
+            name = normalize_member_name(links[name])[1:]
+        except BadMemberName:
+            return None
+        if name in files:
+            return name
+        if name not in links:
+            return None
+    return None
+
+
+# -- the image --------------------------------------------------------------------
+
+@attrs.define(eq=False)
+class Image:
+    """An opened image: its layers (bottom first), config and manifest.
+
+    ``manifest_digest`` is None for a docker archive, whose ``manifest`` is
+    its ``manifest.json`` entry ({Config, RepoTags, Layers}); for a layer
+    list, config and manifest are synthesised (the host platform, no
+    history).  ``ref`` is the name the image was chosen by, or its only name.
+    ``layer_sources[i]`` is where the blob of ``layers[i]`` is stored.
+    """
+
+    layers: list[Layer]
+    config: dict
+    config_digest: str
+    manifest: dict
+    manifest_digest: str | None
+    ref: str | None
+    platform: str | None
+    kind: str
+    source: str
+    layer_sources: list
+
+    @property
+    def tag(self) -> str | None:
+        """The same as ``ref``, named like :func:`open_image`'s parameter."""
+        return self.ref
+
+    @property
+    def diff_ids(self) -> list[str]:
+        return [layer.diff_id for layer in self.layers]
+
+    def chain_id(self) -> str | None:
+        return chain_id(self.diff_ids)
+
+    def close(self) -> None:
+        for layer in self.layers:
+            layer.close()
+
+    def __enter__(self) -> Image:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@attrs.define
+class _Candidate:
+    """One image an index or a docker manifest.json offers."""
+
+    names: tuple[str, ...]
+    platform: str | None
+    key: str                 # manifest digest, or docker config path
+    entry: dict              # its descriptor, or docker manifest.json entry
+
+
+def open_image(source: str | os.PathLike | Sequence[str | os.PathLike], *,
+               tag: str | None = None, platform: str | None = None,
+               cache: Any = None, progress: Any = None) -> Image:
+    """Open an image: an OCI layout directory, an OCI or docker-save archive
+    (uncompressed tar), or a list of layer files, bottom first.
+
+    *tag* chooses among several images by ``org.opencontainers.image.ref.name``
+    or docker ``RepoTags``; *platform* (``"os/arch[/variant]"``, by default
+    the host's) among several platforms.  Raises
+    :class:`UnsupportedImageError` when the source is not understood or the
+    choice is ambiguous (the message lists what there is), and
+    :class:`DigestMismatchError` when a blob is not what its digest says.
+    """
+    if platform is not None:
+        _split_platform(platform)
+    layer_args = {"cache": cache, "progress": progress}
+    if isinstance(source, (list, tuple)):
+        return _open_layer_list([os.fspath(p) for p in source], layer_args)
+    path = os.fspath(source)
+    if os.path.isdir(path):
+        store: _DirStore | _TarStore = _DirStore(path)
+        if store.size("oci-layout") is None or store.size("index.json") is None:
+            raise UnsupportedImageError(
+                "directory is not an OCI image layout (no oci-layout and index.json)", path=path)
+        return _Opener(store, "oci-layout", layer_args).open_oci(tag, platform)
+    store = _TarStore(path)
+    if store.size("index.json") is not None and store.size("oci-layout") is not None:
+        return _Opener(store, "oci-archive", layer_args).open_oci(tag, platform)
+    if store.size("manifest.json") is not None:
+        return _Opener(store, "docker-archive", layer_args).open_docker(tag, platform)
+    raise UnsupportedImageError(
+        "archive has neither oci-layout + index.json nor manifest.json; "
+        "to open layer tars, pass a list of their paths", path=path)
+
+
+class _Opener:
+    """Reads one image out of a layout or archive, verifying as it goes.
+
+    Error locations: a file of the store when one is concerned (a blob, the
+    index.json), else the store itself; messages say which blob."""
+
+    def __init__(self, store: _DirStore | _TarStore, kind: str, layer_args: dict):
+        self.store = store
+        self.kind = kind
+        self.layer_args = layer_args
+        self._json_cache: dict[str, dict] = {}
+
+    # ---- reading files and blobs
+
+    def read_json_file(self, name: str) -> Any:
+        return _parse_json(self.store.read(name), self.store.where(name))
+
+    def read_json_blob(self, desc: Any, what: str) -> dict:
+        """The parsed blob *desc* describes, checked against its digest and size."""
+        name = self.blob(desc, what)
+        digest = desc["digest"]
+        if digest in self._json_cache:
+            return self._json_cache[digest]
+        where = self.store.where(name)
+        data = self.store.read(name)
+        if len(data) > MAX_JSON_SIZE:
+            raise UnsupportedImageError(f"{what} is larger than {MAX_JSON_SIZE} bytes", path=where)
+        actual = digest_bytes(data, digest.partition(":")[0])
+        if actual != digest:
+            raise DigestMismatchError(f"{what} blob has digest {actual}, expected {digest}",
+                                      path=where)
+        value = _parse_json(data, where)
+        if not isinstance(value, dict):
+            raise UnsupportedImageError(f"{what} is not a JSON object", path=where)
+        self._json_cache[digest] = value
+        return value
+
+    def blob(self, desc: Any, what: str) -> str:
+        """The store name of the blob *desc* describes, after checking that
+        the digest is valid, the blob exists and its size is the one given."""
+        digest = _field(desc, "digest", str, self.store.label, f"{what} descriptor")
+        name = blob_name(digest, where=self.store.label)
+        size = self.store.size(name)
+        if size is None:
+            urls = desc.get("urls")
+            hint = f" (a non-distributable layer; its urls: {urls})" if urls else ""
+            raise ImageError(f"{what} blob {digest} is missing{hint}",
+                             path=self.store.where(name))
+        expected = desc.get("size")
+        if expected is not None and expected != size:
+            raise DigestMismatchError(f"{what} blob is {size} bytes, its descriptor says "
+                                      f"{expected}", path=self.store.where(name))
+        return name
+
+    # ---- OCI
+
+    def open_oci(self, tag: str | None, platform: str | None) -> Image:
+        where = self.store.where("oci-layout")
+        version = _field(self.read_json_file("oci-layout"), "imageLayoutVersion", str, where)
+        if not version.startswith("1."):
+            raise UnsupportedImageError(f"image layout version {version!r} is not 1.x",
+                                        path=where)
+        candidates: list[_Candidate] = []
+        self.walk_index(self.read_json_file("index.json"), self.store.where("index.json"),
+                        (), 0, candidates)
+        chosen, ref = _choose(candidates, tag, platform, self.oci_platform,
+                              self.store.where("index.json"))
+        manifest = self.read_json_blob(chosen.entry, "image manifest")
+        return self.open_manifest(manifest, chosen.key, ref)
+
+    def walk_index(self, index: Any, where: str, names: tuple[str, ...], depth: int,
+                   out: list[_Candidate]) -> None:
+        """Collect the image manifests of *index* (read from *where*),
+        following nested indexes.  A nested entry without a name of its own
+        inherits its parent's."""
+        if depth > MAX_INDEX_DEPTH:
+            raise UnsupportedImageError(f"image indexes nested deeper than {MAX_INDEX_DEPTH}",
+                                        path=where)
+        for desc in _field(index, "manifests", list, where):
+            annotations = _field(desc, "annotations", dict, where, "manifests entry", {})
+            if REFERENCE_TYPE in annotations:
+                continue
+            own = tuple(n for n in (annotations.get(REF_NAME), annotations.get(CONTAINERD_NAME))
+                        if isinstance(n, str) and n)
+            media_type = desc.get("mediaType")
+            if media_type is None:   # optional in old indexes: ask the blob itself
+                blob = self.read_json_blob(desc, "image manifest")
+                media_type = blob.get("mediaType") or (
+                    OCI_INDEX if "manifests" in blob else OCI_MANIFEST)
+            if media_type in INDEX_TYPES:
+                nested = self.read_json_blob(desc, "image index")
+                self.walk_index(nested, self.store.where(blob_name(desc["digest"])),
+                                own or names, depth + 1, out)
+            elif media_type in MANIFEST_TYPES:
+                plat = _field(desc, "platform", dict, where, "manifests entry", {})
+                digest = _field(desc, "digest", str, where, "manifests entry")
+                out.append(_Candidate(own or names, _platform_string(
+                    plat.get("os"), plat.get("architecture"), plat.get("variant")), digest, desc))
+
+    def oci_platform(self, candidate: _Candidate) -> str | None:
+        manifest = self.read_json_blob(candidate.entry, "image manifest")
+        config_desc = _field(manifest, "config", dict,
+                             self.store.where(blob_name(candidate.key)))
+        return _config_platform(self.read_json_blob(config_desc, "image config"))
+
+    def open_manifest(self, manifest: dict, digest: str, ref: str | None) -> Image:
+        where = self.store.where(blob_name(digest))
+        if manifest.get("schemaVersion") != 2:
+            raise UnsupportedImageError(
+                f"manifest schemaVersion {manifest.get('schemaVersion')!r} is not 2", path=where)
+        media_type = manifest.get("mediaType")
+        if media_type is not None and media_type not in MANIFEST_TYPES:
+            raise UnsupportedImageError(f"manifest media type {media_type!r}", path=where)
+        config_desc = _field(manifest, "config", dict, where)
+        config = self.read_json_blob(config_desc, "image config")
+        layer_descs = _field(manifest, "layers", list, where)
+        diff_ids = _diff_ids(config, len(layer_descs),
+                             self.store.where(blob_name(config_desc["digest"])))
+        sources = [self.store.source(self.blob(d, f"layer {i}"))
+                   for i, d in enumerate(layer_descs)]
+        layers = self.open_layers([
+            (src, d["digest"], diff_id, d.get("mediaType"))
+            for src, d, diff_id in zip(sources, layer_descs, diff_ids)])
+        return Image(layers, config, config_desc["digest"], manifest, digest, ref,
+                     _config_platform(config), self.kind, self.store.label, sources)
+
+    # ---- docker save
+
+    def open_docker(self, tag: str | None, platform: str | None) -> Image:
+        where = self.store.where("manifest.json")
+        entries = self.read_json_file("manifest.json")
+        if not isinstance(entries, list) or not entries:
+            raise UnsupportedImageError("manifest.json is not a non-empty list", path=where)
+        candidates = []
+        for entry in entries:
+            config_path = _field(entry, "Config", str, where)
+            repo_tags = _field(entry, "RepoTags", list, where, default=[])
+            candidates.append(_Candidate(tuple(repo_tags), None, config_path, entry))
+        chosen, ref = _choose(candidates, tag, platform,
+                              lambda c: _config_platform(self.docker_config(c.key)[0]), where)
+        config, config_digest = self.docker_config(chosen.key)
+        layer_paths = _field(chosen.entry, "Layers", list, where)
+        diff_ids = _diff_ids(config, len(layer_paths), self.store.where(chosen.key))
+        sources, specs = [], []
+        for path, diff_id in zip(layer_paths, diff_ids):
+            name = self.member(path, "layer")
+            sources.append(self.store.source(name))
+            specs.append((sources[-1], _digest_from_name(name), diff_id, None))
+        layers = self.open_layers(specs)
+        return Image(layers, config, config_digest, chosen.entry, None, ref,
+                     _config_platform(config), self.kind, self.store.label, sources)
+
+    def member(self, path: Any, what: str) -> str:
+        """The archive member a manifest.json path names, which must exist."""
+        where = self.store.where("manifest.json")
+        if not isinstance(path, str):
+            raise UnsupportedImageError(f"{what} path {path!r} is not a string", path=where)
+        try:
+            name = normalize_member_name(path)[1:]
+        except BadMemberName as e:
+            raise UnsupportedImageError(f"{what} path {path!r}: {e}", path=where) from None
+        if self.store.size(name) is None:
+            raise ImageError(f"{what} {path!r} named in manifest.json is missing", path=where)
+        return name
+
+    def docker_config(self, path: str) -> tuple[dict, str]:
+        """The config at *path* and its digest, checked against the digest
+        its file name gives (``<hex>.json`` or ``blobs/sha256/<hex>``)."""
+        name = self.member(path, "config")
+        where = self.store.where(name)
+        data = self.store.read(name)
+        if len(data) > MAX_JSON_SIZE:
+            raise UnsupportedImageError(f"image config is larger than {MAX_JSON_SIZE} bytes",
+                                        path=where)
+        actual = digest_bytes(data)
+        expected = _digest_from_name(name)
+        if expected is not None and expected != actual:
+            raise DigestMismatchError(f"image config has digest {actual}, expected {expected}",
+                                      path=where)
+        config = _parse_json(data, where)
+        if not isinstance(config, dict):
+            raise UnsupportedImageError("image config is not a JSON object", path=where)
+        return config, actual
+
+    # ---- layers
+
+    def open_layers(self, specs: list[tuple]) -> list[Layer]:
+        """Open every layer, or none: those already opened are closed when
+        one fails."""
+        return _open_all([
+            lambda i=i, s=s: open_layer(s[0], digest=s[1], diff_id=s[2], media_type=s[3],
+                                        label=f"{i} ({(s[1] or s[2])[:19]})", **self.layer_args)
+            for i, s in enumerate(specs)])
+
+
+def _open_all(openers: list[Callable[[], Layer]]) -> list[Layer]:
+    """Call every opener, or close what was opened and re-raise."""
+    layers: list[Layer] = []
+    try:
+        for opener in openers:
+            layers.append(opener())
+    except BaseException:
+        for layer in layers:
+            layer.close()
+        raise
+    return layers
+
+
+def _digest_from_name(name: str) -> str | None:
+    """The digest a blob's file name promises, if it follows a known pattern."""
+    match = re.fullmatch(r"blobs/(sha256|sha512)/([0-9a-f]+)|([0-9a-f]{64})\.json", name)
+    if match is None:
+        return None
+    if match.group(3):
+        return f"sha256:{match.group(3)}"
+    return f"{match.group(1)}:{match.group(2)}"
+
+
+def _open_layer_list(paths: list[str], layer_args: dict) -> Image:
+    """An image made of the given layer files, with a synthesised config
+    (host platform, the layers' diff_ids) and manifest."""
+    if not paths:
+        raise UnsupportedImageError("an image needs at least one layer")
+    layers = _open_all([
+        lambda i=i, p=p: open_layer(p, label=f"{i} ({os.path.basename(p)})", **layer_args)
+        for i, p in enumerate(paths)])
+    os_, arch, variant = _split_platform(host_platform())
+    config = {"architecture": arch, "os": os_,
+              "rootfs": {"type": "layers", "diff_ids": [layer.diff_id for layer in layers]}}
+    if variant:
+        config["variant"] = variant
+    config_bytes = canonical_json(config)
+    manifest = {
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": descriptor(OCI_CONFIG, digest_bytes(config_bytes), len(config_bytes)),
+        "layers": [descriptor(layer.media_type or OCI_LAYER_TYPES[layer.compression],
+                              layer.digest, layer.size) for layer in layers],
+    }
+    return Image(layers, config, manifest["config"]["digest"], manifest,
+                 digest_bytes(canonical_json(manifest)), None, _config_platform(config),
+                 "layers", paths[0], list(paths))
+
+
+def _choose(candidates: list[_Candidate], tag: str | None, platform: str | None,
+            platform_of: Callable[[_Candidate], str | None],
+            where: str) -> tuple[_Candidate, str | None]:
+    """The one candidate that *tag* and *platform* designate, and the name
+    it was chosen by.  Without a platform, a lone candidate is taken whatever
+    its platform (its files can be read anywhere) and several are narrowed
+    to the host's.  Candidates whose index entry gives no platform are asked
+    their config's."""
+    if not candidates:
+        raise UnsupportedImageError("no image manifests found", path=where)
+    if tag is not None:
+        candidates = [c for c in candidates if _match_tag(tag, c.names) is not None] or _fail(
+            f"no image tagged {tag!r}; there are: {_listing(candidates)}", where)
+    if len({c.key for c in candidates}) == 1 and platform is None:
+        chosen = candidates[0]
+    else:
+        for candidate in candidates:
+            if candidate.platform is None:
+                candidate.platform = platform_of(candidate)
+        wanted = platform or host_platform()
+        fitting = [c for c in candidates if _platform_matches(wanted, c.platform)]
+        if len({c.key for c in fitting}) != 1:
+            problem = "no image" if not fitting else "several images"
+            tagged = "" if tag is None else f" tagged {tag!r}"
+            _fail(f"{problem} for platform {wanted}{tagged}; choose with tag= or platform= "
+                  f"among: {_listing(candidates)}", where)
+        chosen = fitting[0]
+    if tag is not None:
+        return chosen, _match_tag(tag, chosen.names)
+    return chosen, (chosen.names[0] if chosen.names else None)
+
+
+def _fail(message: str, where: str) -> Any:
+    raise UnsupportedImageError(message, path=where)
+
+
+def _listing(candidates: list[_Candidate]) -> str:
+    return "; ".join(
+        f"{', '.join(c.names) or '(untagged)'} [{c.platform or 'platform unknown'}] {c.key}"
+        for c in candidates)
+
+
+def _diff_ids(config: dict, layer_count: int, where: str) -> list[str]:
+    rootfs = _field(config, "rootfs", dict, where)
+    diff_ids = _field(rootfs, "diff_ids", list, where)
+    if len(diff_ids) != layer_count:
+        raise ImageError(f"config lists {len(diff_ids)} diff_ids for {layer_count} layers",
+                         path=where)
+    for diff_id in diff_ids:
+        parse_digest(diff_id, where=where)
+    return diff_ids
+
+
+def _parse_json(data: bytes, where: str) -> Any:
+    try:
+        return json.loads(data)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise UnsupportedImageError(f"not valid JSON: {e}", path=where) from None
+
+
+_REQUIRED = object()
+
+
+def _field(obj: Any, key: str, kind: type, where: str, what: str = "",
+           default: Any = _REQUIRED) -> Any:
+    """``obj[key]`` if it is a *kind*; *default* if given and the key is
+    absent or null; else an error naming *where* (and *what* in it)."""
+    inside = f"{what}: " if what else ""
+    if not isinstance(obj, dict):
+        raise UnsupportedImageError(f"{inside}expected a JSON object with {key!r}", path=where)
+    value = obj.get(key)
+    if value is None and default is not _REQUIRED:
+        return default
+    if not isinstance(value, kind):
+        raise UnsupportedImageError(f"{inside}missing or invalid field {key!r}", path=where)
+    return value
