@@ -379,7 +379,7 @@ class _Candidate:
     entry: dict              # its descriptor, or docker manifest.json entry
 
 
-def open_image(source: str | os.PathLike | Sequence[str | os.PathLike], *,
+def open_image(source: str | bytes | os.PathLike | Sequence[str | bytes | os.PathLike], *,
                tag: str | None = None, platform: str | None = None,
                cache: Any = None, progress: Any = None) -> Image:
     """Open an image: an OCI layout directory, an OCI or docker-save archive
@@ -396,8 +396,8 @@ def open_image(source: str | os.PathLike | Sequence[str | os.PathLike], *,
         _split_platform(platform)
     layer_args = {"cache": cache, "progress": progress}
     if isinstance(source, (list, tuple)):
-        return _open_layer_list([os.fspath(p) for p in source], layer_args)
-    path = os.fspath(source)
+        return _open_layer_list([os.fsdecode(p) for p in source], layer_args)
+    path = os.fsdecode(source)
     if os.path.isdir(path):
         store: _DirStore | _TarStore = _DirStore(path)
         if store.size("oci-layout") is None or store.size("index.json") is None:
@@ -654,7 +654,7 @@ def _open_layer_list(paths: list[str], layer_args: dict) -> Image:
     }
     return Image(layers, config, manifest["config"]["digest"], manifest,
                  digest_bytes(canonical_json(manifest)), None, _config_platform(config),
-                 "layers", paths[0], list(paths))
+                 "layers", ", ".join(paths), list(paths))
 
 
 def _choose(candidates: list[_Candidate], tag: str | None, platform: str | None,

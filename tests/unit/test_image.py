@@ -123,6 +123,9 @@ def test_oci_layout(layout, layers):
         assert image.platform == host_platform()
         assert image.layer_sources[0] == blob_path(layout, manifest["layers"][0]["digest"])
         assert [e.path for e in image.layers[1].entries] == ["/b"]
+        assert image.source == os.fspath(layout)
+    with open_image(os.fsencode(layout)) as image:
+        assert image.diff_ids == DIFF_IDS
 
 
 def test_oci_archive_reads_blobs_in_place(tmp_path, layers):
@@ -211,7 +214,7 @@ def test_layer_list(layers):
         assert [d["digest"] for d in image.manifest["layers"]] == [
             sha256(open(p, "rb").read()) for p in layers]
         assert image.manifest["layers"][0]["mediaType"].endswith("tar+gzip")
-    with open_image(tuple(reversed(layers))) as image:
+    with open_image(tuple(os.fsencode(p) for p in reversed(layers))) as image:
         assert image.diff_ids == DIFF_IDS[::-1]
     with pytest.raises(UnsupportedImageError):
         open_image([])
@@ -274,6 +277,15 @@ def test_choice_by_platform(two_platforms):
         open_image(two_platforms, platform="linux/s390x")
     with pytest.raises(UnsupportedImageError, match="os/arch"):
         open_image(two_platforms, platform="linux")
+
+
+@pytest.mark.parametrize("machine,expected", [
+    ("x86_64", "linux/amd64"), ("aarch64", "linux/arm64"), ("armv7l", "linux/arm/v7"),
+    ("i686", "linux/386"), ("ppc64le", "linux/ppc64le"), ("s390x", "linux/s390x"),
+    ("riscv64", "linux/riscv64")])
+def test_host_platform_uses_go_names(monkeypatch, machine, expected):
+    monkeypatch.setattr("platform.machine", lambda: machine)
+    assert host_platform() == expected
 
 
 def test_platform_read_from_config_when_the_index_gives_none(two_platforms):

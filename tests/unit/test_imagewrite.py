@@ -190,6 +190,7 @@ def test_docker_archive_layout(tmp_path, layers):
     with pytest.raises(ValueError):
         write_docker_archive(tmp_path / "e.tar", layers, ["no-tag"])
     assert not (tmp_path / "e.tar").exists()
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
 
 
 def test_base_image_layers_come_first(tmp_path, layers):
