@@ -197,11 +197,14 @@ def _tag_part(name: str) -> str | None:
 
 def _match_tag(wanted: str, names: Sequence[str]) -> str | None:
     """The name among *names* that *wanted* designates, if any: the same
-    name, the same name once ``docker.io/library/`` is dropped, or (for a
-    bare tag such as ``"v1"``) the same tag part of a full reference."""
-    for name in names:
-        if wanted == name or _familiar(wanted) == _familiar(name):
-            return name
+    name, the same name once ``docker.io/library/`` is dropped, the name
+    with ``:latest`` added (as docker does), or (for a bare tag such as
+    ``"v1"``) the same tag part of a full reference."""
+    implied = wanted if _tag_part(wanted) else f"{wanted}:latest"
+    for candidate in (wanted, implied):
+        for name in names:
+            if candidate == name or _familiar(candidate) == _familiar(name):
+                return name
     if ":" not in wanted and "/" not in wanted:
         for name in names:
             if _tag_part(name) == wanted:

@@ -257,6 +257,18 @@ def test_choice_by_tag(layout, layers):
         open_image(layout, tag="v3")
 
 
+def test_docker_style_index_names(layout):
+    index = load(layout / "index.json")
+    index["manifests"][0]["annotations"] = {
+        REF_NAME: "latest", "io.containerd.image.name": "docker.io/library/busybox:latest"}
+    dump(layout / "index.json", index)
+    for tag in ("latest", "busybox", "busybox:latest", "docker.io/library/busybox"):
+        with open_image(layout, tag=tag) as image:
+            assert image.ref in ("latest", "docker.io/library/busybox:latest")
+    with pytest.raises(UnsupportedImageError, match="no image tagged 'busybox:1'"):
+        open_image(layout, tag="busybox:1")
+
+
 @pytest.fixture
 def two_platforms(tmp_path, layers):
     dest = tmp_path / "multi"
