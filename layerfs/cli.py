@@ -234,6 +234,20 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_mount(args) -> int:
+    from .mount import mount
+    mount(image_source(args.image), args.mountpoint, upper=args.upper,
+          foreground=args.foreground, options=args.options, tag=args.tag,
+          platform=args.platform, cache_dir=args.cache_dir)
+    return 0
+
+
+def cmd_umount(args) -> int:
+    from .mount import umount
+    umount(args.mountpoint)
+    return 0
+
+
 # -- argument parsing and the error boundary ----------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -282,6 +296,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--compression", choices=["gzip", "zstd"])
     sub.add_argument("image", nargs="+", metavar="IMAGE")
     sub.add_argument("out", metavar="OUT.tar")
+
+    sub = command("mount", cmd_mount, "mount the image with FUSE (read-only, or "
+                                      "copy-on-write with --upper)")
+    sub.add_argument("-f", "--foreground", action="store_true",
+                     help="serve in the foreground until unmounted or interrupted")
+    sub.add_argument("-o", dest="options", action="append", default=[],
+                     metavar="OPTION[,OPTION...]", help="FUSE mount options (allow_other, ...)")
+    sub.add_argument("--upper", metavar="DIR", help="keep changes in DIR (copy-on-write)")
+    sub.add_argument("image", nargs="+", metavar="IMAGE")
+    sub.add_argument("mountpoint", metavar="MOUNTPOINT")
+
+    sub = commands.add_parser("umount", help="unmount a layerfs mount",
+                              description="unmount a layerfs mount")
+    sub.set_defaults(function=cmd_umount)
+    sub.add_argument("mountpoint", metavar="MOUNTPOINT")
     return parser
 
 
