@@ -1,0 +1,324 @@
+"""The FUSE adapter: kernel requests in, facade calls out.  It decides nothing.
+
+Every request is translated into one call on a :class:`layerfs.fs.FileSystem`
+and every answer back into what fusepy expects.  This is the only module that
+produces errno values for the kernel, in one place (:meth:`Operations.__call__`):
+an ``OSError`` answers with its own errno, anything else is a bug, logged
+with its traceback on the ``layerfs.fuse`` logger and answered with ``EIO``
+(fusepy itself would answer ``EINVAL`` or ``EFAULT``, which mislead).
+
+Importing this module imports fusepy, which loads libfuse: only
+:mod:`layerfs.mount` imports it, and only when mounting.
+
+Locking: the lower view is immutable, so reads need no lock; a writable
+filesystem serialises its own changes.  The adapter's only shared state is
+the table of open handles, whose single dict operations are atomic.
+
+Names: the view keeps non-UTF-8 bytes of names as surrogate escapes
+(:mod:`layerfs.paths`), so paths cross the FUSE boundary through a codec
+that is UTF-8 with ``surrogateescape`` (:data:`PATH_ENCODING`).
+"""
+
+from __future__ import annotations
+
+import codecs
+import errno
+import itertools
+import logging
+import os
+import threading
+import time
+from typing import Callable, Optional
+
+import fuse as fusepy
+
+log = logging.getLogger("layerfs.fuse")
+
+PATH_ENCODING = "layerfs_surrogateescape"
+
+
+def _find_codec(name: str) -> Optional[codecs.CodecInfo]:
+    if name != PATH_ENCODING:
+        return None
+    utf8 = codecs.lookup("utf-8")
+    return codecs.CodecInfo(
+        name=PATH_ENCODING,
+        encode=lambda text, errors="surrogateescape": utf8.encode(text, "surrogateescape"),
+        decode=lambda data, errors="surrogateescape": utf8.decode(data, "surrogateescape"))
+
+
+codecs.register(_find_codec)
+
+# What a regular file of a read-only view can be opened with.
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_CREAT | os.O_APPEND
+
+
+class LowerHandle:
+    """An open file of a read-only view: positionless reads of one inode,
+    so concurrent reads of one handle need no lock."""
+
+    __slots__ = ("_fs", "_node")
+
+    def __init__(self, fs, node):
+        self._fs = fs
+        self._node = node
+
+    def pread(self, size: int, offset: int) -> bytes:
+        return self._fs.read_node(self._node, offset, size)
+
+    def fstat(self) -> os.stat_result:
+        return self._node.stat()
+
+    def flush(self) -> None:
+        pass
+
+    def fsync(self, datasync: bool = False) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def stat_to_attrs(st: os.stat_result) -> dict:
+    """An ``os.stat_result`` as fusepy's attribute dict (times in ns,
+    since the operations declare ``use_ns``; ``st_blocks`` in 512-byte units)."""
+    return {
+        "st_mode": st.st_mode, "st_ino": st.st_ino, "st_nlink": st.st_nlink,
+        "st_uid": st.st_uid, "st_gid": st.st_gid, "st_size": st.st_size,
+        "st_rdev": st.st_rdev, "st_blksize": st.st_blksize, "st_blocks": st.st_blocks,
+        "st_atime": st.st_atime_ns, "st_mtime": st.st_mtime_ns, "st_ctime": st.st_ctime_ns,
+    }
+
+
+def statvfs_to_attrs(sv: os.statvfs_result) -> dict:
+    return {key: getattr(sv, key) for key in (
+        "f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail",
+        "f_files", "f_ffree", "f_favail", "f_flag", "f_namemax")}
+
+
+class Operations(fusepy.Operations):
+    """fusepy operations over a layerfs filesystem.
+
+    Mount with ``raw_fi=True`` (``create`` needs the open flags),
+    ``use_ino=True`` and ``encoding=PATH_ENCODING``.  *on_ready* is called
+    once the kernel has sent ``INIT``, that is once the mount is usable.
+    """
+
+    use_ns = True
+    # Operations on an open handle may come without a path (the file was
+    # removed while open: the ``hard_remove`` option); handles need none.
+    flag_nullpath_ok = True
+
+    def __init__(self, fs, on_ready: Optional[Callable[[], None]] = None):
+        self.fs = fs
+        self.readonly = getattr(fs, "readonly", True)
+        self._on_ready = on_ready
+        self._handles: dict = {}
+        self._next_handle = itertools.count(1)
+        self._closed = False
+        self._close_lock = threading.Lock()
+        self._statvfs: Optional[dict] = None
+
+    # -- the error boundary ---------------------------------------------
+
+    def __call__(self, op: str, *args):
+        try:
+            return getattr(self, op)(*args)
+        except fusepy.FuseOSError:
+            raise
+        except OSError as error:
+            if error.errno:
+                raise fusepy.FuseOSError(error.errno) from error
+            log.error("FUSE %s%r raised an OSError without errno", op, args, exc_info=True)
+            raise fusepy.FuseOSError(errno.EIO) from error
+        except Exception as error:
+            log.error("FUSE %s%r failed", op, args, exc_info=True)
+            raise fusepy.FuseOSError(errno.EIO) from error
+
+    def _write_call(self, name: str):
+        """The facade's write method *name*; a read-only view has none."""
+        method = getattr(self.fs, name, None)
+        if method is None or self.readonly:
+            raise fusepy.FuseOSError(errno.EROFS)
+        return method
+
+    # -- lifecycle ------------------------------------------------------
+
+    def init(self, path):
+        if self._on_ready is not None:
+            self._on_ready()
+
+    def destroy(self, path):
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        """Flush and close the filesystem, once, whoever asks first
+        (``destroy``, or the mount code when the loop returns)."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        for fh in list(self._handles):
+            handle = self._handles.pop(fh, None)
+            if handle is not None:
+                handle.close()
+        sync = getattr(self.fs, "sync", None)
+        if sync is not None and not self.readonly:
+            sync()
+        self.fs.close()
+
+    # -- metadata -------------------------------------------------------
+
+    def getattr(self, path, fi=None):
+        # Without an open file fusepy passes a NULL pointer, which is false.
+        if fi and fi.fh in self._handles:
+            return stat_to_attrs(self._handles[fi.fh].fstat())
+        return stat_to_attrs(self.fs.lstat(path))
+
+    def readlink(self, path):
+        return self.fs.readlink(path)
+
+    def readdir(self, path, fh):
+        yield ".", None, 0
+        yield "..", None, 0
+        for entry in self.fs.scandir(path):
+            st = entry.stat(follow_symlinks=False)
+            # The type bits give readdir's d_type; the inode its d_ino.
+            yield entry.name, {"st_mode": st.st_mode, "st_ino": st.st_ino}, 0
+
+    def statfs(self, path):
+        statvfs = getattr(self.fs, "statvfs", None)
+        if statvfs is not None:
+            return statvfs_to_attrs(statvfs())
+        if self._statvfs is None:
+            self._statvfs = self._lower_statvfs()
+        return self._statvfs
+
+    def _lower_statvfs(self) -> dict:
+        """A read-only view that cannot say: its size, full, no free inodes."""
+        inodes = {id(node): node for node in self.fs.tree.nodes.values()}
+        size = sum(node.size for node in inodes.values() if node.children is None)
+        block = 4096
+        return {"f_bsize": block, "f_frsize": block, "f_blocks": (size + block - 1) // block,
+                "f_bfree": 0, "f_bavail": 0, "f_files": len(inodes), "f_ffree": 0,
+                "f_favail": 0, "f_namemax": 255}
+
+    # -- extended attributes --------------------------------------------
+    # An undefined xattr operation would answer ENOSYS, after which the
+    # kernel never asks again; so all four exist and refuse with ENOTSUP.
+
+    def listxattr(self, path):
+        return self.fs.listxattr(path, follow_symlinks=False)
+
+    def getxattr(self, path, name, *position):
+        return self.fs.getxattr(path, name, follow_symlinks=False)
+
+    def setxattr(self, path, name, value, options, *position):
+        if self.readonly:
+            raise fusepy.FuseOSError(errno.EROFS)
+        method = getattr(self.fs, "setxattr", None)
+        if method is None:
+            raise fusepy.FuseOSError(errno.ENOTSUP)
+        method(path, name, value, options, follow_symlinks=False)
+
+    def removexattr(self, path, name):
+        if self.readonly:
+            raise fusepy.FuseOSError(errno.EROFS)
+        method = getattr(self.fs, "removexattr", None)
+        if method is None:
+            raise fusepy.FuseOSError(errno.ENOTSUP)
+        method(path, name, follow_symlinks=False)
+
+    # -- open files -----------------------------------------------------
+
+    def open(self, path, fi):
+        fi.fh = self._add_handle(self._open(path, fi.flags))
+        return 0
+
+    def create(self, path, mode, fi):
+        fi.fh = self._add_handle(self._open(path, fi.flags | os.O_CREAT, mode))
+        return 0
+
+    def _open(self, path, flags, mode=0o666):
+        open_handle = getattr(self.fs, "open_handle", None)
+        if open_handle is not None:
+            return open_handle(path, flags, mode)
+        if flags & _WRITE_FLAGS:
+            raise fusepy.FuseOSError(errno.EROFS)
+        self.fs.open_raw(path).close()      # the facade's checks: EISDIR, ENXIO...
+        return LowerHandle(self.fs, self.fs.node(path))
+
+    def _add_handle(self, handle) -> int:
+        fh = next(self._next_handle)
+        self._handles[fh] = handle
+        return fh
+
+    def _handle(self, fi):
+        try:
+            return self._handles[fi.fh]
+        except KeyError:
+            raise fusepy.FuseOSError(errno.EBADF) from None
+
+    def read(self, path, size, offset, fi):
+        return self._handle(fi).pread(size, offset)
+
+    def write(self, path, data, offset, fi):
+        return self._handle(fi).pwrite(data, offset)
+
+    def truncate(self, path, length, fi=None):
+        if fi and fi.fh in self._handles:
+            self._handles[fi.fh].truncate(length)
+        else:
+            self._write_call("truncate")(path, length)
+
+    def flush(self, path, fi):
+        self._handle(fi).flush()
+
+    def fsync(self, path, datasync, fi):
+        self._handle(fi).fsync(bool(datasync))
+
+    def release(self, path, fi):
+        handle = self._handles.pop(fi.fh, None)
+        if handle is not None:
+            handle.close()
+
+    def fsyncdir(self, path, datasync, fh):
+        if not self.readonly:
+            self._write_call("sync")()
+
+    # -- namespace changes ----------------------------------------------
+
+    def mkdir(self, path, mode):
+        self._write_call("mkdir")(path, mode)
+
+    def rmdir(self, path):
+        self._write_call("rmdir")(path)
+
+    def unlink(self, path):
+        self._write_call("unlink")(path)
+
+    def rename(self, old, new):
+        self._write_call("rename")(old, new)
+
+    def symlink(self, target, source):
+        # fusepy's order: *target* is the new link's path, *source* its content.
+        self._write_call("symlink")(source, target)
+
+    def link(self, target, source):
+        # fusepy's order: *target* is the new name, *source* the existing file.
+        self._write_call("link")(source, target)
+
+    def mknod(self, path, mode, dev):
+        self._write_call("mknod")(path, mode, dev)
+
+    def chmod(self, path, mode):
+        self._write_call("chmod")(path, mode, follow_symlinks=False)
+
+    def chown(self, path, uid, gid):
+        self._write_call("chown")(path, uid, gid, follow_symlinks=False)
+
+    def utimens(self, path, times=None):
+        if times is None:
+            now = time.time_ns()
+            times = (now, now)
+        self._write_call("utime")(path, ns=tuple(times), follow_symlinks=False)
