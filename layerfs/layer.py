@@ -1,0 +1,420 @@
+"""One layer blob, opened: its entries, and random access to file contents.
+
+:func:`open_layer` reads a blob once, front to back: it hashes it (digest of
+the blob as stored, diff_id of the tar inside), checks both against what the
+caller expects, lists its members (:mod:`layerfs.tarindex`) and, if the blob
+is compressed, writes the uncompressed tar to a copy on disk.  File contents
+are then read with ``os.pread`` at the offsets the entries record: a plain
+tar in place (even when the blob is a byte range of a larger file, a
+:class:`BlobSource`), a compressed one from its copy.
+
+Cost of this design, on purpose:
+
+* disk: a compressed layer costs its *uncompressed size* in the cache (the
+  copy); a plain tar costs nothing but its index.  In exchange a read is one
+  ``pread``, with no seek points to keep and no decompression after opening.
+* memory: the entries only (one small tuple per member); contents are never
+  held, and indexing holds about one 1 MiB chunk at a time.
+
+The index cache (:class:`IndexCache`, under ``$LAYERFS_CACHE_DIR``, else
+``$XDG_CACHE_HOME/layerfs``, else ``~/.cache/layerfs``)::
+
+    index/sha256/<hex>.idx   marshal of (header, [entry tuples]), keyed by the
+                             blob digest; the header holds a format name and
+                             version, both digests, sizes and the entry count
+    blobs/sha256/<hex>.tar   the uncompressed copy of a compressed blob
+    memo/<key>               "stat memo": the identity of a source file
+                             (realpath, offset, size, st_dev, st_ino, st_size,
+                             st_mtime_ns) -> (digest, diff_id)
+
+Every file is written to a temp file in its final directory and renamed into
+place, so readers never see half a file; temp files are removed on any error
+(a full disk included).  A second open of an unchanged file finds its digest
+in the memo and its entries in the index: it neither hashes the blob nor
+parses a tar header.  An index file that cannot be read back (corrupt, from
+another version) is discarded and rebuilt.
+
+``cache=False`` turns caching off: nothing is written to the cache
+directory, the index lives in memory and the copy of a compressed blob goes
+to an anonymous temporary file (:func:`tempfile.TemporaryFile`, in
+``$TMPDIR``) that disappears when the layer is closed, or the process dies.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import hashlib
+import marshal
+import os
+import tempfile
+from typing import Callable, Optional, Union
+
+import attrs
+
+from layerfs.compression import NONE, BlobStream, detect_compression
+from layerfs.entry import Entry
+from layerfs.errors import (DigestMismatchError, InvalidLayerError,
+                            UnsupportedImageError, path_error)
+from layerfs.tarindex import iter_entries
+
+CACHE_ENV = "LAYERFS_CACHE_DIR"
+INDEX_FORMAT = "layerfs-index"
+INDEX_VERSION = 1
+MEMO_VERSION = 1
+_COPY_BUFFER = 1 << 20
+
+
+@attrs.frozen
+class BlobSource:
+    """A blob that is a byte range of a file: *size* bytes (default: up to
+    the end) from *offset*, e.g. a layer stored inside an uncompressed
+    OCI-layout or ``docker save`` tar."""
+    path: str
+    offset: int = 0
+    size: Optional[int] = None
+
+
+def default_cache_root() -> str:
+    """``$LAYERFS_CACHE_DIR``, else ``$XDG_CACHE_HOME/layerfs``, else
+    ``~/.cache/layerfs``."""
+    root = os.environ.get(CACHE_ENV)
+    if root:
+        return root
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg:
+        return os.path.join(xdg, "layerfs")
+    return os.path.join(os.path.expanduser("~"), ".cache", "layerfs")
+
+
+class IndexCache:
+    """The on-disk cache of layer indexes and uncompressed copies (the
+    layout is in the module docstring).  *root* defaults to
+    :func:`default_cache_root`."""
+
+    def __init__(self, root: Union[str, os.PathLike, None] = None):
+        self.root = os.fspath(root) if root is not None else default_cache_root()
+
+    def index_path(self, hex_digest: str) -> str:
+        return os.path.join(self.root, "index", "sha256", hex_digest + ".idx")
+
+    def blob_path(self, hex_digest: str) -> str:
+        return os.path.join(self.root, "blobs", "sha256", hex_digest + ".tar")
+
+    def memo_path(self, identity: tuple) -> str:
+        key = hashlib.sha256(repr(identity).encode("utf-8", "surrogateescape"))
+        return os.path.join(self.root, "memo", key.hexdigest()[:40])
+
+    def lookup_memo(self, identity: tuple) -> Optional[tuple]:
+        """(digest hex, diff_id hex) remembered for an unchanged source."""
+        value = _load_marshal(self.memo_path(identity))
+        if (isinstance(value, dict) and value.get("version") == MEMO_VERSION
+                and value.get("identity") == identity):
+            return value.get("digest"), value.get("diff_id")
+        return None
+
+    def store_memo(self, identity: tuple, digest: str, diff_id: str) -> None:
+        record = {"version": MEMO_VERSION, "identity": identity,
+                  "digest": digest, "diff_id": diff_id}
+        _write_atomic(self.memo_path(identity), marshal.dumps(record))
+
+    def load_index(self, hex_digest: str) -> Optional[tuple]:
+        """(header, entries) of a blob, or None; a file that does not read
+        back as an index of this version and blob is removed."""
+        path = self.index_path(hex_digest)
+        value = _load_marshal(path)
+        if value is None:
+            return None
+        try:
+            header, rows = value
+            if (header["format"] != INDEX_FORMAT or header["version"] != INDEX_VERSION
+                    or header["digest"] != hex_digest
+                    or len(rows) != header["entry_count"]):
+                raise ValueError("not an index of this blob")
+            make = Entry._make
+            entries = [make(row) for row in rows]
+        except (ValueError, TypeError, KeyError):
+            _remove(path)
+            return None
+        return header, entries
+
+    def store_index(self, header: dict, entries: list) -> None:
+        payload = marshal.dumps((header, [tuple(e) for e in entries]))
+        _write_atomic(self.index_path(header["digest"]), payload)
+
+
+class Layer:
+    """An opened layer (see :func:`open_layer`).  Attributes: ``label``,
+    ``path``, ``source``, ``digest`` and ``diff_id`` (``"sha256:<hex>"``),
+    ``media_type``, ``compression`` (``"none"``, ``"gzip"``, ``"zstd"``),
+    ``size`` (bytes of the blob), ``uncompressed_size``, ``entries`` (tar
+    order) and ``entry_count``."""
+
+    def __init__(self, *, source: BlobSource, label: str, header: dict,
+                 entries: list, media_type: Optional[str], data_fd: int,
+                 base: int, closers: list):
+        self.source = source
+        self.path = source.path
+        self.label = label
+        self.digest = "sha256:" + header["digest"]
+        self.diff_id = "sha256:" + header["diff_id"]
+        self.media_type = media_type
+        self.compression = header["compression"]
+        self.size = header["size"]
+        self.uncompressed_size = header["uncompressed_size"]
+        self.entries = entries
+        self._data_fd = data_fd
+        self._base = base
+        self._closers = closers
+
+    @property
+    def entry_count(self) -> int:
+        return len(self.entries)
+
+    def read(self, data, size: int, offset: int, length: int) -> bytes:
+        """Up to *length* bytes at *offset* of the regular file whose entry
+        has *data* and *size*; holes of sparse files read as zeros."""
+        if self._data_fd < 0:
+            raise path_error(errno.EBADF, self.label)
+        if length <= 0 or offset >= size:
+            return b""
+        length = min(length, size - offset)
+        if isinstance(data, int):
+            return self._pread(length, self._base + data + offset)
+        return self._read_sparse(data, offset, length)
+
+    def _read_sparse(self, segments: tuple, offset: int, length: int) -> bytes:
+        out = bytearray(length)
+        end = offset + length
+        first = max(bisect.bisect_right(segments, offset, key=_segment_start) - 1, 0)
+        for start, seg_length, tar_offset in segments[first:]:
+            if start >= end:
+                break
+            low = max(start, offset)
+            high = min(start + seg_length, end)
+            if low < high:
+                out[low - offset:high - offset] = self._pread(
+                    high - low, self._base + tar_offset + low - start)
+        return bytes(out)
+
+    def _pread(self, n: int, position: int) -> bytes:
+        data = os.pread(self._data_fd, n, position)
+        while len(data) < n:
+            more = os.pread(self._data_fd, n - len(data), position + len(data))
+            if not more:
+                raise InvalidLayerError("blob is shorter than its index says "
+                                        "(changed since it was indexed?)",
+                                        path=self.path, layer=self.label)
+            data += more
+        return data
+
+    def close(self) -> None:
+        self._data_fd = -1
+        closers, self._closers = self._closers, []
+        for close in closers:
+            close()
+
+    def __enter__(self) -> "Layer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Layer {self.label} {self.digest} {self.entry_count} entries>"
+
+
+def open_layer(source: Union[str, os.PathLike, BlobSource], *,
+               digest: Optional[str] = None, diff_id: Optional[str] = None,
+               media_type: Optional[str] = None,
+               cache: Union[IndexCache, None, bool] = None,
+               label: Optional[str] = None,
+               progress: Optional[Callable[[int, int], None]] = None,
+               max_size: Optional[int] = None) -> Layer:
+    """Opens a layer blob (a path or a :class:`BlobSource`).
+
+    *digest* / *diff_id*, if given, must match (else
+    :class:`DigestMismatchError`).  *cache*: an :class:`IndexCache`, None for
+    the default one, False for none.  *progress(done, total)* is called every
+    few MiB while indexing.  *max_size* bounds the uncompressed size of a
+    compressed blob (see :mod:`layerfs.compression`).
+    """
+    if not isinstance(source, BlobSource):
+        source = BlobSource(os.fspath(source))
+    label = label or source.path
+    for expected in (digest, diff_id):
+        if expected is not None and not expected.startswith("sha256:"):
+            raise UnsupportedImageError(f"digest {expected!r}: only sha256 "
+                                        "is supported", path=source.path, layer=label)
+    if cache is None or cache is True:
+        cache = IndexCache()
+    fd = os.open(source.path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        size = _blob_size(source, st.st_size, label)
+        identity = (os.path.realpath(source.path), source.offset, size,
+                    st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        opener = _Opener(source, label, fd, size, digest, diff_id, media_type)
+        layer = None
+        if cache:
+            layer = opener.from_cache(cache, identity)
+        if layer is None:
+            layer = opener.index(cache or None, identity, progress, max_size)
+    except BaseException:
+        os.close(fd)
+        raise
+    return layer
+
+
+@attrs.define
+class _Opener:
+    """The two ways to open a layer: from the cache, or by indexing it."""
+    source: BlobSource
+    label: str
+    fd: int
+    size: int
+    digest: Optional[str]
+    diff_id: Optional[str]
+    media_type: Optional[str]
+
+    def from_cache(self, cache: IndexCache, identity: tuple) -> Optional[Layer]:
+        memo = cache.lookup_memo(identity)
+        if memo is None:
+            return None
+        self.verify(*memo)
+        loaded = cache.load_index(memo[0])
+        if loaded is None:
+            return None
+        header, entries = loaded
+        if header["compression"] == NONE:
+            return self.layer(header, entries, self.fd, self.source.offset,
+                              [lambda: os.close(self.fd)])
+        try:
+            copy_fd = os.open(cache.blob_path(header["digest"]),
+                              os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        if os.fstat(copy_fd).st_size != header["uncompressed_size"]:
+            os.close(copy_fd)
+            return None
+        os.close(self.fd)
+        return self.layer(header, entries, copy_fd, 0, [lambda: os.close(copy_fd)])
+
+    def index(self, cache: Optional[IndexCache], identity: tuple,
+              progress, max_size) -> Layer:
+        """One pass over the blob: hashes, entries and (if compressed) the
+        uncompressed copy, written under a temp name and renamed when whole."""
+        head = os.pread(self.fd, min(4, self.size), self.source.offset)
+        copy = temp_path = None
+        if detect_compression(head) != NONE:
+            if cache is None:
+                copy = tempfile.TemporaryFile(prefix="layerfs-")
+            else:
+                copy, temp_path = _temp_file(cache.blob_path("x"))
+        try:
+            stream = BlobStream(self.fd, size=self.size, offset=self.source.offset,
+                                label=self.label, max_size=max_size,
+                                sink=copy.write if copy else None, progress=progress)
+            entries = list(iter_entries(stream, self.label))
+            stream.drain()
+            self.verify(stream.digest, stream.diff_id)
+            header = {"format": INDEX_FORMAT, "version": INDEX_VERSION,
+                      "digest": stream.digest, "diff_id": stream.diff_id,
+                      "compression": stream.compression, "size": self.size,
+                      "uncompressed_size": stream.uncompressed_size,
+                      "entry_count": len(entries)}
+            if copy is not None:
+                copy.flush()
+            if temp_path is not None:
+                os.replace(temp_path, cache.blob_path(stream.digest))
+                temp_path = None
+            if cache is not None:
+                cache.store_index(header, entries)
+                cache.store_memo(identity, stream.digest, stream.diff_id)
+        except BaseException:
+            if copy is not None:
+                copy.close()
+            if temp_path is not None:
+                _remove(temp_path)
+            raise
+        if copy is None:
+            return self.layer(header, entries, self.fd, self.source.offset,
+                              [lambda: os.close(self.fd)])
+        os.close(self.fd)
+        return self.layer(header, entries, copy.fileno(), 0, [copy.close])
+
+    def verify(self, digest_hex: str, diff_id_hex: str) -> None:
+        for what, expected, actual in (("digest", self.digest, digest_hex),
+                                       ("diff_id", self.diff_id, diff_id_hex)):
+            if expected is not None and expected != "sha256:" + actual:
+                raise DigestMismatchError(
+                    f"{what} is sha256:{actual}, expected {expected}",
+                    path=self.source.path, layer=self.label)
+
+    def layer(self, header, entries, data_fd, base, closers) -> Layer:
+        return Layer(source=self.source, label=self.label, header=header,
+                     entries=entries, media_type=self.media_type,
+                     data_fd=data_fd, base=base, closers=closers)
+
+
+def _blob_size(source: BlobSource, file_size: int, label: str) -> int:
+    if source.offset < 0 or source.offset > file_size:
+        raise InvalidLayerError(f"blob offset {source.offset} is outside the file "
+                                f"({file_size} bytes)", path=source.path, layer=label)
+    if source.size is None:
+        return file_size - source.offset
+    if source.size < 0 or source.offset + source.size > file_size:
+        raise InvalidLayerError(f"blob of {source.size} bytes at {source.offset} "
+                                f"runs past the end of the file ({file_size} bytes)",
+                                path=source.path, layer=label)
+    return source.size
+
+
+def _segment_start(segment: tuple) -> int:
+    return segment[0]
+
+
+def _temp_file(final_path: str):
+    """An open binary file in *final_path*'s directory, and its name."""
+    directory = os.path.dirname(final_path)
+    os.makedirs(directory, exist_ok=True)
+    fd, temp_path = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        return os.fdopen(fd, "w+b", buffering=_COPY_BUFFER), temp_path
+    except BaseException:
+        os.close(fd)
+        _remove(temp_path)
+        raise
+
+
+def _write_atomic(path: str, payload: bytes) -> None:
+    file, temp_path = _temp_file(path)
+    try:
+        with file:
+            file.write(payload)
+        os.replace(temp_path, path)
+    except BaseException:
+        _remove(temp_path)
+        raise
+
+
+def _load_marshal(path: str):
+    """The marshalled value in *path*, None if absent; an unreadable file
+    is removed (it will be rebuilt)."""
+    try:
+        with open(path, "rb") as file:
+            payload = file.read()
+    except FileNotFoundError:
+        return None
+    try:
+        return marshal.loads(payload)
+    except (ValueError, EOFError, TypeError):
+        _remove(path)
+        return None
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
