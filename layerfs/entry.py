@@ -28,6 +28,13 @@ KIND_NAMES = {
     HARDLINK: "hardlink",
 }
 
+
+
+def kind_name(mode: int) -> str:
+    """``"file"``, ``"directory"``... for the type bits of an ``st_mode``."""
+    return KIND_NAMES.get(stat.S_IFMT(mode), "unknown")
+
+
 # Where a regular file's bytes are, inside the layer's uncompressed tar
 # stream.  The union core never looks inside; the layer reader does.
 #   int:    the file's bytes are contiguous at this offset (``size`` of them);

@@ -16,18 +16,19 @@ import os
 import stat as _stat
 from typing import BinaryIO, Iterator, Optional, Sequence, Union
 
-from .errors import ReadOnlyError, path_error
+from .errors import path_error
 from .image import Image, open_image
 from .tarwrite import LayerTarWriter, write_tree
-from .union import S_IFLNK, S_IFMT, LayerChanges, Node, Tree, describe_layer
+from . import writable
+from .union import (S_IFLNK, S_IFMT, UPPER_SOURCE, LayerChanges, Node, Tree,
+                    describe_layer)
+from .upper import Upper
 
 PathLike = Union[str, "os.PathLike[str]"]
 Source = Union[PathLike, Sequence[PathLike]]
 
-_READ_MODES = {"r", "rb", "br", "rt", "tr"}
 
-
-def open(source: Source, *, tag: Optional[str] = None, platform: Optional[str] = None,
+def open(source: Source, *, upper: Optional[PathLike] = None, tag: Optional[str] = None, platform: Optional[str] = None,
          cache=None, progress=None) -> "FileSystem":
     """Open an image as a filesystem.
 
@@ -37,7 +38,9 @@ def open(source: Source, *, tag: Optional[str] = None, platform: Optional[str] =
     default platform is the host's.  *cache* is an
     :class:`~layerfs.layer.IndexCache` (default: the user's cache directory).
     *progress* is called as ``progress(done_bytes, total_bytes)`` while layers
-    are indexed.  The filesystem is read-only: writes raise ``OSError(EROFS)``.
+    are indexed.  *upper* is a directory for the writable layer (created if
+    missing); without it the filesystem is read-only and every write raises
+    ``OSError(EROFS)``.
     """
     if not isinstance(source, (str, bytes, os.PathLike)):
         source = [os.fspath(p) for p in source]
@@ -46,7 +49,10 @@ def open(source: Source, *, tag: Optional[str] = None, platform: Optional[str] =
     image = open_image(source, tag=tag, platform=platform, cache=cache,
                        progress=progress)
     try:
-        return FileSystem(image)
+        fs = FileSystem(image)
+        if upper is not None:
+            fs.upper = Upper(fs, os.fspath(upper))
+        return fs
     except BaseException:
         image.close()
         raise
@@ -68,10 +74,18 @@ class FileSystem:
         self.layers = image.layers
         self.tree = tree if tree is not None else build_tree(image)
         self._nodes = self.tree.nodes
+        self.upper: Optional[Upper] = None
 
     # -- lifecycle ------------------------------------------------------
 
+    @property
+    def readonly(self) -> bool:
+        return self.upper is None
+
     def close(self) -> None:
+        if self.upper is not None:
+            self.upper.close()
+            self.upper = None
         self.image.close()
 
     def __enter__(self) -> "FileSystem":
@@ -206,24 +220,15 @@ class FileSystem:
     def open(self, path: PathLike, mode: str = "rb", buffering: int = -1,
              encoding: Optional[str] = None, errors: Optional[str] = None,
              newline: Optional[str] = None):
-        """Open a file of the image, like the builtin ``open``.
+        """Open a file of the view, like the builtin ``open`` (every mode).
 
-        Read modes return a seekable binary (or text) file object; any other
-        mode raises ``OSError(EROFS)`` on a read-only filesystem.
+        Without an upper layer, a mode that writes raises ``OSError(EROFS)``.
         """
-        if mode not in _READ_MODES:
-            raise ReadOnlyError(os.fspath(path))
-        raw = self.open_raw(path)
-        binary = io.BufferedReader(raw, buffering if buffering > 1 else io.DEFAULT_BUFFER_SIZE)
-        if "b" in mode:
-            return binary
-        return io.TextIOWrapper(binary, encoding=encoding, errors=errors, newline=newline)
+        return writable.open_file(self, path, mode, buffering, encoding, errors, newline)
 
-    def open_raw(self, path: PathLike) -> "ImageFile":
-        """An unbuffered file object for reading the file at *path*."""
-        node = self.node(path)
-        check_readable(node, os.fspath(path))
-        return ImageFile(self, node, os.fspath(path))
+    def open_handle(self, path: PathLike, flags: int, mode: int = 0o666) -> writable.Handle:
+        """``os.open`` for the view: a :class:`~layerfs.writable.Handle`."""
+        return writable.open_handle(self, path, flags, mode)
 
     def read_bytes(self, path: PathLike) -> bytes:
         node = self.node(path)
@@ -239,9 +244,60 @@ class FileSystem:
         end = min(node.size, offset + length)
         if offset >= end:
             return b""
-        if node.source is None:
+        source = node.source
+        if source is None:
             return b""
-        return self.layers[node.source].read(node.data, node.size, offset, end - offset)
+        if source == UPPER_SOURCE:
+            return self.upper.read(node, offset, end - offset)
+        return self.layers[source].read(node.data, node.size, offset, end - offset)
+
+    # -- writes (need an upper layer) --------------------------------------
+
+    mkdir = writable.mkdir
+    rmdir = writable.rmdir
+    unlink = writable.unlink
+    remove = writable.unlink
+    rename = writable.rename
+    replace = writable.rename
+    symlink = writable.symlink
+    link = writable.link
+    mknod = writable.mknod
+    chmod = writable.chmod
+    chown = writable.chown
+    utime = writable.utime
+    truncate = writable.truncate
+    setxattr = writable.setxattr
+    removexattr = writable.removexattr
+    diff = writable.diff
+
+    def makedirs(self, path: PathLike, mode: int = 0o777, exist_ok: bool = False) -> None:
+        path = os.fspath(path)
+        parent = os.path.dirname(path.rstrip("/"))
+        if parent and parent != path and not self.lexists(parent):
+            self.makedirs(parent, mode, exist_ok=True)
+        try:
+            self.mkdir(path, mode)
+        except FileExistsError:
+            if not exist_ok or not self.is_dir(path):
+                raise
+
+    def write_bytes(self, path: PathLike, data: bytes) -> int:
+        with self.open(path, "wb") as stream:
+            return stream.write(data)
+
+    def statvfs(self) -> os.statvfs_result:
+        """The upper directory's filesystem; a read-only view reports its
+        own size and no free space."""
+        if self.upper is not None:
+            return self.upper.host.statvfs()
+        used = sum(node.size for node in self._nodes.values()) // 4096 + 1
+        return os.statvfs_result((4096, 4096, used, 0, 0, len(self._nodes), 0, 0,
+                                  os.ST_RDONLY, 255))
+
+    def sync(self) -> None:
+        """Flush the upper layer to disk."""
+        if self.upper is not None:
+            os.sync()
 
     # -- whole-image operations -----------------------------------------
 
@@ -288,57 +344,6 @@ def check_readable(node: Node, path: str) -> None:
     if not _stat.S_ISREG(node.mode):
         # Device nodes and fifos of an image are not backed by anything.
         raise path_error(errno.ENXIO, path)
-
-
-class ImageFile(io.RawIOBase):
-    """A regular file of the view, read by random access."""
-
-    def __init__(self, fs: FileSystem, node: Node, path: str):
-        super().__init__()
-        self._fs = fs
-        self._node = node
-        self.name = path
-        self._position = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        data = self._fs.read_node(self._node, self._position, len(buffer))
-        count = len(data)
-        buffer[:count] = data
-        self._position += count
-        return count
-
-    def read(self, size: int = -1) -> bytes:
-        if size is None or size < 0:
-            size = max(self._node.size - self._position, 0)
-        data = self._fs.read_node(self._node, self._position, size)
-        self._position += len(data)
-        return data
-
-    def readall(self) -> bytes:
-        return self.read(-1)
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        if whence == io.SEEK_SET:
-            position = offset
-        elif whence == io.SEEK_CUR:
-            position = self._position + offset
-        elif whence == io.SEEK_END:
-            position = self._node.size + offset
-        else:
-            raise ValueError(f"invalid whence ({whence})")
-        if position < 0:
-            raise path_error(errno.EINVAL, self.name)
-        self._position = position
-        return position
-
-    def tell(self) -> int:
-        return self._position
 
 
 class DirEntry:

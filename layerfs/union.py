@@ -42,6 +42,15 @@ ST_DEV = 0x1A7E5               # one made-up device number for the whole view
 BLOCK_SIZE = 4096
 
 
+# Node.origin: where an inode lives.  Lower inodes are immutable; the upper
+# layer copies one up (changing its origin) before changing it.
+ORIGIN_LOWER = 0      # in the image's layers only
+ORIGIN_METACOPY = 1   # a lower file whose metadata the upper layer changed
+ORIGIN_MERGED = 2     # in the upper layer, over a lower path that shows through
+ORIGIN_NEW = 3        # in the upper layer, with nothing below showing through
+UPPER_SOURCE = -1     # Node.source of a regular file stored in the upper layer
+
+
 class Node:
     """One inode of the view.
 
@@ -52,7 +61,7 @@ class Node:
 
     __slots__ = ("ino", "mode", "uid", "gid", "size", "mtime_ns", "atime_ns",
                  "ctime_ns", "nlink", "rdev", "target", "xattrs", "source",
-                 "data", "children", "stat_cache")
+                 "data", "children", "stat_cache", "origin")
 
     def __init__(self, ino: int, mode: int, uid: int = 0, gid: int = 0,
                  mtime_ns: int = 0, size: int = 0):
@@ -72,6 +81,8 @@ class Node:
         self.data = None
         self.children: Optional[dict] = {} if mode & S_IFMT == S_IFDIR else None
         self.stat_cache: Optional[os.stat_result] = None
+        # Which layer owns this inode; see the ORIGIN_* constants.
+        self.origin = ORIGIN_LOWER
 
     @property
     def is_dir(self) -> bool:
@@ -339,6 +350,52 @@ class Tree:
         if entry.xattrs:
             node.xattrs = entry.xattrs
         return node
+
+    # ------------------------------------------------------------------
+    # Changes made by the writable layer.  The caller has checked that they
+    # are allowed (parent is a directory, names are free...).
+
+    def insert(self, path: str, node: Node) -> None:
+        """Give *node* the name *path*, replacing whatever was there."""
+        parent_path, name = split(path)
+        self._replace(self.nodes[parent_path], name, path, node)
+        self.version += 1
+
+    def remove(self, path: str) -> None:
+        """Remove *path* and everything beneath it."""
+        parent_path, name = split(path)
+        self._remove(self.nodes[parent_path], name, path)
+        self.version += 1
+
+    def move(self, source: str, destination: str) -> None:
+        """Rename *source* (with its subtree) to *destination*, replacing it."""
+        node = self.nodes[source]
+        source_parent, source_name = split(source)
+        destination_parent, destination_name = split(destination)
+        moved = list(self.walk_nodes(source))
+        old_parent = self.nodes[source_parent]
+        del old_parent.children[source_name]
+        old_parent.stat_cache = None
+        if node.children is not None:
+            old_parent.nlink -= 1
+        for path, _ in moved:
+            del self.nodes[path]
+        new_parent = self.nodes[destination_parent]
+        if destination_name in new_parent.children:
+            self._remove(new_parent, destination_name, destination)
+        new_parent.children[destination_name] = node
+        new_parent.stat_cache = None
+        if node.children is not None:
+            new_parent.nlink += 1
+        cut = len(source)
+        for path, child in moved:
+            self.nodes[destination + path[cut:]] = child
+        self.version += 1
+
+    def names_of(self, node: Node) -> list[str]:
+        """Every path naming *node*.  A scan of the whole view: callers use
+        it only for files with several names."""
+        return sorted(path for path, candidate in self.nodes.items() if candidate is node)
 
     # ------------------------------------------------------------------
     # The one family of primitive changes; everything else is built on these.

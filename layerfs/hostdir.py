@@ -1,0 +1,275 @@
+"""Every change layerfs makes on the host's disk goes through :class:`HostDir`.
+
+The upper layer is written into a directory that may hold symlinks copied up
+from an image (``etc -> /etc``).  A host path operation that followed one of
+them would write outside the upper directory.  So nothing here takes a host
+path: every operation opens the parent directory component by component with
+``O_NOFOLLOW | O_DIRECTORY`` from a directory file descriptor held for the
+root, and acts on the last component relative to that descriptor, never
+following it.  A symlink met on the way is an error (``ELOOP``/``ENOTDIR``),
+not a detour.  This is the one place to audit for escapes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import stat as _stat
+from typing import Iterator, Optional
+
+from .errors import path_error
+from .paths import split
+
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class HostDir:
+    """A directory on the host, addressed by canonical paths ``/a/b``
+    relative to it."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self.fd = os.open(root, DIR_FLAGS)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    # -- walking --------------------------------------------------------
+
+    def open_dir(self, path: str) -> int:
+        """A new descriptor for directory *path*; no symlink is followed."""
+        fd = os.dup(self.fd)
+        try:
+            for name in path.split("/"):
+                if not name:
+                    continue
+                child = os.open(name, DIR_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = child
+        except OSError as error:
+            os.close(fd)
+            raise path_error(error.errno, path) from None
+        return fd
+
+    def _at(self, path: str):
+        """``(parent_fd, name)`` for *path*; close parent_fd after use."""
+        parent, name = split(path)
+        return self.open_dir(parent), name
+
+    # -- queries ---------------------------------------------------------
+
+    def lstat(self, path: str) -> os.stat_result:
+        if path == "/":
+            return os.fstat(self.fd)
+        parent, name = self._at(path)
+        try:
+            return os.stat(name, dir_fd=parent, follow_symlinks=False)
+        finally:
+            os.close(parent)
+
+    def exists(self, path: str) -> bool:
+        try:
+            self.lstat(path)
+        except OSError:
+            return False
+        return True
+
+    def listdir(self, path: str) -> list[tuple[str, os.stat_result]]:
+        """``(name, lstat)`` of each entry of directory *path*, sorted."""
+        fd = self.open_dir(path)
+        try:
+            return sorted((name, os.stat(name, dir_fd=fd, follow_symlinks=False))
+                          for name in os.listdir(fd))
+        finally:
+            os.close(fd)
+
+    def walk(self, path: str = "/") -> Iterator[tuple[str, os.stat_result]]:
+        """Every path beneath *path* (not itself), parents first, sorted."""
+        for name, st in self.listdir(path):
+            child = path + name if path == "/" else f"{path}/{name}"
+            yield child, st
+            if _stat.S_ISDIR(st.st_mode):
+                yield from self.walk(child)
+
+    def readlink(self, path: str) -> str:
+        parent, name = self._at(path)
+        try:
+            return os.readlink(name, dir_fd=parent)
+        finally:
+            os.close(parent)
+
+    # -- changes ----------------------------------------------------------
+
+    def open_file(self, path: str, flags: int, mode: int = 0o600) -> int:
+        parent, name = self._at(path)
+        try:
+            return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=parent)
+        finally:
+            os.close(parent)
+
+    def mkdir(self, path: str, mode: int = 0o700) -> None:
+        parent, name = self._at(path)
+        try:
+            os.mkdir(name, mode, dir_fd=parent)
+        finally:
+            os.close(parent)
+
+    def symlink(self, target: str, path: str) -> None:
+        parent, name = self._at(path)
+        try:
+            os.symlink(target, name, dir_fd=parent)
+        finally:
+            os.close(parent)
+
+    def mknod(self, path: str, mode: int, device: int = 0) -> None:
+        parent, name = self._at(path)
+        try:
+            os.mknod(name, mode, device, dir_fd=parent)
+        finally:
+            os.close(parent)
+
+    def link(self, source: str, destination: str) -> None:
+        source_parent, source_name = self._at(source)
+        try:
+            destination_parent, destination_name = self._at(destination)
+            try:
+                os.link(source_name, destination_name, src_dir_fd=source_parent,
+                        dst_dir_fd=destination_parent, follow_symlinks=False)
+            finally:
+                os.close(destination_parent)
+        finally:
+            os.close(source_parent)
+
+    def rename(self, source: str, destination: str) -> None:
+        """Atomically move *source* to *destination*, replacing it."""
+        source_parent, source_name = self._at(source)
+        try:
+            destination_parent, destination_name = self._at(destination)
+            try:
+                os.rename(source_name, destination_name, src_dir_fd=source_parent,
+                          dst_dir_fd=destination_parent)
+            finally:
+                os.close(destination_parent)
+        finally:
+            os.close(source_parent)
+
+    def unlink(self, path: str) -> None:
+        parent, name = self._at(path)
+        try:
+            os.unlink(name, dir_fd=parent)
+        finally:
+            os.close(parent)
+
+    def rmdir(self, path: str) -> None:
+        parent, name = self._at(path)
+        try:
+            os.rmdir(name, dir_fd=parent)
+        finally:
+            os.close(parent)
+
+    def remove_tree(self, path: str) -> None:
+        """Remove *path* and everything beneath it, following no symlink."""
+        parent, name = self._at(path)
+        try:
+            st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+            if not _stat.S_ISDIR(st.st_mode):
+                os.unlink(name, dir_fd=parent)
+                return
+            # shutil.rmtree with dir_fd uses openat and never follows symlinks.
+            shutil.rmtree(name, dir_fd=parent)
+        finally:
+            os.close(parent)
+
+    def chmod(self, path: str, mode: int) -> None:
+        """Set permission bits; symlinks have none on Linux and are skipped."""
+        st = self.lstat(path)
+        if _stat.S_ISLNK(st.st_mode):
+            return
+        parent, name = self._at(path)
+        try:
+            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+        finally:
+            os.close(parent)
+        try:
+            os.chmod(f"/proc/self/fd/{fd}", mode)
+        finally:
+            os.close(fd)
+
+    def chown(self, path: str, uid: int, gid: int) -> None:
+        parent, name = self._at(path)
+        try:
+            os.chown(name, uid, gid, dir_fd=parent, follow_symlinks=False)
+        finally:
+            os.close(parent)
+
+    def utime(self, path: str, atime_ns: int, mtime_ns: int) -> None:
+        parent, name = self._at(path)
+        try:
+            os.utime(name, ns=(atime_ns, mtime_ns), dir_fd=parent, follow_symlinks=False)
+        finally:
+            os.close(parent)
+
+    def _xattr_path(self, path: str) -> tuple[int, str]:
+        """xattr calls take no dir_fd: name the entry through the parent's
+        ``/proc/self/fd`` link, which the kernel resolves to that very
+        directory; the last component is then not followed (``l*xattr``)."""
+        parent, name = self._at(path)
+        return parent, f"/proc/self/fd/{parent}/{name}"
+
+    def setxattr(self, path: str, attribute: str, value: bytes, flags: int = 0) -> None:
+        parent, proc_path = self._xattr_path(path)
+        try:
+            os.setxattr(proc_path, attribute, value, flags, follow_symlinks=False)
+        finally:
+            os.close(parent)
+
+    def removexattr(self, path: str, attribute: str) -> None:
+        parent, proc_path = self._xattr_path(path)
+        try:
+            os.removexattr(proc_path, attribute, follow_symlinks=False)
+        finally:
+            os.close(parent)
+
+    def listxattr(self, path: str) -> dict[str, bytes]:
+        parent, proc_path = self._xattr_path(path)
+        try:
+            try:
+                names = os.listxattr(proc_path, follow_symlinks=False)
+            except OSError as error:
+                if error.errno in (errno.ENOTSUP, errno.EPERM):
+                    return {}
+                raise
+            return {n: os.getxattr(proc_path, n, follow_symlinks=False) for n in names}
+        finally:
+            os.close(parent)
+
+    def statvfs(self) -> os.statvfs_result:
+        return os.statvfs(self.fd)
+
+    def fsync_dir(self, path: str) -> None:
+        fd = self.open_dir(path)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def copy_fd(source_read, destination_fd: int, size: int, chunk: int = 1 << 20) -> None:
+    """Copy *size* bytes, read with ``source_read(offset, length)``, to a
+    host descriptor, keeping holes where the source reads as zeros."""
+    offset = 0
+    zeros: Optional[bytes] = None
+    while offset < size:
+        length = min(chunk, size - offset)
+        data = source_read(offset, length)
+        if not data:
+            raise path_error(errno.EIO, "<copy-up>")
+        if zeros is None or len(zeros) != len(data):
+            zeros = bytes(len(data))
+        if data != zeros:
+            os.pwrite(destination_fd, data, offset)
+        offset += len(data)
+    os.ftruncate(destination_fd, size)

@@ -1,0 +1,505 @@
+"""The ``os``-shaped write operations of a filesystem with an upper layer.
+
+Each function checks what ``os`` on a local directory would check, in the
+same order, so the errors and errnos match; then changes the upper layer
+(:mod:`layerfs.upper`) and the view together under the upper's lock.
+Permission bits are not checked here (a FUSE mount lets the kernel check
+them with ``default_permissions``); the caller acts as the owner.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import stat as _stat
+from typing import Optional
+
+import attrs
+
+from . import whiteout
+from .entry import kind_name
+from .errors import ReadOnlyError, path_error
+from .paths import encode_name, is_within, join, split
+from .union import (ORIGIN_LOWER, ORIGIN_MERGED, ORIGIN_METACOPY, ORIGIN_NEW,
+                    S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, UPPER_SOURCE, Node)
+from .upper import Upper, check_name, diff_path, now_ns
+
+ACCESS_MODE = os.O_ACCMODE
+
+
+def writer(fs, path) -> Upper:
+    if fs.upper is None:
+        raise ReadOnlyError(os.fspath(path))
+    return fs.upper
+
+
+def existing(fs, path, follow: bool) -> tuple[str, Node]:
+    real, node = fs.tree.resolve(os.fspath(path), follow)
+    if node is None:
+        raise path_error(errno.ENOENT, os.fspath(path))
+    return real, node
+
+
+def free_name(fs, path) -> str:
+    """The canonical path for a new entry *path*; it must not exist."""
+    real, node = fs.tree.resolve(os.fspath(path), False)
+    if node is not None:
+        raise path_error(errno.EEXIST, os.fspath(path))
+    check_name(real)
+    return real
+
+
+# -- files and handles -------------------------------------------------------
+
+class Handle:
+    """An open file: what a file descriptor is to ``os``.
+
+    Reads of a file still in a lower layer go to that layer; once any
+    handle writes, the file is copied up and every handle reads the copy.
+    An unlinked file stays readable and writable through its handles.
+    """
+
+    def __init__(self, fs, node: Node, path: str, flags: int, fd: Optional[int]):
+        self.fs = fs
+        self.node = node
+        self.path = path
+        self.flags = flags
+        self.fd = fd
+        self.append = bool(flags & os.O_APPEND)
+        self.readable = flags & ACCESS_MODE != os.O_WRONLY
+        self.writable = flags & ACCESS_MODE != os.O_RDONLY
+
+    def pread(self, size: int, offset: int) -> bytes:
+        if not self.readable:
+            raise path_error(errno.EBADF, self.path)
+        if self.node.children is not None:
+            raise path_error(errno.EISDIR, self.path)
+        if self.fd is not None:
+            return os.pread(self.fd, size, offset)
+        return self.fs.read_node(self.node, offset, size)
+
+    def pwrite(self, data: bytes, offset: int) -> int:
+        if not self.writable:
+            raise path_error(errno.EBADF, self.path)
+        with self.fs.upper.lock:
+            if self.append:
+                offset = os.fstat(self.fd).st_size
+            count = os.pwrite(self.fd, data, offset)
+            self._refresh()
+        return count
+
+    def truncate(self, length: int) -> None:
+        if not self.writable:
+            raise path_error(errno.EINVAL, self.path)
+        with self.fs.upper.lock:
+            os.ftruncate(self.fd, length)
+            self._refresh()
+
+    def _refresh(self) -> None:
+        st = os.fstat(self.fd)
+        node = self.node
+        node.size = st.st_size
+        node.mtime_ns = st.st_mtime_ns
+        node.ctime_ns = st.st_ctime_ns
+        node.stat_cache = None
+
+    def fsync(self, datasync: bool = False) -> None:
+        if self.fd is not None:
+            (os.fdatasync if datasync else os.fsync)(self.fd)
+
+    def flush(self) -> None:
+        """Writes go straight to the host file; nothing is buffered here."""
+
+    def fstat(self) -> os.stat_result:
+        return self.node.stat()
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def open_handle(fs, path, flags: int, mode: int = 0o666) -> Handle:
+    """``os.open`` for the view."""
+    path = os.fspath(path)
+    writing = flags & ACCESS_MODE != os.O_RDONLY or flags & os.O_TRUNC
+    if (writing or flags & os.O_CREAT) and fs.upper is None:
+        raise ReadOnlyError(path)
+    if fs.upper is None:
+        return _open(fs, path, flags, mode)
+    with fs.upper.lock:
+        return _open(fs, path, flags, mode)
+
+
+def _open(fs, path: str, flags: int, mode: int) -> Handle:
+    creating = flags & os.O_CREAT
+    exclusive = creating and flags & os.O_EXCL
+    follow = not (flags & os.O_NOFOLLOW or exclusive)
+    real, node = fs.tree.resolve(path, follow)
+    if node is None:
+        if not creating:
+            raise path_error(errno.ENOENT, path)
+        if path.endswith("/"):
+            raise path_error(errno.EISDIR, path)
+        check_name(real)
+        node = create_file(fs.upper, real, mode)
+    elif exclusive:
+        raise path_error(errno.EEXIST, path)
+    kind = node.mode & S_IFMT
+    if kind == S_IFLNK:
+        raise path_error(errno.ELOOP, path)
+    if flags & os.O_DIRECTORY and kind != S_IFDIR:
+        raise path_error(errno.ENOTDIR, path)
+    writing = flags & ACCESS_MODE != os.O_RDONLY
+    if kind == S_IFDIR:
+        if writing or flags & os.O_TRUNC:
+            raise path_error(errno.EISDIR, path)
+        return Handle(fs, node, real, flags, None)
+    if kind != S_IFREG:
+        # Device nodes and fifos of an image are not backed by anything.
+        raise path_error(errno.ENXIO, path)
+    if not (writing or flags & os.O_TRUNC):
+        return Handle(fs, node, real, flags, None)
+    upper = fs.upper
+    upper.copy_up(real, node, with_data=True)
+    fd = upper.host.open_file(diff_path(node.data), os.O_RDWR)
+    handle = Handle(fs, node, real, flags, fd)
+    if flags & os.O_TRUNC and node.size:
+        handle.truncate(0)
+    return handle
+
+
+def create_file(upper: Upper, path: str, mode: int) -> Node:
+    node = upper.new_node(S_IFREG | (mode & 0o7777 & ~upper.umask))
+    node.source = UPPER_SOURCE
+    node.data = path
+
+    def build(host_path: str) -> None:
+        os.close(upper.host.open_file(host_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        upper.apply_metadata(host_path, node)
+
+    upper.place(path, node, build)
+    return node
+
+
+# -- directories, links, special files ------------------------------------------
+
+def mkdir(fs, path, mode: int = 0o777) -> None:
+    upper = writer(fs, path)
+    with upper.lock:
+        real = free_name(fs, path)
+        node = upper.new_node(S_IFDIR | (mode & 0o7777 & ~upper.umask))
+
+        def build(host_path: str) -> None:
+            upper.host.mkdir(host_path, 0o700)
+            upper.apply_metadata(host_path, node)
+
+        upper.place(real, node, build)
+
+
+def symlink(fs, target: str, path) -> None:
+    upper = writer(fs, path)
+    with upper.lock:
+        real = free_name(fs, path)
+        node = upper.new_node(S_IFLNK | 0o777)
+        node.target = target
+        node.size = len(encode_name(target))
+
+        def build(host_path: str) -> None:
+            upper.host.symlink(target, host_path)
+            upper.apply_metadata(host_path, node)
+
+        upper.place(real, node, build)
+
+
+def mknod(fs, path, mode: int = 0o600, device: int = 0) -> None:
+    upper = writer(fs, path)
+    kind = mode & S_IFMT or S_IFREG
+    with upper.lock:
+        real = free_name(fs, path)
+        if kind == S_IFREG:
+            create_file(upper, real, mode)
+            return
+        if kind not in (_stat.S_IFIFO, _stat.S_IFCHR, _stat.S_IFBLK, _stat.S_IFSOCK):
+            raise path_error(errno.EINVAL, os.fspath(path))
+        if kind != _stat.S_IFIFO and not upper.is_root:
+            raise path_error(errno.EPERM, os.fspath(path))
+        node = upper.new_node(kind | (mode & 0o7777 & ~upper.umask))
+        node.rdev = device if kind in (_stat.S_IFCHR, _stat.S_IFBLK) else 0
+
+        def build(host_path: str) -> None:
+            upper.host.mknod(host_path, kind | 0o600, node.rdev)
+            upper.apply_metadata(host_path, node)
+
+        upper.place(real, node, build)
+
+
+def link(fs, source, destination) -> None:
+    """A new name for a file, as ``link(2)`` (a symlink is not followed)."""
+    upper = writer(fs, destination)
+    with upper.lock:
+        source_real, node = existing(fs, source, follow=False)
+        if node.children is not None:
+            raise path_error(errno.EPERM, os.fspath(source))
+        real = free_name(fs, destination)
+        upper.copy_up(source_real, node, with_data=True)
+        upper.copy_up_parent(real)
+        upper.host.link(diff_path(source_real), diff_path(real))
+        upper.drop_whiteout(real)
+        fs.tree.insert(real, node)
+        node.ctime_ns = now_ns()
+        upper.touch_parent(real)
+
+
+# -- removal and renaming ------------------------------------------------------
+
+def unlink(fs, path) -> None:
+    upper = writer(fs, path)
+    with upper.lock:
+        real, node = existing(fs, path, follow=False)
+        if node.children is not None:
+            raise path_error(errno.EISDIR, os.fspath(path))
+        upper.delete(real, node)
+
+
+def rmdir(fs, path) -> None:
+    upper = writer(fs, path)
+    with upper.lock:
+        real, node = existing(fs, path, follow=False)
+        if node.children is None:
+            raise path_error(errno.ENOTDIR, os.fspath(path))
+        if real == "/":
+            raise path_error(errno.EBUSY, os.fspath(path))
+        if node.children:
+            raise path_error(errno.ENOTEMPTY, os.fspath(path))
+        upper.delete(real, node)
+
+
+def rename(fs, source, destination) -> None:
+    """``os.replace`` for the view: files and directories, lower ones too."""
+    upper = writer(fs, source)
+    with upper.lock:
+        source_real, node = existing(fs, source, follow=False)
+        destination_real, target = fs.tree.resolve(os.fspath(destination), False)
+        if source_real == "/" or destination_real == "/":
+            raise path_error(errno.EBUSY, os.fspath(source))
+        if target is node:
+            return
+        if node.children is not None:
+            if is_within(destination_real, source_real):
+                raise path_error(errno.EINVAL, os.fspath(destination))
+            if target is not None and target.children is None:
+                raise path_error(errno.ENOTDIR, os.fspath(destination))
+            if target is not None and target.children:
+                raise path_error(errno.ENOTEMPTY, os.fspath(destination))
+        elif target is not None and target.children is not None:
+            raise path_error(errno.EISDIR, os.fspath(destination))
+        check_name(destination_real)
+        upper.move(source_real, node, destination_real, target)
+
+
+# -- metadata --------------------------------------------------------------------
+
+def chmod(fs, path, mode: int, *, follow_symlinks: bool = True) -> None:
+    def change(node: Node) -> None:
+        node.mode = (node.mode & S_IFMT) | (mode & 0o7777)
+    change_metadata(fs, path, follow_symlinks, change)
+
+
+def chown(fs, path, uid: int, gid: int, *, follow_symlinks: bool = True) -> None:
+    def change(node: Node) -> None:
+        if uid != -1:
+            node.uid = uid
+        if gid != -1:
+            node.gid = gid
+    change_metadata(fs, path, follow_symlinks, change)
+
+
+def utime(fs, path, times=None, *, ns=None, follow_symlinks: bool = True) -> None:
+    if times is not None and ns is not None:
+        raise ValueError("utime: you may specify either 'times' or 'ns' but not both")
+    if times is not None:
+        ns = (int(times[0] * 1e9), int(times[1] * 1e9))
+    stamp = now_ns()
+    atime_ns, mtime_ns = ns if ns is not None else (stamp, stamp)
+
+    def change(node: Node) -> None:
+        node.atime_ns, node.mtime_ns = atime_ns, mtime_ns
+    change_metadata(fs, path, follow_symlinks, change)
+
+
+def setxattr(fs, path, attribute: str, value: bytes, flags: int = 0, *,
+             follow_symlinks: bool = True) -> None:
+    def change(node: Node) -> None:
+        present = attribute in (node.xattrs or {})
+        if flags & os.XATTR_CREATE and present:
+            raise path_error(errno.EEXIST, os.fspath(path))
+        if flags & os.XATTR_REPLACE and not present:
+            raise path_error(errno.ENODATA, os.fspath(path))
+        if node.mode & S_IFMT == S_IFLNK and attribute.startswith("user."):
+            raise path_error(errno.EPERM, os.fspath(path))
+        node.xattrs = {**(node.xattrs or {}), attribute: bytes(value)}
+    change_metadata(fs, path, follow_symlinks, change)
+
+
+def removexattr(fs, path, attribute: str, *, follow_symlinks: bool = True) -> None:
+    def change(node: Node) -> None:
+        if attribute not in (node.xattrs or {}):
+            raise path_error(errno.ENODATA, os.fspath(path))
+        remaining = dict(node.xattrs)
+        del remaining[attribute]
+        node.xattrs = remaining or None
+    change_metadata(fs, path, follow_symlinks, change)
+
+
+def change_metadata(fs, path, follow_symlinks: bool, change) -> None:
+    """Apply *change(node)* to the inode at *path* and store the result:
+    a metadata change never copies a file's data."""
+    upper = writer(fs, path)
+    with upper.lock:
+        real, node = existing(fs, path, follow_symlinks)
+        before = (node.mode, node.uid, node.gid, node.atime_ns, node.mtime_ns, node.xattrs)
+        change(node)
+        try:
+            if node.origin == ORIGIN_LOWER:
+                upper.copy_up(real, node, with_data=False)
+            upper.store_metadata(real, node)
+        except BaseException:
+            (node.mode, node.uid, node.gid, node.atime_ns, node.mtime_ns,
+             node.xattrs) = before
+            raise
+        finally:
+            node.stat_cache = None
+        node.ctime_ns = now_ns()
+
+
+def truncate(fs, path, length: int) -> None:
+    handle = open_handle(fs, path, os.O_WRONLY)
+    try:
+        handle.truncate(length)
+    finally:
+        handle.close()
+
+
+# -- file objects for FileSystem.open -------------------------------------------
+
+def flags_for_mode(mode: str) -> int:
+    """The ``os.open`` flags of a builtin ``open`` mode string."""
+    letters = set(mode) - {"b", "t"}
+    plus = "+" in letters
+    letters.discard("+")
+    if len(letters) != 1 or len(mode) != len(set(mode)):
+        raise ValueError(f"invalid mode: {mode!r}")
+    base = letters.pop()
+    flags = {"r": 0, "w": os.O_CREAT | os.O_TRUNC, "a": os.O_CREAT | os.O_APPEND,
+             "x": os.O_CREAT | os.O_EXCL}.get(base)
+    if flags is None:
+        raise ValueError(f"invalid mode: {mode!r}")
+    if plus:
+        return flags | os.O_RDWR
+    return flags | (os.O_RDONLY if base == "r" else os.O_WRONLY)
+
+
+class HandleFile(io.RawIOBase):
+    """A raw file object over a :class:`Handle`, for ``FileSystem.open``."""
+
+    def __init__(self, handle: Handle):
+        super().__init__()
+        self.handle = handle
+        self.name = handle.path
+        self.position = handle.node.size if handle.append else 0
+
+    def readable(self) -> bool:
+        return self.handle.readable
+
+    def writable(self) -> bool:
+        return self.handle.writable
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self.handle.pread(len(buffer), self.position)
+        buffer[:len(data)] = data
+        self.position += len(data)
+        return len(data)
+
+    def write(self, data) -> int:
+        count = self.handle.pwrite(bytes(data), self.position)
+        self.position = self.handle.node.size if self.handle.append else self.position + count
+        return count
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position,
+                io.SEEK_END: self.handle.node.size}[whence]
+        if base + offset < 0:
+            raise path_error(errno.EINVAL, self.name)
+        self.position = base + offset
+        return self.position
+
+    def tell(self) -> int:
+        return self.position
+
+    def truncate(self, size: Optional[int] = None) -> int:
+        size = self.position if size is None else size
+        self.handle.truncate(size)
+        return size
+
+    def fileno(self) -> int:
+        raise io.UnsupportedOperation("a layerfs file has no host descriptor")
+
+    def close(self) -> None:
+        if not self.closed:
+            self.handle.close()
+        super().close()
+
+
+def open_file(fs, path, mode: str, buffering: int, encoding, errors, newline):
+    """``FileSystem.open`` for every mode."""
+    flags = flags_for_mode(mode)
+    raw = HandleFile(open_handle(fs, path, flags))
+    if buffering == 0:
+        if "b" not in mode:
+            raise ValueError("can't have unbuffered text I/O")
+        return raw
+    size = buffering if buffering > 1 else io.DEFAULT_BUFFER_SIZE
+    if raw.readable() and raw.writable():
+        binary = io.BufferedRandom(raw, size)
+    elif raw.writable():
+        binary = io.BufferedWriter(raw, size)
+    else:
+        binary = io.BufferedReader(raw, size)
+    if "b" in mode:
+        return binary
+    return io.TextIOWrapper(binary, encoding=encoding, errors=errors, newline=newline)
+
+
+@attrs.frozen
+class Change:
+    """One entry of :meth:`FileSystem.diff`."""
+
+    path: str
+    change: str      # "added", "modified" or "deleted"
+    kind: str        # "file", "directory", "symlink", ...
+
+
+def diff(fs) -> list[Change]:
+    """What the upper layer changed, relative to the image, sorted by path.
+
+    A deleted directory is listed once, not with everything it held.
+    """
+    if fs.upper is None:
+        return []
+    upper = fs.upper
+    nodes = fs.tree.nodes
+    changes = []
+    for path in upper.lower_paths:
+        if path not in nodes and split(path)[0] in nodes:
+            changes.append(Change(path, "deleted", kind_name(upper.lower_mode(path))))
+    for path, node in nodes.items():
+        if node.origin == ORIGIN_LOWER or path == "/":
+            continue
+        state = "modified" if path in upper.lower_paths else "added"
+        changes.append(Change(path, state, kind_name(node.mode)))
+    return sorted(changes, key=lambda change: change.path)
