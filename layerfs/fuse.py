@@ -49,36 +49,6 @@ def _find_codec(name: str) -> Optional[codecs.CodecInfo]:
 
 codecs.register(_find_codec)
 
-# What a regular file of a read-only view can be opened with.
-_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_CREAT | os.O_APPEND
-
-
-class LowerHandle:
-    """An open file of a read-only view: positionless reads of one inode,
-    so concurrent reads of one handle need no lock."""
-
-    __slots__ = ("_fs", "_node")
-
-    def __init__(self, fs, node):
-        self._fs = fs
-        self._node = node
-
-    def pread(self, size: int, offset: int) -> bytes:
-        return self._fs.read_node(self._node, offset, size)
-
-    def fstat(self) -> os.stat_result:
-        return self._node.stat()
-
-    def flush(self) -> None:
-        pass
-
-    def fsync(self, datasync: bool = False) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def stat_to_attrs(st: os.stat_result) -> dict:
     """An ``os.stat_result`` as fusepy's attribute dict (times in ns,
     since the operations declare ``use_ns``; ``st_blocks`` in 512-byte units)."""
@@ -111,13 +81,12 @@ class Operations(fusepy.Operations):
 
     def __init__(self, fs, on_ready: Optional[Callable[[], None]] = None):
         self.fs = fs
-        self.readonly = getattr(fs, "readonly", True)
+        self.readonly = fs.readonly
         self._on_ready = on_ready
         self._handles: dict = {}
         self._next_handle = itertools.count(1)
         self._closed = False
         self._close_lock = threading.Lock()
-        self._statvfs: Optional[dict] = None
 
     # -- the error boundary ---------------------------------------------
 
@@ -134,13 +103,6 @@ class Operations(fusepy.Operations):
         except Exception as error:
             log.error("FUSE %s%r failed", op, args, exc_info=True)
             raise fusepy.FuseOSError(errno.EIO) from error
-
-    def _write_call(self, name: str):
-        """The facade's write method *name*; a read-only view has none."""
-        method = getattr(self.fs, name, None)
-        if method is None or self.readonly:
-            raise fusepy.FuseOSError(errno.EROFS)
-        return method
 
     # -- lifecycle ------------------------------------------------------
 
@@ -162,9 +124,8 @@ class Operations(fusepy.Operations):
             handle = self._handles.pop(fh, None)
             if handle is not None:
                 handle.close()
-        sync = getattr(self.fs, "sync", None)
-        if sync is not None and not self.readonly:
-            sync()
+        if not self.readonly:
+            self.fs.sync()
         self.fs.close()
 
     # -- metadata -------------------------------------------------------
@@ -187,21 +148,7 @@ class Operations(fusepy.Operations):
             yield entry.name, {"st_mode": st.st_mode, "st_ino": st.st_ino}, 0
 
     def statfs(self, path):
-        statvfs = getattr(self.fs, "statvfs", None)
-        if statvfs is not None:
-            return statvfs_to_attrs(statvfs())
-        if self._statvfs is None:
-            self._statvfs = self._lower_statvfs()
-        return self._statvfs
-
-    def _lower_statvfs(self) -> dict:
-        """A read-only view that cannot say: its size, full, no free inodes."""
-        inodes = {id(node): node for node in self.fs.tree.nodes.values()}
-        size = sum(node.size for node in inodes.values() if node.children is None)
-        block = 4096
-        return {"f_bsize": block, "f_frsize": block, "f_blocks": (size + block - 1) // block,
-                "f_bfree": 0, "f_bavail": 0, "f_files": len(inodes), "f_ffree": 0,
-                "f_favail": 0, "f_namemax": 255}
+        return statvfs_to_attrs(self.fs.statvfs())
 
     # -- extended attributes --------------------------------------------
     # An undefined xattr operation would answer ENOSYS, after which the
@@ -214,39 +161,20 @@ class Operations(fusepy.Operations):
         return self.fs.getxattr(path, name, follow_symlinks=False)
 
     def setxattr(self, path, name, value, options, *position):
-        if self.readonly:
-            raise fusepy.FuseOSError(errno.EROFS)
-        method = getattr(self.fs, "setxattr", None)
-        if method is None:
-            raise fusepy.FuseOSError(errno.ENOTSUP)
-        method(path, name, value, options, follow_symlinks=False)
+        self.fs.setxattr(path, name, value, options, follow_symlinks=False)
 
     def removexattr(self, path, name):
-        if self.readonly:
-            raise fusepy.FuseOSError(errno.EROFS)
-        method = getattr(self.fs, "removexattr", None)
-        if method is None:
-            raise fusepy.FuseOSError(errno.ENOTSUP)
-        method(path, name, follow_symlinks=False)
+        self.fs.removexattr(path, name, follow_symlinks=False)
 
     # -- open files -----------------------------------------------------
 
     def open(self, path, fi):
-        fi.fh = self._add_handle(self._open(path, fi.flags))
+        fi.fh = self._add_handle(self.fs.open_handle(path, fi.flags))
         return 0
 
     def create(self, path, mode, fi):
-        fi.fh = self._add_handle(self._open(path, fi.flags | os.O_CREAT, mode))
+        fi.fh = self._add_handle(self.fs.open_handle(path, fi.flags | os.O_CREAT, mode))
         return 0
-
-    def _open(self, path, flags, mode=0o666):
-        open_handle = getattr(self.fs, "open_handle", None)
-        if open_handle is not None:
-            return open_handle(path, flags, mode)
-        if flags & _WRITE_FLAGS:
-            raise fusepy.FuseOSError(errno.EROFS)
-        self.fs.open_raw(path).close()      # the facade's checks: EISDIR, ENXIO...
-        return LowerHandle(self.fs, self.fs.node(path))
 
     def _add_handle(self, handle) -> int:
         fh = next(self._next_handle)
@@ -269,7 +197,7 @@ class Operations(fusepy.Operations):
         if fi and fi.fh in self._handles:
             self._handles[fi.fh].truncate(length)
         else:
-            self._write_call("truncate")(path, length)
+            self.fs.truncate(path, length)
 
     def flush(self, path, fi):
         self._handle(fi).flush()
@@ -284,41 +212,41 @@ class Operations(fusepy.Operations):
 
     def fsyncdir(self, path, datasync, fh):
         if not self.readonly:
-            self._write_call("sync")()
+            self.fs.sync()
 
     # -- namespace changes ----------------------------------------------
 
     def mkdir(self, path, mode):
-        self._write_call("mkdir")(path, mode)
+        self.fs.mkdir(path, mode)
 
     def rmdir(self, path):
-        self._write_call("rmdir")(path)
+        self.fs.rmdir(path)
 
     def unlink(self, path):
-        self._write_call("unlink")(path)
+        self.fs.unlink(path)
 
     def rename(self, old, new):
-        self._write_call("rename")(old, new)
+        self.fs.rename(old, new)
 
     def symlink(self, target, source):
         # fusepy's order: *target* is the new link's path, *source* its content.
-        self._write_call("symlink")(source, target)
+        self.fs.symlink(source, target)
 
     def link(self, target, source):
         # fusepy's order: *target* is the new name, *source* the existing file.
-        self._write_call("link")(source, target)
+        self.fs.link(source, target)
 
     def mknod(self, path, mode, dev):
-        self._write_call("mknod")(path, mode, dev)
+        self.fs.mknod(path, mode, dev)
 
     def chmod(self, path, mode):
-        self._write_call("chmod")(path, mode, follow_symlinks=False)
+        self.fs.chmod(path, mode, follow_symlinks=False)
 
     def chown(self, path, uid, gid):
-        self._write_call("chown")(path, uid, gid, follow_symlinks=False)
+        self.fs.chown(path, uid, gid, follow_symlinks=False)
 
     def utimens(self, path, times=None):
         if times is None:
             now = time.time_ns()
             times = (now, now)
-        self._write_call("utime")(path, ns=tuple(times), follow_symlinks=False)
+        self.fs.utime(path, ns=tuple(times), follow_symlinks=False)

@@ -14,7 +14,6 @@ what it wrote becomes the :class:`~layerfs.errors.MountError`.
 from __future__ import annotations
 
 import errno
-import inspect
 import logging
 import logging.handlers
 import os
@@ -64,7 +63,6 @@ def mount(source, mountpoint, *, upper=None, foreground: bool = False,
     load_fuse()
     check_device()
     check_mountpoint(mountpoint, allow_nonempty="nonempty" in user_options)
-    check_upper_support(upper)
     opener = lambda: open_fs(source, upper=upper, tag=tag, platform=platform,  # noqa: E731
                              cache_dir=cache_dir)
     if foreground:
@@ -221,13 +219,6 @@ def check_mountpoint(mountpoint: str, allow_nonempty: bool) -> None:
     if os.geteuid() != 0 and not os.access(mountpoint, os.W_OK):
         raise MountError(f"{mountpoint}: no permission to use it as a mount point",
                          errno.EACCES)
-
-
-def check_upper_support(upper) -> None:
-    from . import fs as layerfs_fs
-    if upper is not None and "upper" not in inspect.signature(layerfs_fs.open).parameters:
-        raise MountError("this layerfs cannot mount writable yet (no upper layer support)",
-                         errno.ENOTSUP)
 
 
 def mount_type(path: str) -> Optional[str]:
