@@ -1,0 +1,145 @@
+"""The adapter's translations, called directly (no mount), and the option rules."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+
+import pytest
+
+from layerfs import mount as layerfs_mount
+from layerfs.errors import MountError
+from mount_helpers import requires_fuse
+
+pytestmark = [pytest.mark.mount, requires_fuse]
+
+
+@pytest.fixture
+def adapter():
+    from layerfs import fuse as adapter
+    return adapter
+
+
+class Exploding:
+    """A filesystem whose every lookup fails as configured."""
+
+    readonly = True
+
+    def __init__(self, error):
+        self.error = error
+
+    def lstat(self, path):
+        raise self.error
+
+
+def test_oserror_answers_its_errno(adapter):
+    operations = adapter.Operations(Exploding(FileNotFoundError(errno.ENOENT, "x", "/a")))
+    with pytest.raises(adapter.fusepy.FuseOSError) as caught:
+        operations("getattr", "/a", None)
+    assert caught.value.errno == errno.ENOENT
+
+
+def test_unexpected_exception_is_logged_and_answers_eio(adapter, caplog):
+    operations = adapter.Operations(Exploding(ValueError("bug")))
+    with caplog.at_level(logging.ERROR, logger="layerfs.fuse"):
+        with pytest.raises(adapter.fusepy.FuseOSError) as caught:
+            operations("getattr", "/a", None)
+    assert caught.value.errno == errno.EIO
+    record = next(r for r in caplog.records if r.name == "layerfs.fuse")
+    assert record.exc_info is not None and "bug" in str(record.exc_info[1])
+
+
+def test_oserror_without_errno_answers_eio(adapter, caplog):
+    operations = adapter.Operations(Exploding(OSError("no errno")))
+    with caplog.at_level(logging.ERROR, logger="layerfs.fuse"):
+        with pytest.raises(adapter.fusepy.FuseOSError) as caught:
+            operations("getattr", "/a", None)
+    assert caught.value.errno == errno.EIO
+
+
+def test_read_only_facade_answers_erofs_and_enodata(adapter, sample_fs):
+    operations = adapter.Operations(sample_fs)
+    for op, args in [("setxattr", ("/attrs", "user.x", b"v", 0)),
+                     ("removexattr", ("/attrs", "user.comment")),
+                     ("mkdir", ("/new", 0o755)), ("unlink", ("/etc/passwd",))]:
+        with pytest.raises(adapter.fusepy.FuseOSError) as caught:
+            operations(op, *args)
+        assert caught.value.errno == errno.EROFS, op
+    with pytest.raises(adapter.fusepy.FuseOSError) as caught:
+        operations("getxattr", "/attrs", "user.missing")
+    assert caught.value.errno == errno.ENODATA
+
+
+def test_every_xattr_operation_is_defined(adapter):
+    # An undefined one would answer ENOSYS and the kernel would stop asking.
+    for name in ("getxattr", "setxattr", "listxattr", "removexattr"):
+        assert getattr(adapter.Operations, name) is not getattr(adapter.fusepy.Operations, name)
+
+
+def test_stat_attrs_are_nanoseconds(adapter, sample_fs):
+    attrs = adapter.stat_to_attrs(sample_fs.lstat("/bin/tool"))
+    assert attrs["st_mtime"] == sample_fs.lstat("/bin/tool").st_mtime_ns
+    assert attrs["st_ino"] == sample_fs.lstat("/bin/tool-link").st_ino
+    assert attrs["st_blocks"] == (attrs["st_size"] + 511) // 512
+
+
+def test_paths_codec_round_trips_undecodable_bytes(adapter):
+    raw = b"caf\xe9/\xff"
+    assert raw.decode(adapter.PATH_ENCODING).encode(adapter.PATH_ENCODING) == raw
+    assert raw.decode(adapter.PATH_ENCODING) == os.fsdecode(raw)
+
+
+# -- options -------------------------------------------------------------
+
+def test_options_are_parsed_and_forced():
+    parsed = layerfs_mount.parse_options(["ro,allow_other", "attr_timeout=5", ""])
+    assert parsed == {"ro": True, "allow_other": True, "attr_timeout": "5"}
+    options = layerfs_mount.mount_options(readonly=False, user_options={"nodev": False})
+    assert options["nodev"] is True and options["nosuid"] is True
+    assert options["fsname"] == "layerfs" and options["subtype"] == "layerfs"
+
+
+def test_caching_depends_on_writability():
+    readonly = layerfs_mount.mount_options(True, {})
+    writable = layerfs_mount.mount_options(False, {})
+    assert readonly["kernel_cache"] and readonly["ro"]
+    assert int(readonly["attr_timeout"]) > 0
+    assert "kernel_cache" not in writable and "ro" not in writable
+    for key in ("entry_timeout", "attr_timeout", "negative_timeout"):
+        assert writable[key] == "0"
+    assert layerfs_mount.mount_options(True, {"attr_timeout": "1"})["attr_timeout"] == "1"
+
+
+@pytest.mark.parametrize("option", ["dev", "suid", "rw,suid"])
+def test_refused_options(option):
+    with pytest.raises(MountError) as caught:
+        layerfs_mount.parse_options([option])
+    assert caught.value.errno == errno.EINVAL
+
+
+def test_mountinfo_escapes():
+    assert layerfs_mount.unescape_mountinfo(r"/mnt/a\040b\134c") == "/mnt/a b\\c"
+
+
+def test_missing_device_is_a_mount_error(tmp_path):
+    with pytest.raises(MountError) as caught:
+        layerfs_mount.check_device(str(tmp_path / "fuse"))
+    assert caught.value.errno == errno.ENODEV
+    assert "fuse" in str(caught.value)
+
+
+def test_missing_libfuse_is_a_mount_error(monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+
+    def failing_import(name, *args, **kwargs):
+        if name == "fuse":
+            raise OSError("Unable to find libfuse")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", failing_import)
+    with pytest.raises(MountError) as caught:
+        layerfs_mount.load_fuse()
+    assert caught.value.errno == errno.ENOPKG
+    assert "libfuse" in str(caught.value)
