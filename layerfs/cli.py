@@ -16,6 +16,8 @@ import stat as _stat
 import sys
 from typing import Optional, Sequence
 
+import attrs
+
 from . import fs as layerfs_fs
 from .errors import ImageError
 
@@ -234,6 +236,42 @@ def cmd_export(args) -> int:
     return 0
 
 
+def open_with_upper(args):
+    progress = ProgressBar("indexing")
+    try:
+        return layerfs_fs.open(image_source(args.image), upper=args.upper, tag=args.tag,
+                               platform=args.platform, cache=cache_from(args),
+                               progress=progress)
+    finally:
+        progress.finish()
+
+
+def cmd_diff(args) -> int:
+    with open_with_upper(args) as fs:
+        changes = fs.diff()
+    if args.json:
+        print(json.dumps([attrs.asdict(change) for change in changes], indent=2))
+        return 0
+    letters = {"added": "A", "modified": "C", "deleted": "D"}
+    for change in changes:
+        print(f"{letters[change.change]} {change.path}")
+    return 0
+
+
+def cmd_commit(args) -> int:
+    from .commit import commit
+    with open_with_upper(args) as fs:
+        progress = ProgressBar("committing")
+        try:
+            compression = None if args.compression == "none" else args.compression
+            result = commit(fs, args.dest, compression=compression, tag=args.tag_new,
+                            message=args.message, progress=progress)
+        finally:
+            progress.finish()
+    print(result.manifest_digest)
+    return 0
+
+
 def cmd_mount(args) -> int:
     from .mount import mount
     mount(image_source(args.image), args.mountpoint, upper=args.upper,
@@ -260,10 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
 
-    def command(name, function, help_text):
+    def command(name, function, help_text, tag_option="--tag"):
         sub = commands.add_parser(name, help=help_text, description=help_text)
         sub.set_defaults(function=function)
-        sub.add_argument("--tag", help="choose the manifest with this tag")
+        sub.add_argument(tag_option, dest="tag", metavar="T",
+                         help="choose the image's manifest with this tag")
         sub.add_argument("--platform", help="choose the manifest for OS/ARCH[/VARIANT] "
                                             "(default: this machine's)")
         sub.add_argument("--cache-dir", help="index cache directory (default: "
@@ -296,6 +335,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--compression", choices=["gzip", "zstd"])
     sub.add_argument("image", nargs="+", metavar="IMAGE")
     sub.add_argument("out", metavar="OUT.tar")
+
+    sub = command("diff", cmd_diff, "list what an upper directory changes in the image")
+    sub.add_argument("--json", action="store_true")
+    sub.add_argument("image", nargs="+", metavar="IMAGE")
+    sub.add_argument("upper", metavar="UPPER")
+
+    sub = command("commit", cmd_commit, "write an upper directory as a new layer and image "
+                                        "(an OCI layout at DEST)", tag_option="--from-tag")
+    sub.add_argument("--tag", dest="tag_new", metavar="T", help="tag of the new image")
+    sub.add_argument("--compression", choices=["zstd", "gzip", "none"], default="zstd",
+                     type=str.lower)
+    sub.add_argument("-m", "--message", help="a comment for the image history")
+    sub.add_argument("image", nargs="+", metavar="IMAGE")
+    sub.add_argument("upper", metavar="UPPER")
+    sub.add_argument("dest", metavar="DEST")
 
     sub = command("mount", cmd_mount, "mount the image with FUSE (read-only, or "
                                       "copy-on-write with --upper)")

@@ -121,15 +121,19 @@ class _Chunks:
         return data
 
 
-def write_tree(writer: LayerTarWriter, items: Iterable[tuple[str, Node]],
+def write_tree(writer: LayerTarWriter, items: Iterable[tuple[str, Optional[Node]]],
                read: Callable[[Node, int, int], bytes],
                progress: Optional[Callable[[int, int], None]] = None,
                total: int = 0) -> None:
-    """Write (path, node) pairs, parents before children as given; the
-    second and later names of one inode become hardlinks to the first."""
+    """Write (path, node) pairs, parents before children as given; a node of
+    None writes a marker file.  The second and later names of one inode
+    become hardlinks to the first."""
     first_name: dict[int, str] = {}
     done = 0
     for path, node in items:
+        if node is None:
+            writer.add_marker(path)
+            continue
         if node.children is None and node.nlink > 1:
             earlier = first_name.get(node.ino)
             if earlier is not None:

@@ -1,0 +1,94 @@
+"""Committing the upper layer: a new OCI layer, and an image that ends with it.
+
+The layer holds every inode the upper layer changed (``origin`` other than
+lower), each with all its names (hardlinks kept), and the whiteout and opaque
+markers of ``diff/``; entries are sorted by path, so the same upper gives the
+same bytes.  A metacopy file (only its metadata changed) is written whole,
+its data read from the lower layer.  The image is written by
+:func:`layerfs.imagewrite.write_oci_layout`, sharing the base image's blobs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+from typing import Optional
+
+import attrs
+
+from . import whiteout
+from .errors import ReadOnlyError
+from .imagewrite import write_oci_layout
+from .tarwrite import LayerTarWriter, write_tree
+from .union import ORIGIN_LOWER
+from .upper import diff_path
+
+
+@attrs.frozen
+class CommitResult:
+    """What :func:`commit` wrote."""
+
+    dest: str
+    manifest_digest: str
+    layer_path: str      # the new layer's blob inside *dest*
+
+
+def changeset(fs) -> list:
+    """The upper layer as sorted ``(path, node)`` pairs, ``node`` None for a
+    marker."""
+    upper = fs.upper
+    items = [(path, node) for path, node in fs.tree.nodes.items()
+             if node.origin != ORIGIN_LOWER]
+    prefix = len(diff_path("/"))
+    for host_path, _ in upper.host.walk(diff_path("/")):
+        if whiteout.is_marker_name(os.path.basename(host_path)):
+            items.append((host_path[prefix:], None))
+    items.sort(key=lambda item: item[0])
+    return items
+
+
+def write_layer(fs, stream, compression: Optional[str] = "zstd", progress=None) -> None:
+    """Write the upper layer of *fs* as a layer tar to *stream*."""
+    items = changeset(fs)
+    total = sum(node.size for _, node in items if node is not None and node.children is None)
+    writer = LayerTarWriter(stream, compression)
+    write_tree(writer, items, fs.read_node, progress, total)
+    writer.close()
+
+
+def commit(fs, dest, *, compression: Optional[str] = "zstd", tag: Optional[str] = None,
+           message: Optional[str] = None, progress=None) -> CommitResult:
+    """Write the upper layer of *fs* as a new layer on top of its image,
+    into the OCI layout *dest* (created, or added to), tagged *tag*."""
+    if fs.upper is None:
+        raise ReadOnlyError("<commit: this filesystem has no upper layer>")
+    dest = os.fspath(dest)
+    os.makedirs(dest, exist_ok=True)
+    temporary = os.path.join(dest, f".layerfs-commit-{os.getpid()}.tmp")
+    created = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    history = {"created": created, "created_by": "layerfs commit"}
+    if message:
+        history["comment"] = message
+    try:
+        with fs.upper.lock, open(temporary, "wb") as stream:
+            write_layer(fs, stream, compression, progress)
+            stream.flush()
+            os.fsync(stream.fileno())
+        digest = write_oci_layout(dest, [temporary], base=fs.image, tag=tag,
+                                  history=[history])
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+    return CommitResult(dest, digest, layer_blob_path(dest, digest))
+
+
+def layer_blob_path(dest: str, manifest_digest: str) -> str:
+    """The path of the top layer's blob of the manifest *manifest_digest*."""
+    algorithm, _, hex_digest = manifest_digest.partition(":")
+    with open(os.path.join(dest, "blobs", algorithm, hex_digest), "rb") as stream:
+        manifest = json.load(stream)
+    top = manifest["layers"][-1]["digest"]
+    algorithm, _, hex_digest = top.partition(":")
+    return os.path.join(dest, "blobs", algorithm, hex_digest)
