@@ -272,6 +272,12 @@ def cmd_commit(args) -> int:
     return 0
 
 
+def cmd_example(args) -> int:
+    from .example import build_example
+    print(build_example(args.dest))
+    return 0
+
+
 def cmd_mount(args) -> int:
     from .mount import mount
     mount(image_source(args.image), args.mountpoint, upper=args.upper,
@@ -350,6 +356,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("image", nargs="+", metavar="IMAGE")
     sub.add_argument("upper", metavar="UPPER")
     sub.add_argument("dest", metavar="DEST")
+
+    sub = commands.add_parser("example", help="write a small example image (an OCI layout)",
+                              description="write a small example image (an OCI layout)")
+    sub.set_defaults(function=cmd_example)
+    sub.add_argument("dest", metavar="DIR")
 
     sub = command("mount", cmd_mount, "mount the image with FUSE (read-only, or "
                                       "copy-on-write with --upper)")
