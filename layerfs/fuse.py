@@ -75,9 +75,6 @@ class Operations(fusepy.Operations):
     """
 
     use_ns = True
-    # Operations on an open handle may come without a path (the file was
-    # removed while open: the ``hard_remove`` option); handles need none.
-    flag_nullpath_ok = True
 
     def __init__(self, fs, on_ready: Optional[Callable[[], None]] = None):
         self.fs = fs

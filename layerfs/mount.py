@@ -31,8 +31,10 @@ from .errors import MountError
 # lookup and getattr reaches the filesystem, and pages are dropped on open.
 READONLY_OPTIONS = {"entry_timeout": "86400", "attr_timeout": "86400",
                     "negative_timeout": "86400", "kernel_cache": True}
+# No ``hard_remove``: libfuse 2 then answers fstat() of an unlinked open file
+# with ENOENT; without it, such a file lives on as ``.fuse_hidden*`` until closed.
 WRITABLE_OPTIONS = {"entry_timeout": "0", "attr_timeout": "0", "negative_timeout": "0",
-                    "hard_remove": True, "big_writes": True}
+                    "big_writes": True}
 # Device nodes of an image must never open host devices, nor set-id bits
 # grant anything: always on, and the options that undo them are refused.
 FORCED_OPTIONS = {"nodev": True, "nosuid": True}

@@ -1,0 +1,220 @@
+"""A read-write mount (``--upper``): writes through the mount, never stale,
+kept in the upper layer across remounts."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+import pytest
+
+import layerfs
+from mount_helpers import BIG, is_mounted, requires_fuse, requires_upper, run_cli
+
+pytestmark = [pytest.mark.mount, requires_fuse, requires_upper]
+
+
+@pytest.fixture
+def upper_dir(tmp_path):
+    return str(tmp_path / "upper")
+
+
+@pytest.fixture
+def rw_server(sample_layers, upper_dir, thread_mount):
+    """The sample image mounted writable, served by a thread of this test."""
+    return thread_mount(layerfs.open(sample_layers, upper=upper_dir))
+
+
+@pytest.fixture
+def rw(rw_server):
+    return rw_server.mountpoint
+
+
+def remount(sample_layers, upper_dir, server, thread_mount):
+    """Unmount, wait until the server has flushed and closed, mount again."""
+    server.stop()
+    assert not is_mounted(server.mountpoint)
+    return thread_mount(layerfs.open(sample_layers, upper=upper_dir)).mountpoint
+
+
+def test_mount_is_writable_and_uncached(rw):
+    with open("/proc/self/mountinfo", encoding="utf-8") as info:
+        line = next(line for line in info if line.split()[4] == rw)
+    options = line.split()[5].split(",")
+    assert "rw" in options and "nodev" in options and "nosuid" in options
+
+
+def test_create_write_read(rw):
+    with open(f"{rw}/new.txt", "wb") as handle:
+        handle.write(b"hello")
+    with open(f"{rw}/new.txt", "rb") as handle:
+        assert handle.read() == b"hello"
+    assert os.stat(f"{rw}/new.txt").st_size == 5
+
+
+def test_exclusive_create(rw):
+    with pytest.raises(FileExistsError):
+        os.open(f"{rw}/etc/passwd", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+
+
+def test_copy_up_of_a_lower_file(rw):
+    with open(f"{rw}/bin/tool", "r+b") as handle:
+        handle.seek(100_000)
+        handle.write(b"PATCH")
+    with open(f"{rw}/bin/tool", "rb") as handle:
+        data = handle.read()
+    assert data == BIG[:100_000] + b"PATCH" + BIG[100_005:]
+
+
+def test_hardlink_names_see_each_others_writes(rw):
+    with open(f"{rw}/bin/tool", "ab") as handle:
+        handle.write(b"tail")
+    assert os.stat(f"{rw}/bin/tool-link").st_size == len(BIG) + 4
+    with open(f"{rw}/bin/tool-link", "rb") as handle:
+        assert handle.read()[-4:] == b"tail"
+
+
+def test_append_and_truncate(rw):
+    with open(f"{rw}/log", "ab") as handle:
+        handle.write(b"one\n")
+    with open(f"{rw}/log", "ab") as handle:
+        handle.write(b"two\n")
+    os.truncate(f"{rw}/log", 3)
+    with open(f"{rw}/log", "rb") as handle:
+        assert handle.read() == b"one"
+    with open(f"{rw}/log", "r+b") as handle:
+        handle.truncate(1)
+    assert os.stat(f"{rw}/log").st_size == 1
+
+
+def test_directories(rw):
+    os.mkdir(f"{rw}/d", 0o750)
+    assert stat.S_IMODE(os.stat(f"{rw}/d").st_mode) == 0o750 & ~current_umask()
+    os.rmdir(f"{rw}/d")
+    assert not os.path.exists(f"{rw}/d")
+    with pytest.raises(OSError) as caught:
+        os.rmdir(f"{rw}/etc")
+    assert caught.value.errno == errno.ENOTEMPTY
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_rename_file_and_lower_directory(rw):
+    os.rename(f"{rw}/etc/passwd", f"{rw}/etc/passwd.old")
+    assert not os.path.exists(f"{rw}/etc/passwd")
+    os.rename(f"{rw}/bin", f"{rw}/sbin")       # a lower directory: no EXDEV
+    assert sorted(os.listdir(f"{rw}/sbin")) == ["suid", "tool", "tool-link"]
+    with open(f"{rw}/sbin/tool", "rb") as handle:
+        assert handle.read() == BIG
+    assert not os.path.exists(f"{rw}/bin/tool")
+
+
+def test_rename_replaces(rw):
+    with open(f"{rw}/a", "wb") as handle:
+        handle.write(b"A")
+    os.rename(f"{rw}/a", f"{rw}/etc/passwd")
+    with open(f"{rw}/etc/passwd", "rb") as handle:
+        assert handle.read() == b"A"
+
+
+def test_symlink_link_mknod(rw):
+    os.symlink("etc/passwd", f"{rw}/s")
+    assert os.readlink(f"{rw}/s") == "etc/passwd"
+    os.link(f"{rw}/etc/passwd", f"{rw}/p2")
+    assert os.stat(f"{rw}/p2").st_ino == os.stat(f"{rw}/etc/passwd").st_ino
+    assert os.stat(f"{rw}/p2").st_nlink == 2
+    os.mkfifo(f"{rw}/fifo")
+    assert stat.S_ISFIFO(os.stat(f"{rw}/fifo").st_mode)
+
+
+def test_unlink_while_open(rw):
+    with open(f"{rw}/tmp-file", "w+b") as handle:
+        handle.write(b"still here")
+        os.unlink(f"{rw}/tmp-file")
+        assert not os.path.exists(f"{rw}/tmp-file")
+        handle.seek(0)
+        assert handle.read() == b"still here"
+        assert os.fstat(handle.fileno()).st_size == 10
+    # libfuse kept it as .fuse_hidden* while open, and removes it on close.
+    assert not any(name.startswith(".fuse_hidden") for name in os.listdir(rw))
+
+
+def test_temporary_files_work(rw):
+    import tempfile
+    with tempfile.TemporaryFile(dir=rw) as handle:
+        handle.write(b"scratch")
+        handle.seek(0)
+        assert handle.read() == b"scratch"
+
+
+def test_metadata_changes(rw):
+    os.chmod(f"{rw}/etc/passwd", 0o600)
+    os.chown(f"{rw}/etc/passwd", 12, 34)
+    os.utime(f"{rw}/etc/passwd", ns=(1_000_000_001, 2_000_000_002))
+    st = os.stat(f"{rw}/etc/passwd")
+    assert stat.S_IMODE(st.st_mode) == 0o600
+    assert (st.st_uid, st.st_gid) == (12, 34)
+    assert st.st_mtime_ns == 2_000_000_002
+    os.chown(f"{rw}/absolute", 5, 6, follow_symlinks=False)
+    assert os.lstat(f"{rw}/absolute").st_uid == 5
+
+
+def test_xattr_changes(rw):
+    os.setxattr(f"{rw}/attrs", "user.new", b"v")
+    assert os.getxattr(f"{rw}/attrs", "user.new") == b"v"
+    os.removexattr(f"{rw}/attrs", "user.comment")
+    assert "user.comment" not in os.listxattr(f"{rw}/attrs")
+    with pytest.raises(OSError) as caught:
+        os.removexattr(f"{rw}/attrs", "user.comment")
+    assert caught.value.errno == errno.ENODATA
+
+
+def test_statfs_is_the_uppers(rw, upper_dir):
+    assert os.statvfs(rw).f_bsize == os.statvfs(upper_dir).f_bsize
+    assert not os.statvfs(rw).f_flag & os.ST_RDONLY
+
+
+def test_no_stale_results_after_writes(rw):
+    # Each check follows a change made through the mount; a cached entry,
+    # attribute or page would show the old answer.
+    assert os.path.exists(f"{rw}/etc/passwd")
+    os.unlink(f"{rw}/etc/passwd")
+    assert not os.path.exists(f"{rw}/etc/passwd")
+    with open(f"{rw}/etc/passwd", "wb") as handle:
+        handle.write(b"x" * 10)
+    assert os.stat(f"{rw}/etc/passwd").st_size == 10
+    os.rename(f"{rw}/etc", f"{rw}/etc2")
+    assert os.stat(f"{rw}/etc2/passwd").st_size == 10
+    assert not os.path.exists(f"{rw}/etc/passwd")
+    os.mkdir(f"{rw}/etc")
+    assert os.listdir(f"{rw}/etc") == []
+
+
+def test_changes_survive_remount(sample_layers, upper_dir, rw_server, thread_mount):
+    rw = rw_server.mountpoint
+    with open(f"{rw}/kept", "wb") as handle:
+        handle.write(b"kept")
+    os.unlink(f"{rw}/etc/passwd")
+    os.rename(f"{rw}/lib", f"{rw}/lib64")
+    mnt = remount(sample_layers, upper_dir, rw_server, thread_mount)
+    with open(f"{mnt}/kept", "rb") as handle:
+        assert handle.read() == b"kept"
+    assert not os.path.exists(f"{mnt}/etc/passwd")
+    assert os.readlink(f"{mnt}/lib64/libx.so") == "libx.so.1"
+    assert not os.path.exists(f"{mnt}/lib")
+
+
+def test_cli_mount_with_upper(sample_layers, mountpoint, upper_dir):
+    result = run_cli("mount", "--upper", upper_dir, *sample_layers, mountpoint)
+    assert result.returncode == 0, result.stderr
+    with open(f"{mountpoint}/from-cli", "wb") as handle:
+        handle.write(b"cli")
+    run_cli("umount", mountpoint, check=True)
+    assert not is_mounted(mountpoint)
+    with layerfs.open(sample_layers, upper=upper_dir) as fs:
+        assert fs.read_bytes("/from-cli") == b"cli"
