@@ -14,6 +14,7 @@ what it wrote becomes the :class:`~layerfs.errors.MountError`.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import logging.handlers
 import os
@@ -65,8 +66,8 @@ def mount(source, mountpoint, *, upper=None, foreground: bool = False,
     load_fuse()
     check_device()
     check_mountpoint(mountpoint, allow_nonempty="nonempty" in user_options)
-    opener = lambda: open_fs(source, upper=upper, tag=tag, platform=platform,  # noqa: E731
-                             cache_dir=cache_dir)
+    opener = functools.partial(open_fs, source, upper=upper, tag=tag, platform=platform,
+                               cache_dir=cache_dir)
     if foreground:
         serve(opener(), mountpoint, user_options)
         return
@@ -257,12 +258,11 @@ def unescape_mountinfo(text: str) -> str:
 
 def open_fs(source, *, upper=None, tag=None, platform=None, cache_dir=None):
     from . import fs as layerfs_fs
-    extra = {"upper": upper} if upper is not None else {}
     cache = None
     if cache_dir is not None:
         from .layer import IndexCache
         cache = IndexCache(cache_dir)
-    return layerfs_fs.open(source, tag=tag, platform=platform, cache=cache, **extra)
+    return layerfs_fs.open(source, tag=tag, platform=platform, cache=cache, upper=upper)
 
 
 def absolute(source):
