@@ -13,6 +13,8 @@ import os
 import tarfile
 import tempfile
 
+import zstandard
+
 from .imagewrite import write_oci_layout
 
 EXAMPLE_TAG = "example"
@@ -66,11 +68,14 @@ def layer_tar(members) -> bytes:
     return buffer.getvalue()
 
 
-def build_example(dest: str) -> str:
-    """Write the example image as an OCI layout at *dest*; returns *dest*."""
-    import zstandard
+def build_example(dest: str, zstd: bool = True) -> str:
+    """Write the example image as an OCI layout at *dest*; returns *dest*.
+
+    The last layer is zstd-compressed unless *zstd* is false (for tools that
+    read only tar and gzip layers, which the OCI spec allows)."""
+    last = layer_tar(LINKS)
     blobs = [layer_tar(BASE), layer_tar(CHANGES),
-             zstandard.ZstdCompressor().compress(layer_tar(LINKS))]
+             zstandard.ZstdCompressor().compress(last) if zstd else last]
     with tempfile.TemporaryDirectory(prefix="layerfs-example-") as scratch:
         paths = []
         for number, blob in enumerate(blobs):

@@ -1,0 +1,44 @@
+"""The module dependency rules, checked by reading imports."""
+
+import ast
+import pathlib
+import subprocess
+import sys
+
+PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "layerfs"
+CORE = {"union", "whiteout", "entry", "errors", "paths"}
+
+
+def imported_modules(module: str) -> set[str]:
+    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:            # from .x import y / from . import x
+                names.update([node.module] if node.module else [a.name for a in node.names])
+            elif node.module and node.module.startswith("layerfs"):
+                names.add(node.module.split(".", 1)[1] if "." in node.module else node.module)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+    return names
+
+
+def test_the_union_core_imports_only_the_core_and_no_io():
+    imports = imported_modules("union")
+    project = {name for name in imports if (PACKAGE / f"{name}.py").exists()}
+    assert project <= CORE
+    assert not imports & {"io", "tarfile", "fuse", "socket", "subprocess", "shutil"}
+
+
+def test_only_the_mount_modules_import_fusepy():
+    for path in PACKAGE.glob("*.py"):
+        if path.stem in ("fuse", "mount"):
+            continue
+        assert "fuse" not in imported_modules(path.stem), path.name
+
+
+def test_import_layerfs_loads_neither_fusepy_nor_hypothesis():
+    code = ("import sys, layerfs, layerfs.fs, layerfs.cli, layerfs.commit; "
+            "print('fuse' in sys.modules, 'hypothesis' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
