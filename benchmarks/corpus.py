@@ -11,7 +11,8 @@ history, so the 1-, 10-, 50- and 100-layer stacks of one seed show the same
 view.
 
 Each layer is written as ``layer-NNN.tar``, ``.tar.gz`` and ``.tar.zst``,
-and the stack as an OCI layout of the gzip blobs (``oci/``).  A *large
+and the stack as three OCI layouts (``oci-tar/``, ``oci-tar.gz/``,
+``oci-tar.zst/``) whose blobs are those files.  A *large
 corpus* is one layer holding one big file, for streaming reads.
 Everything is deterministic: the same arguments give the same bytes.
 """
@@ -288,9 +289,13 @@ class Stack:
     def layer_files(self, compression: str = "tar") -> list[str]:
         return [os.path.join(self.root, f"layer-{i:03d}.{compression}") for i in range(self.depth)]
 
-    @property
-    def oci(self) -> str:
-        return os.path.join(self.root, "oci")
+    def oci(self, compression: str = "tar.gz") -> str:
+        """The stack as an OCI layout whose blobs are the *compression* files."""
+        return os.path.join(self.root, f"oci-{compression}")
+
+    def write_oci(self) -> None:
+        for compression in COMPRESSIONS:
+            write_oci_layout(self.oci(compression), self.layer_files(compression), tag="bench")
 
 
 def _done(root: str) -> bool:
@@ -317,7 +322,7 @@ def write_stack(root: str, view: FinalView, depth: int, seed: int,
         with open(path, "wb") as out:
             write_layer_tar(members, out)
         compress_layer(path)
-    write_oci_layout(stack.oci, stack.layer_files("tar.gz"), tag="bench")
+    stack.write_oci()
     _mark_done(root, {"depth": depth, "seed": seed, "entries": len(view.items)})
     return stack
 
@@ -349,6 +354,7 @@ def write_large(root: str, size: int, seed: int) -> Stack:
         info = _tar_info("large.bin", _Member(FILE, size))
         tar.addfile(info, _Repeat(block, size))
     compress_layer(path)
+    stack.write_oci()
     _mark_done(root, {"size": size, "seed": seed})
     return stack
 

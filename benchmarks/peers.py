@@ -160,6 +160,10 @@ def mount_layerfs(sources: list, mountpoint: str, cache_dir: str, name: str = "l
 def mount_overlay(layers_dir: str, names: list, mountpoint: str) -> Target:
     """Kernel overlayfs; relative lower paths keep the option string short."""
     os.makedirs(mountpoint, exist_ok=True)
+    if len(names) == 1:
+        # A read-only overlay needs two lower directories: add an empty one.
+        os.makedirs(os.path.join(layers_dir, "empty"), exist_ok=True)
+        names = ["empty", *names]
     lower = ":".join(reversed(names))
     start = time.perf_counter()
     run("mount", "-t", "overlay", "overlay", "-o", f"ro,lowerdir={lower}", mountpoint,
