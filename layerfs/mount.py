@@ -9,18 +9,29 @@ streams on ``/dev/null``) and returns only once the mount is ready: until
 then the daemon's stderr is a pipe to the caller, which reads it to the end.
 The daemon closes it when the kernel's ``INIT`` arrives; if it exits first,
 what it wrote becomes the :class:`~layerfs.errors.MountError`.
+
+Whoever serves a mount point (the daemon, ``mount -f``, or :func:`serve`)
+holds an exclusive ``flock`` on a lock file of the runtime directory, named
+after the mount point and holding the server's pid, until the filesystem is
+flushed and closed.  :func:`umount` waits for that lock, so it returns only
+once the server is done; the lock is released by the kernel whenever the
+server dies, so a crashed one never makes it wait.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import functools
+import hashlib
 import logging
 import logging.handlers
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from typing import Callable, Iterable, Optional
 
 from .errors import MountError
@@ -43,6 +54,8 @@ REFUSED_OPTIONS = {"dev", "suid"}
 DEFAULT_OPTIONS = {"fsname": "layerfs", "subtype": "layerfs", "default_permissions": True}
 
 _ERROR_PREFIX = "layerfs-mount-error "
+RUNTIME_DIR_VARIABLE = "LAYERFS_RUNTIME_DIR"
+UMOUNT_TIMEOUT = 60.0
 
 
 def mount(source, mountpoint, *, upper=None, foreground: bool = False,
@@ -74,12 +87,15 @@ def mount(source, mountpoint, *, upper=None, foreground: bool = False,
     _mount_in_background(opener, mountpoint, user_options)
 
 
-def umount(mountpoint) -> None:
+def umount(mountpoint, timeout: float = UMOUNT_TIMEOUT) -> None:
     """Unmount a layerfs (or any FUSE) mount.
 
-    The daemon then flushes and closes its filesystem and exits; this does
-    not wait for it.  Raises :class:`~layerfs.errors.MountError` if
-    *mountpoint* is not a FUSE mount or cannot be unmounted (busy, not yours).
+    Returns once the layerfs process serving it (if any, as found through
+    its lock file) has flushed and closed its filesystem and released the
+    mount point; waits at most *timeout* seconds for that.  Raises
+    :class:`~layerfs.errors.MountError` if *mountpoint* is not a FUSE mount,
+    cannot be unmounted (busy, not yours), or its server is not done in time
+    (``ETIMEDOUT``; the mount is gone by then).
     """
     mountpoint = os.path.abspath(os.fspath(mountpoint))
     fstype = mount_type(mountpoint)
@@ -87,6 +103,18 @@ def umount(mountpoint) -> None:
         raise MountError(f"{mountpoint}: not a mount point", errno.EINVAL)
     if not fstype.startswith("fuse"):
         raise MountError(f"{mountpoint}: not a FUSE mount ({fstype})", errno.EINVAL)
+    # Opened before unmounting: the server may remove the file once done.
+    lock_fd = _open_existing(lock_path(mountpoint))
+    try:
+        _unmount(mountpoint)
+        if lock_fd is not None:
+            _wait_for_server(lock_fd, mountpoint, timeout)
+    finally:
+        if lock_fd is not None:
+            os.close(lock_fd)
+
+
+def _unmount(mountpoint: str) -> None:
     tools = [tool for tool in (["fusermount", "-u"], ["fusermount3", "-u"], ["umount"])
              if shutil.which(tool[0])]
     if not tools:
@@ -106,19 +134,142 @@ def umount(mountpoint) -> None:
     raise MountError(f"{mountpoint}: cannot unmount: {text}", code)
 
 
+def _wait_for_server(lock_fd: int, mountpoint: str, timeout: float) -> None:
+    """Poll the server's lock until it is released (flock has no timeout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        if time.monotonic() > deadline:
+            pid = _read_pid(lock_fd)
+            raise MountError(f"{mountpoint}: unmounted, but its layerfs server (pid {pid}) "
+                             f"has not finished after {timeout:g} s", errno.ETIMEDOUT)
+        time.sleep(0.01)
+
+
+# -- the server's lock file ----------------------------------------------
+
+def runtime_dir() -> str:
+    """Where servers keep their lock files: ``$LAYERFS_RUNTIME_DIR``, else
+    ``$XDG_RUNTIME_DIR/layerfs``, else ``/run/layerfs`` for root, else
+    ``layerfs-UID`` in the temporary directory."""
+    if os.environ.get(RUNTIME_DIR_VARIABLE):
+        return os.environ[RUNTIME_DIR_VARIABLE]
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        return os.path.join(os.environ["XDG_RUNTIME_DIR"], "layerfs")
+    if os.geteuid() == 0 and os.path.isdir("/run"):
+        return "/run/layerfs"
+    return os.path.join(tempfile.gettempdir(), f"layerfs-{os.geteuid()}")
+
+
+def lock_path(mountpoint) -> str:
+    """The lock file of the server of *mountpoint* (an absolute path)."""
+    digest = hashlib.sha256(os.fsencode(os.path.abspath(mountpoint))).hexdigest()
+    return os.path.join(runtime_dir(), f"mount-{digest[:32]}.lock")
+
+
+def server_pid(mountpoint) -> Optional[int]:
+    """The pid of the process serving *mountpoint*, or None when no layerfs
+    process serves it (as seen from this runtime directory)."""
+    fd = _open_existing(lock_path(mountpoint))
+    if fd is None:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return None              # nobody holds it: a leftover
+        except BlockingIOError:
+            return _read_pid(fd)
+    finally:
+        os.close(fd)
+
+
+def acquire_server_lock(mountpoint: str) -> int:
+    """Take the lock of *mountpoint*'s server and write our pid in it;
+    returns its descriptor.  ``EBUSY`` if another process holds it (an
+    earlier server still flushing).  A file removed by the previous holder
+    between our ``open`` and ``flock`` is not the lock any more: try again."""
+    path = lock_path(mountpoint)
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise MountError(f"{mountpoint}: another layerfs process still serves it",
+                             errno.EBUSY) from None
+        if _same_file(fd, path):
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            return fd
+        os.close(fd)
+
+
+def release_server_lock(mountpoint: str, fd: int) -> None:
+    """Remove the lock file, then release the lock by closing it."""
+    try:
+        _remove_lock_file(mountpoint, fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_lock_file(mountpoint: str, fd: int) -> None:
+    if _same_file(fd, lock_path(mountpoint)):
+        os.unlink(lock_path(mountpoint))
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
+
+
+def _open_existing(path: str) -> Optional[int]:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+
+
+def _read_pid(fd: int) -> Optional[int]:
+    text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    return int(text) if text.isdigit() else None
+
+
 def serve(fs, mountpoint, options=None, on_ready: Optional[Callable[[], None]] = None) -> None:
     """Serve the open filesystem *fs* on *mountpoint* in this process until it
     is unmounted; *fs* is closed (after ``sync`` if writable) before returning.
 
     *options* is a dict from :func:`parse_options`.  *on_ready* is called
-    from a FUSE thread once the mount is usable.
+    from a FUSE thread once the mount is usable.  The server's lock (see
+    :func:`umount`) is held from before mounting until *fs* is closed.
     """
+    mountpoint = os.path.abspath(os.fspath(mountpoint))
+    try:
+        lock_fd = acquire_server_lock(mountpoint)
+    except BaseException:
+        fs.close()
+        raise
+    try:
+        _serve_unlocked(fs, mountpoint, options, on_ready)
+    finally:
+        release_server_lock(mountpoint, lock_fd)
+
+
+def _serve_unlocked(fs, mountpoint: str, options, on_ready) -> None:
     from . import fuse as adapter
     fusepy = load_fuse()
     operations = adapter.Operations(fs, on_ready=on_ready)
-    fuse_options = mount_options(operations.readonly, options or {})
     try:
-        fusepy.FUSE(operations, os.fspath(mountpoint), foreground=True, nothreads=False,
+        fuse_options = mount_options(operations.readonly, options or {})
+        fusepy.FUSE(operations, mountpoint, foreground=True, nothreads=False,
                     raw_fi=True, encoding=adapter.PATH_ENCODING, use_ino=True,
                     **fuse_options)
     except RuntimeError as error:
@@ -328,13 +479,20 @@ def _daemon(opener, mountpoint: str, user_options: dict, report_fd: int) -> None
         os.dup2(devnull, 0)
         os.dup2(devnull, 1)
         os.dup2(report_fd, 2)
-        os.close(report_fd)
+        # Without exec, every descriptor of the caller was inherited: keep
+        # none, or a caller's pipe (``$(layerfs mount ...)``) never ends.
+        os.closerange(3, os.sysconf("SC_OPEN_MAX"))
         _log_to_syslog()
 
         def ready() -> None:
-            os.dup2(devnull, 2)      # closes the report pipe: the parent returns
+            os.dup2(0, 2)            # closes the report pipe: the parent returns
 
-        serve(opener(), mountpoint, user_options, on_ready=ready)
+        # Held until exit, so umount returns once this process is done.
+        lock_fd = acquire_server_lock(mountpoint)
+        try:
+            _serve_unlocked(opener(), mountpoint, user_options, ready)
+        finally:
+            _remove_lock_file(mountpoint, lock_fd)
         status = 0
     except OSError as error:
         _report(error)

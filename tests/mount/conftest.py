@@ -18,6 +18,13 @@ def private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LAYERFS_CACHE_DIR", str(tmp_path / "cache"))
 
 
+@pytest.fixture(autouse=True)
+def private_runtime_dir(tmp_path, monkeypatch):
+    """Servers' lock files go to the test's directory, for this process and
+    children (the mount daemons, the CLI)."""
+    monkeypatch.setenv(layerfs_mount.RUNTIME_DIR_VARIABLE, str(tmp_path / "run"))
+
+
 @pytest.fixture
 def sample_layers(tmp_path):
     directory = tmp_path / "layers"
