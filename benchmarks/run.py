@@ -180,7 +180,8 @@ class Runner:
     # -- mounts -------------------------------------------------------
 
     def overlay_layers(self, name: str, stack) -> tuple:
-        dest = os.path.join(self.corpus_dir, "extracted", name)
+        # Beside the corpus it comes from: tree-N-sS/extracted/layers-D.
+        dest = os.path.join(os.path.dirname(stack.root), "extracted", os.path.basename(stack.root))
         return dest, peers.extract_for_overlay(stack.layer_files(), dest)
 
     def mount_targets(self, name: str, stack, final_tree: str) -> list:
@@ -308,6 +309,8 @@ class Runner:
         self.run_large_inprocess()
         self.save()
         if not self.args.no_mount:
+            self.run_debian()
+            self.save()
             final_tree, _ = self.overlay_layers("tree-1", self.corpus.stacks[1])
             final_tree = os.path.join(final_tree, "0")
             for depth in self.size["mount_depths"]:
@@ -316,8 +319,6 @@ class Runner:
                 self.run_ready(f"tree-{depth}", stack)
                 self.save()
             self.run_large_mounts()
-            self.save()
-            self.run_debian()
         self.results["elapsed_s"] = time.time() - started
         self.results["targets"] = report.evaluate(self.results)
         return self.results
