@@ -96,10 +96,6 @@ class Sidecar:
             os.fsync(stream.fileno())
         self.host.rename(temporary, "/" + SIDECAR_FILE)
 
-    def set(self, path: str, **fields) -> None:
-        self.records.setdefault(path, {}).update(fields)
-        self.save()
-
     def forget(self, path: str) -> None:
         """Drop the records of *path* and everything beneath it."""
         gone = [p for p in self.records if is_within(p, path)]
@@ -229,11 +225,16 @@ class Upper:
         self.record_metadata(path, node)
 
     def record_metadata(self, path: str, node: Node) -> None:
-        """Write a metacopy node's (or the root's) metadata to the sidecar."""
-        self.sidecar.set(path, metacopy=True, mode=node.mode & 0o7777,
-                         uid=node.uid, gid=node.gid, atime_ns=node.atime_ns,
-                         mtime_ns=node.mtime_ns,
-                         xattrs={k: v.hex() for k, v in (node.xattrs or {}).items()})
+        """Write a metacopy node's (or the root's) metadata to the sidecar,
+        under every name of the node: records are per path, and any name
+        may be the one that survives."""
+        fields = dict(metacopy=True, mode=node.mode & 0o7777, uid=node.uid, gid=node.gid,
+                      atime_ns=node.atime_ns, mtime_ns=node.mtime_ns,
+                      xattrs={k: v.hex() for k, v in (node.xattrs or {}).items()})
+        names = self.tree.names_of(node) if node.nlink > 1 else [path]
+        for name in names:
+            self.sidecar.records[name] = dict(fields)
+        self.sidecar.save()
 
     def _materialize(self, host_path: str, node: Node) -> None:
         """Create, at *host_path* in the work directory, an entry with
@@ -402,10 +403,10 @@ class Upper:
         for host_path, _ in list(self.host.walk(diff_path(path))):
             if whiteout.is_marker_name(split(host_path)[1]) and host_path != top_marker:
                 self.host.unlink(host_path)
-        for _, child in self.tree.walk_nodes(path):
+        for child_path, child in self.tree.walk_nodes(path):
             if child.children is not None:
                 child.origin = ORIGIN_NEW
-        self.restore_times(path)
+                self.restore_times(child_path)
 
     def store_metadata(self, path: str, node: Node) -> None:
         """Persist *node*'s metadata after a change at *path*."""
@@ -417,10 +418,17 @@ class Upper:
     def lower_mode(self, path: str) -> int:
         return self.lower_paths[path]
 
-    def new_node(self, mode: int) -> Node:
-        stamp = now_ns()
-        node = self.tree.new_node(mode, self.owner[0], self.owner[1], stamp)
-        return node
+    def new_node(self, mode: int, path: str) -> Node:
+        """A new inode for *path*, owned as the kernel would own it: by us,
+        or by the parent's group when the parent is set-group-ID (a new
+        directory then inherits the bit)."""
+        uid, gid = self.owner
+        parent = self.tree.nodes[split(path)[0]]
+        if parent.mode & _stat.S_ISGID:
+            gid = parent.gid
+            if mode & S_IFMT == S_IFDIR:
+                mode |= _stat.S_ISGID
+        return self.tree.new_node(mode, uid, gid, now_ns())
 
 
 def current_umask() -> int:
@@ -499,7 +507,7 @@ def read_diff(upper: Upper) -> tuple[list[Entry], set[str]]:
         xattrs = host.listxattr(host_path) or None
         common = dict(mode=_stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid,
                       mtime_ns=st.st_mtime_ns, xattrs=xattrs)
-        if kind == S_IFREG and st.st_nlink > 1:
+        if kind != S_IFDIR and st.st_nlink > 1:
             key = (st.st_dev, st.st_ino)
             if key in first_name:
                 entries.append(Entry(path, HARDLINK, linkname=first_name[key], **common))

@@ -171,7 +171,7 @@ def _open(fs, path: str, flags: int, mode: int) -> Handle:
 
 
 def create_file(upper: Upper, path: str, mode: int) -> Node:
-    node = upper.new_node(S_IFREG | (mode & 0o7777 & ~upper.umask))
+    node = upper.new_node(S_IFREG | (mode & 0o7777 & ~upper.umask), path)
     node.source = UPPER_SOURCE
     node.data = path
 
@@ -189,7 +189,8 @@ def mkdir(fs, path, mode: int = 0o777) -> None:
     upper = writer(fs, path)
     with upper.lock:
         real = free_name(fs, path)
-        node = upper.new_node(S_IFDIR | (mode & 0o7777 & ~upper.umask))
+        # mkdir(2) takes the permission and sticky bits only.
+        node = upper.new_node(S_IFDIR | (mode & 0o1777 & ~upper.umask), real)
 
         def build(host_path: str) -> None:
             upper.host.mkdir(host_path, 0o700)
@@ -202,7 +203,7 @@ def symlink(fs, target: str, path) -> None:
     upper = writer(fs, path)
     with upper.lock:
         real = free_name(fs, path)
-        node = upper.new_node(S_IFLNK | 0o777)
+        node = upper.new_node(S_IFLNK | 0o777, real)
         node.target = target
         node.size = len(encode_name(target))
 
@@ -225,7 +226,7 @@ def mknod(fs, path, mode: int = 0o600, device: int = 0) -> None:
             raise path_error(errno.EINVAL, os.fspath(path))
         if kind != _stat.S_IFIFO and not upper.is_root:
             raise path_error(errno.EPERM, os.fspath(path))
-        node = upper.new_node(kind | (mode & 0o7777 & ~upper.umask))
+        node = upper.new_node(kind | (mode & 0o7777 & ~upper.umask), real)
         node.rdev = device if kind in (_stat.S_IFCHR, _stat.S_IFBLK) else 0
 
         def build(host_path: str) -> None:
@@ -240,9 +241,9 @@ def link(fs, source, destination) -> None:
     upper = writer(fs, destination)
     with upper.lock:
         source_real, node = existing(fs, source, follow=False)
+        real = free_name(fs, destination)       # EEXIST before EPERM, as link(2)
         if node.children is not None:
             raise path_error(errno.EPERM, os.fspath(source))
-        real = free_name(fs, destination)
         upper.copy_up(source_real, node, with_data=True)
         upper.copy_up_parent(real)
         upper.host.link(diff_path(source_real), diff_path(real))
@@ -280,15 +281,20 @@ def rename(fs, source, destination) -> None:
     """``os.replace`` for the view: files and directories, lower ones too."""
     upper = writer(fs, source)
     with upper.lock:
-        source_real, node = existing(fs, source, follow=False)
+        # rename(2)'s order: both parents, then "/" (busy), then the names.
+        source_real, node = fs.tree.resolve(os.fspath(source), False)
         destination_real, target = fs.tree.resolve(os.fspath(destination), False)
         if source_real == "/" or destination_real == "/":
             raise path_error(errno.EBUSY, os.fspath(source))
+        if node is None:
+            raise path_error(errno.ENOENT, os.fspath(source))
         if target is node:
             return
+        if is_within(destination_real, source_real):
+            raise path_error(errno.EINVAL, os.fspath(destination))
+        if is_within(source_real, destination_real):
+            raise path_error(errno.ENOTEMPTY, os.fspath(destination))
         if node.children is not None:
-            if is_within(destination_real, source_real):
-                raise path_error(errno.EINVAL, os.fspath(destination))
             if target is not None and target.children is None:
                 raise path_error(errno.ENOTDIR, os.fspath(destination))
             if target is not None and target.children:
@@ -313,6 +319,12 @@ def chown(fs, path, uid: int, gid: int, *, follow_symlinks: bool = True) -> None
             node.uid = uid
         if gid != -1:
             node.gid = gid
+        if node.children is None and not node.is_symlink:
+            # As chown(2): a changed owner drops set-user-ID, and set-group-ID
+            # when group execution is on (else the bit means mandatory locking).
+            node.mode &= ~_stat.S_ISUID
+            if node.mode & _stat.S_IXGRP:
+                node.mode &= ~_stat.S_ISGID
     change_metadata(fs, path, follow_symlinks, change)
 
 
@@ -332,25 +344,32 @@ def utime(fs, path, times=None, *, ns=None, follow_symlinks: bool = True) -> Non
 def setxattr(fs, path, attribute: str, value: bytes, flags: int = 0, *,
              follow_symlinks: bool = True) -> None:
     def change(node: Node) -> None:
+        check_xattr_allowed(node, attribute, path)
         present = attribute in (node.xattrs or {})
         if flags & os.XATTR_CREATE and present:
             raise path_error(errno.EEXIST, os.fspath(path))
         if flags & os.XATTR_REPLACE and not present:
             raise path_error(errno.ENODATA, os.fspath(path))
-        if node.mode & S_IFMT == S_IFLNK and attribute.startswith("user."):
-            raise path_error(errno.EPERM, os.fspath(path))
         node.xattrs = {**(node.xattrs or {}), attribute: bytes(value)}
     change_metadata(fs, path, follow_symlinks, change)
 
 
 def removexattr(fs, path, attribute: str, *, follow_symlinks: bool = True) -> None:
     def change(node: Node) -> None:
+        check_xattr_allowed(node, attribute, path)
         if attribute not in (node.xattrs or {}):
             raise path_error(errno.ENODATA, os.fspath(path))
         remaining = dict(node.xattrs)
         del remaining[attribute]
         node.xattrs = remaining or None
     change_metadata(fs, path, follow_symlinks, change)
+
+
+def check_xattr_allowed(node: Node, attribute: str, path) -> None:
+    """Linux allows user.* attributes on regular files and directories only."""
+    kind = node.mode & S_IFMT
+    if attribute.startswith("user.") and kind not in (S_IFREG, S_IFDIR):
+        raise path_error(errno.EPERM, os.fspath(path))
 
 
 def change_metadata(fs, path, follow_symlinks: bool, change) -> None:
@@ -375,6 +394,8 @@ def change_metadata(fs, path, follow_symlinks: bool, change) -> None:
 
 
 def truncate(fs, path, length: int) -> None:
+    if length < 0:          # checked before the path, as truncate(2)
+        raise path_error(errno.EINVAL, os.fspath(path))
     handle = open_handle(fs, path, os.O_WRONLY)
     try:
         handle.truncate(length)
