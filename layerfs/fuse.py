@@ -60,6 +60,19 @@ def stat_to_attrs(st: os.stat_result) -> dict:
     }
 
 
+# The kernel hands POSIX ACLs of a FUSE mount to the filesystem as these
+# xattrs, and applies nothing itself.  Stored as plain xattrs they would
+# claim success while the mode bits stayed unchanged: ``cp -a`` and ``tar``
+# set a file's permissions with one of them and then skip chmod.  Refused
+# with ENOTSUP, callers fall back to chmod, as on a filesystem without ACLs.
+ACL_XATTRS = frozenset({"system.posix_acl_access", "system.posix_acl_default"})
+
+
+def refuse_acl(name: str) -> None:
+    if name in ACL_XATTRS:
+        raise fusepy.FuseOSError(errno.ENOTSUP)
+
+
 def statvfs_to_attrs(sv: os.statvfs_result) -> dict:
     return {key: getattr(sv, key) for key in (
         "f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail",
@@ -158,9 +171,11 @@ class Operations(fusepy.Operations):
         return self.fs.getxattr(path, name, follow_symlinks=False)
 
     def setxattr(self, path, name, value, options, *position):
+        refuse_acl(name)
         self.fs.setxattr(path, name, value, options, follow_symlinks=False)
 
     def removexattr(self, path, name):
+        refuse_acl(name)
         self.fs.removexattr(path, name, follow_symlinks=False)
 
     # -- open files -----------------------------------------------------

@@ -9,7 +9,7 @@ import pytest
 
 import layerfs
 from layerfs import mount as layerfs_mount
-from mount_helpers import ThreadMount, force_unmount, write_sample_layers
+from mount_helpers import ThreadMount, extract_view, force_unmount, write_sample_layers
 
 
 @pytest.fixture(autouse=True)
@@ -51,6 +51,22 @@ def mounted(sample_layers, mountpoint, tmp_path):
     """The sample image mounted read-only by a background daemon."""
     layerfs_mount.mount(sample_layers, mountpoint, cache_dir=str(tmp_path / "cache"))
     yield mountpoint
+
+
+@pytest.fixture
+def rw_mounted(sample_layers, mountpoint, tmp_path):
+    """The sample image mounted read-write (upper in tmp_path/upper) by a
+    background daemon, as ``layerfs mount --upper`` does."""
+    layerfs_mount.mount(sample_layers, mountpoint, upper=str(tmp_path / "upper"),
+                        cache_dir=str(tmp_path / "cache"))
+    yield mountpoint
+
+
+@pytest.fixture
+def local_copy(sample_fs, tmp_path):
+    """A plain local directory holding the sample image, extracted."""
+    from layerfs.testing.view import snapshot
+    return extract_view(snapshot(sample_fs), str(tmp_path / "local"))
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tarfile
@@ -170,3 +171,61 @@ def run_cli(*arguments, check=False, **kwargs):
     return subprocess.run([sys.executable, "-m", "layerfs.cli", *arguments], env=env,
                           capture_output=True, text=True, check=check, timeout=60,
                           stdin=subprocess.DEVNULL, **kwargs)
+
+
+# -- a local directory to compare with ---------------------------------
+
+def extract_view(view: dict, dest: str) -> str:
+    """Create *view* (``{path: ModelNode}``, from
+    :func:`layerfs.testing.view.snapshot`) as a real tree at *dest*: the
+    plain local directory that differential tests run the same commands on.
+    Needs root (owners, device nodes)."""
+    from layerfs.testing import layers as L
+    os.makedirs(dest, exist_ok=True)
+    for path in sorted(view):                    # parents before children
+        node, host = view[path], dest + path if path != "/" else dest
+        first = min(node.link_group) if node.link_group else path
+        if first != path:
+            os.link(dest + first, host)
+            continue
+        if node.kind == L.DIR:
+            os.makedirs(host, exist_ok=True)
+        elif node.kind == L.FILE:
+            with open(host, "wb") as handle:
+                handle.write(node.content)
+        elif node.kind == L.SYMLINK:
+            os.symlink(node.target, host)
+        elif node.kind == L.FIFO:
+            os.mkfifo(host)
+        else:
+            kind = stat.S_IFCHR if node.kind == L.CHARDEV else stat.S_IFBLK
+            os.mknod(host, kind | 0o600, os.makedev(*node.rdev))
+        for name, value in node.xattrs:
+            os.setxattr(host, name, value, follow_symlinks=False)
+        os.chown(host, node.uid, node.gid, follow_symlinks=False)
+        if node.kind != L.SYMLINK:
+            os.chmod(host, node.mode)            # after chown, which clears set-id bits
+    for path in sorted(view, reverse=True):      # children first: dirs keep their mtime
+        host = dest + path if path != "/" else dest
+        os.utime(host, ns=(view[path].mtime_ns, view[path].mtime_ns), follow_symlinks=False)
+    return dest
+
+
+RECENT_NS = (MTIME + 86_400) * 10**9
+
+
+def comparable(view: dict) -> dict:
+    """*view* with every recent mtime (set by the clock while a test ran)
+    replaced by 0; old ones (the image's, or set explicitly by a test) stay,
+    so a time that should have changed and did not still shows.  Symlink
+    modes are dropped: the mount shows the image's, Linux always 0777."""
+    import attrs
+    from layerfs.testing import layers as L
+    return {path: attrs.evolve(node, mtime_ns=0 if node.mtime_ns >= RECENT_NS else node.mtime_ns,
+                               mode=0o777 if node.kind == L.SYMLINK else node.mode)
+            for path, node in view.items()}
+
+
+def assert_same_tree(expected_dir: str, actual_dir: str) -> None:
+    from layerfs.testing.view import assert_views_equal, snapshot
+    assert_views_equal(comparable(snapshot(expected_dir)), comparable(snapshot(actual_dir)))

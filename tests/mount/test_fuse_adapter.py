@@ -143,3 +143,15 @@ def test_missing_libfuse_is_a_mount_error(monkeypatch):
         layerfs_mount.load_fuse()
     assert caught.value.errno == errno.ENOPKG
     assert "libfuse" in str(caught.value)
+
+
+@pytest.mark.parametrize("name", ["system.posix_acl_access", "system.posix_acl_default"])
+def test_acl_xattrs_are_refused_so_callers_chmod(adapter, sample_fs, name):
+    # Stored as plain xattrs they would "succeed" and leave the mode alone
+    # (cp -a made 0600 files that way); ENOTSUP makes cp and tar chmod.
+    operations = adapter.Operations(sample_fs)
+    for call in (lambda: operations("setxattr", "/etc/passwd", name, b"\2\0\0\0", 0),
+                 lambda: operations("removexattr", "/etc/passwd", name)):
+        with pytest.raises(OSError) as caught:
+            call()
+        assert caught.value.errno == errno.ENOTSUP
