@@ -1,0 +1,160 @@
+"""POSIX details through a read-write mount: open flags, renames over files,
+unlinked open files, inode numbers, a large directory, statfs, fsync."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+
+from mount_helpers import requires_fuse, requires_upper
+
+pytestmark = [pytest.mark.mount, requires_fuse, requires_upper]
+
+
+def errno_of(call) -> int:
+    with pytest.raises(OSError) as caught:
+        call()
+    return caught.value.errno
+
+
+@pytest.mark.parametrize("path, flags, expected", [
+    ("etc/passwd", os.O_RDONLY | os.O_DIRECTORY, errno.ENOTDIR),
+    ("lib/libx.so", os.O_RDONLY | os.O_NOFOLLOW, errno.ELOOP),
+    ("dangling", os.O_RDONLY | os.O_NOFOLLOW, errno.ELOOP),
+    ("dangling", os.O_RDONLY, errno.ENOENT),
+    ("etc", os.O_WRONLY, errno.EISDIR),
+    ("etc/passwd/x", os.O_RDONLY, errno.ENOTDIR),
+    ("etc/passwd", os.O_WRONLY | os.O_CREAT | os.O_EXCL, errno.EEXIST),
+    ("dangling", os.O_WRONLY | os.O_CREAT | os.O_EXCL, errno.EEXIST),
+])
+def test_open_errnos_match_a_local_directory(rw_mounted, local_copy, path, flags, expected):
+    for root in (rw_mounted, local_copy):
+        assert errno_of(lambda: os.open(f"{root}/{path}", flags, 0o644)) == expected, root
+
+
+def test_o_directory_and_o_nofollow_succeed_where_they_should(rw_mounted):
+    os.close(os.open(f"{rw_mounted}/etc", os.O_RDONLY | os.O_DIRECTORY))
+    os.close(os.open(f"{rw_mounted}/etc/passwd", os.O_RDONLY | os.O_NOFOLLOW))
+    # Creating through a dangling symlink creates its target, as on Linux.
+    os.close(os.open(f"{rw_mounted}/dangling", os.O_WRONLY | os.O_CREAT, 0o644))
+    assert os.path.isfile(f"{rw_mounted}/nowhere")
+
+
+def test_rename_over_an_existing_file(rw_mounted):
+    with open(f"{rw_mounted}/new", "wb") as handle:
+        handle.write(b"new")
+    reader = os.open(f"{rw_mounted}/etc/passwd", os.O_RDONLY)
+    try:
+        os.rename(f"{rw_mounted}/new", f"{rw_mounted}/etc/passwd")
+        # The replaced file stays readable through the descriptor opened before.
+        assert os.pread(reader, 100, 0) == b"root:x:0:0::/root:/bin/bash\n"
+    finally:
+        os.close(reader)
+    with open(f"{rw_mounted}/etc/passwd", "rb") as handle:
+        assert handle.read() == b"new"
+    assert not os.path.exists(f"{rw_mounted}/new")
+
+
+@pytest.mark.parametrize("source, destination", [
+    ("etc/passwd", "etc"), ("etc/passwd", "bin"), ("etc", "bin"), ("etc", "etc/passwd"),
+    ("etc", "etc/sub"), ("missing", "x"), ("etc/passwd", "etc/passwd/x"),
+])
+def test_rename_errnos_match_a_local_directory(rw_mounted, local_copy, source, destination):
+    found = [errno_of(lambda: os.rename(f"{root}/{source}", f"{root}/{destination}"))
+             for root in (rw_mounted, local_copy)]
+    assert found[0] == found[1]
+
+
+@pytest.mark.parametrize("path", ["fresh", "etc/passwd"])
+def test_unlinked_open_file_stays_readable_and_writable(rw_mounted, path):
+    full = f"{rw_mounted}/{path}"
+    fd = os.open(full, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.pwrite(fd, b"HEAD", 0)
+        os.unlink(full)
+        assert not os.path.exists(full)
+        os.pwrite(fd, b"-after-unlink", 4)
+        assert os.pread(fd, 17, 0) == b"HEAD-after-unlink"
+        assert os.fstat(fd).st_size >= 17
+        os.ftruncate(fd, 4)
+        assert os.fstat(fd).st_size == 4
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert not os.path.exists(full)
+    assert not [name for name in os.listdir(os.path.dirname(full))
+                if name.startswith(".fuse_hidden")]
+
+
+def test_inode_numbers_are_stable_and_shared_by_hardlinks(rw_mounted):
+    tool, link = f"{rw_mounted}/bin/tool", f"{rw_mounted}/bin/tool-link"
+    before = os.stat(tool).st_ino
+    assert os.stat(tool).st_ino == before == os.stat(link).st_ino
+    with open(link, "ab") as handle:          # copies the file up
+        handle.write(b"!")
+    after = {os.stat(tool).st_ino, os.stat(link).st_ino, os.stat(tool).st_ino}
+    assert len(after) == 1
+    assert os.stat(tool).st_nlink == 2
+    os.link(tool, f"{rw_mounted}/third")
+    assert os.stat(f"{rw_mounted}/third").st_ino == os.stat(tool).st_ino
+    assert os.stat(tool).st_nlink == 3
+    os.rename(f"{rw_mounted}/third", f"{rw_mounted}/etc/third")
+    assert os.stat(f"{rw_mounted}/etc/third").st_ino == os.stat(link).st_ino
+    inodes = {os.lstat(os.path.join(top, name)).st_ino
+              for top, dirs, files in os.walk(rw_mounted) for name in dirs + files}
+    paths = sum(len(dirs) + len(files) for _, dirs, files in os.walk(rw_mounted))
+    assert len(inodes) == paths - 2           # tool-link and etc/third share tool's
+
+
+def test_large_directory_listing(rw_mounted):
+    big = f"{rw_mounted}/big"
+    os.mkdir(big)
+    names = set()
+    for number in range(5000):
+        name = f"entry-{number:05d}"
+        if number % 3 == 0:
+            os.mkdir(f"{big}/{name}")
+        elif number % 3 == 1:
+            os.close(os.open(f"{big}/{name}", os.O_CREAT | os.O_WRONLY, 0o644))
+        else:
+            os.symlink("target", f"{big}/{name}")
+        names.add(name)
+    with os.scandir(big) as scan:
+        entries = [(entry.name, entry.is_dir(follow_symlinks=False),
+                    entry.is_symlink(), entry.inode()) for entry in scan]
+    assert len(entries) == 5000 and {entry[0] for entry in entries} == names
+    for name, is_dir, is_symlink, inode in entries:
+        number = int(name.split("-")[1])
+        assert (is_dir, is_symlink) == (number % 3 == 0, number % 3 == 2), name
+        assert inode == os.lstat(f"{big}/{name}").st_ino
+    assert len({entry[3] for entry in entries}) == 5000
+
+
+def test_statfs(rw_mounted, tmp_path):
+    mounted, upper = os.statvfs(rw_mounted), os.statvfs(tmp_path / "upper")
+    assert mounted.f_bsize == upper.f_bsize and mounted.f_blocks == upper.f_blocks
+    assert mounted.f_namemax >= 255
+    assert not mounted.f_flag & os.ST_RDONLY
+
+
+def test_fsync_and_fdatasync(rw_mounted, tmp_path):
+    fd = os.open(f"{rw_mounted}/synced", os.O_CREAT | os.O_WRONLY, 0o644)
+    try:
+        os.write(fd, b"durable")
+        os.fsync(fd)
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    directory = os.open(rw_mounted, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+    with open(f"{rw_mounted}/synced", "rb") as handle:
+        assert handle.read() == b"durable"
+    # What fsync promised is in the upper directory, whatever the daemon does next.
+    found = [os.path.join(top, name) for top, _, files in os.walk(tmp_path / "upper")
+             for name in files if name == "synced"]
+    assert found and open(found[0], "rb").read() == b"durable"
