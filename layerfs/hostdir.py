@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import stat as _stat
 from typing import Iterator, Optional
 
@@ -178,8 +177,7 @@ class HostDir:
             if not _stat.S_ISDIR(st.st_mode):
                 os.unlink(name, dir_fd=parent)
                 return
-            # shutil.rmtree with dir_fd uses openat and never follows symlinks.
-            shutil.rmtree(name, dir_fd=parent)
+            remove_tree_at(parent, name)
         finally:
             os.close(parent)
 
@@ -255,6 +253,22 @@ class HostDir:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def remove_tree_at(parent: int, name: str) -> None:
+    """Remove directory *name* of the directory *parent* with everything in
+    it, opening each level with O_NOFOLLOW (shutil.rmtree takes dir_fd only
+    from Python 3.11)."""
+    fd = os.open(name, DIR_FLAGS, dir_fd=parent)
+    try:
+        for child in os.listdir(fd):
+            if _stat.S_ISDIR(os.stat(child, dir_fd=fd, follow_symlinks=False).st_mode):
+                remove_tree_at(fd, child)
+            else:
+                os.unlink(child, dir_fd=fd)
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=parent)
 
 
 def copy_fd(source_read, destination_fd: int, size: int, chunk: int = 1 << 20) -> None:

@@ -133,14 +133,19 @@ class Upper:
         self.is_root = os.geteuid() == 0
         self._read_fds: dict[int, int] = {}
         self._fd_lock = threading.Lock()
+        # Open handles per inode, and a descriptor kept for each upper file
+        # whose last name went while a handle had it open (as unlink(2)).
+        self.open_counts: dict[int, int] = {}
+        self.orphans: dict[int, int] = {}
         self._temporary = itertools.count()
         load_upper(self)
 
     def close(self) -> None:
         with self._fd_lock:
-            for fd in self._read_fds.values():
+            for fd in [*self._read_fds.values(), *self.orphans.values()]:
                 os.close(fd)
             self._read_fds.clear()
+            self.orphans.clear()
         self.host.close()
 
     # -- reading upper files ---------------------------------------------
@@ -151,7 +156,7 @@ class Upper:
     def read_fd(self, node: Node) -> int:
         """A cached read descriptor for an upper file (by inode, so renames
         and unlinks of names do not matter)."""
-        fd = self._read_fds.get(node.ino)
+        fd = self._read_fds.get(node.ino) or self.orphans.get(node.ino)
         if fd is not None:
             return fd
         with self._fd_lock:
@@ -163,6 +168,23 @@ class Upper:
                 fd = self.host.open_file(diff_path(node.data), os.O_RDONLY)
                 self._read_fds[node.ino] = fd
         return fd
+
+    def opened(self, node: Node) -> None:
+        self.open_counts[node.ino] = self.open_counts.get(node.ino, 0) + 1
+
+    def closed(self, node: Node) -> None:
+        count = self.open_counts.pop(node.ino) - 1
+        if count:
+            self.open_counts[node.ino] = count
+        elif node.ino in self.orphans:
+            os.close(self.orphans.pop(node.ino))
+
+    def keep_if_open(self, node: Node, path: str) -> None:
+        """Before *path*, the last name of *node*, goes away: keep the data
+        reachable for the handles that have it open."""
+        if (node.ino in self.open_counts and node.nlink == 1
+                and node.source == UPPER_SOURCE and node.ino not in self.orphans):
+            self.orphans[node.ino] = self.host.open_file(diff_path(path), os.O_RDONLY)
 
     # -- copy-up -----------------------------------------------------------
 
@@ -231,8 +253,8 @@ class Upper:
         fields = dict(metacopy=True, mode=node.mode & 0o7777, uid=node.uid, gid=node.gid,
                       atime_ns=node.atime_ns, mtime_ns=node.mtime_ns,
                       xattrs={k: v.hex() for k, v in (node.xattrs or {}).items()})
-        names = self.tree.names_of(node) if node.nlink > 1 else [path]
-        for name in names:
+        several = node.children is None and node.nlink > 1
+        for name in self.tree.names_of(node) if several else [path]:
             self.sidecar.records[name] = dict(fields)
         self.sidecar.save()
 
@@ -332,11 +354,14 @@ class Upper:
         stamp = now_ns()
         parent.mtime_ns = parent.ctime_ns = stamp
         parent.stat_cache = None
-        if parent.origin >= ORIGIN_MERGED and parent_path != "/":
+        if parent_path == "/" or parent.origin == ORIGIN_METACOPY:
+            # The root's metadata lives in the sidecar, whatever its origin
+            # says (after a reopen it may not have been "copied up" yet).
+            self.copy_up(parent_path, parent, with_data=False)
+            self.record_metadata(parent_path, parent)
+        else:
             host_stat = self.host.lstat(diff_path(parent_path))
             self.host.utime(diff_path(parent_path), host_stat.st_atime_ns, stamp)
-        elif parent.origin == ORIGIN_METACOPY:
-            self.record_metadata(parent_path, parent)
 
     # -- removing, moving, metadata ----------------------------------------
 
@@ -344,6 +369,7 @@ class Upper:
         """Remove *path* from the view (the caller checked it may go)."""
         self.copy_up_parent(path)
         if node.origin >= ORIGIN_MERGED:
+            self.keep_if_open(node, path)
             if self.lower_shows(path):
                 self.add_whiteout(path)
             self.discard(path)
@@ -371,9 +397,9 @@ class Upper:
             self.copy_up(source, node, with_data=True)
         self.copy_up_parent(destination)
         if replaced is not None and replaced.children is not None:
-            self.add_whiteout(destination)
-            if replaced.origin >= ORIGIN_MERGED:
-                self.discard(destination)
+            self.empty_replaced_directory(destination, replaced)
+        elif replaced is not None and replaced.origin >= ORIGIN_MERGED:
+            self.keep_if_open(replaced, destination)
         if self.lower_shows(source):
             self.add_whiteout(source)
         self.host.rename(diff_path(source), diff_path(destination))
@@ -390,6 +416,19 @@ class Upper:
         node.stat_cache = None
         self.touch_parent(source)
         self.touch_parent(destination)
+
+    def empty_replaced_directory(self, path: str, node: Node) -> None:
+        """A directory about to be replaced by a rename is empty in the view,
+        but its upper copy may hold markers, and rename(2) wants it empty.
+        A whiteout beside it first (harmless: it hides only the lower
+        directory, as the markers did), then the markers go; so the one
+        host rename that follows changes the view in one step."""
+        if node.origin < ORIGIN_MERGED:
+            return
+        if self.lower_shows(path):
+            self.add_whiteout(path)
+        for name, _ in self.host.listdir(diff_path(path)):
+            self.host.remove_tree(join(diff_path(path), name))
 
     def prepare_directory_move(self, path: str, node: Node) -> None:
         """Make the directory at *path* self-contained, so that it can be

@@ -67,6 +67,9 @@ class Handle:
         self.flags = flags
         self.fd = fd
         self.append = bool(flags & os.O_APPEND)
+        self.counted = fs.upper is not None
+        if self.counted:
+            fs.upper.opened(node)
         self.readable = flags & ACCESS_MODE != os.O_WRONLY
         self.writable = flags & ACCESS_MODE != os.O_RDONLY
 
@@ -118,6 +121,10 @@ class Handle:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+        if self.counted and self.fs.upper is not None:
+            with self.fs.upper.lock:
+                self.fs.upper.closed(self.node)
+        self.counted = False
 
 
 def open_handle(fs, path, flags: int, mode: int = 0o666) -> Handle:
