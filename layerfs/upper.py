@@ -84,8 +84,14 @@ class Sidecar:
             try:
                 self.records = json.loads(stream.read() or b"{}")
             except ValueError as error:
-                raise InvalidLayerError(f"corrupt sidecar: {error}",
-                                        path=os.path.join(host.root, SIDECAR_FILE)) from None
+                raise self.corrupt(str(error)) from None
+        if not (isinstance(self.records, dict)
+                and all(isinstance(r, dict) for r in self.records.values())):
+            raise self.corrupt("expected an object of objects")
+
+    def corrupt(self, reason: str) -> InvalidLayerError:
+        return InvalidLayerError(f"corrupt sidecar: {reason}",
+                                 path=os.path.join(self.host.root, SIDECAR_FILE))
 
     def save(self) -> None:
         temporary = f"/work/{SIDECAR_FILE}.tmp"
@@ -227,6 +233,7 @@ class Upper:
             for name in names:
                 self.sidecar.records.pop(name, None)
             self.sidecar.save()
+        self.record_unstorable(names[0], node)
         node.stat_cache = None
 
     def restore_times(self, directory: str) -> None:
@@ -345,6 +352,7 @@ class Upper:
             self.drop_whiteout(path)
         node.origin = ORIGIN_NEW
         self.tree.insert(path, node)
+        self.record_unstorable(path, node)
         self.touch_parent(path)
 
     def touch_parent(self, path: str) -> None:
@@ -453,6 +461,22 @@ class Upper:
             self.record_metadata(path, node)
         else:
             self.apply_metadata(diff_path(path), node)
+            self.record_unstorable(path, node)
+
+    def record_unstorable(self, path: str, node: Node) -> None:
+        """Without root, the host entry cannot carry another owner, and a
+        device node is stored as an empty file: the sidecar keeps owner,
+        type and device number (under every name of the inode)."""
+        if self.is_root:
+            return
+        fields = {"uid": node.uid, "gid": node.gid}
+        kind = node.mode & S_IFMT
+        if kind in (_stat.S_IFCHR, _stat.S_IFBLK):
+            fields.update(kind=kind, rdev=node.rdev)
+        several = node.children is None and node.nlink > 1
+        for name in self.tree.names_of(node) if several else [path]:
+            self.sidecar.records[name] = dict(fields)
+        self.sidecar.save()
 
     def lower_mode(self, path: str) -> int:
         return self.lower_paths[path]
@@ -562,6 +586,13 @@ def read_diff(upper: Upper) -> tuple[list[Entry], set[str]]:
 
 
 def apply_sidecar(upper: Upper) -> None:
+    try:
+        _apply_sidecar(upper)
+    except (TypeError, ValueError, AttributeError) as error:
+        raise upper.sidecar.corrupt(f"bad record: {error}") from None
+
+
+def _apply_sidecar(upper: Upper) -> None:
     nodes = upper.tree.nodes
     stale = []
     for path, record in upper.sidecar.records.items():

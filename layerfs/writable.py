@@ -256,6 +256,7 @@ def link(fs, source, destination) -> None:
         upper.host.link(diff_path(source_real), diff_path(real))
         upper.drop_whiteout(real)
         fs.tree.insert(real, node)
+        upper.record_unstorable(real, node)
         node.ctime_ns = now_ns()
         upper.touch_parent(real)
 
