@@ -368,28 +368,36 @@ class Tree:
         self.version += 1
 
     def move(self, source: str, destination: str) -> None:
-        """Rename *source* (with its subtree) to *destination*, replacing it."""
+        """Rename *source* (with its subtree) to *destination*, replacing it.
+
+        Readers take no lock, so the order matters: the new names are added
+        before the old ones go, and *destination* is replaced in one dict
+        assignment; a concurrent lookup never finds neither.
+        """
         node = self.nodes[source]
-        source_parent, source_name = split(source)
-        destination_parent, destination_name = split(destination)
         moved = list(self.walk_nodes(source))
-        old_parent = self.nodes[source_parent]
-        del old_parent.children[source_name]
-        old_parent.stat_cache = None
-        if node.children is not None:
-            old_parent.nlink -= 1
-        for path, _ in moved:
-            del self.nodes[path]
+        destination_parent, destination_name = split(destination)
         new_parent = self.nodes[destination_parent]
-        if destination_name in new_parent.children:
-            self._remove(new_parent, destination_name, destination)
-        new_parent.children[destination_name] = node
-        new_parent.stat_cache = None
-        if node.children is not None:
-            new_parent.nlink += 1
+        replaced = new_parent.children.get(destination_name)
         cut = len(source)
         for path, child in moved:
             self.nodes[destination + path[cut:]] = child
+        new_parent.children[destination_name] = node
+        if replaced is not None:
+            if replaced.children is not None:
+                new_parent.nlink -= 1
+            else:
+                replaced.nlink -= 1
+                replaced.stat_cache = None
+        source_parent, source_name = split(source)
+        old_parent = self.nodes[source_parent]
+        del old_parent.children[source_name]
+        if node.children is not None:
+            old_parent.nlink -= 1
+            new_parent.nlink += 1
+        for path, _ in moved:
+            del self.nodes[path]
+        old_parent.stat_cache = new_parent.stat_cache = None
         self.version += 1
 
     def names_of(self, node: Node) -> list[str]:
