@@ -25,6 +25,10 @@ from .union import (S_IFLNK, S_IFMT, UPPER_SOURCE, LayerChanges, Node, Tree,
 from .upper import Upper
 
 PathLike = Union[str, "os.PathLike[str]"]
+
+# How many slow-path resolutions (symlinks followed, missing paths) are
+# remembered per direction; the memory is dropped whole when full.
+RESOLVED_CACHE_SIZE = 1 << 16
 Source = Union[PathLike, Sequence[PathLike]]
 
 
@@ -63,6 +67,7 @@ def build_tree(image: Image) -> Tree:
     tree = Tree()
     for index, layer in enumerate(image.layers):
         tree.apply_layer(layer.entries, index, layer.label)
+        layer.release_entries()     # the tree holds all reads need
     return tree
 
 
@@ -75,6 +80,8 @@ class FileSystem:
         self.tree = tree if tree is not None else build_tree(image)
         self._nodes = self.tree.nodes
         self.upper: Optional[Upper] = None
+        self._followed: dict = {}
+        self._not_followed: dict = {}
 
     # -- lifecycle ------------------------------------------------------
 
@@ -102,10 +109,32 @@ class FileSystem:
         node = self._nodes.get(path)
         if node is not None and not (follow_symlinks and node.mode & S_IFMT == S_IFLNK):
             return node
-        real, node = self.tree.resolve(path, follow_symlinks)
-        if node is None:
-            raise path_error(errno.ENOENT, path)
-        return node
+        return self._resolve(path, follow_symlinks)
+
+    def _resolve(self, path: str, follow: bool) -> Node:
+        """The slow path (symlinks, missing or unclean paths), remembered.
+
+        The answer, a node or an errno, is kept with the tree version it was
+        computed from (read before resolving, so a concurrent change makes
+        it stale) and used only while the tree has that version.
+        """
+        answers = self._followed if follow else self._not_followed
+        version = self.tree.version
+        remembered = answers.get(path)
+        if remembered is not None and remembered[0] == version:
+            answer = remembered[1]
+        else:
+            try:
+                node = self.tree.resolve(path, follow)[1]
+                answer = node if node is not None else errno.ENOENT
+            except OSError as error:
+                answer = error.errno
+            if len(answers) >= RESOLVED_CACHE_SIZE:
+                answers.clear()
+            answers[path] = (version, answer)
+        if answer.__class__ is int:
+            raise path_error(answer, path)
+        return answer
 
     def realpath(self, path: PathLike) -> str:
         """The canonical path of *path* with every symlink resolved."""
@@ -118,13 +147,13 @@ class FileSystem:
     def stat(self, path: PathLike, *, follow_symlinks: bool = True) -> os.stat_result:
         node = self._nodes.get(path)
         if node is None or (follow_symlinks and node.mode & S_IFMT == S_IFLNK):
-            node = self.node(path, follow_symlinks)
+            node = self._resolve(os.fspath(path), follow_symlinks)
         return node.stat_cache or node.stat()
 
     def lstat(self, path: PathLike) -> os.stat_result:
         node = self._nodes.get(path)
         if node is None:
-            node = self.node(path, False)
+            node = self._resolve(os.fspath(path), False)
         return node.stat_cache or node.stat()
 
     def exists(self, path: PathLike) -> bool:
@@ -333,8 +362,9 @@ class FileSystem:
         tree = Tree()
         changes = []
         for index, layer in enumerate(self.layers):
-            changes.append(describe_layer(tree, layer.entries))
-            tree.apply_layer(layer.entries, index, layer.label)
+            entries = layer.entries
+            changes.append(describe_layer(tree, entries))
+            tree.apply_layer(entries, index, layer.label)
         return changes
 
 

@@ -54,7 +54,7 @@ import attrs
 
 from layerfs.compression import NONE, BlobStream, detect_compression
 from layerfs.entry import Entry
-from layerfs.errors import (DigestMismatchError, InvalidLayerError,
+from layerfs.errors import (DigestMismatchError, ImageError, InvalidLayerError,
                             UnsupportedImageError, path_error)
 from layerfs.tarindex import iter_entries
 
@@ -152,7 +152,7 @@ class Layer:
 
     def __init__(self, *, source: BlobSource, label: str, header: dict,
                  entries: list, media_type: Optional[str], data_fd: int,
-                 base: int, closers: list):
+                 base: int, closers: list, cache: Optional[IndexCache] = None):
         self.source = source
         self.path = source.path
         self.label = label
@@ -162,14 +162,35 @@ class Layer:
         self.compression = header["compression"]
         self.size = header["size"]
         self.uncompressed_size = header["uncompressed_size"]
-        self.entries = entries
+        self._entries: Optional[list] = entries
+        self._entry_count = len(entries)
+        self._cache = cache
         self._data_fd = data_fd
         self._base = base
         self._closers = closers
 
     @property
     def entry_count(self) -> int:
-        return len(self.entries)
+        return self._entry_count
+
+    @property
+    def entries(self) -> list:
+        """The layer's entries, in tar order (reloaded from the index cache
+        if :meth:`release_entries` dropped them)."""
+        if self._entries is not None:
+            return self._entries
+        loaded = self._cache.load_index(self.digest.partition(":")[2])
+        if loaded is None:
+            raise ImageError("the cached index of this layer vanished; open the image again",
+                             path=self.path, layer=self.label)
+        return loaded[1]
+
+    def release_entries(self) -> None:
+        """Let the entries go from memory once the union tree holds what it
+        needs; they stay readable through :attr:`entries`, from the index
+        cache.  Without a cache they are kept."""
+        if self._cache is not None:
+            self._entries = None
 
     def read(self, data, size: int, offset: int, length: int) -> bytes:
         """Up to *length* bytes at *offset* of the regular file whose entry
@@ -288,7 +309,7 @@ class _Opener:
         header, entries = loaded
         if header["compression"] == NONE:
             return self.layer(header, entries, self.fd, self.source.offset,
-                              [lambda: os.close(self.fd)])
+                              [lambda: os.close(self.fd)], cache)
         try:
             copy_fd = os.open(cache.blob_path(header["digest"]),
                               os.O_RDONLY | os.O_CLOEXEC)
@@ -298,7 +319,7 @@ class _Opener:
             os.close(copy_fd)
             return None
         os.close(self.fd)
-        return self.layer(header, entries, copy_fd, 0, [lambda: os.close(copy_fd)])
+        return self.layer(header, entries, copy_fd, 0, [lambda: os.close(copy_fd)], cache)
 
     def index(self, cache: Optional[IndexCache], identity: tuple,
               progress, max_size) -> Layer:
@@ -339,9 +360,9 @@ class _Opener:
             raise
         if copy is None:
             return self.layer(header, entries, self.fd, self.source.offset,
-                              [lambda: os.close(self.fd)])
+                              [lambda: os.close(self.fd)], cache)
         os.close(self.fd)
-        return self.layer(header, entries, copy.fileno(), 0, [copy.close])
+        return self.layer(header, entries, copy.fileno(), 0, [copy.close], cache)
 
     def verify(self, digest_hex: str, diff_id_hex: str) -> None:
         for what, expected, actual in (("digest", self.digest, digest_hex),
@@ -351,10 +372,10 @@ class _Opener:
                     f"{what} is sha256:{actual}, expected {expected}",
                     path=self.source.path, layer=self.label)
 
-    def layer(self, header, entries, data_fd, base, closers) -> Layer:
+    def layer(self, header, entries, data_fd, base, closers, cache=None) -> Layer:
         return Layer(source=self.source, label=self.label, header=header,
                      entries=entries, media_type=self.media_type,
-                     data_fd=data_fd, base=base, closers=closers)
+                     data_fd=data_fd, base=base, closers=closers, cache=cache)
 
 
 def _blob_size(source: BlobSource, file_size: int, label: str) -> int:
