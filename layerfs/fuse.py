@@ -60,6 +60,11 @@ def stat_to_attrs(st: os.stat_result) -> dict:
     }
 
 
+# libfuse passes "leave this time alone" and "set it to now" as timespecs of
+# 0 s and these nanoseconds, which fusepy folds into nanosecond counts.
+UTIME_NOW = (1 << 30) - 1
+UTIME_OMIT = (1 << 30) - 2
+
 # The kernel hands POSIX ACLs of a FUSE mount to the filesystem as these
 # xattrs, and applies nothing itself.  Stored as plain xattrs they would
 # claim success while the mode bits stayed unchanged: ``cp -a`` and ``tar``
@@ -88,6 +93,11 @@ class Operations(fusepy.Operations):
     """
 
     use_ns = True
+    # fusepy copies this attribute into libfuse's operations struct.
+    # Without it, libfuse 2 silently drops a request that sets only one of
+    # atime/mtime (``touch -m``, ``tar -x``); with it, the other arrives as
+    # UTIME_OMIT (see utimens).
+    flag_utime_omit_ok = 1
 
     def __init__(self, fs, on_ready: Optional[Callable[[], None]] = None):
         self.fs = fs
@@ -258,7 +268,12 @@ class Operations(fusepy.Operations):
         self.fs.chown(path, uid, gid, follow_symlinks=False)
 
     def utimens(self, path, times=None):
-        if times is None:
-            now = time.time_ns()
-            times = (now, now)
-        self.fs.utime(path, ns=tuple(times), follow_symlinks=False)
+        now = time.time_ns()
+        atime, mtime = times if times is not None else (now, now)
+        if UTIME_OMIT in (atime, mtime):
+            st = self.fs.lstat(path)
+            atime = st.st_atime_ns if atime == UTIME_OMIT else atime
+            mtime = st.st_mtime_ns if mtime == UTIME_OMIT else mtime
+        atime = now if atime == UTIME_NOW else atime
+        mtime = now if mtime == UTIME_NOW else mtime
+        self.fs.utime(path, ns=(atime, mtime), follow_symlinks=False)

@@ -44,7 +44,11 @@ from .errors import MountError
 READONLY_OPTIONS = {"entry_timeout": "86400", "attr_timeout": "86400",
                     "negative_timeout": "86400", "kernel_cache": True}
 # No ``hard_remove``: libfuse 2 then answers fstat() of an unlinked open file
-# with ENOENT; without it, such a file lives on as ``.fuse_hidden*`` until closed.
+# with ENOENT (the kernel's getattr for fstat carries no file handle, and the
+# inode has no path left); without it, such a file lives on as
+# ``.fuse_hidden*`` until closed.  The price: libfuse renames an open file
+# that a rename() replaces to ``.fuse_hidden*`` first, so for a moment the
+# destination name does not exist (docs/mount.md).
 WRITABLE_OPTIONS = {"entry_timeout": "0", "attr_timeout": "0", "negative_timeout": "0",
                     "big_writes": True}
 # Device nodes of an image must never open host devices, nor set-id bits

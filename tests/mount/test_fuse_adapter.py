@@ -155,3 +155,25 @@ def test_acl_xattrs_are_refused_so_callers_chmod(adapter, sample_fs, name):
         with pytest.raises(OSError) as caught:
             call()
         assert caught.value.errno == errno.ENOTSUP
+
+
+def test_utimens_omit_and_now(adapter):
+    calls = []
+
+    class Recording:
+        readonly = False
+
+        def lstat(self, path):
+            return os.stat_result((0o100644, 1, 0, 1, 0, 0, 0, 0, 0, 0,
+                                   0, 0, 0, 111, 222, 0))
+
+        def utime(self, path, ns, follow_symlinks):
+            calls.append(ns)
+
+    operations = adapter.Operations(Recording())
+    operations("utimens", "/f", (adapter.UTIME_OMIT, 5))
+    operations("utimens", "/f", (7, adapter.UTIME_OMIT))
+    assert calls == [(111, 5), (7, 222)]
+    operations("utimens", "/f", (adapter.UTIME_NOW, 9))
+    assert calls[-1][1] == 9 and calls[-1][0] > 10**18
+    assert adapter.Operations.flag_utime_omit_ok == 1

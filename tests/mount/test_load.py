@@ -206,9 +206,9 @@ def test_parallel_readers_of_lower_files(mounted, tmp_path):
 
 
 @requires_upper
-@pytest.mark.xfail(reason="union.Tree.move drops the replaced destination from the "
-                          "path table before inserting the moved node, and lookups take "
-                          "no lock: a reader racing rename() over a file sees ENOENT")
+@pytest.mark.xfail(reason="libfuse 2 (without hard_remove) renames an open file that "
+                          "rename() replaces to .fuse_hidden* first: for a moment the "
+                          "name is missing and a reader racing it sees ENOENT")
 def test_rename_over_is_atomic_for_readers(sample_layers, mountpoint, tmp_path):
     layerfs_mount.mount(sample_layers, mountpoint, upper=str(tmp_path / "upper"))
     with open(f"{mountpoint}/current", "wb") as current:

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from mount_helpers import requires_fuse, requires_upper
+from mount_helpers import requires_fuse, requires_upper, wait_until
 
 pytestmark = [pytest.mark.mount, requires_fuse, requires_upper]
 
@@ -84,8 +84,10 @@ def test_unlinked_open_file_stays_readable_and_writable(rw_mounted, path):
     finally:
         os.close(fd)
     assert not os.path.exists(full)
-    assert not [name for name in os.listdir(os.path.dirname(full))
-                if name.startswith(".fuse_hidden")]
+    # The kernel sends RELEASE after close() has returned, so libfuse removes
+    # its .fuse_hidden* name a moment later.
+    assert wait_until(lambda: not [name for name in os.listdir(os.path.dirname(full))
+                                   if name.startswith(".fuse_hidden")], timeout=10)
 
 
 def test_inode_numbers_are_stable_and_shared_by_hardlinks(rw_mounted):

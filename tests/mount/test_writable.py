@@ -10,7 +10,7 @@ import stat
 import pytest
 
 import layerfs
-from mount_helpers import BIG, is_mounted, requires_fuse, requires_upper, run_cli
+from mount_helpers import BIG, is_mounted, requires_fuse, requires_upper, run_cli, wait_until
 
 pytestmark = [pytest.mark.mount, requires_fuse, requires_upper]
 
@@ -140,8 +140,10 @@ def test_unlink_while_open(rw):
         handle.seek(0)
         assert handle.read() == b"still here"
         assert os.fstat(handle.fileno()).st_size == 10
-    # libfuse kept it as .fuse_hidden* while open, and removes it on close.
-    assert not any(name.startswith(".fuse_hidden") for name in os.listdir(rw))
+    # libfuse kept it as .fuse_hidden* while open, and removes it on release,
+    # which the kernel sends after close() has returned.
+    assert wait_until(lambda: not any(name.startswith(".fuse_hidden")
+                                      for name in os.listdir(rw)), timeout=10)
 
 
 def test_temporary_files_work(rw):
