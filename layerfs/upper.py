@@ -347,6 +347,7 @@ class Upper:
         if node.children is not None and hidden_lower:
             os.close(self.host.open_file(join(temporary, whiteout.OPAQUE_NAME),
                                          os.O_WRONLY | os.O_CREAT, 0o600))
+            self.host.utime(temporary, node.atime_ns, node.mtime_ns)   # the marker moved it
         self.host.rename(temporary, diff_path(path))
         if hidden_lower:
             self.drop_whiteout(path)

@@ -116,3 +116,14 @@ def test_without_root_owner_and_devices_are_kept_in_the_sidecar(image, tmp_path)
         assert stat.S_ISCHR(fs.lstat("/null").st_mode)
         assert fs.lstat("/null").st_rdev == os.makedev(1, 3)
         assert fs.stat("/d/g").st_uid == 77
+
+
+def test_directory_recreated_over_a_deleted_one_keeps_its_mtime(image, tmp_path):
+    upper = tmp_path / "upper"
+    with layerfs.open(image, upper=upper) as fs:
+        fs.unlink("/e/x")
+        fs.rmdir("/e")
+        fs.mkdir("/e")                 # gets an opaque marker after its metadata
+        mtime = fs.stat("/e").st_mtime_ns
+    with layerfs.open(image, upper=upper) as fs:
+        assert fs.stat("/e").st_mtime_ns == mtime
