@@ -26,6 +26,7 @@ import errno
 import itertools
 import logging
 import os
+import stat
 import threading
 import time
 from typing import Callable, Optional
@@ -175,7 +176,14 @@ class Operations(fusepy.Operations):
     # kernel never asks again; so all four exist and refuse with ENOTSUP.
 
     def listxattr(self, path):
-        return self.fs.listxattr(path, follow_symlinks=False)
+        names = self.fs.listxattr(path, follow_symlinks=False)
+        kind = stat.S_IFMT(self.fs.lstat(path).st_mode) if names else stat.S_IFREG
+        if kind not in (stat.S_IFREG, stat.S_IFDIR):
+            # The kernel answers ENODATA to any read of a user.* xattr of a
+            # symlink, fifo or device, so listing one would promise what
+            # cannot be read (an image may carry them: OCI does not forbid it).
+            names = [name for name in names if not name.startswith("user.")]
+        return names
 
     def getxattr(self, path, name, *position):
         return self.fs.getxattr(path, name, follow_symlinks=False)
