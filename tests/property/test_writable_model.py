@@ -440,7 +440,7 @@ class WritableMachine(RuleBasedStateMachine):
 
 
 WritableMachine.TestCase.settings = settings(
-    max_examples=30, stateful_step_count=25, deadline=None,
+    max_examples=80, stateful_step_count=30, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                            HealthCheck.filter_too_much])
 test_writable_model = WritableMachine.TestCase
