@@ -324,9 +324,9 @@ class FileSystem:
                                   os.ST_RDONLY, 255))
 
     def sync(self) -> None:
-        """Flush the upper layer to disk."""
+        """Flush the upper layer's filesystem to disk."""
         if self.upper is not None:
-            os.sync()
+            self.upper.sync()
 
     # -- whole-image operations -----------------------------------------
 

@@ -342,6 +342,9 @@ class Tree:
             node.source = layer_index
             node.data = entry.data
         elif kind == S_IFLNK:
+            # Linux has no symlink permissions: extracted, every symlink is
+            # 0777 whatever the tar header says, so the view shows that.
+            node.mode = S_IFLNK | 0o777
             node.target = entry.linkname
             node.size = len(encode_name(entry.linkname))
         else:

@@ -24,7 +24,9 @@ both under one lock.
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import functools
 import itertools
 import json
 import os
@@ -145,6 +147,13 @@ class Upper:
         self.orphans: dict[int, int] = {}
         self._temporary = itertools.count()
         load_upper(self)
+
+    def sync(self) -> None:
+        """Flush the filesystem holding the upper directory (syncfs(2); the
+        whole machine's, where the C library has no syncfs)."""
+        syncfs = getattr(_libc(), "syncfs", None)
+        if syncfs is None or syncfs(self.host.fd) != 0:
+            os.sync()
 
     def close(self) -> None:
         with self._fd_lock:
@@ -493,6 +502,11 @@ class Upper:
             if mode & S_IFMT == S_IFDIR:
                 mode |= _stat.S_ISGID
         return self.tree.new_node(mode, uid, gid, now_ns())
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def current_umask() -> int:

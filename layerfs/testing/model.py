@@ -99,7 +99,8 @@ def _new_inode(tree: dict, path: str, member, index: int) -> _Inode:
     before the entry changes anything."""
     if member.kind != HARDLINK:
         rdev = (member.devmajor, member.devminor) if member.kind in DEVICE_KINDS else (0, 0)
-        return _Inode(member.kind, member.mode & 0o7777, member.uid, member.gid,
+        mode = 0o777 if member.kind == SYMLINK else member.mode & 0o7777   # as extracted
+        return _Inode(member.kind, mode, member.uid, member.gid,
                       member.mtime * 10**9,
                       member.content if member.kind == FILE else b"",
                       member.target if member.kind == SYMLINK else "",

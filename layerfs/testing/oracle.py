@@ -88,8 +88,8 @@ def expected_overlay_view(model_view: dict, result: OverlayResult):
     """``(expected, actual)``: the model's view as overlayfs can show it,
     and the overlay's view, ready for :func:`~layerfs.testing.view.diff_views`.
 
-    Deliberate differences: a symlink's mode is always 0o777 on Linux, and
-    symlinks, fifos and devices carry no ``user.*`` xattrs there.  A
+    Deliberate differences: symlinks, fifos and devices carry no ``user.*``
+    xattrs on Linux.  A
     hardlink to a file of a lower layer is a copy in overlayfs, so when the
     extraction made copies, each overlay link group must lie inside one model
     group (checked here; a violation is reported as a ``link_group`` line)
@@ -98,7 +98,7 @@ def expected_overlay_view(model_view: dict, result: OverlayResult):
     expected, actual = {}, dict(result.view)
     for path, node in model_view.items():
         if node.kind == L.SYMLINK:
-            node = attrs.evolve(node, mode=0o777, xattrs=())
+            node = attrs.evolve(node, xattrs=())
         elif node.kind in (L.FIFO, *L.DEVICE_KINDS):
             node = attrs.evolve(node, xattrs=())
         expected[path] = node

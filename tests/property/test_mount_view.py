@@ -31,13 +31,11 @@ pytestmark = [pytest.mark.mount, pytest.mark.skipif(bool(REASON), reason=REASON 
 
 
 def linux_view(view: dict) -> dict:
-    """What a Linux mount can show of a view: symlinks are always 0777, and
-    only files and directories have user.* xattrs (the kernel answers ENODATA
-    for the others, so the adapter does not list them)."""
+    """What a Linux mount can show of a view: only files and directories
+    have user.* xattrs (the kernel answers ENODATA for the others, so the
+    adapter does not list them)."""
     result = {}
     for path, node in view.items():
-        if node.kind == "symlink":
-            node = attrs.evolve(node, mode=0o777)
         if node.kind not in ("file", "dir"):
             node = attrs.evolve(node, xattrs=tuple(
                 (name, value) for name, value in node.xattrs if not name.startswith("user.")))
