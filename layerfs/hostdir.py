@@ -12,6 +12,7 @@ not a detour.  This is the one place to audit for escapes.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat as _stat
@@ -53,21 +54,23 @@ class HostDir:
             raise path_error(error.errno, path) from None
         return fd
 
-    def _at(self, path: str):
-        """``(parent_fd, name)`` for *path*; close parent_fd after use."""
+    @contextlib.contextmanager
+    def at(self, path: str) -> Iterator[tuple[int, str]]:
+        """``(parent_fd, name)`` for *path*, the descriptor closed after."""
         parent, name = split(path)
-        return self.open_dir(parent), name
+        fd = self.open_dir(parent)
+        try:
+            yield fd, name
+        finally:
+            os.close(fd)
 
     # -- queries ---------------------------------------------------------
 
     def lstat(self, path: str) -> os.stat_result:
         if path == "/":
             return os.fstat(self.fd)
-        parent, name = self._at(path)
-        try:
+        with self.at(path) as (parent, name):
             return os.stat(name, dir_fd=parent, follow_symlinks=False)
-        finally:
-            os.close(parent)
 
     def exists(self, path: str) -> bool:
         try:
@@ -94,146 +97,95 @@ class HostDir:
                 yield from self.walk(child)
 
     def readlink(self, path: str) -> str:
-        parent, name = self._at(path)
-        try:
+        with self.at(path) as (parent, name):
             return os.readlink(name, dir_fd=parent)
-        finally:
-            os.close(parent)
 
     # -- changes ----------------------------------------------------------
 
     def open_file(self, path: str, flags: int, mode: int = 0o600) -> int:
-        parent, name = self._at(path)
-        try:
+        with self.at(path) as (parent, name):
             return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=parent)
-        finally:
-            os.close(parent)
 
     def mkdir(self, path: str, mode: int = 0o700) -> None:
-        parent, name = self._at(path)
-        try:
+        with self.at(path) as (parent, name):
             os.mkdir(name, mode, dir_fd=parent)
-        finally:
-            os.close(parent)
 
     def symlink(self, target: str, path: str) -> None:
-        parent, name = self._at(path)
-        try:
+        with self.at(path) as (parent, name):
             os.symlink(target, name, dir_fd=parent)
-        finally:
-            os.close(parent)
 
     def mknod(self, path: str, mode: int, device: int = 0) -> None:
-        parent, name = self._at(path)
-        try:
+        with self.at(path) as (parent, name):
             os.mknod(name, mode, device, dir_fd=parent)
-        finally:
-            os.close(parent)
 
     def link(self, source: str, destination: str) -> None:
-        source_parent, source_name = self._at(source)
-        try:
-            destination_parent, destination_name = self._at(destination)
-            try:
-                os.link(source_name, destination_name, src_dir_fd=source_parent,
-                        dst_dir_fd=destination_parent, follow_symlinks=False)
-            finally:
-                os.close(destination_parent)
-        finally:
-            os.close(source_parent)
+        with self.at(source) as (source_parent, source_name), \
+                self.at(destination) as (destination_parent, destination_name):
+            os.link(source_name, destination_name, src_dir_fd=source_parent,
+                    dst_dir_fd=destination_parent, follow_symlinks=False)
 
     def rename(self, source: str, destination: str) -> None:
         """Atomically move *source* to *destination*, replacing it."""
-        source_parent, source_name = self._at(source)
-        try:
-            destination_parent, destination_name = self._at(destination)
-            try:
-                os.rename(source_name, destination_name, src_dir_fd=source_parent,
-                          dst_dir_fd=destination_parent)
-            finally:
-                os.close(destination_parent)
-        finally:
-            os.close(source_parent)
+        with self.at(source) as (source_parent, source_name), \
+                self.at(destination) as (destination_parent, destination_name):
+            os.rename(source_name, destination_name, src_dir_fd=source_parent,
+                      dst_dir_fd=destination_parent)
 
     def unlink(self, path: str) -> None:
-        parent, name = self._at(path)
-        try:
+        with self.at(path) as (parent, name):
             os.unlink(name, dir_fd=parent)
-        finally:
-            os.close(parent)
 
     def rmdir(self, path: str) -> None:
-        parent, name = self._at(path)
-        try:
+        with self.at(path) as (parent, name):
             os.rmdir(name, dir_fd=parent)
-        finally:
-            os.close(parent)
 
     def remove_tree(self, path: str) -> None:
         """Remove *path* and everything beneath it, following no symlink."""
-        parent, name = self._at(path)
-        try:
+        with self.at(path) as (parent, name):
             st = os.stat(name, dir_fd=parent, follow_symlinks=False)
             if not _stat.S_ISDIR(st.st_mode):
                 os.unlink(name, dir_fd=parent)
                 return
             remove_tree_at(parent, name)
-        finally:
-            os.close(parent)
 
     def chmod(self, path: str, mode: int) -> None:
         """Set permission bits; symlinks have none on Linux and are skipped."""
         st = self.lstat(path)
         if _stat.S_ISLNK(st.st_mode):
             return
-        parent, name = self._at(path)
-        try:
+        with self.at(path) as (parent, name):
             fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
-        finally:
-            os.close(parent)
         try:
             os.chmod(f"/proc/self/fd/{fd}", mode)
         finally:
             os.close(fd)
 
     def chown(self, path: str, uid: int, gid: int) -> None:
-        parent, name = self._at(path)
-        try:
+        with self.at(path) as (parent, name):
             os.chown(name, uid, gid, dir_fd=parent, follow_symlinks=False)
-        finally:
-            os.close(parent)
 
     def utime(self, path: str, atime_ns: int, mtime_ns: int) -> None:
-        parent, name = self._at(path)
-        try:
+        with self.at(path) as (parent, name):
             os.utime(name, ns=(atime_ns, mtime_ns), dir_fd=parent, follow_symlinks=False)
-        finally:
-            os.close(parent)
 
-    def _xattr_path(self, path: str) -> tuple[int, str]:
+    @contextlib.contextmanager
+    def xattr_path(self, path: str) -> Iterator[str]:
         """xattr calls take no dir_fd: name the entry through the parent's
         ``/proc/self/fd`` link, which the kernel resolves to that very
         directory; the last component is then not followed (``l*xattr``)."""
-        parent, name = self._at(path)
-        return parent, f"/proc/self/fd/{parent}/{name}"
+        with self.at(path) as (parent, name):
+            yield f"/proc/self/fd/{parent}/{name}"
 
     def setxattr(self, path: str, attribute: str, value: bytes, flags: int = 0) -> None:
-        parent, proc_path = self._xattr_path(path)
-        try:
+        with self.xattr_path(path) as proc_path:
             os.setxattr(proc_path, attribute, value, flags, follow_symlinks=False)
-        finally:
-            os.close(parent)
 
     def removexattr(self, path: str, attribute: str) -> None:
-        parent, proc_path = self._xattr_path(path)
-        try:
+        with self.xattr_path(path) as proc_path:
             os.removexattr(proc_path, attribute, follow_symlinks=False)
-        finally:
-            os.close(parent)
 
     def listxattr(self, path: str) -> dict[str, bytes]:
-        parent, proc_path = self._xattr_path(path)
-        try:
+        with self.xattr_path(path) as proc_path:
             try:
                 names = os.listxattr(proc_path, follow_symlinks=False)
             except OSError as error:
@@ -241,8 +193,6 @@ class HostDir:
                     return {}
                 raise
             return {n: os.getxattr(proc_path, n, follow_symlinks=False) for n in names}
-        finally:
-            os.close(parent)
 
     def statvfs(self) -> os.statvfs_result:
         return os.statvfs(self.fd)
