@@ -26,7 +26,7 @@ import os
 import random
 import shutil
 import tarfile
-from typing import Iterator, Optional
+from typing import Optional
 
 import attrs
 import zstandard
@@ -53,14 +53,12 @@ class Shares:
 
 @attrs.define
 class Item:
-    """One final entry, or one piece of history, of a layer."""
+    """One entry of the final view (directories are kept apart)."""
 
     path: str                  # relative, no leading slash
     kind: str
     size: int = 0
     target: str = ""           # symlink target or hardlink target path
-    salt: int = 0              # varies the content of an older version
-    owner: int = 0             # the layer that holds the final version
 
 
 @attrs.frozen
@@ -185,7 +183,6 @@ def plan_layers(view: FinalView, depth: int, seed: int,
 
     for d in view.dirs:
         dir_owner[d] = max(dir_owner[d], floor_of(d + "/x"))
-    by_path = {item.path: item for item in view.items}
     for item in view.items:
         owner[item.path] = max(owner[item.path], floor_of(item.path))
     for item in view.items:
@@ -404,7 +401,3 @@ def build(root: str, files: int, depths: tuple, large_size: int, seed: int = 1,
     log(f"corpus: large file of {large_size >> 20} MiB")
     large = write_large(os.path.join(root, f"large-{large_size}"), large_size, seed)
     return Corpus(base, files, seed, stacks, large, listing)
-
-
-def iter_layer_dirs(stack: Stack) -> Iterator[str]:
-    yield from (os.path.join(stack.root, f"layer-{i:03d}") for i in range(stack.depth))
