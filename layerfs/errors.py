@@ -50,6 +50,12 @@ class ImageError(OSError):
     def __str__(self) -> str:
         return self.args[1]
 
+    def located(self, path: str) -> "ImageError":
+        """This error naming the file *path* too, if it named none."""
+        if self.path:
+            return self
+        return type(self)(self.reason, path=path, layer=self.layer, entry=self.entry)
+
 
 class InvalidLayerError(ImageError):
     """A layer blob is not a valid tar (or compressed tar), or contains an

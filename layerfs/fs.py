@@ -16,7 +16,7 @@ import os
 import stat as _stat
 from typing import BinaryIO, Iterator, Optional, Sequence, Union
 
-from .errors import path_error
+from .errors import ImageError, path_error
 from .image import Image, open_image
 from .tarwrite import LayerTarWriter, write_tree
 from . import writable
@@ -66,7 +66,10 @@ def build_tree(image: Image) -> Tree:
     """Apply every layer of *image*, base first."""
     tree = Tree()
     for index, layer in enumerate(image.layers):
-        tree.apply_layer(layer.entries, index, layer.label)
+        try:
+            tree.apply_layer(layer.entries, index, layer.label)
+        except ImageError as error:
+            raise error.located(layer.path) from None
         layer.release_entries()     # the tree holds all reads need
     return tree
 
@@ -80,6 +83,7 @@ class FileSystem:
         self.tree = tree if tree is not None else build_tree(image)
         self._nodes = self.tree.nodes
         self.upper: Optional[Upper] = None
+        self._image_statvfs: Optional[os.statvfs_result] = None
         self._followed: dict = {}
         self._not_followed: dict = {}
 
@@ -319,9 +323,11 @@ class FileSystem:
         own size and no free space."""
         if self.upper is not None:
             return self.upper.host.statvfs()
-        used = sum(node.size for node in self._nodes.values()) // 4096 + 1
-        return os.statvfs_result((4096, 4096, used, 0, 0, len(self._nodes), 0, 0,
-                                  os.ST_RDONLY, 255))
+        if self._image_statvfs is None:      # a read-only view never changes
+            used = sum(node.size for node in self._nodes.values()) // 4096 + 1
+            self._image_statvfs = os.statvfs_result(
+                (4096, 4096, used, 0, 0, len(self._nodes), 0, 0, os.ST_RDONLY, 255))
+        return self._image_statvfs
 
     def sync(self) -> None:
         """Flush the upper layer's filesystem to disk."""

@@ -35,6 +35,7 @@ from typing import Any, Callable, Sequence
 
 import attrs
 
+from .compression import detect_compression
 from .errors import DigestMismatchError, ImageError, UnsupportedImageError
 from .layer import BlobSource, Layer, open_layer
 from .paths import BadMemberName, normalize_member_name
@@ -386,7 +387,10 @@ def open_image(source: str | bytes | os.PathLike | Sequence[str | bytes | os.Pat
                tag: str | None = None, platform: str | None = None,
                cache: Any = None, progress: Any = None) -> Image:
     """Open an image: an OCI layout directory, an OCI or docker-save archive
-    (uncompressed tar), or a list of layer files, bottom first.
+    (uncompressed tar), or a list of layer files, bottom first.  A single
+    file that is neither kind of archive (a plain tar with no ``index.json``
+    + ``oci-layout`` nor ``manifest.json`` at its root, or any gzip or zstd
+    file) is one layer.
 
     *tag* chooses among several images by ``org.opencontainers.image.ref.name``
     or docker ``RepoTags``; *platform* (``"os/arch[/variant]"``, by default
@@ -407,14 +411,22 @@ def open_image(source: str | bytes | os.PathLike | Sequence[str | bytes | os.Pat
             raise UnsupportedImageError(
                 "directory is not an OCI image layout (no oci-layout and index.json)", path=path)
         return _Opener(store, "oci-layout", layer_args).open_oci(tag, platform)
+    if _is_compressed_layer(path):
+        return _open_layer_list([path], layer_args)
     store = _TarStore(path)
     if store.size("index.json") is not None and store.size("oci-layout") is not None:
         return _Opener(store, "oci-archive", layer_args).open_oci(tag, platform)
     if store.size("manifest.json") is not None:
         return _Opener(store, "docker-archive", layer_args).open_docker(tag, platform)
-    raise UnsupportedImageError(
-        "archive has neither oci-layout + index.json nor manifest.json; "
-        "to open layer tars, pass a list of their paths", path=path)
+    # Neither kind of image archive: a single layer tar.
+    return _open_layer_list([path], layer_args)
+
+
+def _is_compressed_layer(path: str) -> bool:
+    """A gzip or zstd file is a layer: image archives are read in place, so
+    they are never compressed."""
+    with open(path, "rb") as stream:
+        return detect_compression(stream.read(4)) != "none"
 
 
 class _Opener:

@@ -281,6 +281,9 @@ def open_layer(source: Union[str, os.PathLike, BlobSource], *,
             layer = opener.from_cache(cache, identity)
         if layer is None:
             layer = opener.index(cache or None, identity, progress, max_size)
+    except ImageError as error:
+        os.close(fd)
+        raise error.located(source.path) from None
     except BaseException:
         os.close(fd)
         raise

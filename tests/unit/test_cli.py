@@ -109,3 +109,12 @@ def test_corrupt_gzip_is_one_line(tmp_path):
     path = tmp_path / "broken.tar.gz"
     path.write_bytes(b"\x1f\x8b\x08\x00" + os.urandom(64))
     assert_one_line_error(run("ls", path, check=False), str(path))
+
+
+def test_a_single_layer_file_is_an_image(tmp_path):
+    path = tmp_path / "layer.tar"
+    with tarfile.open(path, "w") as tar:
+        info = tarfile.TarInfo("only")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"ok"))
+    assert run("cat", path, "/only").stdout == "ok"
