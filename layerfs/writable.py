@@ -317,6 +317,9 @@ def rename(fs, source, destination) -> None:
 
 def chmod(fs, path, mode: int, *, follow_symlinks: bool = True) -> None:
     def change(node: Node) -> None:
+        if node.mode & S_IFMT == S_IFLNK:
+            # Linux symlinks have no permissions: lchmod is EOPNOTSUPP.
+            raise path_error(errno.EOPNOTSUPP, os.fspath(path))
         node.mode = (node.mode & S_IFMT) | (mode & 0o7777)
     change_metadata(fs, path, follow_symlinks, change)
 

@@ -117,8 +117,9 @@ class LocalDirectory:
         os.link(self._host(source), self._host(destination), follow_symlinks=False)
 
     def chmod(self, path, mode, follow_symlinks=True):
-        if not (os.path.islink(self._host(path)) and not follow_symlinks):
-            os.chmod(self._host(path), mode, follow_symlinks=True)
+        if os.path.islink(self._host(path)) and not follow_symlinks:
+            raise OSError(_errno.EOPNOTSUPP, os.strerror(_errno.EOPNOTSUPP), path)
+        os.chmod(self._host(path), mode)
 
     def utime(self, path, ns, follow_symlinks=True):
         os.utime(self._host(path), ns=ns, follow_symlinks=follow_symlinks)

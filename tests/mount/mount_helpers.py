@@ -28,6 +28,9 @@ BIG = bytes((i * 7 + i // 251) % 256 for i in range(300_000))
 NON_UTF8_NAME = "caf\udce9"          # b"caf\xe9" in the tar
 
 
+ABSOLUTE_TARGET = "/nonexistent-layerfs-test-target/passwd"
+
+
 def fuse_unavailable() -> str:
     """Why a real mount is impossible here, or "" if it is possible."""
     if os.geteuid() != 0:
@@ -84,7 +87,9 @@ def write_sample_layers(directory) -> list:
         _add(tar, "lib/libx.so.1", data=b"ELF")
         _add(tar, "lib/libx.so", tarfile.SYMTYPE, linkname="libx.so.1")
         _add(tar, "usr/lib/old", data=b"hidden by an opaque marker")
-        _add(tar, "absolute", tarfile.SYMTYPE, linkname="/etc/passwd")
+        # An absolute symlink. Through a mount the kernel follows it on the
+        # HOST, so it must name nothing that exists there: tests write to paths.
+        _add(tar, "absolute", tarfile.SYMTYPE, linkname=ABSOLUTE_TARGET)
         _add(tar, "dangling", tarfile.SYMTYPE, linkname="nowhere")
         _add(tar, "dev/null", tarfile.CHRTYPE, mode=0o666, devmajor=1, devminor=3)
         _add(tar, "dev/sda", tarfile.BLKTYPE, mode=0o660, devmajor=8, devminor=0)
