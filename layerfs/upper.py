@@ -300,9 +300,10 @@ class Upper:
     def apply_metadata(self, host_path: str, node: Node) -> None:
         """Make the host entry's metadata *node*'s (xattrs, owner, mode, times)."""
         host = self.host
-        wanted = node.xattrs or {}
+        wanted = {name: value for name, value in (node.xattrs or {}).items()
+                  if self.host_stores_xattr(name)}
         for name in host.listxattr(host_path):
-            if name not in wanted:
+            if name not in wanted and self.host_stores_xattr(name):
                 host.removexattr(host_path, name)
         for name, value in wanted.items():
             host.setxattr(host_path, name, value)
@@ -473,13 +474,20 @@ class Upper:
             self.apply_metadata(diff_path(path), node)
             self.record_unstorable(path, node)
 
+    def host_stores_xattr(self, name: str) -> bool:
+        """Without root, only ``user.*`` xattrs can be set on the host."""
+        return self.is_root or name.startswith("user.")
+
     def record_unstorable(self, path: str, node: Node) -> None:
-        """Without root, the host entry cannot carry another owner, and a
-        device node is stored as an empty file: the sidecar keeps owner,
-        type and device number (under every name of the inode)."""
+        """Without root, the host entry cannot carry another owner, a device
+        node is stored as an empty file, and xattrs outside ``user.`` cannot
+        be set: the sidecar keeps owner, type and device number, and those
+        xattrs (under every name of the inode)."""
         if self.is_root:
             return
-        fields = {"uid": node.uid, "gid": node.gid}
+        fields = {"uid": node.uid, "gid": node.gid, "host_xattrs_missing": {
+            name: value.hex() for name, value in (node.xattrs or {}).items()
+            if not self.host_stores_xattr(name)}}
         kind = node.mode & S_IFMT
         if kind in (_stat.S_IFCHR, _stat.S_IFBLK):
             fields.update(kind=kind, rdev=node.rdev)
@@ -627,6 +635,9 @@ def _apply_sidecar(upper: Upper) -> None:
             node.mode = record["kind"] | (node.mode & 0o7777)
         if "xattrs" in record:
             node.xattrs = {k: bytes.fromhex(v) for k, v in record["xattrs"].items()} or None
+        if record.get("host_xattrs_missing"):
+            node.xattrs = {**(node.xattrs or {}), **{
+                k: bytes.fromhex(v) for k, v in record["host_xattrs_missing"].items()}}
         node.stat_cache = None
     if stale:
         for path in stale:

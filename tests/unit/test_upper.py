@@ -118,6 +118,20 @@ def test_without_root_owner_and_devices_are_kept_in_the_sidecar(image, tmp_path)
         assert fs.stat("/d/g").st_uid == 77
 
 
+def test_without_root_xattrs_outside_user_are_kept_in_the_sidecar(image, tmp_path):
+    upper = tmp_path / "upper"
+    with layerfs.open(image, upper=upper) as fs:
+        fs.upper.is_root = False                 # act as an unprivileged user
+        fs.write_bytes("/top", b"changed")
+        fs.setxattr("/top", "trusted.overlay.x", b"t")
+        fs.setxattr("/top", "user.kept", b"u")
+    assert os.getxattr(upper / "diff" / "top", "user.kept") == b"u"
+    assert "trusted.overlay.x" not in os.listxattr(upper / "diff" / "top")
+    with layerfs.open(image, upper=upper) as fs:
+        assert fs.getxattr("/top", "trusted.overlay.x") == b"t"
+        assert fs.getxattr("/top", "user.kept") == b"u"
+
+
 def test_directory_recreated_over_a_deleted_one_keeps_its_mtime(image, tmp_path):
     upper = tmp_path / "upper"
     with layerfs.open(image, upper=upper) as fs:
