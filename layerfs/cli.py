@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 import attrs
 
 from . import fs as layerfs_fs
+from .entry import kind_name
 from .errors import ImageError
 
 EXIT_ERROR = 1
@@ -151,7 +152,7 @@ def cmd_stat(args) -> int:
     with open_image_fs(args, args.image) as fs:
         st = fs.stat(args.path, follow_symlinks=args.follow)
         record = {
-            "path": args.path, "type": type_name(st.st_mode),
+            "path": args.path, "type": kind_name(st.st_mode),
             "mode": f"{_stat.S_IMODE(st.st_mode):04o}", "size": st.st_size,
             "uid": st.st_uid, "gid": st.st_gid, "inode": st.st_ino,
             "links": st.st_nlink, "mtime_ns": st.st_mtime_ns,
@@ -169,13 +170,6 @@ def cmd_stat(args) -> int:
             for key, value in record.items():
                 print(f"{key + ':':<10}{value}")
     return 0
-
-
-def type_name(mode: int) -> str:
-    return {
-        _stat.S_IFREG: "file", _stat.S_IFDIR: "directory", _stat.S_IFLNK: "symlink",
-        _stat.S_IFCHR: "char device", _stat.S_IFBLK: "block device", _stat.S_IFIFO: "fifo",
-    }.get(_stat.S_IFMT(mode), "unknown")
 
 
 def cmd_inspect(args) -> int:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import builtins
 import contextlib
 import errno
-import io
 import os
 import stat as _stat
 from typing import BinaryIO, Iterator, Optional, Sequence, Union

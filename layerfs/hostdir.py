@@ -197,12 +197,6 @@ class HostDir:
     def statvfs(self) -> os.statvfs_result:
         return os.statvfs(self.fd)
 
-    def fsync_dir(self, path: str) -> None:
-        fd = self.open_dir(path)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def remove_tree_at(parent: int, name: str) -> None:

@@ -9,8 +9,6 @@ through untouched.  Names are ``str``; bytes that are not UTF-8 are kept with
 
 from __future__ import annotations
 
-import os
-
 PATH_MAX = 4096   # bytes, including the terminating NUL (Linux)
 NAME_MAX = 255    # bytes in one component (Linux)
 
@@ -89,6 +87,3 @@ def is_within(path: str, top: str) -> bool:
     """True if *path* is *top* or lies beneath it."""
     return top == "/" or path == top or path.startswith(top + "/")
 
-
-def host_fsencode(name: str) -> bytes:
-    return os.fsencode(name)

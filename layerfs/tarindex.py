@@ -101,7 +101,7 @@ class _Pending:
 def iter_entries(stream, label: str) -> Iterator[Entry]:
     """The members of the tar *stream*, in order; *label* names the layer
     in error messages."""
-    read, skip, tell = stream.read, stream.skip, stream.tell
+    read = stream.read
     global_pax: dict = {}
     pending = _Pending()
     while True:

@@ -27,7 +27,7 @@ from typing import Iterable, Iterator, Optional
 import attrs
 
 from . import whiteout
-from .entry import DIRECTORY, HARDLINK, SYMLINK, Entry
+from .entry import DIRECTORY, HARDLINK, Entry
 from .errors import InvalidLayerError, path_error
 from .paths import encode_name, is_canonical, join, parents, split
 
@@ -94,7 +94,7 @@ class Node:
 
     def stat(self) -> os.stat_result:
         """This inode's ``os.stat_result``, built once and kept until the
-        node changes (mutators call :meth:`touched`)."""
+        node changes (every mutator sets ``stat_cache`` back to None)."""
         result = self.stat_cache
         if result is None:
             a, m, c = self.atime_ns, self.mtime_ns, self.ctime_ns
@@ -105,10 +105,6 @@ class Node:
                 BLOCK_SIZE, (self.size + 511) // 512, self.rdev))
             self.stat_cache = result
         return result
-
-    def touched(self) -> None:
-        """Forget cached results after a change to this node."""
-        self.stat_cache = None
 
 
 @attrs.frozen

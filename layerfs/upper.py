@@ -37,7 +37,7 @@ from typing import Optional
 
 from . import whiteout
 from .entry import DIRECTORY, HARDLINK, REGULAR, Entry
-from .errors import InvalidLayerError, path_error
+from .errors import InvalidLayerError
 from .hostdir import HostDir, copy_fd
 from .paths import is_within, join, split
 from .union import (ORIGIN_LOWER, ORIGIN_MERGED, ORIGIN_METACOPY, ORIGIN_NEW,
@@ -495,9 +495,6 @@ class Upper:
         for name in self.tree.names_of(node) if several else [path]:
             self.sidecar.records[name] = dict(fields)
         self.sidecar.save()
-
-    def lower_mode(self, path: str) -> int:
-        return self.lower_paths[path]
 
     def new_node(self, mode: int, path: str) -> Node:
         """A new inode for *path*, owned as the kernel would own it: by us,

@@ -17,12 +17,11 @@ from typing import Optional
 
 import attrs
 
-from . import whiteout
 from .entry import kind_name
 from .errors import ReadOnlyError, path_error
-from .paths import encode_name, is_within, join, split
-from .union import (ORIGIN_LOWER, ORIGIN_MERGED, ORIGIN_METACOPY, ORIGIN_NEW,
-                    S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, UPPER_SOURCE, Node)
+from .paths import encode_name, is_within, split
+from .union import (ORIGIN_LOWER, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, UPPER_SOURCE,
+                    Node)
 from .upper import Upper, check_name, diff_path, now_ns
 
 ACCESS_MODE = os.O_ACCMODE
@@ -528,7 +527,7 @@ def diff(fs) -> list[Change]:
     changes = []
     for path in upper.lower_paths:
         if path not in nodes and split(path)[0] in nodes:
-            changes.append(Change(path, "deleted", kind_name(upper.lower_mode(path))))
+            changes.append(Change(path, "deleted", kind_name(upper.lower_paths[path])))
     for path, node in nodes.items():
         if node.origin == ORIGIN_LOWER or path == "/":
             continue

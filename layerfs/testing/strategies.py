@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
-from layerfs.paths import join, normalize_member_name, parents
+from layerfs.paths import normalize_member_name, parents
 from layerfs.testing import layers as L
 from layerfs.testing.model import ModelError, apply_stack
 

@@ -1,11 +1,7 @@
 """Properties that tie the read view, the export, the writable view, diff and
 commit together (issue 5): each is one more way to compute the same tree."""
 
-import shutil
-import tempfile
-
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import layerfs
 from layerfs.commit import commit
