@@ -19,11 +19,6 @@ from layerfs.imagewrite import write_docker_archive, write_oci_archive, write_oc
 from layerfs.layer import BlobSource
 
 
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("LAYERFS_CACHE_DIR", str(tmp_path / "cache"))
-
-
 def tar_bytes(files: dict[str, bytes]) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
