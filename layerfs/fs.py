@@ -62,7 +62,21 @@ def open(source: Source, *, upper: Optional[PathLike] = None, tag: Optional[str]
 
 
 def build_tree(image: Image) -> Tree:
-    """Apply every layer of *image*, base first."""
+    """Apply every layer of *image*, base first.
+
+    The result depends only on the layers' contents, so it is kept in the
+    layers' index cache under the stack's ChainID: opening the same stack
+    again restores it from one record, without reading any layer's entries.
+    """
+    cache = image.layers[0].cache if image.layers else None
+    chain_hex = (image.chain_id() or "").partition(":")[2]
+    if cache is not None:
+        record = cache.load_view(chain_hex)
+        if record is not None:
+            try:
+                return Tree.from_record(record)
+            except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+                cache.discard_view(chain_hex)
     tree = Tree()
     for index, layer in enumerate(image.layers):
         try:
@@ -70,6 +84,9 @@ def build_tree(image: Image) -> Tree:
         except ImageError as error:
             raise error.located(layer.path) from None
         layer.release_entries()     # the tree holds all reads need
+    if cache is not None:
+        with contextlib.suppress(OSError):    # a full or read-only cache: rebuilt next time
+            cache.store_view(chain_hex, tree.to_record())
     return tree
 
 

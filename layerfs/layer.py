@@ -19,9 +19,13 @@ Cost of this design, on purpose:
 The index cache (:class:`IndexCache`, under ``$LAYERFS_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/layerfs``, else ``~/.cache/layerfs``)::
 
-    index/sha256/<hex>.idx   marshal of (header, [entry tuples]), keyed by the
-                             blob digest; the header holds a format name and
-                             version, both digests, sizes and the entry count
+    index/sha256/<hex>.idx   marshal of (header, marshal of [entry tuples]),
+                             keyed by the blob digest; the header holds a
+                             format name and version, both digests, sizes
+                             and the entry count
+    views/sha256/<hex>.view  marshal of (header, tree record): the union of a
+                             stack of layers, keyed by the stack's ChainID
+                             (see ``layerfs.fs.build_tree``)
     blobs/sha256/<hex>.tar   the uncompressed copy of a compressed blob
     memo/<key>               "stat memo": the identity of a source file
                              (realpath, offset, size, st_dev, st_ino, st_size,
@@ -31,7 +35,8 @@ Every file is written to a temp file in its final directory and renamed into
 place, so readers never see half a file; temp files are removed on any error
 (a full disk included).  A second open of an unchanged file finds its digest
 in the memo and its entries in the index: it neither hashes the blob nor
-parses a tar header.  An index file that cannot be read back (corrupt, from
+parses a tar header; and an image whose stack was opened before loads its
+union from ``views/`` without reading the layers' entries.  An index file that cannot be read back (corrupt, from
 another version) is discarded and rebuilt.
 
 ``cache=False`` turns caching off: nothing is written to the cache
@@ -60,7 +65,9 @@ from layerfs.tarindex import iter_entries
 
 CACHE_ENV = "LAYERFS_CACHE_DIR"
 INDEX_FORMAT = "layerfs-index"
-INDEX_VERSION = 1
+INDEX_VERSION = 2
+VIEW_FORMAT = "layerfs-view"
+VIEW_VERSION = 1
 MEMO_VERSION = 1
 _COPY_BUFFER = 1 << 20
 
@@ -98,6 +105,9 @@ class IndexCache:
     def index_path(self, hex_digest: str) -> str:
         return os.path.join(self.root, "index", "sha256", hex_digest + ".idx")
 
+    def view_path(self, chain_hex: str) -> str:
+        return os.path.join(self.root, "views", "sha256", chain_hex + ".view")
+
     def blob_path(self, hex_digest: str) -> str:
         return os.path.join(self.root, "blobs", "sha256", hex_digest + ".tar")
 
@@ -118,29 +128,73 @@ class IndexCache:
                   "digest": digest, "diff_id": diff_id}
         _write_atomic(self.memo_path(identity), marshal.dumps(record))
 
+    def load_header(self, hex_digest: str) -> Optional[dict]:
+        """The header of a blob's index, or None (see :meth:`load_index`)."""
+        loaded = self._load_index_file(hex_digest)
+        return loaded[0] if loaded is not None else None
+
     def load_index(self, hex_digest: str) -> Optional[tuple]:
         """(header, entries) of a blob, or None; a file that does not read
         back as an index of this version and blob is removed."""
+        loaded = self._load_index_file(hex_digest)
+        if loaded is None:
+            return None
+        header, payload = loaded
+        try:
+            rows = marshal.loads(payload)
+            if len(rows) != header["entry_count"]:
+                raise ValueError("wrong number of entries")
+            make = Entry._make
+            entries = [make(row) for row in rows]
+        except (ValueError, TypeError, EOFError):
+            _remove(self.index_path(hex_digest))
+            return None
+        return header, entries
+
+    def _load_index_file(self, hex_digest: str) -> Optional[tuple]:
+        """(header, marshalled entries): the entries are a payload of their
+        own, so that an open which needs only the header does not build them."""
         path = self.index_path(hex_digest)
         value = _load_marshal(path)
         if value is None:
             return None
         try:
-            header, rows = value
+            header, payload = value
             if (header["format"] != INDEX_FORMAT or header["version"] != INDEX_VERSION
-                    or header["digest"] != hex_digest
-                    or len(rows) != header["entry_count"]):
+                    or header["digest"] != hex_digest or not isinstance(payload, bytes)):
                 raise ValueError("not an index of this blob")
-            make = Entry._make
-            entries = [make(row) for row in rows]
         except (ValueError, TypeError, KeyError):
             _remove(path)
             return None
-        return header, entries
+        return header, payload
 
     def store_index(self, header: dict, entries: list) -> None:
-        payload = marshal.dumps((header, [tuple(e) for e in entries]))
-        _write_atomic(self.index_path(header["digest"]), payload)
+        payload = marshal.dumps([tuple(e) for e in entries])
+        _write_atomic(self.index_path(header["digest"]), marshal.dumps((header, payload)))
+
+    def load_view(self, chain_hex: str) -> Optional[dict]:
+        """The tree record (:meth:`layerfs.union.Tree.to_record`) stored for
+        the stack of layers whose ChainID is *chain_hex*, or None."""
+        path = self.view_path(chain_hex)
+        value = _load_marshal(path)
+        if value is None:
+            return None
+        try:
+            header, record = value
+            if (header["format"] != VIEW_FORMAT or header["version"] != VIEW_VERSION
+                    or header["chain_id"] != chain_hex or not isinstance(record, dict)):
+                raise ValueError("not a view of this stack")
+        except (ValueError, TypeError, KeyError):
+            _remove(path)
+            return None
+        return record
+
+    def store_view(self, chain_hex: str, record: dict) -> None:
+        header = {"format": VIEW_FORMAT, "version": VIEW_VERSION, "chain_id": chain_hex}
+        _write_atomic(self.view_path(chain_hex), marshal.dumps((header, record)))
+
+    def discard_view(self, chain_hex: str) -> None:
+        _remove(self.view_path(chain_hex))
 
 
 class Layer:
@@ -148,10 +202,12 @@ class Layer:
     ``path``, ``source``, ``digest`` and ``diff_id`` (``"sha256:<hex>"``),
     ``media_type``, ``compression`` (``"none"``, ``"gzip"``, ``"zstd"``),
     ``size`` (bytes of the blob), ``uncompressed_size``, ``entries`` (tar
-    order) and ``entry_count``."""
+    order, loaded from the index cache when first needed) and
+    ``entry_count``; ``cache`` is the :class:`IndexCache` it came from, or
+    None."""
 
     def __init__(self, *, source: BlobSource, label: str, header: dict,
-                 entries: list, media_type: Optional[str], data_fd: int,
+                 entries: Optional[list], media_type: Optional[str], data_fd: int,
                  base: int, closers: list, cache: Optional[IndexCache] = None):
         self.source = source
         self.path = source.path
@@ -162,9 +218,9 @@ class Layer:
         self.compression = header["compression"]
         self.size = header["size"]
         self.uncompressed_size = header["uncompressed_size"]
-        self._entries: Optional[list] = entries
-        self._entry_count = len(entries)
-        self._cache = cache
+        self._entries = entries
+        self._entry_count = header["entry_count"]
+        self.cache = cache
         self._data_fd = data_fd
         self._base = base
         self._closers = closers
@@ -179,17 +235,21 @@ class Layer:
         if :meth:`release_entries` dropped them)."""
         if self._entries is not None:
             return self._entries
-        loaded = self._cache.load_index(self.digest.partition(":")[2])
-        if loaded is None:
-            raise ImageError("the cached index of this layer vanished; open the image again",
-                             path=self.path, layer=self.label)
-        return loaded[1]
+        loaded = self.cache.load_index(self.digest.partition(":")[2])
+        if loaded is not None:
+            return loaded[1]
+        # The index went away (or rotted) since the header was read: list
+        # the tar again, from the uncompressed data this layer reads from.
+        stream = BlobStream(self._data_fd, size=self.uncompressed_size,
+                            offset=self._base, label=self.label)
+        self._entries = list(iter_entries(stream, self.label))
+        return self._entries
 
     def release_entries(self) -> None:
         """Let the entries go from memory once the union tree holds what it
         needs; they stay readable through :attr:`entries`, from the index
         cache.  Without a cache they are kept."""
-        if self._cache is not None:
+        if self.cache is not None:
             self._entries = None
 
     def read(self, data, size: int, offset: int, length: int) -> bytes:
@@ -306,12 +366,11 @@ class _Opener:
         if memo is None:
             return None
         self.verify(*memo)
-        loaded = cache.load_index(memo[0])
-        if loaded is None:
+        header = cache.load_header(memo[0])
+        if header is None:
             return None
-        header, entries = loaded
         if header["compression"] == NONE:
-            return self.layer(header, entries, self.fd, self.source.offset,
+            return self.layer(header, None, self.fd, self.source.offset,
                               [lambda: os.close(self.fd)], cache)
         try:
             copy_fd = os.open(cache.blob_path(header["digest"]),
@@ -322,7 +381,7 @@ class _Opener:
             os.close(copy_fd)
             return None
         os.close(self.fd)
-        return self.layer(header, entries, copy_fd, 0, [lambda: os.close(copy_fd)], cache)
+        return self.layer(header, None, copy_fd, 0, [lambda: os.close(copy_fd)], cache)
 
     def index(self, cache: Optional[IndexCache], identity: tuple,
               progress, max_size) -> Layer:

@@ -20,8 +20,10 @@ object, which counts its names in ``nlink``.  A directory's ``nlink`` is
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import stat as _stat
+from itertools import starmap
 from typing import Iterable, Iterator, Optional
 
 import attrs
@@ -105,6 +107,52 @@ class Node:
                 BLOCK_SIZE, (self.size + 511) // 512, self.rdev))
             self.stat_cache = result
         return result
+
+
+# The Node fields a tree record keeps (children are rebuilt; stat_cache is
+# derived).  Bump RECORD_VERSION with any change here or to the union rules,
+# so that cached views built by older rules are not used.
+RECORD_FIELDS = ("ino", "mode", "uid", "gid", "size", "mtime_ns", "atime_ns",
+                 "ctime_ns", "nlink", "rdev", "target", "xattrs", "source",
+                 "data", "origin")
+RECORD_VERSION = 1
+
+
+def _without_gc(function, *args):
+    """*function(*args)* with the cyclic garbage collector paused: creating
+    a hundred thousand nodes would otherwise trigger full collections that
+    traverse every one of them again, tripling the time (nodes form no
+    cycles the collector could free here)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return function(*args)
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _restored_node(ino, mode, uid, gid, size, mtime_ns, atime_ns, ctime_ns,
+                   nlink, rdev, target, xattrs, source, data, origin) -> Node:
+    node = Node.__new__(Node)
+    node.ino = ino
+    node.mode = mode
+    node.uid = uid
+    node.gid = gid
+    node.size = size
+    node.mtime_ns = mtime_ns
+    node.atime_ns = atime_ns
+    node.ctime_ns = ctime_ns
+    node.nlink = nlink
+    node.rdev = rdev
+    node.target = target
+    node.xattrs = xattrs
+    node.source = source
+    node.data = data
+    node.children = {} if mode & S_IFMT == S_IFDIR else None
+    node.stat_cache = None
+    node.origin = origin
+    return node
 
 
 @attrs.frozen
@@ -214,6 +262,62 @@ class Tree:
         if must_be_dir and node.children is None:
             raise path_error(errno.ENOTDIR, path)
         return current, node
+
+    # ------------------------------------------------------------------
+    # The view as plain data, so a cache can keep it (see layerfs.layer).
+
+    def to_record(self) -> dict:
+        """The whole view as marshal-able data: every inode's fields in
+        columns, and each directory's children as names, paths and inode
+        numbers within the record.  :meth:`from_record` restores an equal
+        tree (same inode numbers, same listing order)."""
+        inodes: list = []
+        index_of: dict = {}
+        directories, names, paths, members = [], [], [], []
+
+        def number(node: Node) -> int:
+            found = index_of.get(id(node))
+            if found is None:
+                found = index_of[id(node)] = len(inodes)
+                inodes.append(node)
+            return found
+
+        number(self.root)
+        for path, node in self.walk_nodes():
+            if node.children:
+                prefix = path if path == "/" else path + "/"
+                directories.append(number(node))
+                names.append(tuple(node.children))
+                paths.append(tuple(prefix + name for name in node.children))
+                members.append(tuple(number(child) for child in node.children.values()))
+        columns = tuple(tuple(getattr(node, field) for node in inodes)
+                        for field in RECORD_FIELDS)
+        return {"version": RECORD_VERSION, "tree_version": self.version,
+                "next_ino": self._next_ino, "inodes": columns,
+                "directories": (tuple(directories), tuple(names), tuple(paths),
+                                tuple(members))}
+
+    @classmethod
+    def from_record(cls, record: dict) -> "Tree":
+        """The tree :meth:`to_record` described.  Raises ``ValueError`` if
+        *record* is not one (of this version)."""
+        if record.get("version") != RECORD_VERSION:
+            raise ValueError("not a tree record of this version")
+        columns = record["inodes"]
+        if len(columns) != len(RECORD_FIELDS):
+            raise ValueError("wrong number of inode fields")
+        inodes = _without_gc(list, starmap(_restored_node, zip(*columns)))
+        inode = inodes.__getitem__
+        tree = cls.__new__(cls)
+        tree.root = inodes[0]
+        tree.nodes = nodes = {"/": tree.root}
+        for directory, names, paths, members in zip(*record["directories"]):
+            children = list(map(inode, members))
+            inodes[directory].children = dict(zip(names, children, strict=True))
+            nodes.update(zip(paths, children, strict=True))
+        tree.version = record["tree_version"]
+        tree._next_ino = record["next_ino"]
+        return tree
 
     def walk_nodes(self, top: str = "/") -> Iterator[tuple[str, Node]]:
         """Every (path, node) at and beneath canonical *top*, parents first."""

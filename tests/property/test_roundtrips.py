@@ -28,11 +28,21 @@ def test_flattened_export_shows_the_same_view(stack, tmp_path_factory):
     assert diff_views(apply_stack(stack), view) == []
 
 
+def inodes_and_order(fs):
+    """What a snapshot leaves out: inode numbers, link counts, listing order."""
+    return {path: (node.ino, node.nlink, list(node.children or ()))
+            for path, node in fs.tree.nodes.items()}
+
+
 @given(stack=STACKS)
 def test_reopening_is_idempotent(stack, tmp_path_factory):
+    """The second open restores the view the first one stored in the cache."""
     paths = write_stack(stack, tmp_path_factory.mktemp("reopen"))
     with layerfs.open(paths) as first, layerfs.open(paths) as second:
         assert diff_views(snapshot(first), snapshot(second)) == []
+        assert inodes_and_order(first) == inodes_and_order(second)
+    with layerfs.open(paths, cache=False) as uncached:
+        assert inodes_and_order(uncached) == inodes_and_order(second)
 
 
 def base_view_with_diff(base: dict, view: dict, changes) -> dict:

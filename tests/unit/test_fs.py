@@ -109,3 +109,72 @@ def test_export_round_trips(fs, tmp_path):
                 if stat.S_ISREG(fs.lstat(path).st_mode):
                     assert flat.read_bytes(path) == fs.read_bytes(path)
         assert flat.stat("/usr/bin/hi").st_ino == flat.stat("/usr/bin/hello").st_ino
+
+
+def tree_shape(tree):
+    """Everything a tree says, inode numbers and listing order included."""
+    from layerfs.union import RECORD_FIELDS
+    return {path: (tuple(getattr(node, field) for field in RECORD_FIELDS),
+                   None if node.children is None else list(node.children))
+            for path, node in tree.nodes.items()}
+
+
+def test_a_second_open_restores_the_view_without_reading_entries(image, monkeypatch):
+    from layerfs.layer import IndexCache
+    from layerfs.union import Tree
+    with layerfs.open(image) as first:
+        built = tree_shape(first.tree)
+        content = first.read_bytes("/etc/os-release")
+
+    def forbidden(*args):
+        raise AssertionError("the cached view was not used")
+
+    monkeypatch.setattr(IndexCache, "load_index", forbidden)
+    monkeypatch.setattr(Tree, "apply_layer", forbidden)
+    with layerfs.open(image) as second:
+        assert tree_shape(second.tree) == built
+        assert second.read_bytes("/etc/os-release") == content
+
+
+@pytest.mark.parametrize("garbage", [b"\xff not marshal", b"\xe9",
+                                     b"\xa9\x02\xfb\xfb"])
+def test_an_unreadable_cached_view_is_rebuilt(image, garbage):
+    cache_root = os.environ["LAYERFS_CACHE_DIR"]
+    with layerfs.open(image) as first:
+        built = tree_shape(first.tree)
+        chain = first.image.chain_id().partition(":")[2]
+    view = os.path.join(cache_root, "views", "sha256", chain + ".view")
+    with open(view, "wb") as file:
+        file.write(garbage)
+    with layerfs.open(image) as second:
+        assert tree_shape(second.tree) == built
+    with open(view, "rb") as file:
+        assert file.read() != garbage
+
+
+def test_a_view_record_of_another_shape_is_rebuilt(image):
+    import marshal
+    cache_root = os.environ["LAYERFS_CACHE_DIR"]
+    with layerfs.open(image) as first:
+        built = tree_shape(first.tree)
+        chain = first.image.chain_id().partition(":")[2]
+    view = os.path.join(cache_root, "views", "sha256", chain + ".view")
+    header = {"format": "layerfs-view", "version": 1, "chain_id": chain}
+    broken = {"version": 1, "tree_version": 1, "next_ino": 2,
+              "inodes": ((1,),) * 15, "directories": ((0,), (("a", "b"),), (("/a",),), ((0,),))}
+    with open(view, "wb") as file:
+        file.write(marshal.dumps((header, broken)))
+    with layerfs.open(image) as second:
+        assert tree_shape(second.tree) == built
+
+
+def test_views_are_kept_per_stack(tmp_path):
+    from layerfs.testing.layers import file
+    from layerfs.testing.writers import write_layer
+    lower = write_layer([file("f", b"lower")], tmp_path / "lower.tar")
+    upper = write_layer([file("f", b"upper")], tmp_path / "upper.tar")
+    for _ in range(2):      # the second round restores both views
+        with layerfs.open([lower, upper]) as fs:
+            assert fs.read_bytes("/f") == b"upper"
+        with layerfs.open([upper, lower]) as fs:
+            assert fs.read_bytes("/f") == b"lower"

@@ -361,3 +361,20 @@ def test_memo_survives_non_utf8_paths(tmp_path):
     open_layer(path).close()
     with open_layer(path) as layer:
         assert layer.diff_id == sha(tar)
+
+
+@pytest.mark.parametrize("damage", ["remove", "corrupt_entries"])
+@pytest.mark.parametrize("kind", ["none", "gzip"])
+def test_entries_are_listed_again_when_the_index_goes_away(tmp_path, cache_dir, kind, damage):
+    path, blob, _ = write_blob(tmp_path, kind)
+    with open_layer(path) as first:
+        expected = first.entries
+    with open_layer(path) as second:      # reads only the index's header
+        idx = cache_dir / "index" / "sha256" / f"{sha(blob)[7:]}.idx"
+        if damage == "remove":
+            idx.unlink()
+        else:
+            header, _ = marshal.loads(idx.read_bytes())
+            idx.write_bytes(marshal.dumps((header, b"\xe9 rotten")))
+        assert second.entries == expected
+        assert contents(second)["/small"] == b"hello\n"
