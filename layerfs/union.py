@@ -24,6 +24,7 @@ import gc
 import os
 import stat as _stat
 from itertools import starmap
+from operator import attrgetter
 from typing import Iterable, Iterator, Optional
 
 import attrs
@@ -290,7 +291,11 @@ class Tree:
                 names.append(tuple(node.children))
                 paths.append(tuple(prefix + name for name in node.children))
                 members.append(tuple(number(child) for child in node.children.values()))
-        columns = tuple(tuple(getattr(node, field) for node in inodes)
+        # Equal numbers (modes, times, owners) become one object, which
+        # marshal then writes once: the restored tree shares them too.
+        shared: dict = {}
+        columns = tuple(tuple(shared.setdefault(value, value) if value.__class__ is int
+                              else value for value in map(attrgetter(field), inodes))
                         for field in RECORD_FIELDS)
         return {"version": RECORD_VERSION, "tree_version": self.version,
                 "next_ino": self._next_ino, "inodes": columns,
