@@ -22,11 +22,14 @@ that is UTF-8 with ``surrogateescape`` (:data:`PATH_ENCODING`).
 from __future__ import annotations
 
 import codecs
+import ctypes
 import errno
 import itertools
 import logging
+import operator
 import os
 import stat
+import struct
 import threading
 import time
 from typing import Callable, Optional
@@ -41,11 +44,13 @@ PATH_ENCODING = "layerfs_surrogateescape"
 def _find_codec(name: str) -> Optional[codecs.CodecInfo]:
     if name != PATH_ENCODING:
         return None
-    utf8 = codecs.lookup("utf-8")
+    # Straight to the C codec functions: fusepy decodes every path of every
+    # request with this codec.
+    encode, decode = codecs.utf_8_encode, codecs.utf_8_decode
     return codecs.CodecInfo(
         name=PATH_ENCODING,
-        encode=lambda text, errors="surrogateescape": utf8.encode(text, "surrogateescape"),
-        decode=lambda data, errors="surrogateescape": utf8.decode(data, "surrogateescape"))
+        encode=lambda text, errors=None: encode(text, "surrogateescape"),
+        decode=lambda data, errors=None: decode(data, "surrogateescape", True))
 
 
 codecs.register(_find_codec)
@@ -85,6 +90,16 @@ def statvfs_to_attrs(sv: os.statvfs_result) -> dict:
         "f_files", "f_ffree", "f_favail", "f_flag", "f_namemax")}
 
 
+def errno_of(error: Exception, op: str, args: tuple) -> int:
+    """The errno a failed request answers: an ``OSError``'s own; anything
+    else (or an ``OSError`` without errno) is a bug, logged with its
+    traceback, and answers ``EIO``."""
+    if isinstance(error, OSError) and error.errno:
+        return error.errno
+    log.error("FUSE %s%r failed", op, args, exc_info=error)
+    return errno.EIO
+
+
 class Operations(fusepy.Operations):
     """fusepy operations over a layerfs filesystem.
 
@@ -99,6 +114,10 @@ class Operations(fusepy.Operations):
     # atime/mtime (``touch -m``, ``tar -x``); with it, the other arrives as
     # UTIME_OMIT (see utimens).
     flag_utime_omit_ok = 1
+    # fusepy's defaults answer 0 and keep nothing; undefined, libfuse answers
+    # the same without a call into Python for every directory listed.
+    opendir = None
+    releasedir = None
 
     def __init__(self, fs, on_ready: Optional[Callable[[], None]] = None):
         self.fs = fs
@@ -116,14 +135,8 @@ class Operations(fusepy.Operations):
             return getattr(self, op)(*args)
         except fusepy.FuseOSError:
             raise
-        except OSError as error:
-            if error.errno:
-                raise fusepy.FuseOSError(error.errno) from error
-            log.error("FUSE %s%r raised an OSError without errno", op, args, exc_info=True)
-            raise fusepy.FuseOSError(errno.EIO) from error
         except Exception as error:
-            log.error("FUSE %s%r failed", op, args, exc_info=True)
-            raise fusepy.FuseOSError(errno.EIO) from error
+            raise fusepy.FuseOSError(errno_of(error, op, args)) from error
 
     # -- lifecycle ------------------------------------------------------
 
@@ -285,3 +298,129 @@ class Operations(fusepy.Operations):
         atime = now if atime == UTIME_NOW else atime
         mtime = now if mtime == UTIME_NOW else mtime
         self.fs.utime(path, ns=(atime, mtime), follow_symlinks=False)
+
+
+# -- the hot requests, straight into libfuse's buffers ----------------------
+#
+# fusepy answers getattr by building a dict (our stat_to_attrs) and setting
+# each field of a ctypes struct from it with hasattr/setattr, readdir by
+# building such a struct per entry, and decodes every path through the codec
+# machinery; that cost several times the lookup itself (see
+# docs/benchmarks.md).  These requests are answered below without the dict:
+# the stat is packed in one call into bytes laid out as fusepy's ``c_stat``
+# (the platform's ``struct stat``) and copied into libfuse's buffer.
+
+def _stat_layout() -> tuple[struct.Struct, Callable]:
+    """The ``struct.Struct`` with ``c_stat``'s layout, and a function giving
+    the values it packs from an ``os.stat_result``, in layout order."""
+    times = ("st_atimespec", "st_mtimespec", "st_ctimespec")
+    fields = sorted(((getattr(fusepy.c_stat, name).offset, name, kind)
+                     for name, kind, *_ in fusepy.c_stat._fields_),
+                    key=lambda field: field[0])
+    if [name for _, name, _ in fields[-3:]] != list(times):
+        raise ImportError("layerfs.fuse: unexpected struct stat layout in fusepy")
+    pack = "="
+    position = 0
+    names = []
+    for offset, name, kind in fields[:-3]:
+        pack += "x" * (offset - position)
+        size = ctypes.sizeof(kind)
+        position = offset + size
+        # st_dev is the kernel's business (fusepy never set it); pads are zero.
+        if name.startswith("__") or name == "st_dev":
+            pack += "x" * size
+            continue
+        code = {1: "b", 2: "h", 4: "i", 8: "q"}[size]
+        pack += code if kind._type_.islower() else code.upper()
+        names.append(name)
+    for offset, name, kind in fields[-3:]:
+        pack += "x" * (offset - position) + "qq"
+        position = offset + ctypes.sizeof(kind)
+    layout = struct.Struct(pack)
+    if layout.size != position or ctypes.sizeof(fusepy.c_stat) < layout.size:
+        raise ImportError("layerfs.fuse: cannot lay out struct stat")
+    scalars = operator.attrgetter(*names)
+    return layout, scalars
+
+
+_STAT, _stat_scalars = _stat_layout()
+_STAT_SIZE = _STAT.size
+_NS = 1_000_000_000
+
+
+def pack_stat(st: os.stat_result) -> bytes:
+    """*st* as the bytes of a ``struct stat`` (times to the nanosecond,
+    ``st_blocks`` in 512-byte units as ``os.stat_result`` has them)."""
+    a, m, c = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
+    return _STAT.pack(*_stat_scalars(st), a // _NS, a % _NS, m // _NS, m % _NS,
+                      c // _NS, c % _NS)
+
+
+def _decode(path: bytes) -> str:
+    return path.decode("utf-8", "surrogateescape")
+
+
+class FUSE(fusepy.FUSE):
+    """fusepy's ``FUSE`` with ``getattr``, ``readdir`` and ``read`` answered
+    from here, into libfuse's buffers; every other request goes through
+    fusepy to :class:`Operations`.  Same translations, same errors.
+
+    Takes the same arguments as ``fusepy.FUSE`` and, like it, serves until
+    unmounted.  *operations* must be an :class:`Operations`.
+    """
+
+    def __init__(self, operations: Operations, mountpoint: str, **kwargs):
+        self._fs = operations.fs
+        self._handles = operations._handles
+        super().__init__(operations, mountpoint, **kwargs)
+
+    def _decode_optional_path(self, path):
+        return None if path is None else path.decode("utf-8", "surrogateescape")
+
+    def getattr(self, path, buf):
+        try:
+            ctypes.memmove(buf, pack_stat(self._fs.lstat(_decode(path))), _STAT_SIZE)
+            return 0
+        except Exception as error:
+            return -errno_of(error, "getattr", (path,))
+
+    def fgetattr(self, path, buf, fip):
+        # Without an open file libfuse passes a NULL pointer, which is false.
+        handle = self._handles.get(fip.contents.fh) if fip else None
+        if handle is None:
+            return self.getattr(path, buf)
+        try:
+            ctypes.memmove(buf, pack_stat(handle.fstat()), _STAT_SIZE)
+            return 0
+        except Exception as error:
+            return -errno_of(error, "fgetattr", (path,))
+
+    def readdir(self, path, buf, filler, offset, fip):
+        # Offsets of 0: libfuse takes the whole listing at once and serves
+        # the kernel's getdents from it.  Only the type bits (d_type) and the
+        # inode number (d_ino) of each entry are read.
+        try:
+            entry_stat = fusepy.c_stat()
+            filler(buf, b".", None, 0)
+            filler(buf, b"..", None, 0)
+            for entry in self._fs.scandir(_decode(path)):
+                st = entry.stat(follow_symlinks=False)
+                entry_stat.st_mode = st.st_mode
+                entry_stat.st_ino = st.st_ino
+                if filler(buf, entry.name.encode("utf-8", "surrogateescape"), entry_stat, 0):
+                    break
+            return 0
+        except Exception as error:
+            return -errno_of(error, "readdir", (path,))
+
+    def read(self, path, buf, size, offset, fip):
+        handle = self._handles.get(fip.contents.fh)
+        if handle is None:
+            return -errno.EBADF
+        try:
+            data = handle.pread(size, offset)
+        except Exception as error:
+            return -errno_of(error, "read", (path, size, offset))
+        count = len(data)
+        ctypes.memmove(buf, data, count)
+        return count

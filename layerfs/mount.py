@@ -268,14 +268,13 @@ def serve(fs, mountpoint, options=None, on_ready: Optional[Callable[[], None]] =
 
 
 def _serve_unlocked(fs, mountpoint: str, options, on_ready) -> None:
+    load_fuse()
     from . import fuse as adapter
-    fusepy = load_fuse()
     operations = adapter.Operations(fs, on_ready=on_ready)
     try:
         fuse_options = mount_options(operations.readonly, options or {})
-        fusepy.FUSE(operations, mountpoint, foreground=True, nothreads=False,
-                    raw_fi=True, encoding=adapter.PATH_ENCODING, use_ino=True,
-                    **fuse_options)
+        adapter.FUSE(operations, mountpoint, foreground=True, nothreads=False, raw_fi=True,
+                     encoding=adapter.PATH_ENCODING, use_ino=True, **fuse_options)
     except RuntimeError as error:
         raise MountError(f"{mountpoint}: FUSE could not mount it (libfuse status "
                          f"{error.args[0] if error.args else '?'})", errno.EIO) from None

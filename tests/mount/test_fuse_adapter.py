@@ -84,6 +84,71 @@ def test_stat_attrs_are_nanoseconds(adapter, sample_fs):
     assert attrs["st_blocks"] == (attrs["st_size"] + 511) // 512
 
 
+def unpack_stat(adapter, data):
+    ctypes = adapter.ctypes
+    padded = data + bytes(ctypes.sizeof(adapter.fusepy.c_stat) - len(data))
+    return adapter.fusepy.c_stat.from_buffer_copy(padded)
+
+
+@pytest.mark.parametrize("path", ["/bin/tool", "/etc", "/lib/libx.so", "/dev/sda"])
+def test_packed_stat_is_fusepys_struct(adapter, sample_fs, path):
+    st = sample_fs.lstat(path)
+    packed = unpack_stat(adapter, adapter.pack_stat(st))
+    expected = adapter.fusepy.c_stat()
+    adapter.fusepy.set_st_attrs(expected, adapter.stat_to_attrs(st), use_ns=True)
+    assert bytes(packed) == bytes(expected)
+
+
+def test_packed_stat_of_extreme_values(adapter):
+    st = os.stat_result((0o100644, 2**63 - 1, 0, 2**32, 2**32 - 2, 0, 2**62, -1, 0, 0,
+                         -1.5, 0.0, 0.0, -1_500_000_000, 0, 999_999_999, 4096, 2**53, 0))
+    packed = unpack_stat(adapter, adapter.pack_stat(st))
+    assert (packed.st_ino, packed.st_nlink, packed.st_size) == (2**63 - 1, 2**32, 2**62)
+    assert (packed.st_atimespec.tv_sec, packed.st_atimespec.tv_nsec) == (-2, 500_000_000)
+    assert (packed.st_ctimespec.tv_sec, packed.st_ctimespec.tv_nsec) == (0, 999_999_999)
+
+
+def bare_fuse(adapter, fs):
+    """The adapter's FUSE class without mounting: its request methods only."""
+    fuse = object.__new__(adapter.FUSE)
+    fuse._fs = fs
+    fuse._handles = {}
+    return fuse
+
+
+def test_getattr_fills_libfuses_buffer(adapter, sample_fs):
+    buffer = adapter.fusepy.c_stat()
+    fuse = bare_fuse(adapter, sample_fs)
+    assert fuse.getattr(b"/bin/tool", adapter.ctypes.pointer(buffer)) == 0
+    st = sample_fs.lstat("/bin/tool")
+    assert (buffer.st_ino, buffer.st_mode, buffer.st_size) == (st.st_ino, st.st_mode, st.st_size)
+    assert fuse.getattr(b"/missing", adapter.ctypes.pointer(buffer)) == -errno.ENOENT
+
+
+def test_fast_paths_log_bugs_and_answer_eio(adapter, caplog):
+    fuse = bare_fuse(adapter, Exploding(ValueError("bug")))
+    buffer = adapter.fusepy.c_stat()
+    with caplog.at_level(logging.ERROR, logger="layerfs.fuse"):
+        assert fuse.getattr(b"/a", adapter.ctypes.pointer(buffer)) == -errno.EIO
+    assert any("bug" in str(r.exc_info[1]) for r in caplog.records if r.exc_info)
+
+
+def test_readdir_gives_type_and_inode(adapter, sample_fs):
+    fuse = bare_fuse(adapter, sample_fs)
+    listed = []
+
+    def filler(buf, name, st, offset):
+        listed.append((name, st and (st.st_mode, st.st_ino)))
+        return 0
+
+    assert fuse.readdir(b"/bin", None, filler, 0, None) == 0
+    assert listed[:2] == [(b".", None), (b"..", None)]
+    assert sorted(listed[2:]) == sorted(
+        (name.encode(), (sample_fs.lstat(f"/bin/{name}").st_mode, sample_fs.lstat(f"/bin/{name}").st_ino))
+        for name in sample_fs.listdir("/bin"))
+    assert fuse.readdir(b"/etc/passwd", None, filler, 0, None) == -errno.ENOTDIR
+
+
 def test_paths_codec_round_trips_undecodable_bytes(adapter):
     raw = b"caf\xe9/\xff"
     assert raw.decode(adapter.PATH_ENCODING).encode(adapter.PATH_ENCODING) == raw

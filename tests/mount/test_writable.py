@@ -197,6 +197,41 @@ def test_no_stale_results_after_writes(rw):
     assert os.listdir(f"{rw}/etc") == []
 
 
+def test_stat_of_an_open_file_follows_its_writes(rw):
+    # fstat() reaches the adapter's fgetattr with the file handle, stat() its
+    # getattr by path: both must show every change at once.
+    path = f"{rw}/etc/passwd"
+    with open(path, "r+b", buffering=0) as stream:
+        size = os.fstat(stream.fileno()).st_size
+        stream.seek(0, os.SEEK_END)
+        stream.write(b"x" * 5000)
+        assert os.fstat(stream.fileno()).st_size == size + 5000
+        assert os.stat(path).st_size == size + 5000
+        assert os.stat(path).st_blocks == (size + 5000 + 511) // 512
+        stream.truncate(3)
+        assert os.fstat(stream.fileno()).st_size == 3
+        assert os.stat(path).st_size == 3
+    os.chmod(path, 0o600)
+    os.utime(path, ns=(7_000_000_001, -86_400_000_000_000 + 5))
+    st = os.stat(path)
+    assert stat.S_IMODE(st.st_mode) == 0o600
+    assert st.st_mtime_ns == -86_400_000_000_000 + 5
+    assert st.st_atime_ns == 7_000_000_001
+
+
+def test_listing_follows_changes(rw):
+    os.mkdir(f"{rw}/etc/sub")
+    with open(f"{rw}/etc/new", "wb") as stream:
+        stream.write(b"new")
+    os.unlink(f"{rw}/etc/passwd")
+    with os.scandir(f"{rw}/etc") as scan:
+        entries = {entry.name: (entry.is_dir(follow_symlinks=False), entry.inode())
+                   for entry in scan}
+    assert entries == {name: (stat.S_ISDIR(os.lstat(f"{rw}/etc/{name}").st_mode),
+                              os.lstat(f"{rw}/etc/{name}").st_ino)
+                       for name in ("sub", "new")}
+
+
 def test_changes_survive_remount(sample_layers, upper_dir, rw_server, thread_mount):
     rw = rw_server.mountpoint
     with open(f"{rw}/kept", "wb") as handle:
