@@ -273,7 +273,14 @@ def _serve_unlocked(fs, mountpoint: str, options, on_ready) -> None:
     operations = adapter.Operations(fs, on_ready=on_ready)
     try:
         fuse_options = mount_options(operations.readonly, options or {})
-        adapter.FUSE(operations, mountpoint, foreground=True, nothreads=False, raw_fi=True,
+        # Threads: on a thread that libfuse started, every request creates
+        # and destroys a Python thread state and takes the GIL from another
+        # thread; served by this thread alone, cold lookups take half the
+        # time.  A read-only view never waits on a lock or a disk write, so
+        # one thread serves it; a writable one keeps libfuse's threads, so a
+        # long copy-up or fsync does not stall every other caller.
+        adapter.FUSE(operations, mountpoint, foreground=True,
+                     nothreads=operations.readonly, raw_fi=True,
                      encoding=adapter.PATH_ENCODING, use_ino=True, **fuse_options)
     except RuntimeError as error:
         raise MountError(f"{mountpoint}: FUSE could not mount it (libfuse status "
