@@ -98,7 +98,11 @@ class FileSystem:
         self.layers = image.layers
         self.tree = tree if tree is not None else build_tree(image)
         self._nodes = self.tree.nodes
-        self.upper: Optional[Upper] = None
+        self._upper: Optional[Upper] = None
+        # Read-only, a path always stats the same: its answers are kept by
+        # path, one dict lookup away (see upper's setter for writable ones).
+        self._stats: dict = {}
+        self._lstats: dict = {}
         self._image_statvfs: Optional[os.statvfs_result] = None
         self._followed: dict = {}
         self._not_followed: dict = {}
@@ -106,8 +110,21 @@ class FileSystem:
     # -- lifecycle ------------------------------------------------------
 
     @property
+    def upper(self) -> Optional[Upper]:
+        """The writable layer, or None (read-only)."""
+        return self._upper
+
+    @upper.setter
+    def upper(self, upper: Optional[Upper]) -> None:
+        # A writable view changes under its paths: stats are then answered
+        # from the nodes, whose own stat_cache every change resets.
+        self._upper = upper
+        self._stats.clear()
+        self._lstats.clear()
+
+    @property
     def readonly(self) -> bool:
-        return self.upper is None
+        return self._upper is None
 
     def close(self) -> None:
         if self.upper is not None:
@@ -165,16 +182,30 @@ class FileSystem:
         return real
 
     def stat(self, path: PathLike, *, follow_symlinks: bool = True) -> os.stat_result:
+        if not follow_symlinks:
+            return self.lstat(path)
+        result = self._stats.get(path)
+        if result is not None:
+            return result
         node = self._nodes.get(path)
-        if node is None or (follow_symlinks and node.mode & S_IFMT == S_IFLNK):
-            node = self._resolve(os.fspath(path), follow_symlinks)
-        return node.stat_cache or node.stat()
+        if node is None or node.mode & S_IFMT == S_IFLNK:
+            node = self._resolve(os.fspath(path), True)
+        result = node.stat_cache or node.stat()
+        if self._upper is None:
+            self._stats[os.fspath(path)] = result
+        return result
 
     def lstat(self, path: PathLike) -> os.stat_result:
+        result = self._lstats.get(path)
+        if result is not None:
+            return result
         node = self._nodes.get(path)
         if node is None:
             node = self._resolve(os.fspath(path), False)
-        return node.stat_cache or node.stat()
+        result = node.stat_cache or node.stat()
+        if self._upper is None:
+            self._lstats[os.fspath(path)] = result
+        return result
 
     def exists(self, path: PathLike) -> bool:
         try:

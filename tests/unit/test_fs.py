@@ -178,3 +178,16 @@ def test_views_are_kept_per_stack(tmp_path):
             assert fs.read_bytes("/f") == b"upper"
         with layerfs.open([upper, lower]) as fs:
             assert fs.read_bytes("/f") == b"lower"
+
+
+def test_stats_are_kept_by_path_only_while_read_only(image, tmp_path):
+    with layerfs.open(image) as fs:
+        assert fs.stat("/etc/os-release") is fs.stat("/etc/os-release")
+    with layerfs.open(image, upper=tmp_path / "upper") as fs:
+        before = fs.stat("/etc/os-release")
+        fs.lstat("/etc/os-release")
+        with fs.open("/etc/os-release", "ab") as stream:
+            stream.write(b"MORE=1\n")
+        fs.chmod("/etc/os-release", 0o600)
+        assert fs.stat("/etc/os-release").st_size == before.st_size + 7
+        assert stat.S_IMODE(fs.lstat("/etc/os-release").st_mode) == 0o600
