@@ -20,7 +20,7 @@ from .image import Image, open_image
 from .tarwrite import LayerTarWriter, write_tree
 from . import writable
 from .union import (S_IFLNK, S_IFMT, UPPER_SOURCE, LayerChanges, Node, Tree,
-                    describe_layer)
+                    collector_paused, describe_layer)
 from .upper import Upper
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -49,10 +49,15 @@ def open(source: Source, *, upper: Optional[PathLike] = None, tag: Optional[str]
         source = [os.fspath(p) for p in source]
     else:
         source = os.fspath(source)
-    image = open_image(source, tag=tag, platform=platform, cache=cache,
-                       progress=progress)
+    with collector_paused():
+        image = open_image(source, tag=tag, platform=platform, cache=cache,
+                           progress=progress)
+        try:
+            fs = FileSystem(image)
+        except BaseException:
+            image.close()
+            raise
     try:
-        fs = FileSystem(image)
         if upper is not None:
             fs.upper = Upper(fs, os.fspath(upper))
         return fs

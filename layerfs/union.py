@@ -19,6 +19,7 @@ object, which counts its names in ``nlink``.  A directory's ``nlink`` is
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gc
 import os
@@ -119,15 +120,16 @@ RECORD_FIELDS = ("ino", "mode", "uid", "gid", "size", "mtime_ns", "atime_ns",
 RECORD_VERSION = 1
 
 
-def _without_gc(function, *args):
-    """*function(*args)* with the cyclic garbage collector paused: creating
-    a hundred thousand nodes would otherwise trigger full collections that
-    traverse every one of them again, tripling the time (nodes form no
-    cycles the collector could free here)."""
+@contextlib.contextmanager
+def collector_paused():
+    """Pause the cyclic garbage collector for a block that creates objects
+    by the hundred thousand (a layer's entries, a tree's nodes).  Each of its
+    collections would traverse every object made so far, which doubles or
+    triples the time; these objects form no cycles it could free."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        return function(*args)
+        yield
     finally:
         if was_enabled:
             gc.enable()
@@ -311,7 +313,8 @@ class Tree:
         columns = record["inodes"]
         if len(columns) != len(RECORD_FIELDS):
             raise ValueError("wrong number of inode fields")
-        inodes = _without_gc(list, starmap(_restored_node, zip(*columns)))
+        with collector_paused():
+            inodes = list(starmap(_restored_node, zip(*columns)))
         inode = inodes.__getitem__
         tree = cls.__new__(cls)
         tree.root = inodes[0]
