@@ -201,16 +201,32 @@ def render(results: dict) -> str:
     return "\n".join(lines)
 
 
+def merge(runs: list) -> dict:
+    """Several runs' results as one (say an in-process and a mounted run of
+    the same size): each section's keys are combined, later runs winning."""
+    merged: dict = {}
+    for run in runs:
+        for key, value in run.items():
+            if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key] = {**merged[key], **value}
+            else:
+                merged[key] = value
+    return merged
+
+
 def main(argv=None) -> int:
-    """``python -m benchmarks.report [results.json]``: the table of a
-    (possibly unfinished) run."""
+    """``python -m benchmarks.report [results.json ...]``: the table of a
+    (possibly unfinished) run, or of several runs combined."""
     import json
     import os
     import sys
     argv = sys.argv[1:] if argv is None else argv
-    path = argv[0] if argv else os.path.join(os.path.dirname(__file__), "results", "latest.json")
-    with open(path) as source:
-        results = json.load(source)
+    paths = argv or [os.path.join(os.path.dirname(__file__), "results", "latest.json")]
+    runs = []
+    for path in paths:
+        with open(path) as source:
+            runs.append(json.load(source))
+    results = merge(runs)
     results["targets"] = evaluate(results)
     print(render(results))
     return 0

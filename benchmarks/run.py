@@ -302,12 +302,13 @@ class Runner:
     def run(self) -> dict:
         started = time.time()
         self.build_corpus()
-        self.run_open()
-        self.save()
-        self.run_lookups()
-        self.save()
-        self.run_large_inprocess()
-        self.save()
+        if not self.args.mount_only:
+            self.run_open()
+            self.save()
+            self.run_lookups()
+            self.save()
+            self.run_large_inprocess()
+            self.save()
         if not self.args.no_mount:
             self.run_debian()
             self.save()
@@ -362,6 +363,9 @@ def parse_args(argv=None):
     parser.add_argument("--large-mib", type=int, help="size of the large file")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--no-mount", action="store_true", help="in-process workloads only")
+    parser.add_argument("--mount-only", action="store_true",
+                        help="mounted workloads only (combine with an in-process run: "
+                             "python -m benchmarks.report A.json B.json)")
     parser.add_argument("--debian", action="store_true", help="the Debian corpus even with --quick")
     parser.add_argument("--prepare", action="store_true", help="build the corpora only, measure nothing")
     return parser.parse_args(argv)

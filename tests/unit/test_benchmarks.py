@@ -84,3 +84,15 @@ def test_runner_in_process_on_a_tiny_corpus(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "Targets" in printed and "stat/dict" in printed
     assert "Targets" in report.render(results)
+
+
+def test_report_combines_runs():
+    inprocess = {"config": {"files": 10}, "inprocess": {"rates": {"dict_floor": 3.0}},
+                 "mount": {}, "skipped": {"a": "why"}}
+    mounted = {"config": {"files": 10, "mount_only": True}, "mount": {"tree-1": {}},
+               "skipped": {"b": "why not"}}
+    merged = report.merge([inprocess, mounted])
+    assert merged["inprocess"]["rates"]["dict_floor"] == 3.0
+    assert merged["mount"] == {"tree-1": {}}
+    assert merged["skipped"] == {"a": "why", "b": "why not"}
+    assert merged["config"] == {"files": 10, "mount_only": True}
