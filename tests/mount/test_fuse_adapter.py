@@ -77,6 +77,18 @@ def test_every_xattr_operation_is_defined(adapter):
         assert getattr(adapter.Operations, name) is not getattr(adapter.fusepy.Operations, name)
 
 
+def test_requests_with_nothing_to_do_are_left_undefined(adapter, sample_fs):
+    # Undefined, libfuse answers opendir/releasedir itself and the kernel
+    # stops sending FLUSH: valid only while a handle has nothing to flush.
+    for name in ("opendir", "releasedir", "flush"):
+        assert getattr(adapter.Operations, name) is None, name
+    handle = sample_fs.open_handle("/etc/passwd", os.O_RDONLY)
+    try:
+        assert handle.flush() is None
+    finally:
+        handle.close()
+
+
 def test_stat_attrs_are_nanoseconds(adapter, sample_fs):
     attrs = adapter.stat_to_attrs(sample_fs.lstat("/bin/tool"))
     assert attrs["st_mtime"] == sample_fs.lstat("/bin/tool").st_mtime_ns
