@@ -21,6 +21,7 @@ that is UTF-8 with ``surrogateescape`` (:data:`PATH_ENCODING`).
 
 from __future__ import annotations
 
+import array
 import codecs
 import ctypes
 import errno
@@ -373,6 +374,8 @@ class FUSE(fusepy.FUSE):
     def __init__(self, operations: Operations, mountpoint: str, **kwargs):
         self._fs = operations.fs
         self._handles = operations._handles
+        self._listings: dict = {}
+        self._listings_version = None
         super().__init__(operations, mountpoint, **kwargs)
 
     def _decode_optional_path(self, path):
@@ -401,18 +404,47 @@ class FUSE(fusepy.FUSE):
         # the kernel's getdents from it.  Only the type bits (d_type) and the
         # inode number (d_ino) of each entry are read.
         try:
+            names, modes, inodes = self._listing(path)
             entry_stat = fusepy.c_stat()
             filler(buf, b".", None, 0)
             filler(buf, b"..", None, 0)
-            for entry in self._fs.scandir(_decode(path)):
-                st = entry.stat(follow_symlinks=False)
-                entry_stat.st_mode = st.st_mode
-                entry_stat.st_ino = st.st_ino
-                if filler(buf, entry.name.encode("utf-8", "surrogateescape"), entry_stat, 0):
+            # An empty directory: b"" splits into one name, zip stops at once.
+            for name, mode, ino in zip(names.split(b"/"), modes, inodes):
+                entry_stat.st_mode = mode
+                entry_stat.st_ino = ino
+                if filler(buf, name, entry_stat, 0):
                     break
             return 0
         except Exception as error:
             return -errno_of(error, "readdir", (path,))
+
+    def _listing(self, path: bytes) -> tuple:
+        """The directory *path*'s entries: their names joined by "/" (the one
+        byte no name holds), their modes and their inode numbers, packed
+        (30-odd bytes an entry).
+
+        The kernel caches no listing (libfuse 2), so every ``getdents``
+        lands here.  Listings are kept while the tree's version stays the
+        same: every change of a name (create, unlink, rename, copy-up of a
+        directory) gives the tree a new version, and then all are dropped.
+        A chmod or a write changes no name, type or inode.
+        """
+        version = self._fs.tree.version
+        if version != self._listings_version:
+            self._listings = {}
+            self._listings_version = version
+        listing = self._listings.get(path)
+        if listing is None:
+            names, modes, inodes = [], array.array("I"), array.array("Q")
+            for entry in self._fs.scandir(_decode(path)):
+                names.append(entry.name)
+                modes.append(entry.stat(follow_symlinks=False).st_mode)
+                inodes.append(entry.inode())
+            listing = ("/".join(names).encode("utf-8", "surrogateescape"), modes, inodes)
+            # Only if no change came meanwhile (a writable mount's threads).
+            if self._fs.tree.version == version:
+                self._listings[path] = listing
+        return listing
 
     def read(self, path, buf, size, offset, fip):
         handle = self._handles.get(fip.contents.fh)

@@ -125,6 +125,8 @@ def bare_fuse(adapter, fs):
     fuse = object.__new__(adapter.FUSE)
     fuse._fs = fs
     fuse._handles = {}
+    fuse._listings = {}
+    fuse._listings_version = None
     return fuse
 
 

@@ -219,17 +219,31 @@ def test_stat_of_an_open_file_follows_its_writes(rw):
     assert st.st_atime_ns == 7_000_000_001
 
 
+def listing(directory):
+    with os.scandir(directory) as scan:
+        return {entry.name: (entry.is_dir(follow_symlinks=False), entry.inode())
+                for entry in scan}
+
+
 def test_listing_follows_changes(rw):
+    # The adapter keeps listings until a name changes: list before and after
+    # each kind of change.
+    assert set(listing(f"{rw}/etc")) == {"passwd"}
     os.mkdir(f"{rw}/etc/sub")
+    assert set(listing(f"{rw}/etc")) == {"passwd", "sub"}
     with open(f"{rw}/etc/new", "wb") as stream:
         stream.write(b"new")
+    assert set(listing(f"{rw}/etc")) == {"passwd", "sub", "new"}
     os.unlink(f"{rw}/etc/passwd")
-    with os.scandir(f"{rw}/etc") as scan:
-        entries = {entry.name: (entry.is_dir(follow_symlinks=False), entry.inode())
-                   for entry in scan}
-    assert entries == {name: (stat.S_ISDIR(os.lstat(f"{rw}/etc/{name}").st_mode),
-                              os.lstat(f"{rw}/etc/{name}").st_ino)
-                       for name in ("sub", "new")}
+    os.rename(f"{rw}/etc/sub", f"{rw}/etc/sub2")
+    os.rename(f"{rw}/bin/tool", f"{rw}/etc/tool")
+    assert listing(f"{rw}/etc") == {name: (stat.S_ISDIR(os.lstat(f"{rw}/etc/{name}").st_mode),
+                                           os.lstat(f"{rw}/etc/{name}").st_ino)
+                                    for name in ("sub2", "new", "tool")}
+    assert "tool" not in listing(f"{rw}/bin")
+    os.rmdir(f"{rw}/etc/sub2")
+    os.mkdir(f"{rw}/etc/sub2")
+    assert listing(f"{rw}/etc/sub2") == {}
 
 
 def test_changes_survive_remount(sample_layers, upper_dir, rw_server, thread_mount):
