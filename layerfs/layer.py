@@ -154,19 +154,8 @@ class IndexCache:
     def _load_index_file(self, hex_digest: str) -> Optional[tuple]:
         """(header, marshalled entries): the entries are a payload of their
         own, so that an open which needs only the header does not build them."""
-        path = self.index_path(hex_digest)
-        value = _load_marshal(path)
-        if value is None:
-            return None
-        try:
-            header, payload = value
-            if (header["format"] != INDEX_FORMAT or header["version"] != INDEX_VERSION
-                    or header["digest"] != hex_digest or not isinstance(payload, bytes)):
-                raise ValueError("not an index of this blob")
-        except (ValueError, TypeError, KeyError):
-            _remove(path)
-            return None
-        return header, payload
+        return _load_headed(self.index_path(hex_digest), INDEX_FORMAT, INDEX_VERSION,
+                            ("digest", hex_digest), bytes)
 
     def store_index(self, header: dict, entries: list) -> None:
         payload = marshal.dumps([tuple(e) for e in entries])
@@ -175,19 +164,9 @@ class IndexCache:
     def load_view(self, chain_hex: str) -> Optional[dict]:
         """The tree record (:meth:`layerfs.union.Tree.to_record`) stored for
         the stack of layers whose ChainID is *chain_hex*, or None."""
-        path = self.view_path(chain_hex)
-        value = _load_marshal(path)
-        if value is None:
-            return None
-        try:
-            header, record = value
-            if (header["format"] != VIEW_FORMAT or header["version"] != VIEW_VERSION
-                    or header["chain_id"] != chain_hex or not isinstance(record, dict)):
-                raise ValueError("not a view of this stack")
-        except (ValueError, TypeError, KeyError):
-            _remove(path)
-            return None
-        return record
+        loaded = _load_headed(self.view_path(chain_hex), VIEW_FORMAT, VIEW_VERSION,
+                              ("chain_id", chain_hex), dict)
+        return loaded[1] if loaded is not None else None
 
     def store_view(self, chain_hex: str, record: dict) -> None:
         header = {"format": VIEW_FORMAT, "version": VIEW_VERSION, "chain_id": chain_hex}
@@ -494,6 +473,25 @@ def _load_marshal(path: str):
     except (ValueError, EOFError, TypeError):
         _remove(path)
         return None
+
+
+def _load_headed(path: str, format_name: str, version: int, key: tuple,
+                 body_type: type) -> Optional[tuple]:
+    """(header, body) of a cache file holding the marshal of that pair, if
+    the header names *format_name*, *version* and *key* (a (field, value)
+    pair) and the body is a *body_type*; else None, and the file is removed."""
+    value = _load_marshal(path)
+    if value is None:
+        return None
+    try:
+        header, body = value
+        if (header["format"] != format_name or header["version"] != version
+                or header[key[0]] != key[1] or not isinstance(body, body_type)):
+            raise ValueError("not the expected cache file")
+    except (ValueError, TypeError, KeyError):
+        _remove(path)
+        return None
+    return header, body
 
 
 def _remove(path: str) -> None:
