@@ -216,12 +216,20 @@ class Operations(fusepy.Operations):
 
     # -- open files -----------------------------------------------------
 
+    # keep_cache: without it the kernel drops a file's cached pages at every
+    # open.  Writes to a FUSE file put their data in the page cache before
+    # the daemon has it; a drop in between, then a read, caches the old
+    # (shorter) content padded with zeros, which readers then see once the
+    # write lands (concurrent O_APPEND writers and readers did).  Every
+    # change goes through this kernel, so what it caches stays true.
     def open(self, path, fi):
         fi.fh = self._add_handle(self.fs.open_handle(path, fi.flags))
+        fi.keep_cache = 1
         return 0
 
     def create(self, path, mode, fi):
         fi.fh = self._add_handle(self.fs.open_handle(path, fi.flags | os.O_CREAT, mode))
+        fi.keep_cache = 1
         return 0
 
     def _add_handle(self, handle) -> int:
