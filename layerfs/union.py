@@ -98,17 +98,33 @@ class Node:
 
     def stat(self) -> os.stat_result:
         """This inode's ``os.stat_result``, built once and kept until the
-        node changes (every mutator sets ``stat_cache`` back to None)."""
+        node changes (every mutator sets ``stat_cache`` back to None).
+
+        A writable mount changes nodes in one thread while others stat
+        them, so a result built from fields that changed meanwhile must not
+        be kept: it would outlive the mutator's reset and report the old
+        size for good (the kernel then places the next O_APPEND write at the
+        old end of file in its page cache).  Hence the second look at the
+        fields after storing: a change that finished before it is seen
+        there; one that finishes after it resets the cache itself.
+        """
         result = self.stat_cache
         if result is None:
-            a, m, c = self.atime_ns, self.mtime_ns, self.ctime_ns
+            fields = self._stat_fields()
+            mode, ino, nlink, uid, gid, size, a, m, c, rdev = fields
             result = os.stat_result((
-                self.mode, self.ino, ST_DEV, self.nlink, self.uid, self.gid,
-                self.size, a // 1_000_000_000, m // 1_000_000_000,
-                c // 1_000_000_000, a / 1e9, m / 1e9, c / 1e9, a, m, c,
-                BLOCK_SIZE, (self.size + 511) // 512, self.rdev))
+                mode, ino, ST_DEV, nlink, uid, gid, size,
+                a // 1_000_000_000, m // 1_000_000_000, c // 1_000_000_000,
+                a / 1e9, m / 1e9, c / 1e9, a, m, c,
+                BLOCK_SIZE, (size + 511) // 512, rdev))
             self.stat_cache = result
+            if self._stat_fields() != fields:
+                self.stat_cache = None
         return result
+
+    def _stat_fields(self) -> tuple:
+        return (self.mode, self.ino, self.nlink, self.uid, self.gid, self.size,
+                self.atime_ns, self.mtime_ns, self.ctime_ns, self.rdev)
 
 
 # The Node fields a tree record keeps (children are rebuilt; stat_cache is

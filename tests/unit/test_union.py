@@ -11,7 +11,7 @@ import pytest
 from layerfs.entry import (BLOCKDEV, CHARDEV, DIRECTORY, FIFO, HARDLINK,
                            REGULAR, SYMLINK, Entry)
 from layerfs.errors import InvalidLayerError
-from layerfs.union import Tree
+from layerfs.union import S_IFREG, Node, Tree
 
 
 def f(path, mode=0o644, size=1, data=0, mtime=5, uid=0, **kw):
@@ -234,3 +234,24 @@ class TestResolve:
         with pytest.raises(OSError) as info:
             self.tree.resolve(path)
         assert info.value.errno == code
+
+
+def test_a_stat_built_while_its_node_changes_is_not_kept(monkeypatch):
+    """A writable mount's threads: a write lands between the fields being
+    read and the result being stored."""
+    node = Node(7, S_IFREG | 0o644, size=5)
+    read_fields = Node._stat_fields
+    raced = []
+
+    def fields_then_a_write(self):
+        fields = read_fields(self)
+        if not raced:
+            raced.append(True)
+            self.size = 9               # the other thread's write...
+            self.stat_cache = None      # ...and its reset, before our store
+        return fields
+
+    monkeypatch.setattr(Node, "_stat_fields", fields_then_a_write)
+    assert node.stat().st_size == 5     # what it read, for this one caller
+    assert node.stat_cache is None      # but not kept
+    assert node.stat().st_size == 9
