@@ -221,15 +221,21 @@ class Operations(fusepy.Operations):
     # the daemon has it; a drop in between, then a read, caches the old
     # (shorter) content padded with zeros, which readers then see once the
     # write lands (concurrent O_APPEND writers and readers did).  Every
-    # change goes through this kernel, so what it caches stays true.
+    # change goes through this kernel, so what it caches for a name stays
+    # true, except for a file with several names: libfuse 2 gives each name
+    # its own kernel inode and page cache, and a write through one name
+    # leaves the others' pages as they were.  Those pages are dropped at
+    # the next open, as before.
     def open(self, path, fi):
-        fi.fh = self._add_handle(self.fs.open_handle(path, fi.flags))
-        fi.keep_cache = 1
+        handle = self.fs.open_handle(path, fi.flags)
+        fi.fh = self._add_handle(handle)
+        fi.keep_cache = handle.node.nlink <= 1
         return 0
 
     def create(self, path, mode, fi):
-        fi.fh = self._add_handle(self.fs.open_handle(path, fi.flags | os.O_CREAT, mode))
-        fi.keep_cache = 1
+        handle = self.fs.open_handle(path, fi.flags | os.O_CREAT, mode)
+        fi.fh = self._add_handle(handle)
+        fi.keep_cache = handle.node.nlink <= 1
         return 0
 
     def _add_handle(self, handle) -> int:

@@ -75,6 +75,16 @@ def test_hardlink_names_see_each_others_writes(rw):
         assert handle.read()[-4:] == b"tail"
 
 
+def test_hardlink_names_see_each_others_overwrites_after_caching(rw):
+    with open(f"{rw}/bin/tool-link", "rb") as handle:
+        assert handle.read() == BIG          # its pages are now in the page cache
+    with open(f"{rw}/bin/tool", "r+b") as handle:
+        handle.seek(10)
+        handle.write(b"PATCH")
+    with open(f"{rw}/bin/tool-link", "rb") as handle:
+        assert handle.read(20) == BIG[:10] + b"PATCH" + BIG[15:20]
+
+
 def test_append_and_truncate(rw):
     with open(f"{rw}/log", "ab") as handle:
         handle.write(b"one\n")
