@@ -310,16 +310,21 @@ class Runner:
             self.run_large_inprocess()
             self.save()
         if not self.args.no_mount:
-            self.run_debian()
-            self.save()
+            chosen = self.args.mounts.split(",") if self.args.mounts else None
+            if chosen is None or "debian" in chosen:
+                self.run_debian()
+                self.save()
             final_tree, _ = self.overlay_layers("tree-1", self.corpus.stacks[1])
             final_tree = os.path.join(final_tree, "0")
             for depth in self.size["mount_depths"]:
+                if chosen is not None and f"tree-{depth}" not in chosen:
+                    continue
                 stack = self.corpus.stacks[depth]
                 self.run_tree_mounts(f"tree-{depth}", stack, final_tree, self.paths)
                 self.run_ready(f"tree-{depth}", stack)
                 self.save()
-            self.run_large_mounts()
+            if chosen is None or "large" in chosen:
+                self.run_large_mounts()
         self.results["elapsed_s"] = time.time() - started
         self.results["targets"] = report.evaluate(self.results)
         return self.results
@@ -367,6 +372,7 @@ def parse_args(argv=None):
                         help="mounted workloads only (combine with an in-process run: "
                              "python -m benchmarks.report A.json B.json)")
     parser.add_argument("--debian", action="store_true", help="the Debian corpus even with --quick")
+    parser.add_argument("--mounts", help="only these mounted corpora, e.g. debian,tree-10,large")
     parser.add_argument("--prepare", action="store_true", help="build the corpora only, measure nothing")
     return parser.parse_args(argv)
 
