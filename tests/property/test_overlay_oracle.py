@@ -3,7 +3,7 @@ on the union of the same stacks (see docs/testing.md for the deliberate
 differences, which expected_overlay_view applies and checks)."""
 
 import pytest
-from hypothesis import example, given
+from hypothesis import given
 
 from layerfs.testing import strategies
 from layerfs.testing.layers import (Layer, device, directory, fifo, file, hardlink, opaque,
