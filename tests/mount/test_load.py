@@ -13,6 +13,7 @@ import random
 import struct
 import time
 import traceback
+from typing import Iterator
 
 import pytest
 
@@ -54,6 +55,15 @@ def run_workers(work, count: int, results_dir: str) -> list:
     return errors
 
 
+def rounds() -> Iterator[int]:
+    """The iterations of a worker: ITERATIONS at most, and none after SECONDS."""
+    deadline = time.monotonic() + SECONDS
+    for iteration in range(ITERATIONS):
+        if time.monotonic() > deadline:
+            return
+        yield iteration
+
+
 def record(worker: int, sequence: int, rng: random.Random) -> bytes:
     payload = rng.randbytes(rng.randrange(1, 2000))
     return HEADER.pack(worker, sequence, len(payload), hashlib.sha256(payload).digest()) + payload
@@ -93,12 +103,9 @@ def make_worker(mnt: str):
         own = f"{mnt}/work/own-{number}"
         model = bytearray()
         appended = 0
-        deadline = time.monotonic() + SECONDS
         fd = os.open(own, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            for iteration in range(ITERATIONS):
-                if time.monotonic() > deadline:
-                    break
+            for _ in rounds():
                 action = rng.randrange(5)
                 if action == 0:                                   # own file: pwrite
                     offset = rng.randrange(len(model) + 1)
@@ -187,10 +194,7 @@ def test_parallel_readers_of_lower_files(mounted, tmp_path):
 
     def work(number: int, results_dir: str) -> None:
         rng = random.Random(number)
-        deadline = time.monotonic() + SECONDS
-        for _ in range(ITERATIONS):
-            if time.monotonic() > deadline:
-                break
+        for _ in rounds():
             with open(f"{mounted}/bin/tool-link" if number % 2 else f"{mounted}/bin/tool",
                       "rb") as tool:
                 if rng.random() < 0.2:
@@ -216,10 +220,7 @@ def test_rename_over_is_atomic_for_readers(sample_layers, mountpoint, tmp_path):
 
     def work(number: int, results_dir: str) -> None:
         rng = random.Random(number)
-        deadline = time.monotonic() + SECONDS
-        for _ in range(ITERATIONS):
-            if time.monotonic() > deadline:
-                break
+        for _ in rounds():
             if number % 2:
                 temporary = f"{mountpoint}/current.{number}.tmp"
                 with open(temporary, "wb") as out:
