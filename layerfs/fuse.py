@@ -2,17 +2,19 @@
 
 Every request is translated into one call on a :class:`layerfs.fs.FileSystem`
 and every answer back into what fusepy expects.  This is the only module that
-produces errno values for the kernel, in one place (:meth:`Operations.__call__`):
-an ``OSError`` answers with its own errno, anything else is a bug, logged
-with its traceback on the ``layerfs.fuse`` logger and answered with ``EIO``
+produces errno values for the kernel, in one place (:func:`errno_of`, used by
+:meth:`Operations.__call__` and by the fast paths of :class:`FUSE`): an
+``OSError`` answers with its own errno, anything else is a bug, logged with
+its traceback on the ``layerfs.fuse`` logger and answered with ``EIO``
 (fusepy itself would answer ``EINVAL`` or ``EFAULT``, which mislead).
 
 Importing this module imports fusepy, which loads libfuse: only
 :mod:`layerfs.mount` imports it, and only when mounting.
 
 Locking: the lower view is immutable, so reads need no lock; a writable
-filesystem serialises its own changes.  The adapter's only shared state is
-the table of open handles, whose single dict operations are atomic.
+filesystem serialises its own changes.  The adapter's shared state is the
+table of open handles, whose single dict operations are atomic, and the
+directory listings :class:`FUSE` keeps per tree version.
 
 Names: the view keeps non-UTF-8 bytes of names as surrogate escapes
 (:mod:`layerfs.paths`), so paths cross the FUSE boundary through a codec
@@ -107,6 +109,12 @@ class Operations(fusepy.Operations):
     Mount with ``raw_fi=True`` (``create`` needs the open flags),
     ``use_ino=True`` and ``encoding=PATH_ENCODING``.  *on_ready* is called
     once the kernel has sent ``INIT``, that is once the mount is usable.
+
+    Served by :class:`FUSE` (as ``layerfs mount`` does), ``getattr``,
+    ``readdir`` and ``read`` here are not called: that class answers them
+    itself.  They stay, because fusepy registers a request with libfuse only
+    if the operations define it, and they are what plain ``fusepy.FUSE``
+    calls (the tests compare the two).
     """
 
     use_ns = True
