@@ -31,8 +31,8 @@ RESOLVED_CACHE_SIZE = 1 << 16
 Source = Union[PathLike, Sequence[PathLike]]
 
 
-def open(source: Source, *, upper: Optional[PathLike] = None, tag: Optional[str] = None, platform: Optional[str] = None,
-         cache=None, progress=None) -> "FileSystem":
+def open(source: Source, *, upper: Optional[PathLike] = None, tag: Optional[str] = None,
+         platform: Optional[str] = None, cache=None, progress=None) -> "FileSystem":
     """Open an image as a filesystem.
 
     *source* is an OCI image layout (directory or tar), a ``docker save``

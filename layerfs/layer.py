@@ -36,8 +36,9 @@ place, so readers never see half a file; temp files are removed on any error
 (a full disk included).  A second open of an unchanged file finds its digest
 in the memo and its entries in the index: it neither hashes the blob nor
 parses a tar header; and an image whose stack was opened before loads its
-union from ``views/`` without reading the layers' entries.  An index file that cannot be read back (corrupt, from
-another version) is discarded and rebuilt.
+union from ``views/`` without reading the layers' entries.  An index or view
+file that cannot be read back (corrupt, from another version) is discarded
+and rebuilt.
 
 ``cache=False`` turns caching off: nothing is written to the cache
 directory, the index lives in memory and the copy of a compressed blob goes
