@@ -221,10 +221,24 @@ def inspect_report(fs) -> dict:
 
 
 def cmd_export(args) -> int:
+    from .tarwrite import compression_for_name
+    to_stdout = args.out == "-"
+    if args.compression is not None:
+        compression = None if args.compression == "none" else args.compression
+    else:
+        compression = None if to_stdout else compression_for_name(args.out)
+    if to_stdout and sys.stdout.isatty():
+        print("layerfs: refusing to write a tar to a terminal; redirect it "
+              "(layerfs export IMAGE - > out.tar)", file=sys.stderr)
+        return EXIT_ERROR
     with open_image_fs(args, args.image) as fs:
         progress = ProgressBar("exporting")
         try:
-            fs.export(args.out, compression=args.compression, progress=progress)
+            if to_stdout:
+                fs.export(sys.stdout.buffer, compression=compression, progress=progress)
+                sys.stdout.buffer.flush()
+            else:
+                fs.export(args.out, compression=compression, progress=progress)
         finally:
             progress.finish()
     return 0
@@ -332,9 +346,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("image", nargs="+", metavar="IMAGE")
 
     sub = command("export", cmd_export, "write the flattened image as one tar")
-    sub.add_argument("--compression", choices=["gzip", "zstd"])
+    sub.add_argument("--compression", choices=["none", "gzip", "zstd"], type=str.lower,
+                     help="compress the tar (default: from OUT's extension: .tar.gz "
+                          "and .tgz gzip, .tar.zst and .tzst zstd, else none; none for -)")
     sub.add_argument("image", nargs="+", metavar="IMAGE")
-    sub.add_argument("out", metavar="OUT.tar")
+    sub.add_argument("out", metavar="OUT",
+                     help="the tar file to write (atomically), or - for stdout")
 
     sub = command("diff", cmd_diff, "list what an upper directory changes in the image")
     sub.add_argument("--json", action="store_true")

@@ -2,8 +2,9 @@
 
 The layer holds every inode the upper layer changed (``origin`` other than
 lower), each with all its names (hardlinks kept), and the whiteout and opaque
-markers of ``diff/``; entries are sorted by path, so the same upper gives the
-same bytes.  A metacopy file (only its metadata changed) is written whole,
+markers of ``diff/``; entries are sorted by path components (each
+directory's subtree right after it, see :func:`~layerfs.tarwrite.path_order`),
+so the same upper gives the same bytes.  A metacopy file (only its metadata changed) is written whole,
 its data read from the lower layer.  The image is written by
 :func:`layerfs.imagewrite.write_oci_layout`, sharing the base image's blobs.
 """
@@ -21,7 +22,7 @@ import attrs
 from . import whiteout
 from .errors import ReadOnlyError
 from .imagewrite import write_oci_layout
-from .tarwrite import LayerTarWriter, write_tree
+from .tarwrite import LayerTarWriter, path_order, write_tree
 from .union import ORIGIN_LOWER
 from .upper import diff_path
 
@@ -45,7 +46,7 @@ def changeset(fs) -> list:
     for host_path, _ in upper.host.walk(diff_path("/")):
         if whiteout.is_marker_name(os.path.basename(host_path)):
             items.append((host_path[prefix:], None))
-    items.sort(key=lambda item: item[0])
+    items.sort(key=lambda item: path_order(item[0]))
     return items
 
 

@@ -17,7 +17,7 @@ from typing import BinaryIO, Iterator, Optional, Sequence, Union
 
 from .errors import ImageError, path_error
 from .image import Image, open_image
-from .tarwrite import LayerTarWriter, write_tree
+from .tarwrite import LayerTarWriter, path_order, write_tree
 from . import writable
 from .union import (S_IFLNK, S_IFMT, UPPER_SOURCE, LayerChanges, Node, Tree,
                     collector_paused, describe_layer)
@@ -393,13 +393,18 @@ class FileSystem:
         """Write the flattened view as one tar (no markers; hardlinks kept).
 
         *out* is a path (written atomically) or a binary file object.
+        Entries are ordered by path components, so ``tar -x`` restores
+        every directory's mtime.  A path that is one of the image's own
+        layer files (same device and inode) is refused with
+        ``FileExistsError``.
         """
-        items = sorted(self.tree.nodes.items())
+        items = sorted(self.tree.nodes.items(), key=lambda item: path_order(item[0]))
         total = sum(node.size for _, node in items if node.children is None)
         if not isinstance(out, (str, os.PathLike)):
             self._export_to(out, items, compression, progress, total)
             return
         out = os.fspath(out)
+        self._refuse_layer_file(out)
         temporary = f"{out}.{os.getpid()}.tmp"
         try:
             with builtins.open(temporary, "wb") as stream:
@@ -409,6 +414,20 @@ class FileSystem:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temporary)
             raise
+
+    def _refuse_layer_file(self, out: str) -> None:
+        try:
+            target = os.stat(out)
+        except FileNotFoundError:
+            return
+        for layer in self.layers:
+            try:
+                st = os.stat(layer.path)
+            except (OSError, TypeError):
+                continue
+            if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
+                raise FileExistsError(errno.EEXIST, "refusing to overwrite a layer of "
+                                      f"the image being exported ({layer.label})", out)
 
     def _export_to(self, stream, items, compression, progress, total) -> None:
         writer = LayerTarWriter(stream, compression)

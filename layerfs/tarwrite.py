@@ -37,6 +37,7 @@ class LayerTarWriter:
         if compression not in COMPRESSIONS:
             raise ValueError(f"unknown compression {compression!r}; "
                              f"choose one of none, gzip, zstd")
+        fileobj = _Position(fileobj)     # tarfile asks tell(); a pipe cannot answer
         self._outer = fileobj
         self._compressor = None
         if compression == "gzip":
@@ -100,9 +101,53 @@ class LayerTarWriter:
         return info
 
 
+_EXTENSIONS = ((".tar.gz", "gzip"), (".tgz", "gzip"), (".tar.zst", "zstd"),
+               (".tzst", "zstd"))
+
+
+def compression_for_name(name: str) -> Optional[str]:
+    """The compression an output file's name asks for: gzip for ``.tar.gz``
+    and ``.tgz``, zstd for ``.tar.zst`` and ``.tzst``, else none."""
+    lowered = name.lower()
+    for extension, compression in _EXTENSIONS:
+        if lowered.endswith(extension):
+            return compression
+    return None
+
+
+def path_order(path: str) -> tuple:
+    """The sort key that puts every directory's whole subtree right after
+    it: by path components, not by bytes.  Sorted by bytes, ``/d``,
+    ``/d-x``, ``/d/f`` leaves ``/d-x`` between ``d`` and its child, and
+    ``tar -x`` then gives ``d`` the extraction time (GNU tar restores a
+    directory's mtime when it leaves it, and it leaves ``d`` twice)."""
+    return tuple(path.split("/"))
+
+
 def _member_name(path: str) -> str:
     """Canonical ``/a/b`` to the member name ``a/b`` (``./`` for the root)."""
     return path.lstrip("/") or "."
+
+
+class _Position:
+    """A write-only stream that counts what it writes, so that ``tell`` works
+    on a pipe too (``layerfs export IMAGE - | tar -x``)."""
+
+    def __init__(self, stream: BinaryIO):
+        self._stream = stream
+        self._written = 0
+
+    def write(self, data) -> int:
+        size = memoryview(data).nbytes
+        self._stream.write(data)
+        self._written += size
+        return size
+
+    def tell(self) -> int:
+        return self._written
+
+    def flush(self) -> None:
+        self._stream.flush()
 
 
 class _Chunks:
