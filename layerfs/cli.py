@@ -282,7 +282,7 @@ def cmd_commit(args) -> int:
 
 def cmd_example(args) -> int:
     from .example import build_example
-    print(build_example(args.dest))
+    print(build_example(args.dest, compression=args.compression))
     return 0
 
 
@@ -361,8 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("commit", cmd_commit, "write an upper directory as a new layer and image "
                                         "(an OCI layout at DEST)", tag_option="--from-tag")
     sub.add_argument("--tag", dest="tag_new", metavar="T", help="tag of the new image")
-    sub.add_argument("--compression", choices=["zstd", "gzip", "none"], default="zstd",
-                     type=str.lower)
+    sub.add_argument("--compression", choices=["gzip", "zstd", "none"], default="gzip",
+                     type=str.lower, help="the new layer's compression (default: %(default)s, "
+                                          "which every OCI reader takes)")
     sub.add_argument("-m", "--message", help="a comment for the image history")
     sub.add_argument("image", nargs="+", metavar="IMAGE")
     sub.add_argument("upper", metavar="UPPER")
@@ -371,7 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = commands.add_parser("example", help="write a small example image (an OCI layout)",
                               description="write a small example image (an OCI layout)")
     sub.set_defaults(function=cmd_example)
-    sub.add_argument("dest", metavar="DIR")
+    sub.add_argument("--compression", choices=["gzip", "zstd"], default="gzip",
+                     type=str.lower,
+                     help="the compression of the top layer (default: %(default)s)")
+    sub.add_argument("dest", metavar="DIR", help="the OCI layout directory to write")
 
     sub = command("mount", cmd_mount, "mount the image with FUSE (read-only, or "
                                       "copy-on-write with --upper)")

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import json
 import os
+import time
 from typing import Optional
 
 import attrs
@@ -50,39 +52,68 @@ def changeset(fs) -> list:
     return items
 
 
-def write_layer(fs, stream, compression: Optional[str] = "zstd", progress=None) -> None:
-    """Write the upper layer of *fs* as a layer tar to *stream*."""
+def write_layer(fs, stream, compression: Optional[str] = "gzip", progress=None,
+                clamp_mtime: Optional[int] = None) -> None:
+    """Write the upper layer of *fs* as a layer tar to *stream*, mtimes later
+    than *clamp_mtime* (seconds) written as it."""
     items = changeset(fs)
     total = sum(node.size for _, node in items if node is not None and node.children is None)
-    writer = LayerTarWriter(stream, compression)
+    writer = LayerTarWriter(stream, compression, clamp_mtime=clamp_mtime)
     write_tree(writer, items, fs.read_node, progress, total)
     writer.close()
 
 
-def commit(fs, dest, *, compression: Optional[str] = "zstd", tag: Optional[str] = None,
+def commit(fs, dest, *, compression: Optional[str] = "gzip", tag: Optional[str] = None,
            message: Optional[str] = None, progress=None) -> CommitResult:
     """Write the upper layer of *fs* as a new layer on top of its image,
-    into the OCI layout *dest* (created, or added to), tagged *tag*."""
+    into the OCI layout *dest* (created, or added to), tagged *tag*.
+
+    The layer is gzip-compressed unless *compression* says ``"zstd"`` or
+    None (every OCI reader takes gzip; some refuse zstd).  The config gets
+    ``created`` now, or ``$SOURCE_DATE_EPOCH`` when set, and a history entry
+    with that date, ``created_by: layerfs commit`` and *message*.  With
+    ``$SOURCE_DATE_EPOCH`` set, mtimes later than it are written as it, so
+    the same changes made at different times commit to the same digest."""
     if fs.upper is None:
         raise ReadOnlyError("<commit: this filesystem has no upper layer>")
     dest = os.fspath(dest)
     os.makedirs(dest, exist_ok=True)
     temporary = os.path.join(dest, f".layerfs-commit-{os.getpid()}.tmp")
-    created = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    epoch = source_date_epoch()
+    created = _rfc3339(epoch if epoch is not None else time.time())
     history = {"created": created, "created_by": "layerfs commit"}
     if message:
         history["comment"] = message
     try:
         with fs.upper.lock, open(temporary, "wb") as stream:
-            write_layer(fs, stream, compression, progress)
+            write_layer(fs, stream, compression, progress, clamp_mtime=epoch)
             stream.flush()
             os.fsync(stream.fileno())
+        config = dict(fs.image.config or {}) if fs.image is not None else {}
+        config["created"] = created
         digest = write_oci_layout(dest, [temporary], base=fs.image, tag=tag,
-                                  history=[history])
+                                  history=[history], config=config)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
     return CommitResult(dest, digest, layer_blob_path(dest, digest))
+
+
+def source_date_epoch() -> Optional[int]:
+    """``$SOURCE_DATE_EPOCH`` as seconds, or None when unset
+    (https://reproducible-builds.org/specs/source-date-epoch/)."""
+    value = os.environ.get("SOURCE_DATE_EPOCH")
+    if value is None:
+        return None
+    if not value.isdigit():
+        raise OSError(errno.EINVAL, f"SOURCE_DATE_EPOCH={value!r} is not a number of "
+                      "seconds since 1970 (unset it, or give e.g. $(date +%s))")
+    return int(value)
+
+
+def _rfc3339(seconds: float) -> str:
+    when = datetime.datetime.fromtimestamp(int(seconds), datetime.timezone.utc)
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def layer_blob_path(dest: str, manifest_digest: str) -> str:

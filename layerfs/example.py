@@ -2,20 +2,23 @@
 
 Three layers that show what a union of layers does: a base, a layer that
 changes, deletes (whiteout) and replaces a directory (opaque marker), and a
-layer compressed with zstd that adds hardlinks and symlinks.  The quickstart
+compressed layer (gzip, or zstd on request) that adds hardlinks and symlinks.  The quickstart
 mounts it; tests use it as a known image.
 """
 
 from __future__ import annotations
 
+import gzip
 import io
 import os
 import tarfile
 import tempfile
+from typing import Optional
 
 import zstandard
 
 from .imagewrite import write_oci_layout
+from .tarwrite import GZIP_LEVEL
 
 EXAMPLE_TAG = "example"
 MTIME = 1_700_000_000
@@ -68,14 +71,20 @@ def layer_tar(members) -> bytes:
     return buffer.getvalue()
 
 
-def build_example(dest: str, zstd: bool = True) -> str:
+def build_example(dest: str, compression: Optional[str] = "gzip") -> str:
     """Write the example image as an OCI layout at *dest*; returns *dest*.
 
-    The last layer is zstd-compressed unless *zstd* is false (for tools that
-    read only tar and gzip layers, which the OCI spec allows)."""
+    The last layer is compressed with *compression*: ``"gzip"`` (the
+    default, which every OCI reader takes), ``"zstd"`` (which some tools
+    refuse), or None."""
     last = layer_tar(LINKS)
-    blobs = [layer_tar(BASE), layer_tar(CHANGES),
-             zstandard.ZstdCompressor().compress(last) if zstd else last]
+    if compression == "gzip":
+        last = gzip.compress(last, compresslevel=GZIP_LEVEL, mtime=0)
+    elif compression == "zstd":
+        last = zstandard.ZstdCompressor(write_checksum=True).compress(last)
+    elif compression is not None:
+        raise ValueError(f"unknown compression {compression!r}; choose gzip, zstd or None")
+    blobs = [layer_tar(BASE), layer_tar(CHANGES), last]
     with tempfile.TemporaryDirectory(prefix="layerfs-example-") as scratch:
         paths = []
         for number, blob in enumerate(blobs):

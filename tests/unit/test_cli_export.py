@@ -139,3 +139,69 @@ def test_export_refuses_to_overwrite_an_input_layer(tmp_path):
         assert len(lines) == 1 and str(target) in lines[0] and "refusing" in lines[0]
     assert open(blob, "rb").read() == before
     assert [name for name in os.listdir(tmp_path) if name.endswith(".tmp")] == []
+
+
+def manifest_and_config(layout, tag):
+    with layerfs.open(str(layout), tag=tag) as fs:
+        return fs.image.manifest_digest, fs.image.config, [l.compression for l in fs.layers]
+
+
+def commit_one_change(image, tmp_path, name, *options, env=None):
+    upper = tmp_path / f"upper-{name}"
+    with layerfs.open(str(image), upper=upper) as fs:
+        fs.write_bytes("/etc/motd", b"changed\n")
+    out = tmp_path / name
+    result = run("commit", *options, "--tag", "next", image, upper, out, text=True, env=env)
+    return out, result.stdout.strip()
+
+
+def test_commit_and_example_default_to_gzip_with_a_dated_history(tmp_path):
+    image = tmp_path / "image"
+    run("example", image)
+    with layerfs.open(str(image)) as fs:
+        assert [layer.compression for layer in fs.layers] == ["none", "none", "gzip"]
+    out, digest = commit_one_change(image, tmp_path, "out", "-m", "motd")
+    manifest_digest, config, compressions = manifest_and_config(out, "next")
+    assert manifest_digest == digest and compressions[-1] == "gzip"
+    assert config["created"] != "1970-01-01T00:00:00Z"
+    assert config["history"][-1]["created"] == config["created"]
+    assert config["history"][-1]["created_by"] == "layerfs commit"
+    assert config["history"][-1]["comment"] == "motd"
+    zstd_out, _ = commit_one_change(image, tmp_path, "zstd", "--compression", "zstd")
+    assert manifest_and_config(zstd_out, "next")[2][-1] == "zstd"
+    run("example", "--compression", "zstd", tmp_path / "zstd-example")
+    with layerfs.open(str(tmp_path / "zstd-example")) as fs:
+        assert fs.layers[-1].compression == "zstd"
+
+
+def test_source_date_epoch_makes_commits_reproducible(tmp_path):
+    image = tmp_path / "image"
+    run("example", image)
+    env = dict(os.environ, SOURCE_DATE_EPOCH="1700000123")
+    first, one = commit_one_change(image, tmp_path, "a", env=env)
+    second, two = commit_one_change(image, tmp_path, "b", env=env)
+    assert one == two
+    config = manifest_and_config(first, "next")[1]
+    assert config["created"] == "2023-11-14T22:15:23Z"
+    assert config["history"][-1]["created"] == "2023-11-14T22:15:23Z"
+    bad = dict(os.environ, SOURCE_DATE_EPOCH="yesterday")
+    upper = tmp_path / "upper-a"
+    result = run("commit", image, upper, tmp_path / "c", check=False, text=True, env=bad)
+    assert result.returncode == 1 and "internal" not in result.stderr
+    assert "SOURCE_DATE_EPOCH" in result.stderr and len(result.stderr.splitlines()) == 1
+
+
+@pytest.mark.skipif(shutil.which("umoci") is None and os.environ.get("CI") != "true",
+                    reason="umoci is not installed")
+def test_umoci_unpacks_a_default_commit(tmp_path):
+    image = tmp_path / "image"
+    run("example", image)
+    out, _ = commit_one_change(image, tmp_path, "out")
+    bundle = tmp_path / "bundle"
+    subprocess.run(["umoci", "unpack", "--rootless", "--image", f"{out}:next", bundle],
+                   check=True, capture_output=True)
+    assert (bundle / "rootfs" / "etc" / "motd").read_bytes() == b"changed\n"
+    assert (bundle / "rootfs" / "usr" / "bin" / "hi").read_bytes().startswith(b"#!/bin/sh")
+    subprocess.run(["tar", "-xf", "-", "-C", tmp_path], check=True,
+                   input=run("export", "--tag", "next", out, "-").stdout)
+    assert (tmp_path / "etc" / "motd").read_bytes() == b"changed\n"
