@@ -18,7 +18,7 @@ from typing import BinaryIO, Iterator, Optional, Sequence, Union
 from .errors import ImageError, path_error
 from .image import Image, open_image
 from .tarwrite import LayerTarWriter, path_order, write_tree
-from . import writable
+from . import pathglob, writable
 from .union import (S_IFLNK, S_IFMT, UPPER_SOURCE, LayerChanges, Node, Tree,
                     collector_paused, describe_layer)
 from .upper import Upper
@@ -369,6 +369,32 @@ class FileSystem:
     def write_bytes(self, path: PathLike, data: bytes) -> int:
         with self.open(path, "wb") as stream:
             return stream.write(data)
+
+    def write_text(self, path: PathLike, data: str, encoding: str = "utf-8",
+                   errors: str = "strict") -> int:
+        """Like ``pathlib.Path.write_text``: returns the characters written."""
+        self.write_bytes(path, data.encode(encoding, errors))
+        return len(data)
+
+    def iglob(self, pattern: PathLike, *, recursive: bool = False) -> Iterator[str]:
+        """The view's absolute paths matching *pattern*, as ``glob.iglob``
+        (``**`` with *recursive*; names starting with ``.`` only when asked);
+        a relative pattern is taken from ``/``."""
+        pattern = os.fsdecode(pattern)
+        if not pattern.startswith("/"):
+            pattern = "/" + pattern
+        return pathglob.iglob(pattern, self.listdir, self.is_dir, recursive=recursive)
+
+    def glob(self, pattern: PathLike, *, recursive: bool = False) -> list[str]:
+        """:meth:`iglob` as a list."""
+        return list(self.iglob(pattern, recursive=recursive))
+
+    def commit(self, dest: PathLike, *, compression: Optional[str] = "gzip",
+               tag: Optional[str] = None, message: Optional[str] = None, progress=None):
+        """:func:`layerfs.commit.commit` of this filesystem."""
+        from .commit import commit
+        return commit(self, dest, compression=compression, tag=tag, message=message,
+                      progress=progress)
 
     def statvfs(self) -> os.statvfs_result:
         """The upper directory's filesystem; a read-only view reports its

@@ -30,6 +30,12 @@ def test_the_union_core_imports_only_the_core_and_no_io():
     assert not imports & {"io", "tarfile", "fuse", "socket", "subprocess", "shutil"}
 
 
+def test_pathglob_is_pure():
+    imports = imported_modules("pathglob")
+    assert not {name for name in imports if (PACKAGE / f"{name}.py").exists()}
+    assert imports <= {"__future__", "fnmatch", "re", "typing"}
+
+
 def test_only_the_mount_modules_import_fusepy():
     for path in PACKAGE.glob("*.py"):
         if path.stem in ("fuse", "mount"):
