@@ -17,6 +17,7 @@ from typing import BinaryIO, Iterator, Optional, Sequence, Union
 
 from .errors import ImageError, path_error
 from .image import Image, open_image
+from .layer import IndexCache
 from .tarwrite import LayerTarWriter, path_order, write_tree
 from . import pathglob, writable
 from .union import (S_IFLNK, S_IFMT, UPPER_SOURCE, LayerChanges, Node, Tree,
@@ -38,8 +39,9 @@ def open(source: Source, *, upper: Optional[PathLike] = None, tag: Optional[str]
     *source* is an OCI image layout (directory or tar), a ``docker save``
     archive, or a sequence of layer files (base first).  *tag* and
     *platform* (``"linux/amd64"``) choose among several manifests; the
-    default platform is the host's.  *cache* is an
-    :class:`~layerfs.layer.IndexCache` (default: the user's cache directory).
+    default platform is the host's.  *cache* is a cache directory (a path)
+    or an :class:`~layerfs.layer.IndexCache` (default: the user's cache
+    directory).
     *progress* is called as ``progress(done_bytes, total_bytes)`` while layers
     are indexed.  *upper* is a directory for the writable layer (created if
     missing); without it the filesystem is read-only and every write raises
@@ -49,6 +51,8 @@ def open(source: Source, *, upper: Optional[PathLike] = None, tag: Optional[str]
         source = [os.fspath(p) for p in source]
     else:
         source = os.fspath(source)
+    if isinstance(cache, (str, bytes, os.PathLike)):
+        cache = IndexCache(os.fsdecode(cache))
     with collector_paused():
         image = open_image(source, tag=tag, platform=platform, cache=cache,
                            progress=progress)

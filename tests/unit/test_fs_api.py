@@ -60,3 +60,17 @@ def test_write_text_and_commit_method(tmp_path):
         assert fs.read_text("/etc/greeting") == "héllo\n"
         assert fs.layers[-1].compression == "zstd"
         assert fs.image.config["history"][-1]["comment"] == "hi"
+
+
+def test_cache_takes_a_path(tmp_path):
+    image = build_example(str(tmp_path / "image"))
+    for cache in (tmp_path / "c1", str(tmp_path / "c2"), os.fsencode(tmp_path / "c3")):
+        with layerfs.open(image, cache=cache) as fs:
+            assert fs.read_text("/etc/motd").startswith("Welcome")
+        root = os.fsdecode(cache)
+        assert os.listdir(os.path.join(root, "index", "sha256"))
+    # the CLI's --cache-dir fills the same layout
+    subprocess.run([sys.executable, "-m", "layerfs.cli", "cat", "--cache-dir",
+                    tmp_path / "c4", image, "/etc/motd"], check=True, capture_output=True)
+    assert sorted(os.listdir(tmp_path / "c4" / "index" / "sha256")) == \
+        sorted(os.listdir(tmp_path / "c1" / "index" / "sha256"))
