@@ -23,7 +23,7 @@ import time
 import layerfs
 from layerfs.layer import IndexCache
 
-from benchmarks import corpus, debian, inprocess, mounted, peers, report
+from benchmarks import corpus, debian, inprocess, mounted, peers, report, requests
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SIZES = {
@@ -210,7 +210,24 @@ class Runner:
                 self.skip(f"{name}/{target_name}", str(error))
         return targets
 
+    def run_requests(self, name: str, stack, paths: dict) -> None:
+        """FUSE requests per workload on a traced layerfs mount."""
+        log(f"FUSE requests: {name}")
+        counts = requests.count_requests(
+            [stack.oci("tar.gz")], os.path.join(self.mnt, name, "traced"),
+            os.path.join(self.scratch, "mount-cache"),
+            os.path.join(self.scratch, f"trace-{name}.log"), paths, requests.WORKLOADS)
+        self.results.setdefault("requests", {})[name] = counts
+        for workload, found in counts.items():
+            log(f"  {workload}: {sum(found.values())} requests "
+                + ", ".join(f"{op} {n}" for op, n in found.items()))
+
     def run_tree_mounts(self, name: str, stack, final_tree: str, paths: dict) -> None:
+        if self.args.requests or self.args.requests_only:
+            self.run_requests(name, stack, paths)
+            self.save()
+        if self.args.requests_only:
+            return
         log(f"mount workloads: {name}")
         targets = self.mount_targets(name, stack, final_tree)
         out = self.results["mount"].setdefault(name, {})
@@ -326,9 +343,10 @@ class Runner:
                     continue
                 stack = self.corpus.stacks[depth]
                 self.run_tree_mounts(f"tree-{depth}", stack, final_tree, self.paths)
-                self.run_ready(f"tree-{depth}", stack)
+                if not self.args.requests_only:
+                    self.run_ready(f"tree-{depth}", stack)
                 self.save()
-            if chosen is None or "large" in chosen:
+            if (chosen is None or "large" in chosen) and not self.args.requests_only:
                 self.run_large_mounts()
         self.results["elapsed_s"] = time.time() - started
         self.results["targets"] = report.evaluate(self.results)
@@ -350,7 +368,8 @@ class Runner:
                  "small_files": inprocess.shuffled(listing["files"], 3, 5_000)}
         self.results["debian_entries"] = len(listing["all"])
         self.run_tree_mounts("debian", stack, final_tree, paths)
-        self.run_ready("debian", stack)
+        if not self.args.requests_only:
+            self.run_ready("debian", stack)
 
 
 def machine() -> dict:
@@ -379,11 +398,17 @@ def parse_args(argv=None):
     parser.add_argument("--debian", action="store_true", help="the Debian corpus even with --quick")
     parser.add_argument("--mounts", help="only these mounted corpora, e.g. debian,tree-10,large")
     parser.add_argument("--prepare", action="store_true", help="build the corpora only, measure nothing")
+    parser.add_argument("--requests", action="store_true",
+                        help="also count FUSE requests per workload (a traced mount)")
+    parser.add_argument("--requests-only", action="store_true",
+                        help="only count FUSE requests per workload (implies --mount-only)")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.requests_only:
+        args.mount_only = True
     if os.geteuid() != 0:
         print("benchmarks.run needs root (mounts, drop_caches)", file=sys.stderr)
         return 2
