@@ -61,16 +61,18 @@ ROOT_ONLY_OPTIONS = {"suid"}
 DEFAULT_OPTIONS = {"subtype": "layerfs", "default_permissions": True, "max_threads": "10"}
 # Options layerfs itself handles, never passed to libfuse.
 LAYERFS_OPTIONS = {"nonempty"}
-# What libfuse 3 (3.14) and the kernel accept as -o options; anything else
-# would fail inside libfuse with a bare status, so it is refused by name.
-KNOWN_OPTIONS = {
-    # the kernel's and mount(8)'s
+# The options the kernel's mount takes (fusermount3 gets these for a user's
+# mount), and all that libfuse 3 (3.14) accepts besides: anything else would
+# fail inside libfuse with a bare status, so it is refused by name.
+KERNEL_OPTIONS = {
     "allow_other", "allow_root", "auto_unmount", "default_permissions", "fsname",
     "subtype", "max_read", "blkdev", "blksize", "context", "fscontext", "defcontext",
     "rootcontext", "ro", "rw", "suid", "nosuid", "dev", "nodev", "exec", "noexec",
     "async", "sync", "dirsync", "atime", "noatime", "diratime", "nodiratime",
     "relatime", "norelatime", "strictatime", "nostrictatime", "lazytime", "nolazytime",
-    # libfuse's high-level layer
+}
+KNOWN_OPTIONS = KERNEL_OPTIONS | {
+    # libfuse's high-level layer and its loop
     "debug", "kernel_cache", "auto_cache", "noauto_cache", "umask", "uid", "gid",
     "entry_timeout", "negative_timeout", "attr_timeout", "ac_attr_timeout",
     "noforget", "remember", "modules", "no_rofd_flush",
@@ -308,16 +310,24 @@ def _serve_unlocked(fs, mountpoint: str, options, on_ready) -> None:
         raise
     from .fusecore import Operations
     operations = Operations(fs, on_ready=on_ready, context=adapter.context)
+    device_fd = None
     try:
         options = dict(options or {})
         options.pop("nonempty", None)
         options.setdefault("fsname", "layerfs")
         fuse_options = mount_options(operations.readonly, options)
+        target = mountpoint
+        if os.geteuid() != 0:
+            # Mounted by fusermount3, which hands back the open /dev/fuse;
+            # libfuse serves it as /dev/fd/N (it would otherwise open
+            # /dev/fuse itself first, and stop there where it is 0600).
+            device_fd = fusermount(mountpoint, fuse_options)
+            target = f"/dev/fd/{device_fd}"
         # libfuse's threads serve every mount.  One thread alone halves cold
         # lookups when both CPUs are busy, but on an idle 2-core machine it
         # was 10-33% slower (10k entries x 10 layers, cold find and stats,
         # alternated), and it would queue every reader behind one slow read.
-        adapter.FUSE(operations, mountpoint, foreground=True, nothreads=False,
+        adapter.FUSE(operations, target, foreground=True, nothreads=False,
                      readdirplus=operations.readonly, **fuse_options)
     except RuntimeError as error:
         # libfuse 3's fuse_main answers 8 when its loop ends by a signal
@@ -328,7 +338,47 @@ def _serve_unlocked(fs, mountpoint: str, options, on_ready) -> None:
                          f"{error.args[0] if error.args else '?'}; libfuse's own "
                          f"message is above or in the log)", errno.EIO) from None
     finally:
+        if device_fd is not None:
+            # libfuse does not unmount what it did not mount (a signal, or
+            # an error, ended the loop while still mounted).
+            if mount_type(mountpoint) is not None:
+                subprocess.run(["fusermount3", "-u", "-z", mountpoint], check=False,
+                               stdin=subprocess.DEVNULL, capture_output=True)
+            os.close(device_fd)
         operations.shutdown()
+
+
+def fusermount(mountpoint: str, options: dict) -> int:
+    """Mount *mountpoint* through the set-uid ``fusermount3`` with the
+    kernel's share of *options*; returns the open ``/dev/fuse`` descriptor
+    it passes back (over a socket named by ``_FUSE_COMMFD``, as libfuse
+    does it)."""
+    import socket
+    tool = shutil.which("fusermount3")
+    if tool is None:
+        raise MountError("cannot mount: fusermount3 is not installed (needed without "
+                         "root; Debian: apt-get install fuse3)", errno.ENOPKG)
+    kernel = ",".join(name if value is True else f"{name}={value}"
+                      for name, value in options.items()
+                      if name in KERNEL_OPTIONS and value is not False)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        result = subprocess.run([tool, "-o", kernel, "--", mountpoint],
+                                env=dict(os.environ, _FUSE_COMMFD=str(theirs.fileno())),
+                                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                                capture_output=True, text=True, check=False)
+        theirs.close()
+        if result.returncode != 0:
+            raise MountError(f"{mountpoint}: fusermount3 refused: "
+                             f"{last_line(result.stderr) or result.returncode}", errno.EPERM)
+        _, fds, _, _ = socket.recv_fds(ours, 1, 1)
+        if not fds:
+            raise MountError(f"{mountpoint}: fusermount3 gave no /dev/fuse descriptor",
+                             errno.EIO)
+        return fds[0]
+    finally:
+        theirs.close()
+        ours.close()
 
 
 # -- options -----------------------------------------------------------
@@ -432,6 +482,17 @@ def raise_readahead(mountpoint: str, kib: int = 1024) -> None:
 
 
 def check_device(device: str = "/dev/fuse") -> None:
+    """FUSE must be usable: root opens *device* itself; any other user mounts
+    through the set-uid ``fusermount3``, which opens it on their behalf (so
+    the device may well be closed to them, as it is where it is 0600)."""
+    if not os.path.exists(device):
+        raise MountError(f"cannot mount: {device} does not exist (is the fuse "
+                         f"kernel module loaded?)", errno.ENODEV)
+    if os.geteuid() != 0:
+        if not (shutil.which("fusermount3") or shutil.which("fusermount")):
+            raise MountError("cannot mount: fusermount3 is not installed (needed "
+                             "without root; Debian: apt-get install fuse3)", errno.EPERM)
+        return
     try:
         fd = os.open(device, os.O_RDWR)
     except FileNotFoundError:
@@ -444,9 +505,6 @@ def check_device(device: str = "/dev/fuse") -> None:
         raise MountError(f"cannot mount: {device}: {error.strerror}",
                          error.errno or errno.ENODEV) from None
     os.close(fd)
-    if os.geteuid() != 0 and not (shutil.which("fusermount") or shutil.which("fusermount3")):
-        raise MountError("cannot mount: fusermount is not installed (needed "
-                         "without root)", errno.EPERM)
 
 
 def check_mountpoint(mountpoint: str, allow_nonempty: bool) -> None:
