@@ -299,7 +299,7 @@ def cmd_umount(args) -> int:
 
 def cmd_mounts(args) -> int:
     from .mount import list_mounts, server_pid
-    for mountpoint, source in list_mounts():
+    for mountpoint, source in list_mounts(every=args.every):
         pid = server_pid(mountpoint)
         print(f"{mountpoint}\t{source}\t{pid if pid is not None else '-'}")
     return 0
@@ -393,13 +393,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = commands.add_parser("umount", help="unmount a layerfs mount",
                               description="unmount a layerfs mount, or all of them")
     sub.set_defaults(function=cmd_umount)
-    sub.add_argument("--all", action="store_true", help="unmount every layerfs mount")
+    sub.add_argument("--all", action="store_true",
+                     help="unmount every layerfs mount started from this runtime directory "
+                          "(see 'layerfs mounts')")
     sub.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?")
 
     sub = commands.add_parser("mounts", help="list the active layerfs mounts",
-                              description="list the active layerfs mounts: mount point, "
-                                          "image, daemon pid (tab-separated)")
+                              description="list the layerfs mounts started from this runtime "
+                                          "directory ($LAYERFS_RUNTIME_DIR, else "
+                                          "$XDG_RUNTIME_DIR/layerfs, else /run/layerfs for root): "
+                                          "mount point, image, daemon pid or - (tab-separated)")
     sub.set_defaults(function=cmd_mounts)
+    sub.add_argument("--every", action="store_true",
+                     help="every layerfs mount on the machine, whoever started it")
     return parser
 
 

@@ -327,6 +327,10 @@ def _serve_unlocked(fs, mountpoint: str, options, on_ready) -> None:
         # lookups when both CPUs are busy, but on an idle 2-core machine it
         # was 10-33% slower (10k entries x 10 layers, cold find and stats,
         # alternated), and it would queue every reader behind one slow read.
+        logging.getLogger("layerfs.mount").info(
+            "serving %s on %s (%s, libfuse %d.%d)", fuse_options["fsname"], mountpoint,
+            "read-only" if operations.readonly else "writable",
+            adapter.binding.fuse_version_major, adapter.binding.fuse_version_minor)
         adapter.FUSE(operations, target, foreground=True, nothreads=False,
                      readdirplus=operations.readonly, **fuse_options)
     except RuntimeError as error:
@@ -553,9 +557,11 @@ def mount_type(path: str) -> Optional[str]:
     return found
 
 
-def list_mounts() -> list:
-    """The layerfs mounts this process can see, oldest first: a list of
-    ``(mountpoint, source)`` (source as ``findmnt`` shows it)."""
+def list_mounts(every: bool = False) -> list:
+    """The layerfs mounts served from this runtime directory (see
+    :func:`runtime_dir`: yours, live or crashed), oldest first, as
+    ``(mountpoint, source)`` (source as ``findmnt`` shows it); with *every*,
+    all the layerfs mounts this process can see."""
     try:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as info:
             lines = info.read().splitlines()
@@ -565,16 +571,19 @@ def list_mounts() -> list:
     for line in lines:
         fields = line.split(" ")
         separator = fields.index("-")
-        if fields[separator + 1] == "fuse.layerfs":
-            found.append((unescape_mountinfo(fields[4]),
-                          unescape_mountinfo(fields[separator + 2])))
+        if fields[separator + 1] != "fuse.layerfs":
+            continue
+        mountpoint = unescape_mountinfo(fields[4])
+        if every or os.path.exists(lock_path(mountpoint)):
+            found.append((mountpoint, unescape_mountinfo(fields[separator + 2])))
     return found
 
 
 def umount_all(timeout: float = UMOUNT_TIMEOUT) -> list:
-    """Unmount every layerfs mount (the newest first, so nested ones go
-    before their parents); returns the mount points unmounted.  Raises the
-    first :class:`~layerfs.errors.MountError` after trying them all."""
+    """Unmount every layerfs mount of this runtime directory (the newest
+    first, so nested ones go before their parents); returns the mount
+    points unmounted.  Raises the first :class:`~layerfs.errors.MountError`
+    after trying them all."""
     done, failures = [], []
     for mountpoint, _source in reversed(list_mounts()):
         try:

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from mount_helpers import ROOT, is_mounted, requires_fuse, run_cli, wait_until
+from layerfs import mount as layerfs_mount
+from mount_helpers import ROOT, force_unmount, is_mounted, requires_fuse, run_cli, wait_until
 
 pytestmark = [pytest.mark.mount, requires_fuse]
 
@@ -162,3 +163,64 @@ def test_importing_layerfs_does_not_load_fuse():
             "assert 'fuse' not in sys.modules and 'layerfs.fuse' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=ROOT),
                    check=True)
+
+
+def test_mounts_lists_and_umount_all_unmounts_this_runtime_dirs_mounts(sample_layers, tmp_path):
+    # The fixtures give this test its own runtime directory, so --all
+    # reaches only the mounts made here.
+    mountpoints = []
+    for name in ("one", "two"):
+        mountpoint = tmp_path / name
+        mountpoint.mkdir()
+        mountpoints.append(str(mountpoint))
+    try:
+        run_cli("mount", *sample_layers, mountpoints[0], check=True)
+        run_cli("mount", "--upper", str(tmp_path / "upper"), *sample_layers, mountpoints[1],
+                check=True)
+        listed = run_cli("mounts", check=True).stdout.splitlines()
+        rows = [line.split("\t") for line in listed]
+        assert [row[0] for row in rows] == mountpoints
+        assert all(row[1] == f"{sample_layers[0]}..top.tar" for row in rows)
+        assert all(int(row[2]) == layerfs_mount.server_pid(row[0]) for row in rows)
+        assert run_cli("umount", "--all", check=True).stderr == ""
+        assert not any(is_mounted(path) for path in mountpoints)
+        assert run_cli("mounts", check=True).stdout == ""
+    finally:
+        for path in mountpoints:
+            force_unmount(path)
+
+
+def test_umount_needs_a_mountpoint_or_all(mountpoint):
+    result = run_cli("umount")
+    assert result.returncode == 2 and "--all" in result.stderr
+    assert run_cli("umount", "--all", mountpoint).returncode == 2
+
+
+def test_log_file_receives_the_daemons_and_libfuses_log(sample_layers, mountpoint, tmp_path):
+    log = tmp_path / "daemon.log"
+    run_cli("mount", "--log", str(log), "--log-level", "debug", "-o", "debug",
+            *sample_layers, mountpoint, check=True)
+    assert os.listdir(mountpoint)
+    run_cli("umount", mountpoint, check=True)
+    text = log.read_text()
+    assert f"INFO layerfs.mount: serving {sample_layers[0]}..top.tar on {mountpoint}" in text
+    # libfuse's trace of each request (-o debug) goes where the log goes.
+    assert "opcode: READDIR" in text
+
+
+def test_log_level_filters(sample_layers, mountpoint, tmp_path):
+    log = tmp_path / "daemon.log"
+    run_cli("mount", "--log", str(log), "--log-level", "warning", *sample_layers, mountpoint,
+            check=True)
+    run_cli("umount", mountpoint, check=True)
+    assert "serving" not in log.read_text()
+
+
+def test_upper_at_or_inside_the_mount_point_is_refused(sample_layers, mountpoint, tmp_path):
+    for upper in (mountpoint, f"{mountpoint}/upper"):
+        result = run_cli("mount", "--upper", upper, *sample_layers, mountpoint)
+        assert_one_line_error(result, "inside")
+    (tmp_path / "file").write_text("x")
+    assert_one_line_error(run_cli("mount", "--upper", str(tmp_path / "file"), *sample_layers,
+                                  mountpoint), "file", "directory")
+    assert not is_mounted(mountpoint)
