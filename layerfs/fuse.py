@@ -39,7 +39,7 @@ import sys
 from typing import Optional
 
 from .errors import MountError
-from .fusecore import Listings, Operations, StatPacker, errno_of
+from .fusecore import Listings, Operations, StatPacker, errno_of, lower_extent
 
 log = logging.getLogger("layerfs.fuse")
 
@@ -49,6 +49,25 @@ CAP_READDIRPLUS = 1 << 13
 CAP_READDIRPLUS_AUTO = 1 << 14
 CAP_CACHE_SYMLINKS = 1 << 23
 FILL_DIR_PLUS = 1 << 1
+# fuse_buf flags: the buffer is a descriptor, read at .pos, short reads retried.
+BUF_FD_SEEK_RETRY = (1 << 1) | (1 << 2) | (1 << 3)
+
+
+class fuse_buf(ctypes.Structure):
+    _fields_ = [("size", ctypes.c_size_t), ("flags", ctypes.c_int),
+                ("mem", ctypes.c_void_p), ("fd", ctypes.c_int), ("pos", ctypes.c_int64)]
+
+
+class fuse_bufvec(ctypes.Structure):
+    """libfuse's struct fuse_bufvec, with its one inline buffer (mfusepy
+    declares a pointer there)."""
+    _fields_ = [("count", ctypes.c_size_t), ("idx", ctypes.c_size_t),
+                ("off", ctypes.c_size_t), ("buf", fuse_buf * 1)]
+
+
+_libc = ctypes.CDLL(None)
+_libc.malloc.restype = ctypes.c_void_p
+_libc.malloc.argtypes = [ctypes.c_size_t]
 
 
 def load_binding():
@@ -199,6 +218,51 @@ class FUSE(binding.FUSE):
             if filler(buf, names[index - 2], entry, index + 1, FILL_DIR_PLUS):
                 break
             index += 1
+        return 0
+
+    def read_buf(self, path, bufpp, size, offset, fip):
+        """Answer a read with a buffer libfuse fills and frees itself: for
+        bytes in a file (a layer's uncompressed data, an open upper file)
+        the descriptor and position, so libfuse reads them in C without the
+        GIL and no Python copy is made; otherwise the bytes, copied once
+        into memory libfuse frees."""
+        handle = self._handles.get(fip.contents.fh) if fip else None
+        if handle is not None:
+            if not handle.readable or handle.node.children is not None:
+                return -(errno.EBADF if not handle.readable else errno.EISDIR)
+            node = handle.node
+            extent = (handle.fd, offset, size) if handle.fd is not None else \
+                lower_extent(self._fs, node, offset, size)
+        elif self._readonly:
+            # No OPEN was sent (open answers ENOSYS): read by path.
+            node = self._fs.node(_decode(path), False)
+            extent = lower_extent(self._fs, node, offset, size)
+        else:
+            return -errno.EBADF
+        vector = _libc.malloc(ctypes.sizeof(fuse_bufvec))
+        if not vector:
+            return -errno.ENOMEM
+        bufvec = fuse_bufvec.from_address(vector)
+        bufvec.count, bufvec.idx, bufvec.off = 1, 0, 0
+        buffer = bufvec.buf[0]
+        if extent is not None:
+            buffer.fd, buffer.pos, buffer.size = extent
+            buffer.flags, buffer.mem = BUF_FD_SEEK_RETRY, None
+        else:
+            try:
+                data = (handle.pread(size, offset) if handle is not None
+                        else self._fs.read_node(node, offset, size))
+            except BaseException:
+                _libc.free(ctypes.c_void_p(vector))
+                raise
+            buffer.fd, buffer.pos, buffer.flags = -1, 0, 0
+            buffer.size = len(data)
+            buffer.mem = _libc.malloc(max(1, len(data)))
+            if not buffer.mem:
+                _libc.free(ctypes.c_void_p(vector))
+                return -errno.ENOMEM
+            ctypes.memmove(buffer.mem, data, len(data))
+        ctypes.cast(bufpp, ctypes.POINTER(ctypes.c_void_p))[0] = vector
         return 0
 
     def read(self, path, buf, size, offset, fip):

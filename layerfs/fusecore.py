@@ -167,6 +167,16 @@ class StatPacker:
             f"lambda s: pack({', '.join(from_stat)})", scope)
 
 
+def lower_extent(fs, node, offset: int, length: int) -> Optional[tuple]:
+    """``(fd, position, length)`` of a regular file's bytes still in a lower
+    layer (see :meth:`layerfs.layer.Layer.extent`), or None where they are
+    elsewhere (the upper layer, a sparse file's holes, no data at all)."""
+    source = node.source
+    if source is None or source < 0:
+        return None
+    return fs.layers[source].extent(node.data, node.size, offset, length)
+
+
 # -- directory listings --------------------------------------------------
 
 class Listings:
@@ -373,6 +383,10 @@ class Operations:
             return self.handles[fi.fh]
         except KeyError:
             raise OSError(errno.EBADF, os.strerror(errno.EBADF)) from None
+
+    # Not called when the binding answers read_buf itself (layerfs.fuse);
+    # defined so that the binding registers reads at all.
+    read_buf = True
 
     def read(self, path, size, offset, fi):
         if self.readonly and fi.fh not in self.handles:

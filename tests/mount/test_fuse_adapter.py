@@ -170,3 +170,42 @@ def test_missing_libfuse_3_is_a_mount_error(adapter, monkeypatch):
         adapter.load_binding()
     assert caught.value.errno == errno.ENOPKG
     assert "libfuse 3" in str(caught.value)
+
+
+def read_with_buffer(adapter, fuse, path, size, offset, fip=None):
+    """Call read_buf as libfuse does; returns (kind, bytes) and frees it."""
+    pointer = adapter.ctypes.c_void_p()
+    code = fuse._wrapper(fuse.read_buf, path, adapter.ctypes.pointer(pointer), size, offset, fip)
+    if code:
+        return code, None
+    bufvec = adapter.fuse_bufvec.from_address(pointer.value)
+    assert (bufvec.count, bufvec.idx, bufvec.off) == (1, 0, 0)
+    buffer = bufvec.buf[0]
+    try:
+        if buffer.flags & 2:
+            return "fd", os.pread(buffer.fd, buffer.size, buffer.pos)
+        return "memory", adapter.ctypes.string_at(buffer.mem, buffer.size)
+    finally:
+        if not buffer.flags & 2:
+            adapter._libc.free(adapter.ctypes.c_void_p(buffer.mem))
+        adapter._libc.free(pointer)
+
+
+def test_read_buf_hands_libfuse_the_layers_descriptor(adapter, sample_fs):
+    fuse = bare_fuse(adapter, sample_fs)
+    big = sample_fs.read_bytes("/bin/tool")
+    assert read_with_buffer(adapter, fuse, b"/bin/tool", 4096, 1000) == ("fd", big[1000:5096])
+    assert read_with_buffer(adapter, fuse, b"/bin/tool", 1 << 20, len(big) - 10) == \
+        ("fd", big[-10:])
+    assert read_with_buffer(adapter, fuse, b"/bin/tool", 100, len(big) + 5) == ("fd", b"")
+    assert read_with_buffer(adapter, fuse, b"/missing", 10, 0) == (-errno.ENOENT, None)
+
+
+def test_read_buf_of_upper_data_without_a_handle_copies_it(adapter, sample_layers, tmp_path):
+    import layerfs
+    with layerfs.open(sample_layers, upper=str(tmp_path / "upper")) as fs:
+        with fs.open("/new", "wb") as out:
+            out.write(b"upper bytes")
+        fuse = bare_fuse(adapter, fs)
+        fuse._readonly = True          # as if read by path, without a handle
+        assert read_with_buffer(adapter, fuse, b"/new", 100, 6) == ("memory", b"bytes")
