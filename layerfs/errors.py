@@ -91,3 +91,12 @@ class MountError(OSError):
 
     def __str__(self) -> str:
         return self.args[1]
+
+
+class InvalidReferenceError(UnsupportedImageError, ValueError):
+    """An image reference that cannot be read: a transport prefix followed
+    by something it cannot mean (``docker://UPPER``, ``oci:`` with no
+    path), or a tag given twice.  Also a ``ValueError``: correct the
+    argument; see :mod:`layerfs.reference` for the grammar."""
+
+    default_errno = _errno.EINVAL

@@ -36,6 +36,7 @@ import time
 from typing import Callable, Iterable, Optional
 
 from .errors import MountError
+from .reference import as_reference
 
 # Kernel caching.  A read-only view never changes, so the kernel may keep
 # names, attributes, listings' attributes (READDIRPLUS) and pages as long as
@@ -106,7 +107,7 @@ def mount(source, mountpoint, *, upper=None, foreground: bool = False,
     """
     mountpoint = os.path.abspath(os.fspath(mountpoint))
     # The daemon works from "/": make every path absolute first.
-    source = absolute(source)
+    source = as_reference(source).absolute()
     upper, cache_dir = absolute(upper), absolute(cache_dir)
     log_file = absolute(log_file)
     user_options = parse_options(options)
@@ -436,14 +437,17 @@ def mount_options(readonly: bool, user_options: dict) -> dict:
 
 
 def source_name(source) -> str:
-    """The mount's source as ``findmnt`` shows it: the image (the first and
-    last layer file for a stack), made safe for libfuse's option string."""
+    """The mount's source as ``findmnt`` shows it: the image reference (the
+    first and last layer file for a stack), made safe for libfuse's option
+    string."""
     if source is None:
         return "layerfs"
-    if isinstance(source, (list, tuple)):
-        text = source[0] if len(source) == 1 else f"{source[0]}..{os.path.basename(source[-1])}"
+    reference = as_reference(source)
+    if reference.transport == "layers":
+        layers = reference.layers
+        text = layers[0] if len(layers) == 1 else f"{layers[0]}..{os.path.basename(layers[-1])}"
     else:
-        text = os.fsdecode(source)
+        text = str(reference)
     # libfuse splits options at commas (a backslash escapes one); mountinfo
     # escapes blanks itself.
     return text.replace("\\", "\\\\").replace(",", "\\,")
@@ -621,13 +625,11 @@ def open_fs(progress=None, *, source, upper=None, tag=None, platform=None, cache
                            progress=progress)
 
 
-def absolute(source):
-    """*source* (None, a path or a list of paths) with absolute paths."""
-    if source is None:
+def absolute(path):
+    """*path* (None or a path) made absolute."""
+    if path is None:
         return None
-    if isinstance(source, (str, bytes, os.PathLike)):
-        return os.path.abspath(source)
-    return [os.path.abspath(path) for path in source]
+    return os.path.abspath(path)
 
 
 def last_line(text: str) -> str:

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from layerfs import mount as layerfs_mount
-from mount_helpers import ROOT, force_unmount, is_mounted, requires_fuse, run_cli, wait_until
+from mount_helpers import ROOT, force_unmount, is_mounted, requires_fuse, run_cli, stack, wait_until
 
 pytestmark = [pytest.mark.mount, requires_fuse]
 
@@ -26,7 +26,7 @@ def assert_one_line_error(result, *words):
 
 
 def test_mount_then_umount(sample_layers, mountpoint):
-    result = run_cli("mount", *sample_layers, mountpoint)
+    result = run_cli("mount", *stack(sample_layers), mountpoint)
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     assert is_mounted(mountpoint)       # ready when the command returns
@@ -40,7 +40,7 @@ def test_mount_then_umount(sample_layers, mountpoint):
 
 def test_mount_passes_options_through(sample_layers, mountpoint):
     result = run_cli("mount", "-o", "allow_other", "-o", "attr_timeout=5",
-                     *sample_layers, mountpoint)
+                     *stack(sample_layers), mountpoint)
     assert result.returncode == 0, result.stderr
     with open("/proc/self/mountinfo", encoding="utf-8") as info:
         line = next(line for line in info if line.split()[4] == mountpoint)
@@ -51,24 +51,25 @@ def test_mount_passes_options_through(sample_layers, mountpoint):
 
 def test_relative_paths_are_resolved_before_detaching(sample_layers, mountpoint, tmp_path):
     names = [os.path.relpath(path, tmp_path) for path in sample_layers]
-    result = run_cli("mount", *names, os.path.relpath(mountpoint, tmp_path), cwd=tmp_path)
+    result = run_cli("mount", *stack(names), os.path.relpath(mountpoint, tmp_path),
+                     cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert os.path.exists(f"{mountpoint}/bin/tool")
 
 
 def test_missing_mountpoint(sample_layers, tmp_path):
-    result = run_cli("mount", *sample_layers, str(tmp_path / "nowhere"))
+    result = run_cli("mount", *stack(sample_layers), str(tmp_path / "nowhere"))
     assert_one_line_error(result, "does not exist")
 
 
 def test_mountpoint_that_is_a_file(sample_layers, tmp_path):
     (tmp_path / "file").write_text("x")
-    result = run_cli("mount", *sample_layers, str(tmp_path / "file"))
+    result = run_cli("mount", *stack(sample_layers), str(tmp_path / "file"))
     assert_one_line_error(result, "not a directory")
 
 
 def test_busy_mountpoint(sample_layers, mounted):
-    result = run_cli("mount", *sample_layers, mounted)
+    result = run_cli("mount", *stack(sample_layers), mounted)
     assert_one_line_error(result, "already a mount point")
     assert is_mounted(mounted)
 
@@ -76,10 +77,10 @@ def test_busy_mountpoint(sample_layers, mounted):
 def test_non_empty_mountpoint_needs_nonempty(sample_layers, mountpoint):
     with open(f"{mountpoint}/keep", "w") as handle:
         handle.write("x")
-    result = run_cli("mount", *sample_layers, mountpoint)
+    result = run_cli("mount", *stack(sample_layers), mountpoint)
     assert_one_line_error(result, "not empty", "nonempty")
     assert not is_mounted(mountpoint)
-    result = run_cli("mount", "-o", "nonempty", *sample_layers, mountpoint)
+    result = run_cli("mount", "-o", "nonempty", *stack(sample_layers), mountpoint)
     assert result.returncode == 0, result.stderr
     assert sorted(os.listdir(mountpoint))[:2] == ["absolute", "attrs"]
     run_cli("umount", mountpoint, check=True)
@@ -89,7 +90,7 @@ def test_non_empty_mountpoint_needs_nonempty(sample_layers, mountpoint):
 def test_bad_image(mountpoint, tmp_path):
     bad = tmp_path / "bad.tar"
     bad.write_bytes(b"this is not a tar")
-    result = run_cli("mount", str(bad), str(bad), mountpoint)
+    result = run_cli("mount", *stack([bad, bad]), mountpoint)
     assert_one_line_error(result, "bad.tar")
     assert not is_mounted(mountpoint)
 
@@ -101,13 +102,13 @@ def test_missing_image(mountpoint, tmp_path):
 
 
 def test_device_option_is_refused(sample_layers, mountpoint):
-    result = run_cli("mount", "-o", "ro,dev", *sample_layers, mountpoint)
+    result = run_cli("mount", "-o", "ro,dev", *stack(sample_layers), mountpoint)
     assert_one_line_error(result, "'dev'", "nodev")
     assert not is_mounted(mountpoint)
 
 
 def test_unknown_option_is_named(sample_layers, mountpoint):
-    result = run_cli("mount", "-o", "ro,no_such_option=3", *sample_layers, mountpoint)
+    result = run_cli("mount", "-o", "ro,no_such_option=3", *stack(sample_layers), mountpoint)
     assert_one_line_error(result, "'no_such_option'")
     assert "libfuse status" not in result.stderr
     assert not is_mounted(mountpoint)
@@ -115,7 +116,7 @@ def test_unknown_option_is_named(sample_layers, mountpoint):
 
 def test_suid_is_honoured_when_root_asks(sample_layers, mountpoint):
     # A container runtime's choice (docs/mount.md): set-id bits then work.
-    run_cli("mount", "-o", "suid", *sample_layers, mountpoint, check=True)
+    run_cli("mount", "-o", "suid", *stack(sample_layers), mountpoint, check=True)
     with open("/proc/self/mountinfo", encoding="utf-8") as info:
         line = next(line for line in info if line.split()[4] == mountpoint)
     assert "nosuid" not in line.split()[5] and "nodev" in line.split()[5]
@@ -126,7 +127,7 @@ def test_umount_of_something_not_mounted(mountpoint):
 
 
 def test_umount_of_a_busy_mount(sample_layers, mountpoint):
-    run_cli("mount", *sample_layers, mountpoint, check=True)
+    run_cli("mount", *stack(sample_layers), mountpoint, check=True)
     holder = os.open(f"{mountpoint}/etc/passwd", os.O_RDONLY)
     try:
         assert_one_line_error(run_cli("umount", mountpoint), "busy")
@@ -141,7 +142,8 @@ def test_umount_of_a_busy_mount(sample_layers, mountpoint):
 def test_foreground_mount_stops_cleanly_on_signals(sample_layers, mountpoint, signal_number):
     env = dict(os.environ, PYTHONPATH=ROOT)
     server = subprocess.Popen([sys.executable, "-m", "layerfs.cli", "mount", "-f",
-                               *sample_layers, mountpoint], env=env, stdin=subprocess.DEVNULL,
+                               *stack(sample_layers), mountpoint], env=env,
+                              stdin=subprocess.DEVNULL,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert wait_until(lambda: is_mounted(mountpoint) or server.poll() is not None)
@@ -174,8 +176,8 @@ def test_mounts_lists_and_umount_all_unmounts_this_runtime_dirs_mounts(sample_la
         mountpoint.mkdir()
         mountpoints.append(str(mountpoint))
     try:
-        run_cli("mount", *sample_layers, mountpoints[0], check=True)
-        run_cli("mount", "--upper", str(tmp_path / "upper"), *sample_layers, mountpoints[1],
+        run_cli("mount", *stack(sample_layers), mountpoints[0], check=True)
+        run_cli("mount", "--upper", str(tmp_path / "upper"), *stack(sample_layers), mountpoints[1],
                 check=True)
         listed = run_cli("mounts", check=True).stdout.splitlines()
         rows = [line.split("\t") for line in listed]
@@ -199,7 +201,7 @@ def test_umount_needs_a_mountpoint_or_all(mountpoint):
 def test_log_file_receives_the_daemons_and_libfuses_log(sample_layers, mountpoint, tmp_path):
     log = tmp_path / "daemon.log"
     run_cli("mount", "--log", str(log), "--log-level", "debug", "-o", "debug",
-            *sample_layers, mountpoint, check=True)
+            *stack(sample_layers), mountpoint, check=True)
     assert os.listdir(mountpoint)
     run_cli("umount", mountpoint, check=True)
     text = log.read_text()
@@ -210,7 +212,7 @@ def test_log_file_receives_the_daemons_and_libfuses_log(sample_layers, mountpoin
 
 def test_log_level_filters(sample_layers, mountpoint, tmp_path):
     log = tmp_path / "daemon.log"
-    run_cli("mount", "--log", str(log), "--log-level", "warning", *sample_layers, mountpoint,
+    run_cli("mount", "--log", str(log), "--log-level", "warning", *stack(sample_layers), mountpoint,
             check=True)
     run_cli("umount", mountpoint, check=True)
     assert "serving" not in log.read_text()
@@ -218,9 +220,9 @@ def test_log_level_filters(sample_layers, mountpoint, tmp_path):
 
 def test_upper_at_or_inside_the_mount_point_is_refused(sample_layers, mountpoint, tmp_path):
     for upper in (mountpoint, f"{mountpoint}/upper"):
-        result = run_cli("mount", "--upper", upper, *sample_layers, mountpoint)
+        result = run_cli("mount", "--upper", upper, *stack(sample_layers), mountpoint)
         assert_one_line_error(result, "inside")
     (tmp_path / "file").write_text("x")
-    assert_one_line_error(run_cli("mount", "--upper", str(tmp_path / "file"), *sample_layers,
+    assert_one_line_error(run_cli("mount", "--upper", str(tmp_path / "file"), *stack(sample_layers),
                                   mountpoint), "file", "directory")
     assert not is_mounted(mountpoint)

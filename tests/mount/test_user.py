@@ -17,7 +17,7 @@ import tempfile
 import pytest
 
 from layerfs import mount as layerfs_mount
-from mount_helpers import ROOT, force_unmount, is_mounted, requires_fuse
+from mount_helpers import ROOT, force_unmount, is_mounted, requires_fuse, stack
 
 pytestmark = [pytest.mark.mount, requires_fuse]
 
@@ -90,7 +90,7 @@ def test_a_user_mounts_lists_and_unmounts_through_fusermount3(sample_layers, pub
     cli = [user_python(env), "-m", "layerfs.cli"]
     mnt = owned["mnt"]
 
-    as_user(*cli, "mount", *layers, mnt, env=env)
+    as_user(*cli, "mount", *stack(layers), mnt, env=env)
     assert is_mounted(mnt)
     with open("/proc/self/mountinfo", encoding="utf-8") as info:
         line = next(line for line in info if line.split()[4] == mnt)

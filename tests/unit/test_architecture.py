@@ -47,3 +47,13 @@ def test_import_layerfs_loads_no_binding_nor_hypothesis():
             "'layerfs.fuse' in sys.modules, 'hypothesis' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False", "False", "False"]
+
+
+def test_the_reference_grammar_reads_text_only():
+    """Which image an argument names is decided by its text: the grammar
+    module imports no I/O, and nothing of layerfs but its errors."""
+    imports = imported_modules("reference")
+    project = {name for name in imports if (PACKAGE / f"{name}.py").exists()}
+    assert project <= {"errors"}
+    assert not imports & {"io", "tarfile", "socket", "subprocess", "shutil", "pathlib",
+                          "glob", "stat"}
