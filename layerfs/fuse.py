@@ -127,7 +127,7 @@ class FUSE(binding.FUSE):
         self._handles = operations.handles
         self._readonly = operations.readonly
         self._plus = readdirplus
-        self._listings = Listings(operations.fs, PACKER)
+        self._listings = Listings(operations.fs)
         super().__init__(operations, mountpoint, raw_fi=True, encoding="utf-8",
                          errors="surrogateescape", **kwargs)
 
@@ -188,19 +188,18 @@ class FUSE(binding.FUSE):
         return 0
 
     def readdir_fuse_3(self, path, buf, filler, offset, fip, flags):
-        names, stats = self._listings.get(_decode(path))
+        names, nodes = self._listings.get(_decode(path))
         entry = c_stat()
         address = ctypes.addressof(entry)
-        size = _STAT_SIZE
+        pack = PACKER.node
         if not self._plus:
             # Offsets of 0: libfuse takes the whole listing at once and
             # serves the kernel's getdents from it; only the type bits and
             # the inode of each entry are read.
             filler(buf, b".", None, 0, 0)
             filler(buf, b"..", None, 0, 0)
-            for index, name in enumerate(names):
-                position = index * size
-                ctypes.memmove(address, stats[position:position + size], size)
+            for name, node in zip(names, nodes):
+                ctypes.memmove(address, pack(node), _STAT_SIZE)
                 if filler(buf, name, entry, 0, 0):
                     break
             return 0
@@ -213,8 +212,7 @@ class FUSE(binding.FUSE):
             index += 1
         count = len(names)
         while index - 2 < count:
-            position = (index - 2) * size
-            ctypes.memmove(address, stats[position:position + size], size)
+            ctypes.memmove(address, pack(nodes[index - 2]), _STAT_SIZE)
             if filler(buf, names[index - 2], entry, index + 1, FILL_DIR_PLUS):
                 break
             index += 1

@@ -180,29 +180,28 @@ def lower_extent(fs, node, offset: int, length: int) -> Optional[tuple]:
 # -- directory listings --------------------------------------------------
 
 class Listings:
-    """Directory listings, packed, kept while the tree's version holds.
+    """Directory listings, kept while the tree's version holds.
 
-    A listing is the entries' names (bytes) and their ``struct stat``
-    (packed, for READDIRPLUS and for the type and inode of a plain
-    READDIR).  Every change of a name (create, unlink, rename, copy-up of a
+    A listing is the entries' names (bytes, as the kernel gets them) and
+    their nodes (references to the view's own inodes: a ``struct stat`` is
+    packed from one when the listing is sent, so nothing per entry is kept
+    twice).  Every change of a name (create, unlink, rename, copy-up of a
     directory) gives the tree a new version, and then all are dropped; a
-    chmod or a write changes no name, type or inode, and a writable mount
-    asks only for those.  At most *limit* directories are kept (least
-    recently listed dropped first), so a walk of a large tree keeps memory
-    bounded: a listing costs its names and 144 bytes an entry.
+    chmod or a write changes no name, and the stats are packed afresh at
+    each listing.  At most *limit* directories are kept (least recently
+    listed dropped first): about 60 bytes an entry.
     """
 
-    def __init__(self, fs, packer: StatPacker, limit: int = 4096):
+    def __init__(self, fs, limit: int = 4096):
         self._fs = fs
-        self._packer = packer
         self._limit = limit
         self._kept: OrderedDict = OrderedDict()
         self._version = None
         self._lock = threading.Lock()
 
     def get(self, path: str) -> tuple:
-        """``(names, stats)`` of the directory *path*: a tuple of names as
-        bytes and the packed stats, one ``packer.size`` slice per name."""
+        """``(names, nodes)`` of the directory *path*: tuples of the names
+        as bytes and of the view's nodes, in the same order."""
         version = self._fs.tree.version
         with self._lock:
             if version != self._version:
@@ -212,12 +211,11 @@ class Listings:
             if listing is not None:
                 self._kept.move_to_end(path)
                 return listing
-        names, stats = [], []
-        pack = self._packer.node
+        names, nodes = [], []
         for entry in self._fs.scandir(path):
             names.append(entry.name.encode("utf-8", "surrogateescape"))
-            stats.append(pack(entry._node))
-        listing = (tuple(names), b"".join(stats))
+            nodes.append(entry._node)
+        listing = (tuple(names), tuple(nodes))
         with self._lock:
             # Only if no change came meanwhile (a writable mount's threads).
             if self._fs.tree.version == version == self._version:

@@ -63,7 +63,7 @@ def bare_fuse(adapter, fs, plus=False):
     fuse._handles = {}
     fuse._readonly = fs.readonly
     fuse._plus = plus
-    fuse._listings = adapter.Listings(fs, adapter.PACKER)
+    fuse._listings = adapter.Listings(fs)
     return fuse
 
 
