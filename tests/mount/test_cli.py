@@ -226,3 +226,33 @@ def test_upper_at_or_inside_the_mount_point_is_refused(sample_layers, mountpoint
     assert_one_line_error(run_cli("mount", "--upper", str(tmp_path / "file"), *stack(sample_layers),
                                   mountpoint), "file", "directory")
     assert not is_mounted(mountpoint)
+
+
+def test_mount_shows_indexing_progress_on_a_terminal(sample_layers, mountpoint, tmp_path):
+    import pty
+    main, terminal = pty.openpty()
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    try:
+        result = subprocess.run([sys.executable, "-m", "layerfs.cli", "mount", "--cache-dir",
+                                 str(tmp_path / "cold-cache"), *stack(sample_layers), mountpoint],
+                                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=terminal, timeout=60)
+        os.close(terminal)
+        terminal = None
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(main, 4096)
+            except OSError:                  # EIO: the terminal's other end is closed
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        if terminal is not None:
+            os.close(terminal)
+        os.close(main)
+    assert result.returncode == 0
+    assert b"indexing [" in shown and b"100%" in shown
+    assert is_mounted(mountpoint)
+    run_cli("umount", mountpoint, check=True)
