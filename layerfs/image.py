@@ -30,8 +30,10 @@ import json
 import os
 import platform as _platform
 import re
+import shutil
 import stat
 import tarfile
+import tempfile
 from typing import Any, Callable, Sequence
 
 import attrs
@@ -387,7 +389,7 @@ class _Candidate:
 
 
 def open_image(source: Any, *, tag: str | None = None, platform: str | None = None,
-               cache: Any = None, progress: Any = None) -> Image:
+               cache: Any = None, progress: Any = None, registry: Any = None) -> Image:
     """Open an image named as :mod:`layerfs.reference` says: a reference
     string (``oci:DIR[:TAG]``, ``oci-archive:FILE[:TAG]``,
     ``docker-archive:FILE[:TAG]``, ``docker://...``, or a bare path), a path
@@ -414,7 +416,7 @@ def open_image(source: Any, *, tag: str | None = None, platform: str | None = No
     if ref.transport == LAYERS:
         return _open_layer_list(list(ref.layers), layer_args)
     if ref.transport == DOCKER:
-        raise UnsupportedImageError(f"{ref}: reading from a registry is not supported yet")
+        return _open_remote(ref, platform, layer_args, registry)
     path = ref.path
     choice = _Choice(ref.tag, ref.digest, platform)
     if ref.transport in (PATH, OCI) and os.path.isdir(path):
@@ -443,6 +445,31 @@ def open_image(source: Any, *, tag: str | None = None, platform: str | None = No
     # Neither kind of image archive: a single layer tar.
     _refuse_selector(choice, path, "a single layer file")
     return _open_layer_list([path], layer_args)
+
+
+def _open_remote(ref: Any, platform: str | None, layer_args: dict, options: Any) -> Image:
+    """An image in a registry: its blobs are fetched into the cache (see
+    :mod:`layerfs.registry`) and then read like a layout's.  The reference
+    resolves to one manifest or index, which is then treated as a layout
+    whose index.json names only it."""
+    from .registry import BlobCache, Options, RemoteStore, cache_root
+    root = cache_root(layer_args["cache"])
+    temporary = None
+    if root is None:          # cache=False: nothing may stay behind
+        temporary = root = tempfile.mkdtemp(prefix="layerfs-registry-")
+    try:
+        store = RemoteStore(ref, BlobCache(root), options or Options(),
+                            progress=layer_args["progress"])
+        data, media_type, digest = store.top_manifest()
+        entry = descriptor(media_type, digest, len(data))
+        if ref.tag is not None:
+            entry["annotations"] = {REF_NAME: ref.tag}
+        opener = _Opener(store, "registry", layer_args)
+        return opener.open_index({"manifests": [entry]}, store.label,
+                                 _Choice(None, None, platform))
+    finally:
+        if temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True)
 
 
 @attrs.frozen
@@ -535,11 +562,15 @@ class _Opener:
         if not version.startswith("1."):
             raise UnsupportedImageError(f"image layout version {version!r} is not 1.x",
                                         path=where)
+        return self.open_index(self.read_json_file("index.json"),
+                               self.store.where("index.json"), choice)
+
+    def open_index(self, index: Any, where: str, choice: _Choice) -> Image:
+        """The image *choice* designates among those *index* (read from
+        *where*) names, nested indexes followed."""
         candidates: list[_Candidate] = []
-        self.walk_index(self.read_json_file("index.json"), self.store.where("index.json"),
-                        (), 0, candidates)
-        chosen, ref = _choose(candidates, choice, self.oci_platform,
-                              self.store.where("index.json"))
+        self.walk_index(index, where, (), 0, candidates)
+        chosen, ref = _choose(candidates, choice, self.oci_platform, where)
         manifest = self.read_json_blob(chosen.entry, "image manifest")
         return self.open_manifest(manifest, chosen.key, ref)
 
@@ -591,6 +622,9 @@ class _Opener:
         layer_descs = _field(manifest, "layers", list, where)
         diff_ids = _diff_ids(config, len(layer_descs),
                              self.store.where(blob_name(config_desc["digest"])))
+        prefetch = getattr(self.store, "prefetch", None)
+        if prefetch is not None:        # a remote store: download several at once
+            prefetch(layer_descs)
         sources = [self.store.source(self.blob(d, f"layer {i}"))
                    for i, d in enumerate(layer_descs)]
         layers = self.open_layers([

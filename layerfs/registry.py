@@ -1,0 +1,649 @@
+"""Images in registries: the client side of the OCI distribution API.
+
+Everything that crosses the network lives here; which manifest of an index
+is meant, and how a layer is read, stay :mod:`layerfs.image`'s and
+:mod:`layerfs.layer`'s business: a registry is one more place blobs come
+from (:class:`RemoteStore`), and every blob lands in a content-addressed
+cache before anything reads it.
+
+Rules this module keeps:
+
+- Nothing fetched is trusted before it is verified: a manifest's bytes
+  against the digest asked for (or, for a tag, against the registry's
+  ``Docker-Content-Digest``), a blob against its digest while it streams to a
+  temporary file, which is renamed into the cache only when whole and right
+  (and deleted otherwise).  So the cache holds only verified content, and a
+  digest found there is never fetched again: a digest reference works with
+  the registry gone.
+- ``Accept`` always names the four manifest media types (OCI index and
+  manifest, Docker manifest list and v2 manifest): without them some
+  registries convert the manifest (schema 1) or answer 404.  The platform is
+  chosen here, on the client, never by the registry.
+- Credentials go to the registry host only: redirects to blob storage are
+  followed by ``requests``, which keeps ``Range`` and drops ``Authorization``
+  when the host changes.  Plain HTTP is used only for a loopback host or
+  with ``tls_verify=False`` (HTTPS is tried first, as the containers tools
+  do).
+- Memory stays bounded: blobs stream in 1 MiB chunks; a manifest larger than
+  :data:`MAX_MANIFEST_SIZE` is refused.  A dropped connection resumes with
+  ``Range`` (or restarts, if the server ignores it) up to :data:`RETRIES`
+  times.
+
+Cache layout, under ``<cache root>/registry/``::
+
+    blobs/sha256/<hex>            manifests, configs and layer blobs, verified
+    tags/<host>/<repo>/<tag>.json the last digest a tag resolved to (read only
+                                  with ``offline=True``)
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import errno
+import hashlib
+import ipaddress
+import json
+import os
+import re
+import tempfile
+import threading
+import time
+from typing import Any, Callable, Optional
+from urllib.parse import quote, urlencode
+
+import attrs
+
+from . import auth
+from .errors import (DigestMismatchError, ImageError, RegistryAuthError, RegistryError,
+                     UnsupportedImageError)
+from .reference import DEFAULT_HOST, Reference
+
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+ACCEPT = ", ".join([OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST])
+
+MAX_MANIFEST_SIZE = 4 << 20
+CHUNK_SIZE = 1 << 20
+RETRIES = 3
+PARALLEL_DOWNLOADS = 3
+TIMEOUT = (15, 60)          # connect, read (seconds between bytes)
+USER_AGENT = "layerfs"
+_API_HOSTS = {DEFAULT_HOST: "registry-1.docker.io"}
+
+
+@attrs.frozen
+class Options:
+    """How to reach registries: ``authfile`` (else the containers tools'
+    lookup, see :mod:`layerfs.auth`), ``tls_verify`` (False: accept any
+    certificate and allow plain HTTP), ``offline`` (use only the cache; a
+    tag resolves to the digest it had when last fetched)."""
+    authfile: Optional[str] = None
+    tls_verify: bool = True
+    offline: bool = False
+
+
+# -- the cache -----------------------------------------------------------------
+
+class BlobCache:
+    """Verified blobs by digest, and the last digest of each tag."""
+
+    def __init__(self, root: str):
+        self.root = os.path.join(root, "registry")
+
+    def blob_path(self, digest: str) -> str:
+        algorithm, _, hex_ = digest.partition(":")
+        return os.path.join(self.root, "blobs", algorithm, hex_)
+
+    def has(self, digest: str) -> bool:
+        return os.path.isfile(self.blob_path(digest))
+
+    def read(self, digest: str) -> bytes:
+        with open(self.blob_path(digest), "rb") as handle:
+            return handle.read(MAX_MANIFEST_SIZE + 1)
+
+    def put(self, digest: str, data: bytes) -> None:
+        """Keep *data*, which the caller has verified against *digest*."""
+        handle, temp = self.temp_file()
+        with handle:
+            handle.write(data)
+        self.commit(temp, digest)
+
+    def temp_file(self):
+        directory = os.path.join(self.root, "tmp")
+        os.makedirs(directory, exist_ok=True)
+        fd, temp = tempfile.mkstemp(prefix="blob-", dir=directory)
+        return os.fdopen(fd, "wb"), temp
+
+    def commit(self, temp: str, digest: str) -> str:
+        final = self.blob_path(digest)
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        os.replace(temp, final)
+        return final
+
+    def tag_path(self, ref: Reference) -> str:
+        return os.path.join(self.root, "tags", ref.host.replace(":", "_"),
+                            *ref.repository.split("/"), f"{ref.tag}.json")
+
+    def remember_tag(self, ref: Reference, digest: str, media_type: str) -> None:
+        path = self.tag_path(ref)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        handle, temp = self.temp_file()
+        with handle:
+            handle.write(json.dumps({"digest": digest, "mediaType": media_type}).encode())
+        os.replace(temp, path)
+
+    def recall_tag(self, ref: Reference) -> Optional[dict]:
+        try:
+            with open(self.tag_path(ref), encoding="utf-8") as handle:
+                return json.load(handle)
+        except (FileNotFoundError, ValueError):
+            return None
+
+
+# -- the client ----------------------------------------------------------------
+
+def is_loopback(host: str) -> bool:
+    name = host
+    if name.startswith("["):
+        name = name[1:name.find("]")]
+    elif name.count(":") == 1:
+        name = name.partition(":")[0]
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+_CHALLENGE_PARAM = re.compile(r'(\w+)\s*=\s*"([^"]*)"')
+
+
+def parse_challenge(header: str) -> tuple[str, dict]:
+    """``Bearer realm="…",service="…"`` -> ``("bearer", {"realm": …})``."""
+    scheme, _, rest = header.strip().partition(" ")
+    return scheme.lower(), dict(_CHALLENGE_PARAM.findall(rest))
+
+
+class Client:
+    """One repository of one registry: manifests, blobs, tags.  Raises
+    :class:`RegistryError` / :class:`RegistryAuthError` (one line each,
+    naming the registry) and :class:`DigestMismatchError`."""
+
+    def __init__(self, ref: Reference, options: Options = Options()):
+        import requests            # imported here: `import layerfs` must stay light
+        self.requests = requests
+        self.ref = ref
+        self.options = options
+        self.host = ref.host
+        self.api_host = _API_HOSTS.get(ref.host, ref.host)
+        self.session = requests.Session()
+        self.session.headers["User-Agent"] = USER_AGENT
+        self._base: Optional[str] = None
+        self._authorization: Optional[str] = None
+        self._lock = threading.Lock()
+        self._credentials: Any = False      # False: not looked up yet
+
+    # ---- connection, authentication
+
+    def credentials(self) -> Optional[auth.Credentials]:
+        if self._credentials is False:
+            self._credentials = auth.lookup(self.host, self.ref.repository,
+                                            self.options.authfile)
+        return self._credentials
+
+    def base(self) -> str:
+        """``https://host`` or, where allowed and HTTPS fails, ``http://host``."""
+        if self._base is not None:
+            return self._base
+        insecure_allowed = is_loopback(self.api_host) or not self.options.tls_verify
+        first_error = None
+        for scheme in ("https", "http") if insecure_allowed else ("https",):
+            try:
+                self.session.get(f"{scheme}://{self.api_host}/v2/", timeout=TIMEOUT,
+                                 verify=self.options.tls_verify and scheme == "https",
+                                 allow_redirects=False).close()
+            except self.requests.exceptions.SSLError as error:
+                first_error = first_error or error
+                continue
+            except self.requests.exceptions.RequestException as error:
+                first_error = first_error or error
+                if scheme == "https" and insecure_allowed:
+                    continue
+                break
+            self._base = f"{scheme}://{self.api_host}"
+            return self._base
+        hint = "" if insecure_allowed else (
+            " (plain HTTP is used only for loopback hosts or with --tls-verify=false)")
+        raise RegistryError(f"cannot reach registry {self.host}: "
+                            f"{_short(first_error)}{hint}")
+
+    def _authenticate(self, response, scope: str) -> None:
+        """Answer the challenge of a 401 *response* for *scope*."""
+        header = response.headers.get("WWW-Authenticate", "")
+        scheme, params = parse_challenge(header)
+        credentials = self.credentials()
+        if scheme == "basic":
+            if credentials is None:
+                raise RegistryAuthError(f"registry {self.host} needs a username and "
+                                        f"password: run `layerfs login {self.host}`")
+            self._authorization = _basic(credentials)
+            return
+        if scheme != "bearer" or "realm" not in params:
+            raise RegistryAuthError(f"registry {self.host} answered 401 with an "
+                                    f"unsupported challenge {header[:80]!r}")
+        query = {"service": params.get("service", "")} if params.get("service") else {}
+        query["scope"] = params.get("scope") or scope
+        try:
+            answer = self.session.get(params["realm"] + "?" + urlencode(query),
+                                      timeout=TIMEOUT, verify=self.options.tls_verify,
+                                      auth=None if credentials is None else (
+                                          credentials.username, credentials.password))
+        except self.requests.exceptions.RequestException as error:
+            raise RegistryError(f"token server of {self.host} ({params['realm']}) is "
+                                f"unreachable: {_short(error)}") from None
+        if answer.status_code in (401, 403):
+            who = ("anonymous access was refused: run `layerfs login "
+                   f"{self.host}`") if credentials is None else (
+                f"the credentials from {credentials.origin} were refused: "
+                f"run `layerfs login {self.host}` again")
+            raise RegistryAuthError(f"registry {self.host}: {who}")
+        if answer.status_code != 200:
+            raise RegistryError(f"token server of {self.host} answered "
+                                f"{answer.status_code}")
+        try:
+            body = answer.json()
+            token = body.get("token") or body.get("access_token")
+        except ValueError:
+            token = None
+        if not isinstance(token, str) or not token:
+            raise RegistryError(f"token server of {self.host} gave no token")
+        self._authorization = f"Bearer {token}"
+
+    def request(self, method: str, path: str, *, headers: Optional[dict] = None,
+                stream: bool = False, scope_action: str = "pull"):
+        """*method* on ``/v2/<path>`` with authentication; the response of
+        any status but 401/403/429, which become :class:`RegistryAuthError`."""
+        url = f"{self.base()}/v2/{path}"
+        scope = f"repository:{self.ref.repository}:{scope_action}"
+        for attempt in (1, 2):
+            sent = dict(headers or {})
+            if self._authorization:
+                sent["Authorization"] = self._authorization
+            try:
+                response = self.session.request(method, url, headers=sent, stream=stream,
+                                                timeout=TIMEOUT,
+                                                verify=self.options.tls_verify)
+            except self.requests.exceptions.RequestException as error:
+                raise _Dropped(error) from None
+            if response.status_code == 401 and attempt == 1:
+                response.close()
+                with self._lock:
+                    if sent.get("Authorization") == self._authorization:
+                        self._authenticate(response, scope)
+                continue
+            break
+        if response.status_code in (401, 403):
+            response.close()
+            raise RegistryAuthError(
+                f"registry {self.host} denied {scope_action} access to "
+                f"{self.ref.repository} ({response.status_code}"
+                f"{_error_code(response)}): check the repository name, or the "
+                f"credentials (`layerfs login {self.host}`)")
+        if response.status_code == 429:
+            limits = ", ".join(f"{k}: {response.headers[k]}" for k in
+                               ("ratelimit-limit", "ratelimit-remaining", "retry-after")
+                               if k in response.headers)
+            response.close()
+            raise RegistryAuthError(f"registry {self.host} is rate-limiting requests (429"
+                                    f"{'; ' + limits if limits else ''}): wait, or log in "
+                                    f"for a higher limit")
+        return response
+
+    # ---- manifests
+
+    def resolve(self, tag: str) -> tuple[str, str]:
+        """(digest, media type) a tag names now: one HEAD request."""
+        response = self._call("HEAD", f"{self.ref.repository}/manifests/{quote(tag)}",
+                              headers={"Accept": ACCEPT})
+        self._expect_ok(response, f"{self.ref.name}:{tag}", "manifest")
+        digest = response.headers.get("Docker-Content-Digest")
+        media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
+        if digest is None:          # not every registry sends it on HEAD: GET then
+            data, media_type, digest = self.manifest(tag)
+        return digest, media_type
+
+    def manifest(self, reference: str) -> tuple[bytes, str, str]:
+        """The manifest (or index) *reference* (a tag or digest) names:
+        (bytes, media type, digest), verified."""
+        where = f"{self.ref.name}{'@' if ':' in reference else ':'}{reference}"
+        response = self._call("GET", f"{self.ref.repository}/manifests/{quote(reference)}",
+                              headers={"Accept": ACCEPT}, stream=True)
+        with response:
+            self._expect_ok(response, where, "manifest")
+            data = response.raw.read(MAX_MANIFEST_SIZE + 1, decode_content=True)
+        if len(data) > MAX_MANIFEST_SIZE:
+            raise UnsupportedImageError(f"manifest is larger than {MAX_MANIFEST_SIZE} bytes",
+                                        path=f"docker://{where}")
+        expected = reference if ":" in reference else response.headers.get(
+            "Docker-Content-Digest")
+        algorithm = (expected or "sha256:").partition(":")[0]
+        if algorithm not in ("sha256", "sha512"):
+            raise UnsupportedImageError(f"digest {expected!r}: unsupported algorithm",
+                                        path=f"docker://{where}")
+        actual = f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
+        if expected is not None and actual != expected:
+            raise DigestMismatchError(f"manifest has digest {actual}, expected {expected}",
+                                      path=f"docker://{where}")
+        media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
+        return data, media_type, actual
+
+    def tags(self) -> list[str]:
+        found: list[str] = []
+        path = f"{self.ref.repository}/tags/list?n=1000"
+        while path:
+            response = self._call("GET", path)
+            with response:
+                self._expect_ok(response, self.ref.name, "repository")
+                found.extend(response.json().get("tags") or [])
+                link = response.headers.get("Link", "")
+            match = re.search(r"<([^>]+)>", link)
+            path = match.group(1).split("/v2/", 1)[-1] if match else ""
+        return found
+
+    # ---- blobs
+
+    def fetch_blob(self, digest: str, cache: BlobCache, size: Optional[int] = None,
+                   progress: Optional[Callable[[int], None]] = None) -> str:
+        """Download blob *digest* into *cache* (verified) and return its
+        path.  Resumes a dropped download with ``Range``; restarts it when
+        the server ignores the range; removes the partial file on failure."""
+        where = f"docker://{self.ref.name}@{digest}"
+        algorithm = digest.partition(":")[0]
+        handle, temp = cache.temp_file()
+        hasher, received, failures = hashlib.new(algorithm), 0, 0
+        try:
+            with handle:
+                while True:
+                    headers = {"Range": f"bytes={received}-"} if received else {}
+                    try:
+                        received, hasher = self._stream_blob(
+                            digest, headers, handle, received, hasher, where, progress)
+                        if size is not None and received < size:
+                            raise _Dropped(OSError(f"stream ended at {received} of "
+                                                   f"{size} bytes"))
+                        break
+                    except _Dropped as dropped:
+                        failures += 1
+                        if failures > RETRIES:
+                            raise RegistryError(
+                                f"download broke off {failures} times, last: "
+                                f"{_short(dropped.error)}", path=where) from None
+                        time.sleep(0.2 * failures)
+            if size is not None and received != size:
+                raise DigestMismatchError(f"blob is {received} bytes, its descriptor "
+                                          f"says {size}", path=where)
+            actual = f"{algorithm}:{hasher.hexdigest()}"
+            if actual != digest:
+                raise DigestMismatchError(f"blob has digest {actual}, expected {digest}",
+                                          path=where)
+            return cache.commit(temp, digest)
+        except BaseException:
+            _remove(temp)
+            raise
+
+    def _stream_blob(self, digest, headers, handle, received, hasher, where, progress):
+        response = self.request("GET", f"{self.ref.repository}/blobs/{digest}",
+                                headers=headers, stream=True)
+        with response:
+            if received and response.status_code == 200:
+                # The server sent the whole blob again: start over.
+                handle.seek(0)
+                handle.truncate()
+                received, hasher = 0, hashlib.new(digest.partition(":")[0])
+            elif received and response.status_code != 206:
+                self._expect_ok(response, where, "blob")
+            elif not received:
+                self._expect_ok(response, where, "blob")
+            try:
+                for chunk in response.iter_content(CHUNK_SIZE):
+                    handle.write(chunk)
+                    hasher.update(chunk)
+                    received += len(chunk)
+                    if progress:
+                        progress(len(chunk))
+            except (self.requests.exceptions.RequestException, OSError) as error:
+                if isinstance(error, OSError) and not _is_network(error):
+                    raise
+                raise _Dropped(error) from None
+        return received, hasher
+
+    # ---- helpers
+
+    def _call(self, method: str, path: str, **kwargs):
+        try:
+            return self.request(method, path, **kwargs)
+        except _Dropped as dropped:
+            raise RegistryError(f"cannot reach registry {self.host}: "
+                                f"{_short(dropped.error)}") from None
+
+    def _expect_ok(self, response, where: str, what: str) -> None:
+        if response.status_code in (200, 206):
+            return
+        code = _error_code(response)
+        if response.status_code == 404:
+            error = RegistryError(f"{what} not found (404{code})", path=f"docker://{where}")
+            error.errno = errno.ENOENT
+            raise error
+        raise RegistryError(f"registry {self.host} answered {response.status_code}"
+                            f"{code} for the {what}", path=f"docker://{where}")
+
+
+class _Dropped(Exception):
+    """A connection that failed or broke off mid-transfer: worth retrying."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(str(error))
+        self.error = error
+
+
+def _is_network(error: OSError) -> bool:
+    return not isinstance(error, (FileNotFoundError, PermissionError)) and \
+        error.errno not in (28,)   # ENOSPC is the disk's fault, not the network's
+
+
+def _basic(credentials: auth.Credentials) -> str:
+    import base64
+    pair = f"{credentials.username}:{credentials.password}".encode()
+    return "Basic " + base64.b64encode(pair).decode("ascii")
+
+
+def _error_code(response) -> str:
+    try:
+        errors = response.json().get("errors") or []
+        codes = [e.get("code") for e in errors if isinstance(e, dict) and e.get("code")]
+        return f", {', '.join(codes)}" if codes else ""
+    except Exception:   # a body that is not the registry's JSON: no code to add
+        return ""
+
+
+def _short(error: Optional[BaseException]) -> str:
+    text = str(error) if error is not None else "no answer"
+    text = re.sub(r"\s+", " ", text)
+    match = re.search(r"\[Errno -?\d+\] [^')\]]+|Connection refused|Read timed out|"
+                      r"IncompleteRead\([^)]*\)|wrong version number|"
+                      r"certificate verify failed[^')\]]*", text)
+    return match.group(0) if match else text[:160]
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+# -- a registry as a blob store for layerfs.image ----------------------------------
+
+class RemoteStore:
+    """What :class:`layerfs.image._Opener` reads blobs from, for an image in
+    a registry: ``blobs/<alg>/<hex>`` names, fetched (and verified) into the
+    cache on first use.  With ``offline``, only the cache is read."""
+
+    def __init__(self, ref: Reference, cache: BlobCache, options: Options,
+                 progress: Optional[Callable[[int, int], None]] = None):
+        self.ref = ref
+        self.label = str(ref)
+        self.cache = cache
+        self.options = options
+        self.progress = progress
+        self._client: Optional[Client] = None
+        self._lock = threading.Lock()
+
+    @property
+    def client(self) -> Client:
+        if self.options.offline:
+            raise RegistryError("not in the cache, and --offline forbids fetching it",
+                                path=self.label)
+        with self._lock:
+            if self._client is None:
+                self._client = Client(self.ref, self.options)
+            return self._client
+
+    def where(self, name: str) -> str:
+        return f"docker://{self.ref.name}@{_digest_of(name)}" if name.startswith(
+            "blobs/") else f"{self.label} ({name})"
+
+    def path(self, name: str, size: Optional[int] = None) -> str:
+        digest = _digest_of(name)
+        if not self.cache.has(digest):
+            if self.options.offline:
+                raise RegistryError("blob is not in the cache, and --offline forbids "
+                                    "fetching it", path=self.where(name))
+            try:
+                self.client.fetch_blob(digest, self.cache, size)
+            except RegistryError as error:
+                # Manifests named by an index live under /manifests/, not
+                # /blobs/: the 404 of the one is a hint to ask the other.
+                if not _is_not_found(error):
+                    raise
+                data, _, verified = self.client.manifest(digest)
+                self.cache.put(verified, data)
+        return self.cache.blob_path(digest)
+
+    def size(self, name: str) -> Optional[int]:
+        try:
+            return os.path.getsize(self.path(name))
+        except RegistryError as error:
+            if _is_not_found(error):
+                return None
+            raise
+
+    def read(self, name: str) -> bytes:
+        with open(self.path(name), "rb") as handle:
+            return handle.read(MAX_MANIFEST_SIZE + 1)
+
+    def source(self, name: str) -> str:
+        return self.path(name)
+
+    def prefetch(self, descriptors: list) -> None:
+        """Download the blobs *descriptors* name that the cache lacks,
+        several at once, with one progress report over all of them."""
+        missing = [(d["digest"], d.get("size")) for d in descriptors
+                   if isinstance(d, dict) and isinstance(d.get("digest"), str)
+                   and not self.cache.has(d["digest"])]
+        missing = list(dict.fromkeys(missing))
+        if not missing or self.options.offline:
+            return
+        total = sum(size or 0 for _, size in missing)
+        done = [0]
+        lock = threading.Lock()
+
+        def report(count: int) -> None:
+            if self.progress is None:
+                return
+            with lock:
+                done[0] += count
+                self.progress(min(done[0], total), total)
+
+        client = self.client
+        with concurrent.futures.ThreadPoolExecutor(PARALLEL_DOWNLOADS) as pool:
+            futures = [pool.submit(client.fetch_blob, digest, self.cache, size, report)
+                       for digest, size in missing]
+            errors = [f.exception() for f in futures if f.exception() is not None]
+        if errors:
+            raise errors[0]
+
+    def top_manifest(self) -> tuple[bytes, str, str]:
+        """The manifest or index the reference names: (bytes, media type,
+        digest).  A tag is resolved with one HEAD request (from the last
+        resolution with ``offline``); the bytes come from the cache when the
+        digest is there."""
+        ref = self.ref
+        media_type = None
+        if ref.digest is not None:
+            digest = ref.digest
+        elif self.options.offline:
+            known = self.cache.recall_tag(ref)
+            if known is None:
+                raise RegistryError("tag was never fetched, and --offline forbids "
+                                    "resolving it", path=self.label)
+            digest, media_type = known["digest"], known.get("mediaType")
+        else:
+            digest, media_type = self.client.resolve(ref.tag)
+        if self.cache.has(digest):
+            data = self.cache.read(digest)
+        elif self.options.offline:
+            raise RegistryError(f"manifest {digest} is not in the cache, and --offline "
+                                "forbids fetching it", path=self.label)
+        else:
+            data, fetched_type, verified = self.client.manifest(digest)
+            media_type = fetched_type or media_type
+            self.cache.put(verified, data)
+        media_type = _media_type(data, media_type)
+        if ref.digest is None and not self.options.offline:
+            self.cache.remember_tag(ref, digest, media_type)
+        return data, media_type, digest
+
+
+def _is_not_found(error: RegistryError) -> bool:
+    return error.errno == errno.ENOENT
+
+
+def _digest_of(name: str) -> str:
+    _, algorithm, hex_ = name.split("/", 2)
+    return f"{algorithm}:{hex_}"
+
+
+def _media_type(data: bytes, given: Optional[str]) -> str:
+    """The media type of a manifest: its own ``mediaType`` field if it has
+    one, else what the registry said, else guessed from its shape."""
+    try:
+        document = json.loads(data)
+    except ValueError:
+        raise UnsupportedImageError("manifest is not valid JSON") from None
+    if isinstance(document, dict):
+        own = document.get("mediaType")
+        if isinstance(own, str) and own:
+            return own
+        if given in (OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST):
+            return given
+        return OCI_INDEX if "manifests" in document else OCI_MANIFEST
+    raise UnsupportedImageError("manifest is not a JSON object")
+
+
+def cache_root(cache: Any) -> Optional[str]:
+    """The cache directory of a ``cache=`` argument (None for ``False``)."""
+    if cache is False:
+        return None
+    root = getattr(cache, "root", None)
+    if root is None:
+        from .layer import default_cache_root
+        root = default_cache_root()
+    return root
+
+
+def error_for(ref: Reference, error: ImageError) -> ImageError:
+    return error.located(str(ref))

@@ -1,0 +1,180 @@
+"""A real registry on loopback for the tests: Debian's ``docker-registry``
+(the CNCF distribution server) started from a config in the test's temp
+dir, on a free port, and stopped by its handle; images pushed with
+``requests`` through the distribution API."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+
+import pytest
+import requests
+
+REGISTRY = shutil.which("docker-registry")
+HTPASSWD = shutil.which("htpasswd")
+
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+
+
+def requires(tool, name, package):
+    """Skip without *tool*, except under CI=true, where its absence is a
+    failure: .ci/run installs *package*."""
+    if tool is None and os.environ.get("CI") != "true":
+        pytest.skip(f"{name} is not installed (apt-get install {package})")
+    assert tool is not None, f"{name} is missing: .ci/run must install {package}"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+class Registry:
+    """One ``docker-registry serve`` process.  ``url`` is its base URL,
+    ``host`` what a ``docker://`` reference names, ``storage`` its root
+    directory (``docker/registry/v2/blobs/sha256/XX/HEX/data``)."""
+
+    def __init__(self, workdir, *, auth: dict | None = None, middleware: dict | None = None):
+        requires(REGISTRY, "docker-registry", "docker-registry")
+        self.workdir = str(workdir)
+        os.makedirs(self.workdir, exist_ok=True)
+        self.storage = os.path.join(self.workdir, "storage")
+        self.port = free_port()
+        self.host = f"127.0.0.1:{self.port}"
+        self.url = f"http://{self.host}"
+        config = {
+            "version": 0.1,
+            "log": {"level": "warn", "accesslog": {"disabled": True}},
+            "storage": {"filesystem": {"rootdirectory": self.storage},
+                        "delete": {"enabled": True}},
+            "http": {"addr": self.host},
+        }
+        if auth:
+            config["auth"] = auth
+        if middleware:
+            config["middleware"] = middleware
+        self.config = os.path.join(self.workdir, "config.yml")
+        with open(self.config, "w") as handle:
+            json.dump(config, handle)        # YAML is a superset of JSON
+        self.log = open(os.path.join(self.workdir, "registry.log"), "wb")
+        self.process = None
+        self.start()
+
+    def start(self):
+        self.process = subprocess.Popen([REGISTRY, "serve", self.config], stdout=self.log,
+                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                requests.get(f"{self.url}/v2/", timeout=2)
+                return
+            except requests.ConnectionError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    with open(self.log.name, "rb") as log:
+                        raise RuntimeError(f"registry did not start: {log.read()[-2000:]}")
+                time.sleep(0.05)
+
+    def stop(self):
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def close(self):
+        self.stop()
+        self.log.close()
+
+    def blob_file(self, digest: str) -> str:
+        hex_ = digest.partition(":")[2]
+        return os.path.join(self.storage, "docker", "registry", "v2", "blobs", "sha256",
+                            hex_[:2], hex_, "data")
+
+    # ---- pushing
+
+    def push_blob(self, repo: str, data: bytes, auth=None) -> str:
+        digest = sha256(data)
+        start = requests.post(f"{self.url}/v2/{repo}/blobs/uploads/", auth=auth, timeout=30)
+        assert start.status_code == 202, start.text
+        location = start.headers["Location"]
+        if location.startswith("/"):
+            location = self.url + location
+        separator = "&" if "?" in location else "?"
+        done = requests.put(f"{location}{separator}digest={digest}", data=data, auth=auth,
+                            headers={"Content-Type": "application/octet-stream"}, timeout=30)
+        assert done.status_code == 201, done.text
+        return digest
+
+    def push_manifest(self, repo: str, reference: str, document: dict, auth=None) -> str:
+        data = json.dumps(document).encode()
+        answer = requests.put(f"{self.url}/v2/{repo}/manifests/{reference}", data=data,
+                              auth=auth, headers={"Content-Type": document["mediaType"]},
+                              timeout=30)
+        assert answer.status_code == 201, answer.text
+        return sha256(data)
+
+    def push_image(self, repo: str, tag: str | None, layers: list[bytes], *,
+                   layer_types: list[str] | None = None, platform=("linux", "amd64", None),
+                   diff_ids: list[str] | None = None, auth=None) -> dict:
+        """Push an image of the given layer blobs; returns its manifest
+        digest, manifest and config.  *diff_ids* default to the layers'
+        own digests (right for uncompressed layers)."""
+        os_, arch, variant = platform
+        config = {"architecture": arch, "os": os_,
+                  "config": {"Env": ["PATH=/usr/bin"]},
+                  "rootfs": {"type": "layers",
+                             "diff_ids": diff_ids or [sha256(layer) for layer in layers]}}
+        if variant:
+            config["variant"] = variant
+        config_bytes = json.dumps(config).encode()
+        types = layer_types or ["application/vnd.oci.image.layer.v1.tar"] * len(layers)
+        manifest = {
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": OCI_CONFIG, "digest": self.push_blob(repo, config_bytes, auth),
+                       "size": len(config_bytes)},
+            "layers": [{"mediaType": kind, "digest": self.push_blob(repo, layer, auth),
+                        "size": len(layer)} for kind, layer in zip(types, layers)],
+        }
+        digest = self.push_manifest(repo, tag or sha256(json.dumps(manifest).encode()),
+                                    manifest, auth)
+        return {"digest": digest, "manifest": manifest, "config": config,
+                "size": len(json.dumps(manifest).encode())}
+
+    def push_index(self, repo: str, tag: str, images: list[tuple[tuple, dict]], auth=None) -> str:
+        entries = []
+        for (os_, arch, variant), pushed in images:
+            platform = {"os": os_, "architecture": arch}
+            if variant:
+                platform["variant"] = variant
+            entries.append({"mediaType": OCI_MANIFEST, "digest": pushed["digest"],
+                            "size": pushed["size"], "platform": platform})
+        return self.push_manifest(repo, tag, {"schemaVersion": 2, "mediaType": OCI_INDEX,
+                                              "manifests": entries}, auth)
+
+
+def htpasswd_line(user: str, password: str) -> str:
+    requires(HTPASSWD, "htpasswd", "apache2-utils")
+    return subprocess.run([HTPASSWD, "-Bbn", user, password], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def basic(user: str, password: str) -> str:
+    return base64.b64encode(f"{user}:{password}".encode()).decode()
