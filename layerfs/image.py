@@ -342,6 +342,8 @@ class Image:
     list, config and manifest are synthesised (the host platform, no
     history).  ``ref`` is the name the image was chosen by, or its only name.
     ``layer_sources[i]`` is where the blob of ``layers[i]`` is stored.
+    An image opened with ``read_layers=False`` has no layers: its manifest
+    and config only.
     """
 
     layers: list[Layer]
@@ -354,6 +356,11 @@ class Image:
     kind: str
     source: str
     layer_sources: list
+    # What an index offered: ``[(names, platform, manifest digest)]`` and the
+    # digest of the manifest or index the reference itself resolved to (for
+    # a registry image: what a tag pointed at when it was opened).
+    offered: list = attrs.field(factory=list)
+    resolved_digest: str | None = None
 
     @property
     def tag(self) -> str | None:
@@ -389,7 +396,8 @@ class _Candidate:
 
 
 def open_image(source: Any, *, tag: str | None = None, platform: str | None = None,
-               cache: Any = None, progress: Any = None, registry: Any = None) -> Image:
+               cache: Any = None, progress: Any = None, registry: Any = None,
+               read_layers: bool = True) -> Image:
     """Open an image named as :mod:`layerfs.reference` says: a reference
     string (``oci:DIR[:TAG]``, ``oci-archive:FILE[:TAG]``,
     ``docker-archive:FILE[:TAG]``, ``docker://...``, or a bare path), a path
@@ -413,6 +421,8 @@ def open_image(source: Any, *, tag: str | None = None, platform: str | None = No
         _split_platform(platform)
     ref = as_reference(source).with_selector(tag)
     layer_args = {"cache": cache, "progress": progress}
+    if not read_layers:
+        layer_args["read_layers"] = False
     if ref.transport == LAYERS:
         return _open_layer_list(list(ref.layers), layer_args)
     if ref.transport == DOCKER:
@@ -465,11 +475,50 @@ def _open_remote(ref: Any, platform: str | None, layer_args: dict, options: Any)
         if ref.tag is not None:
             entry["annotations"] = {REF_NAME: ref.tag}
         opener = _Opener(store, "registry", layer_args)
-        return opener.open_index({"manifests": [entry]}, store.label,
-                                 _Choice(None, None, platform))
+        image = opener.open_index({"manifests": [entry]}, store.label,
+                                  _Choice(None, None, platform))
+        image.resolved_digest = digest
+        return image
     finally:
         if temporary is not None:
             shutil.rmtree(temporary, ignore_errors=True)
+
+
+def list_images(source: Any) -> list[tuple[tuple[str, ...], str | None, str]]:
+    """``[(names, platform, digest)]`` for every image a layout or archive
+    holds (``layerfs tags``): its tags, its platform, and its manifest
+    digest (a docker archive, which has no manifests: its config digest).
+    Nothing but JSON is read; no layer is opened."""
+    ref = as_reference(source)
+    if ref.transport in (LAYERS, DOCKER):
+        raise UnsupportedImageError(f"{ref}: not a layout or archive (list a registry "
+                                    "repository's tags with the registry client)")
+    path = ref.path
+    args = {"cache": False, "progress": None, "read_layers": False}
+    if os.path.isdir(path):
+        store: _DirStore | _TarStore = _DirStore(path)
+    else:
+        store = _TarStore(path)
+    opener = _Opener(store, "layout", args)
+    out = []
+    if store.size("index.json") is not None:
+        candidates: list[_Candidate] = []
+        opener.walk_index(opener.read_json_file("index.json"), store.where("index.json"),
+                          (), 0, candidates)
+        for c in candidates:
+            out.append((c.names, c.platform or opener.oci_platform(c), c.key))
+        return out
+    if store.size("manifest.json") is None:
+        raise UnsupportedImageError("not an OCI layout or image archive", path=path)
+    entries = opener.read_json_file("manifest.json")
+    where = store.where("manifest.json")
+    if not isinstance(entries, list):
+        raise UnsupportedImageError("manifest.json is not a list", path=where)
+    for entry in entries:
+        config, digest = opener.docker_config(_field(entry, "Config", str, where))
+        out.append((tuple(_field(entry, "RepoTags", list, where, default=[])),
+                    _config_platform(config), digest))
+    return out
 
 
 @attrs.frozen
@@ -509,8 +558,10 @@ class _Opener:
     def __init__(self, store: _DirStore | _TarStore, kind: str, layer_args: dict):
         self.store = store
         self.kind = kind
+        self.read_layers = layer_args.pop("read_layers", True)
         self.layer_args = layer_args
         self._json_cache: dict[str, dict] = {}
+        self.offered: list = []
 
     # ---- reading files and blobs
 
@@ -571,8 +622,11 @@ class _Opener:
         candidates: list[_Candidate] = []
         self.walk_index(index, where, (), 0, candidates)
         chosen, ref = _choose(candidates, choice, self.oci_platform, where)
+        self.offered = [(c.names, c.platform, c.key) for c in candidates]
         manifest = self.read_json_blob(chosen.entry, "image manifest")
-        return self.open_manifest(manifest, chosen.key, ref)
+        image = self.open_manifest(manifest, chosen.key, ref)
+        image.offered = self.offered
+        return image
 
     def walk_index(self, index: Any, where: str, names: tuple[str, ...], depth: int,
                    out: list[_Candidate]) -> None:
@@ -622,6 +676,9 @@ class _Opener:
         layer_descs = _field(manifest, "layers", list, where)
         diff_ids = _diff_ids(config, len(layer_descs),
                              self.store.where(blob_name(config_desc["digest"])))
+        if not self.read_layers:
+            return Image([], config, config_desc["digest"], manifest, digest, ref,
+                         _config_platform(config), self.kind, self.store.label, [])
         prefetch = getattr(self.store, "prefetch", None)
         if prefetch is not None:        # a remote store: download several at once
             prefetch(layer_descs)
@@ -734,6 +791,7 @@ def _open_layer_list(paths: list[str], layer_args: dict) -> Image:
     (host platform, the layers' diff_ids) and manifest."""
     if not paths:
         raise UnsupportedImageError("an image needs at least one layer")
+    layer_args = {k: v for k, v in layer_args.items() if k != "read_layers"}
     layers = _open_all([
         lambda i=i, p=p: open_layer(p, label=f"{i} ({os.path.basename(p)})", **layer_args)
         for i, p in enumerate(paths)])

@@ -24,7 +24,7 @@ Rules this module keeps:
   when the host changes.  Plain HTTP is used only for a loopback host or
   with ``tls_verify=False`` (HTTPS is tried first, as the containers tools
   do).
-- Memory stays bounded: blobs stream in 1 MiB chunks; a manifest larger than
+- Memory stays bounded: blobs stream in 256 KiB chunks; a manifest larger than
   :data:`MAX_MANIFEST_SIZE` is refused.  A dropped connection resumes with
   ``Range`` (or restarts, if the server ignores it) up to :data:`RETRIES`
   times.
@@ -45,6 +45,7 @@ import ipaddress
 import json
 import os
 import re
+import shutil
 import tempfile
 import threading
 import time
@@ -65,7 +66,9 @@ DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 ACCEPT = ", ".join([OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST])
 
 MAX_MANIFEST_SIZE = 4 << 20
-CHUNK_SIZE = 1 << 20
+# urllib3 gives nothing of a chunk that a dropped connection cut short, so
+# a resume restarts from the last whole chunk: this bounds what is fetched twice.
+CHUNK_SIZE = 256 << 10
 RETRIES = 3
 PARALLEL_DOWNLOADS = 3
 TIMEOUT = (15, 60)          # connect, read (seconds between bytes)
@@ -172,7 +175,8 @@ class Client:
     :class:`RegistryError` / :class:`RegistryAuthError` (one line each,
     naming the registry) and :class:`DigestMismatchError`."""
 
-    def __init__(self, ref: Reference, options: Options = Options()):
+    def __init__(self, ref: Reference, options: Options = Options(),
+                 credentials: Optional[auth.Credentials] = None):
         import requests            # imported here: `import layerfs` must stay light
         self.requests = requests
         self.ref = ref
@@ -184,7 +188,8 @@ class Client:
         self._base: Optional[str] = None
         self._authorization: Optional[str] = None
         self._lock = threading.Lock()
-        self._credentials: Any = False      # False: not looked up yet
+        # False: not looked up yet (login passes the ones to try)
+        self._credentials: Any = credentials if credentials is not None else False
 
     # ---- connection, authentication
 
@@ -235,7 +240,8 @@ class Client:
             raise RegistryAuthError(f"registry {self.host} answered 401 with an "
                                     f"unsupported challenge {header[:80]!r}")
         query = {"service": params.get("service", "")} if params.get("service") else {}
-        query["scope"] = params.get("scope") or scope
+        if params.get("scope") or scope:
+            query["scope"] = params.get("scope") or scope
         try:
             answer = self.session.get(params["realm"] + "?" + urlencode(query),
                                       timeout=TIMEOUT, verify=self.options.tls_verify,
@@ -302,6 +308,26 @@ class Client:
                                     f"for a higher limit")
         return response
 
+    def check_login(self) -> None:
+        """Prove the credentials this client holds: ``GET /v2/``, answering
+        its challenge with them (a token server checks them even with no
+        scope).  Raises :class:`RegistryAuthError` if they are refused."""
+        url = f"{self.base()}/v2/"
+        try:
+            response = self.session.get(url, timeout=TIMEOUT, verify=self.options.tls_verify)
+            if response.status_code == 401:
+                self._authenticate(response, "")
+                response = self.session.get(url, timeout=TIMEOUT,
+                                            verify=self.options.tls_verify,
+                                            headers={"Authorization": self._authorization})
+        except self.requests.exceptions.RequestException as error:
+            raise RegistryError(f"cannot reach registry {self.host}: {_short(error)}") from None
+        if response.status_code in (401, 403):
+            raise RegistryAuthError(f"registry {self.host} refused the username and password")
+        if response.status_code != 200:
+            raise RegistryError(f"registry {self.host} answered {response.status_code} "
+                                "to /v2/")
+
     # ---- manifests
 
     def resolve(self, tag: str) -> tuple[str, str]:
@@ -361,18 +387,16 @@ class Client:
         path.  Resumes a dropped download with ``Range``; restarts it when
         the server ignores the range; removes the partial file on failure."""
         where = f"docker://{self.ref.name}@{digest}"
-        algorithm = digest.partition(":")[0]
         handle, temp = cache.temp_file()
-        hasher, received, failures = hashlib.new(algorithm), 0, 0
+        state = _Download(digest, handle, progress)
+        failures = 0
         try:
             with handle:
                 while True:
-                    headers = {"Range": f"bytes={received}-"} if received else {}
                     try:
-                        received, hasher = self._stream_blob(
-                            digest, headers, handle, received, hasher, where, progress)
-                        if size is not None and received < size:
-                            raise _Dropped(OSError(f"stream ended at {received} of "
+                        self._stream_blob(state, where)
+                        if size is not None and state.received < size:
+                            raise _Dropped(OSError(f"stream ended at {state.received} of "
                                                    f"{size} bytes"))
                         break
                     except _Dropped as dropped:
@@ -382,10 +406,10 @@ class Client:
                                 f"download broke off {failures} times, last: "
                                 f"{_short(dropped.error)}", path=where) from None
                         time.sleep(0.2 * failures)
-            if size is not None and received != size:
-                raise DigestMismatchError(f"blob is {received} bytes, its descriptor "
+            if size is not None and state.received != size:
+                raise DigestMismatchError(f"blob is {state.received} bytes, its descriptor "
                                           f"says {size}", path=where)
-            actual = f"{algorithm}:{hasher.hexdigest()}"
+            actual = state.digest()
             if actual != digest:
                 raise DigestMismatchError(f"blob has digest {actual}, expected {digest}",
                                           path=where)
@@ -394,31 +418,25 @@ class Client:
             _remove(temp)
             raise
 
-    def _stream_blob(self, digest, headers, handle, received, hasher, where, progress):
-        response = self.request("GET", f"{self.ref.repository}/blobs/{digest}",
+    def _stream_blob(self, state: "_Download", where: str) -> None:
+        """One GET of the blob, from where *state* stopped."""
+        headers = {"Range": f"bytes={state.received}-"} if state.received else {}
+        response = self.request("GET", f"{self.ref.repository}/blobs/{state.digest_wanted}",
                                 headers=headers, stream=True)
         with response:
-            if received and response.status_code == 200:
-                # The server sent the whole blob again: start over.
-                handle.seek(0)
-                handle.truncate()
-                received, hasher = 0, hashlib.new(digest.partition(":")[0])
-            elif received and response.status_code != 206:
+            if state.received and response.status_code == 200:
+                state.restart()             # the server ignored Range: start over
+            elif state.received and response.status_code != 206:
                 self._expect_ok(response, where, "blob")
-            elif not received:
+            elif not state.received:
                 self._expect_ok(response, where, "blob")
             try:
                 for chunk in response.iter_content(CHUNK_SIZE):
-                    handle.write(chunk)
-                    hasher.update(chunk)
-                    received += len(chunk)
-                    if progress:
-                        progress(len(chunk))
+                    state.add(chunk)
             except (self.requests.exceptions.RequestException, OSError) as error:
                 if isinstance(error, OSError) and not _is_network(error):
                     raise
                 raise _Dropped(error) from None
-        return received, hasher
 
     # ---- helpers
 
@@ -439,6 +457,32 @@ class Client:
             raise error
         raise RegistryError(f"registry {self.host} answered {response.status_code}"
                             f"{code} for the {what}", path=f"docker://{where}")
+
+
+class _Download:
+    """What has arrived of one blob: bytes written, their running hash."""
+
+    def __init__(self, digest: str, handle, progress):
+        self.digest_wanted = digest
+        self.handle = handle
+        self.progress = progress
+        self.restart()
+
+    def restart(self) -> None:
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.received = 0
+        self.hasher = hashlib.new(self.digest_wanted.partition(":")[0])
+
+    def add(self, chunk: bytes) -> None:
+        self.handle.write(chunk)
+        self.hasher.update(chunk)
+        self.received += len(chunk)
+        if self.progress:
+            self.progress(len(chunk))
+
+    def digest(self) -> str:
+        return f"{self.digest_wanted.partition(':')[0]}:{self.hasher.hexdigest()}"
 
 
 class _Dropped(Exception):
@@ -645,5 +689,58 @@ def cache_root(cache: Any) -> Optional[str]:
     return root
 
 
-def error_for(ref: Reference, error: ImageError) -> ImageError:
-    return error.located(str(ref))
+def save_layout(image: Any, cache: BlobCache, dest: str, tag: Optional[str]) -> str:
+    """Write the registry image *image* (opened with the cache *cache*)
+    into the OCI layout *dest* byte for byte: the same manifest, config and
+    layer blobs (hardlinked from the cache where possible), so the same
+    digests.  An existing layout is added to; an entry with the same *tag*
+    is replaced.  Without a tag, the layout must hold no other image, so
+    that later commands can always tell which image is meant.  Returns the
+    manifest digest."""
+    from .imagewrite import LAYOUT_VERSION, _write_atomic
+    from .image import REF_NAME, canonical_json, descriptor
+    index_path = os.path.join(dest, "index.json")
+    index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
+    if os.path.exists(index_path):
+        with open(index_path, encoding="utf-8") as handle:
+            index = json.load(handle)
+    kept = [entry for entry in index.get("manifests", [])
+            if tag is None or (entry.get("annotations") or {}).get(REF_NAME) != tag]
+    if tag is None and any(entry.get("digest") != image.manifest_digest for entry in kept):
+        raise UnsupportedImageError(
+            "the layout already holds other images: give this one a tag "
+            "(oci:DIR:TAG) so that later commands can tell which is meant", path=dest)
+    for digest in [image.manifest_digest, image.config_digest,
+                   *[layer.digest for layer in image.layers]]:
+        _place_blob(cache.blob_path(digest), os.path.join(dest, "blobs", *digest.split(":")))
+    layout = os.path.join(dest, "oci-layout")
+    if not os.path.exists(layout):
+        _write_atomic(layout, canonical_json(LAYOUT_VERSION))
+    entry = descriptor(image.manifest.get("mediaType") or OCI_MANIFEST, image.manifest_digest,
+                       os.path.getsize(cache.blob_path(image.manifest_digest)))
+    if image.platform:
+        parts = image.platform.split("/")
+        entry["platform"] = {"os": parts[0], "architecture": parts[1],
+                             **({"variant": parts[2]} if len(parts) > 2 else {})}
+    if tag is not None:
+        entry["annotations"] = {REF_NAME: tag}
+    kept = [e for e in kept if not (tag is None and e.get("digest") == image.manifest_digest)]
+    index["manifests"] = kept + [entry]
+    _write_atomic(index_path, canonical_json(index))
+    return image.manifest_digest
+
+
+def _place_blob(source: str, final: str) -> None:
+    if os.path.exists(final):
+        return
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    temp = f"{final}.tmp-{os.getpid()}"
+    try:
+        try:
+            os.link(source, temp)
+        except OSError:
+            shutil.copyfile(source, temp)
+        os.replace(temp, final)
+    except BaseException:
+        _remove(temp)
+        raise

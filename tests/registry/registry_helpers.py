@@ -48,11 +48,12 @@ class Registry:
     ``host`` what a ``docker://`` reference names, ``storage`` its root
     directory (``docker/registry/v2/blobs/sha256/XX/HEX/data``)."""
 
-    def __init__(self, workdir, *, auth: dict | None = None, middleware: dict | None = None):
+    def __init__(self, workdir, *, auth: dict | None = None, middleware: dict | None = None,
+                 storage: str | None = None):
         requires(REGISTRY, "docker-registry", "docker-registry")
         self.workdir = str(workdir)
         os.makedirs(self.workdir, exist_ok=True)
-        self.storage = os.path.join(self.workdir, "storage")
+        self.storage = storage or os.path.join(self.workdir, "storage")
         self.port = free_port()
         self.host = f"127.0.0.1:{self.port}"
         self.url = f"http://{self.host}"
