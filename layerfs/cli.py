@@ -390,7 +390,12 @@ def cmd_tags(args) -> int:
             print(tag)
         return 0
     from .image import list_images
-    for names, platform, digest in list_images(ref):
+    progress = ProgressBar("indexing")
+    try:
+        images = list_images(ref, cache=cache_from(args), progress=progress)
+    finally:
+        progress.finish()
+    for names, platform, digest in images:
         print(f"{', '.join(names) or '(untagged)'}\t{platform or '-'}\t{digest}")
     return 0
 

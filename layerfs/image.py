@@ -13,8 +13,13 @@ Rules this module keeps:
   ``diff_id=``).  A blob path is built only from a validated digest, so a
   digest such as ``sha256:../../x`` can never leave the layout.
 - An archive is never extracted: its blobs are read in place, as byte ranges
-  (:class:`BlobSource`) of the outer tar.  A compressed outer tar is refused,
-  since random access into it would mean decompressing it first.
+  (:class:`BlobSource`) of the outer tar.  A compressed archive (``docker
+  save | gzip``) is indexed once like a layer, which leaves its uncompressed
+  copy in the cache, and its blobs are byte ranges of that copy; a
+  compressed file whose root holds no ``index.json`` + ``oci-layout`` nor a
+  docker ``manifest.json`` is one layer.
+- A registry (``docker://``) is one more blob store (:mod:`layerfs.registry`):
+  its blobs are fetched, verified, into the cache and read from there.
 - A ``docker save`` archive written by Docker 25 or later also holds an OCI
   layout (``index.json`` beside ``manifest.json``).  The OCI layout is
   preferred there: it names a digest for every blob, so everything can be
@@ -40,6 +45,7 @@ import attrs
 
 from .compression import detect_compression
 from .errors import DigestMismatchError, ImageError, UnsupportedImageError
+from .entry import HARDLINK, REGULAR
 from .layer import BlobSource, Layer, open_layer
 from .paths import BadMemberName, normalize_member_name
 from .reference import (DOCKER, DOCKER_ARCHIVE, LAYERS, OCI, OCI_ARCHIVE, PATH,
@@ -437,24 +443,102 @@ def open_image(source: Any, *, tag: str | None = None, platform: str | None = No
         return _Opener(store, "oci-layout", layer_args).open_oci(choice)
     if ref.transport == OCI:
         _not_a(path, "an OCI image layout directory")
-    if ref.transport == PATH and _is_compressed_layer(path):
-        _refuse_selector(choice, path, "a single layer file")
-        return _open_layer_list([path], layer_args)
     if os.path.isdir(path):
         _not_a(path, "an archive file")
+    if _is_compressed_layer(path):
+        outer = open_layer(path, label=f"0 ({os.path.basename(path)})",
+                           **_layer_only(layer_args))
+        try:
+            store = _CompressedTarStore(path, outer)
+        except BaseException:
+            outer.close()
+            raise
+        if not store.is_archive():
+            if ref.transport != PATH:
+                outer.close()
+                _not_a(path, "an image archive: a compressed file with no index.json "
+                       "and oci-layout, nor a docker manifest.json, at its root")
+            _refuse_selector(choice, path, "a single layer file")
+            return _image_of_layers([outer], [path])
+        try:
+            return _open_archive(store, ref.transport, choice, layer_args, path)
+        finally:
+            outer.close()      # the image's layers opened their own descriptors
     store = _TarStore(path)
-    if ref.transport != DOCKER_ARCHIVE and store.size("index.json") is not None \
-            and store.size("oci-layout") is not None:
-        return _Opener(store, "oci-archive", layer_args).open_oci(choice)
-    if ref.transport != OCI_ARCHIVE and store.size("manifest.json") is not None:
-        return _Opener(store, "docker-archive", layer_args).open_docker(choice)
-    if ref.transport == OCI_ARCHIVE:
-        _not_a(path, "an OCI archive (no index.json and oci-layout at its root)")
-    if ref.transport == DOCKER_ARCHIVE:
-        _not_a(path, "a docker archive (no manifest.json at its root)")
+    image = _open_archive(store, ref.transport, choice, layer_args, path)
+    if image is not None:
+        return image
     # Neither kind of image archive: a single layer tar.
     _refuse_selector(choice, path, "a single layer file")
     return _open_layer_list([path], layer_args)
+
+
+def _open_archive(store: Any, transport: str, choice: "_Choice", layer_args: dict,
+                  path: str) -> Image | None:
+    """The image an archive holds, or None if *store* is no image archive
+    and *transport* allows a single layer."""
+    if transport != DOCKER_ARCHIVE and store.size("index.json") is not None \
+            and store.size("oci-layout") is not None:
+        return _Opener(store, "oci-archive", layer_args).open_oci(choice)
+    if transport != OCI_ARCHIVE and store.size("manifest.json") is not None:
+        return _Opener(store, "docker-archive", layer_args).open_docker(choice)
+    if transport == OCI_ARCHIVE:
+        _not_a(path, "an OCI archive (no index.json and oci-layout at its root)")
+    if transport == DOCKER_ARCHIVE:
+        _not_a(path, "a docker archive (no manifest.json at its root)")
+    return None
+
+
+def _layer_only(layer_args: dict) -> dict:
+    return {k: v for k, v in layer_args.items() if k != "read_layers"}
+
+
+class _CompressedTarStore:
+    """The regular files of a gzip- or zstd-compressed tar, read in place
+    from its uncompressed copy: a ``docker save | gzip`` archive is indexed
+    once like a layer, then its members are byte ranges of that copy."""
+
+    def __init__(self, path: str, outer: Layer):
+        self.label = path
+        self.outer = outer
+        self.data_path, base = outer.data_location()
+        files: dict[str, tuple[int, int]] = {}
+        for entry in outer.entries:
+            if entry.kind == REGULAR and isinstance(entry.data, int):
+                files[entry.path[1:]] = (base + entry.data, entry.size)
+        for entry in outer.entries:       # hardlinks: a second name for a file
+            if entry.kind == HARDLINK and entry.linkname[1:] in files:
+                files[entry.path[1:]] = files[entry.linkname[1:]]
+        self.members = files
+
+    def is_archive(self) -> bool:
+        if "index.json" in self.members and "oci-layout" in self.members:
+            return True
+        if "manifest.json" not in self.members:
+            return False
+        try:
+            entries = json.loads(self.read("manifest.json"))
+        except ValueError:
+            return False
+        return isinstance(entries, list) and bool(entries) and all(
+            isinstance(e, dict) and "Config" in e and "Layers" in e for e in entries)
+
+    def where(self, name: str) -> str:
+        return f"{self.label}:{name}"
+
+    def size(self, name: str) -> int | None:
+        member = self.members.get(name)
+        return None if member is None else member[1]
+
+    def read(self, name: str) -> bytes:
+        offset, size = self.members[name]
+        with open(self.data_path, "rb") as f:
+            f.seek(offset)
+            return f.read(min(size, MAX_JSON_SIZE + 1))
+
+    def source(self, name: str) -> BlobSource:
+        offset, size = self.members[name]
+        return BlobSource(self.data_path, offset, size)
 
 
 def _open_remote(ref: Any, platform: str | None, layer_args: dict, options: Any) -> Image:
@@ -484,22 +568,30 @@ def _open_remote(ref: Any, platform: str | None, layer_args: dict, options: Any)
             shutil.rmtree(temporary, ignore_errors=True)
 
 
-def list_images(source: Any) -> list[tuple[tuple[str, ...], str | None, str]]:
+def list_images(source: Any, *, cache: Any = None,
+                progress: Any = None) -> list[tuple[tuple[str, ...], str | None, str]]:
     """``[(names, platform, digest)]`` for every image a layout or archive
     holds (``layerfs tags``): its tags, its platform, and its manifest
     digest (a docker archive, which has no manifests: its config digest).
-    Nothing but JSON is read; no layer is opened."""
+    Only JSON is read, no layer is opened (a compressed archive is
+    indexed first, as :func:`open_image` does)."""
     ref = as_reference(source)
     if ref.transport in (LAYERS, DOCKER):
         raise UnsupportedImageError(f"{ref}: not a layout or archive (list a registry "
                                     "repository's tags with the registry client)")
     path = ref.path
-    args = {"cache": False, "progress": None, "read_layers": False}
     if os.path.isdir(path):
-        store: _DirStore | _TarStore = _DirStore(path)
-    else:
-        store = _TarStore(path)
-    opener = _Opener(store, "layout", args)
+        return _list_images(_DirStore(path), path)
+    if _is_compressed_layer(path):
+        with open_layer(path, label=f"0 ({os.path.basename(path)})", cache=cache,
+                        progress=progress) as outer:
+            return _list_images(_CompressedTarStore(path, outer), path)
+    return _list_images(_TarStore(path), path)
+
+
+def _list_images(store: Any, path: str) -> list[tuple[tuple[str, ...], str | None, str]]:
+    opener = _Opener(store, "layout", {"cache": False, "progress": None,
+                                       "read_layers": False})
     out = []
     if store.size("index.json") is not None:
         candidates: list[_Candidate] = []
@@ -795,6 +887,10 @@ def _open_layer_list(paths: list[str], layer_args: dict) -> Image:
     layers = _open_all([
         lambda i=i, p=p: open_layer(p, label=f"{i} ({os.path.basename(p)})", **layer_args)
         for i, p in enumerate(paths)])
+    return _image_of_layers(layers, paths)
+
+
+def _image_of_layers(layers: list[Layer], paths: list[str]) -> Image:
     os_, arch, variant = _split_platform(host_platform())
     config = {"architecture": arch, "os": os_,
               "rootfs": {"type": "layers", "diff_ids": [layer.diff_id for layer in layers]}}
