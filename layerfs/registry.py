@@ -199,31 +199,32 @@ class Client:
                                             self.options.authfile)
         return self._credentials
 
-    def base(self) -> str:
-        """``https://host`` or, where allowed and HTTPS fails, ``http://host``."""
+    def _send(self, method: str, path: str, **kwargs):
+        """One request to ``/v2/<path>``.  The first one also settles the
+        scheme: HTTPS, or (for a loopback host or with ``tls_verify=False``)
+        plain HTTP when HTTPS fails; no extra request is spent on it.
+        Network failures raise :class:`_Dropped`."""
+        kwargs.setdefault("timeout", TIMEOUT)
+        kwargs.setdefault("verify", self.options.tls_verify)
         if self._base is not None:
-            return self._base
+            try:
+                return self.session.request(method, f"{self._base}/v2/{path}", **kwargs)
+            except self.requests.exceptions.RequestException as error:
+                raise _Dropped(error) from None
         insecure_allowed = is_loopback(self.api_host) or not self.options.tls_verify
         first_error = None
         for scheme in ("https", "http") if insecure_allowed else ("https",):
             try:
-                self.session.get(f"{scheme}://{self.api_host}/v2/", timeout=TIMEOUT,
-                                 verify=self.options.tls_verify and scheme == "https",
-                                 allow_redirects=False).close()
-            except self.requests.exceptions.SSLError as error:
-                first_error = first_error or error
-                continue
+                response = self.session.request(
+                    method, f"{scheme}://{self.api_host}/v2/{path}", **kwargs)
             except self.requests.exceptions.RequestException as error:
                 first_error = first_error or error
-                if scheme == "https" and insecure_allowed:
-                    continue
-                break
+                continue
             self._base = f"{scheme}://{self.api_host}"
-            return self._base
+            return response
         hint = "" if insecure_allowed else (
-            " (plain HTTP is used only for loopback hosts or with --tls-verify=false)")
-        raise RegistryError(f"cannot reach registry {self.host}: "
-                            f"{_short(first_error)}{hint}")
+            "; plain HTTP is used only for loopback hosts or with --tls-verify=false")
+        raise _Dropped(first_error, hint)
 
     def _authenticate(self, response, scope: str) -> None:
         """Answer the challenge of a 401 *response* for *scope*."""
@@ -272,18 +273,12 @@ class Client:
                 stream: bool = False, scope_action: str = "pull"):
         """*method* on ``/v2/<path>`` with authentication; the response of
         any status but 401/403/429, which become :class:`RegistryAuthError`."""
-        url = f"{self.base()}/v2/{path}"
         scope = f"repository:{self.ref.repository}:{scope_action}"
         for attempt in (1, 2):
             sent = dict(headers or {})
             if self._authorization:
                 sent["Authorization"] = self._authorization
-            try:
-                response = self.session.request(method, url, headers=sent, stream=stream,
-                                                timeout=TIMEOUT,
-                                                verify=self.options.tls_verify)
-            except self.requests.exceptions.RequestException as error:
-                raise _Dropped(error) from None
+            response = self._send(method, path, headers=sent, stream=stream)
             if response.status_code == 401 and attempt == 1:
                 response.close()
                 with self._lock:
@@ -312,16 +307,15 @@ class Client:
         """Prove the credentials this client holds: ``GET /v2/``, answering
         its challenge with them (a token server checks them even with no
         scope).  Raises :class:`RegistryAuthError` if they are refused."""
-        url = f"{self.base()}/v2/"
         try:
-            response = self.session.get(url, timeout=TIMEOUT, verify=self.options.tls_verify)
+            response = self._send("GET", "")
             if response.status_code == 401:
                 self._authenticate(response, "")
-                response = self.session.get(url, timeout=TIMEOUT,
-                                            verify=self.options.tls_verify,
-                                            headers={"Authorization": self._authorization})
-        except self.requests.exceptions.RequestException as error:
-            raise RegistryError(f"cannot reach registry {self.host}: {_short(error)}") from None
+                response = self._send("GET", "", headers={
+                    "Authorization": self._authorization})
+        except _Dropped as dropped:
+            raise RegistryError(f"cannot reach registry {self.host}: "
+                                f"{_short(dropped.error)}{dropped.hint}") from None
         if response.status_code in (401, 403):
             raise RegistryAuthError(f"registry {self.host} refused the username and password")
         if response.status_code != 200:
@@ -445,7 +439,7 @@ class Client:
             return self.request(method, path, **kwargs)
         except _Dropped as dropped:
             raise RegistryError(f"cannot reach registry {self.host}: "
-                                f"{_short(dropped.error)}") from None
+                                f"{_short(dropped.error)}{dropped.hint}") from None
 
     def _expect_ok(self, response, where: str, what: str) -> None:
         if response.status_code in (200, 206):
@@ -486,11 +480,13 @@ class _Download:
 
 
 class _Dropped(Exception):
-    """A connection that failed or broke off mid-transfer: worth retrying."""
+    """A connection that failed or broke off mid-transfer: worth retrying.
+    *hint* is added to the message of the error it finally becomes."""
 
-    def __init__(self, error: BaseException):
+    def __init__(self, error: Optional[BaseException], hint: str = ""):
         super().__init__(str(error))
         self.error = error
+        self.hint = hint
 
 
 def _is_network(error: OSError) -> bool:

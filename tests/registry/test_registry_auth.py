@@ -230,3 +230,29 @@ def test_a_download_that_keeps_breaking_is_one_error_and_leaves_no_partial_file(
                      registry=Options(authfile=str(registry.authfile)))
     assert f"docker://{registry.host}/app@sha256:" in str(caught.value)
     assert os.listdir(tmp_path / "c" / "registry" / "tmp") == []
+
+
+def test_rate_limiting_is_one_line_with_the_limits(tmp_path):
+    """docker-registry does not rate-limit: a stand-in answers 429 the way
+    Docker Hub does, with its rate-limit headers."""
+    from servers import _Quiet, _Server
+
+    class RateLimited(_Server):
+        class handler_class(_Quiet):
+            def do_HEAD(self):
+                self.send_response(429)
+                self.send_header("ratelimit-limit", "100;w=21600")
+                self.send_header("ratelimit-remaining", "0;w=21600")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+            do_GET = do_HEAD
+
+    server = RateLimited()
+    try:
+        env = dict(os.environ, LAYERFS_CACHE_DIR=str(tmp_path / "c"),
+                   REGISTRY_AUTH_FILE=str(tmp_path / "auth.json"))
+        result = cli("ls", f"docker://127.0.0.1:{server.port}/library/busybox:1", env=env)
+        one_line(result, f"127.0.0.1:{server.port}", "429", "ratelimit-limit: 100;w=21600",
+                 "ratelimit-remaining: 0;w=21600")
+    finally:
+        server.close()

@@ -180,6 +180,29 @@ def test_plain_http_only_for_loopback(registry):
         address = "localhost.invalid"
     from layerfs.reference import parse_reference
     from layerfs.registry import Client
-    client = Client(parse_reference(f"docker://{address}:{registry.port}/a"), Options())
+    reference = parse_reference(f"docker://{address}:{registry.port}/a")
     with pytest.raises(RegistryError, match="plain HTTP is used only for loopback"):
-        client.base()
+        Client(reference, Options()).tags()
+
+
+def test_a_second_open_of_a_tag_costs_one_head_request(registry, example, cache,
+                                                       monkeypatch):
+    import requests
+    push_layout(registry, example, "demo/example", "v1")
+    reference = f"docker://{registry.host}/demo/example:v1"
+    layerfs.open(reference, cache=cache).close()
+    sent = []
+    original = requests.Session.request
+
+    def counting(self, method, url, *args, **kwargs):
+        sent.append((method, url))
+        return original(self, method, url, *args, **kwargs)
+    monkeypatch.setattr(requests.Session, "request", counting)
+    with layerfs.open(reference, cache=cache) as fs:
+        assert fs.read_bytes("/etc/motd").startswith(b"Welcome")
+    # The only request the registry answers; before it, a new client tries
+    # HTTPS once (the TLS handshake fails on this plain-HTTP loopback server).
+    manifest = "/v2/demo/example/manifests/v1"
+    assert [entry for entry in sent if entry[1].startswith(registry.url)] == [
+        ("HEAD", registry.url + manifest)]
+    assert sent[0] == ("HEAD", f"https://{registry.host}{manifest}") and len(sent) == 2
