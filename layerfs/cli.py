@@ -166,7 +166,8 @@ def registry_options(args):
     from .registry import Options
     return Options(authfile=getattr(args, "authfile", None),
                    tls_verify=getattr(args, "tls_verify", True),
-                   offline=getattr(args, "offline", False))
+                   offline=getattr(args, "offline", False),
+                   cert_dir=getattr(args, "cert_dir", None))
 
 
 def parse_bool(text: str) -> bool:
@@ -570,6 +571,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--tls-verify", type=parse_bool, default=True, metavar="BOOL",
                          help="docker://: check the registry's certificate and refuse plain "
                               "HTTP to hosts other than loopback (default: true)")
+        sub.add_argument("--cert-dir", metavar="DIR",
+                         help="docker://: CA certificates (*.crt) and a client certificate "
+                              "(*.cert + *.key) for the registry (default: certs.d/HOST "
+                              "under ~/.config/containers, /etc/containers, /etc/docker)")
 
     sub = command("ls", cmd_ls, "list a directory of the image", "[PATH]")
     sub.add_argument("-l", dest="long", action="store_true", help="long listing")

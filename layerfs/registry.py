@@ -81,10 +81,58 @@ class Options:
     """How to reach registries: ``authfile`` (else the containers tools'
     lookup, see :mod:`layerfs.auth`), ``tls_verify`` (False: accept any
     certificate and allow plain HTTP), ``offline`` (use only the cache; a
-    tag resolves to the digest it had when last fetched)."""
+    tag resolves to the digest it had when last fetched), ``cert_dir`` (a
+    directory of ``*.crt`` CA certificates and ``*.cert``/``*.key`` client
+    pairs for every registry; default: ``certs.d/HOST[:PORT]`` of
+    :data:`CERTS_D`)."""
     authfile: Optional[str] = None
     tls_verify: bool = True
     offline: bool = False
+    cert_dir: Optional[str] = None
+
+
+# Where the containers tools and docker keep per-registry certificates.
+CERTS_D = ("~/.config/containers/certs.d", "/etc/containers/certs.d", "/etc/docker/certs.d")
+
+
+def certificates(host: str, cert_dir: Optional[str] = None) -> tuple[Optional[str], Any]:
+    """(CA bundle, client certificate) for *host*, from ``cert_dir`` or
+    the first ``certs.d/<host>`` directory that exists: ``*.crt`` files are
+    CAs, trusted in addition to the system's (a bundle of both is written
+    once, content-addressed, to the temp directory); a ``NAME.cert`` with
+    its ``NAME.key`` is the client certificate."""
+    directory = cert_dir
+    if directory is None:
+        for root in CERTS_D:
+            candidate = os.path.join(os.path.expanduser(root), host)
+            if os.path.isdir(candidate):
+                directory = candidate
+                break
+    if directory is None or not os.path.isdir(directory):
+        return None, None
+    names = sorted(os.listdir(directory))
+    cas = [os.path.join(directory, n) for n in names if n.endswith(".crt")]
+    client = None
+    for name in names:
+        if name.endswith(".cert") and f"{name[:-5]}.key" in names:
+            client = (os.path.join(directory, name), os.path.join(directory, f"{name[:-5]}.key"))
+            break
+    if not cas:
+        return None, client
+    import certifi
+    parts = [open(certifi.where(), "rb").read()]
+    for ca in cas:
+        with open(ca, "rb") as handle:
+            parts.append(handle.read())
+    bundle = b"\n".join(parts)
+    path = os.path.join(tempfile.gettempdir(),
+                        f"layerfs-ca-{hashlib.sha256(bundle).hexdigest()[:32]}.pem")
+    if not os.path.exists(path):
+        fd, temp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".layerfs-ca-")
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(bundle)
+        os.replace(temp, path)
+    return path, client
 
 
 # -- the cache -----------------------------------------------------------------
@@ -185,6 +233,16 @@ class Client:
         self.api_host = _API_HOSTS.get(ref.host, ref.host)
         self.session = requests.Session()
         self.session.headers["User-Agent"] = USER_AGENT
+        ca_bundle, client_cert = certificates(self.api_host, options.cert_dir)
+        self.verify: Any = options.tls_verify and (ca_bundle or True)
+        if client_cert is not None:
+            self.session.cert = client_cert
+        if not options.tls_verify:
+            # Asked for: urllib3's warning per request would only be noise
+            # (and break the CLI's one-line errors).
+            import warnings
+            from urllib3.exceptions import InsecureRequestWarning
+            warnings.filterwarnings("ignore", category=InsecureRequestWarning)
         self._base: Optional[str] = None
         self._authorization: Optional[str] = None
         self._lock = threading.Lock()
@@ -205,7 +263,7 @@ class Client:
         plain HTTP when HTTPS fails; no extra request is spent on it.
         Network failures raise :class:`_Dropped`."""
         kwargs.setdefault("timeout", TIMEOUT)
-        kwargs.setdefault("verify", self.options.tls_verify)
+        kwargs.setdefault("verify", self.verify)
         if self._base is not None:
             try:
                 return self.session.request(method, f"{self._base}/v2/{path}", **kwargs)
@@ -219,6 +277,11 @@ class Client:
                     method, f"{scheme}://{self.api_host}/v2/{path}", **kwargs)
             except self.requests.exceptions.RequestException as error:
                 first_error = first_error or error
+                if "CERTIFICATE_VERIFY_FAILED" in str(error):
+                    # The server speaks TLS: falling back to HTTP would only
+                    # hide why it is refused.
+                    raise _Dropped(error, f"; trust its CA with certs.d/{self.api_host}/ca.crt"
+                                          " or --cert-dir, or use --tls-verify=false")
                 continue
             self._base = f"{scheme}://{self.api_host}"
             return response
@@ -245,7 +308,7 @@ class Client:
             query["scope"] = params.get("scope") or scope
         try:
             answer = self.session.get(params["realm"] + "?" + urlencode(query),
-                                      timeout=TIMEOUT, verify=self.options.tls_verify,
+                                      timeout=TIMEOUT, verify=self.verify,
                                       auth=None if credentials is None else (
                                           credentials.username, credentials.password))
         except self.requests.exceptions.RequestException as error:

@@ -49,14 +49,15 @@ class Registry:
     directory (``docker/registry/v2/blobs/sha256/XX/HEX/data``)."""
 
     def __init__(self, workdir, *, auth: dict | None = None, middleware: dict | None = None,
-                 storage: str | None = None):
+                 storage: str | None = None, tls: dict | None = None):
         requires(REGISTRY, "docker-registry", "docker-registry")
         self.workdir = str(workdir)
         os.makedirs(self.workdir, exist_ok=True)
         self.storage = storage or os.path.join(self.workdir, "storage")
         self.port = free_port()
         self.host = f"127.0.0.1:{self.port}"
-        self.url = f"http://{self.host}"
+        self.url = f"{'https' if tls else 'http'}://{self.host}"
+        self.verify = tls["ca"] if tls else True
         config = {
             "version": 0.1,
             "log": {"level": "warn", "accesslog": {"disabled": True}},
@@ -68,6 +69,8 @@ class Registry:
             config["auth"] = auth
         if middleware:
             config["middleware"] = middleware
+        if tls:
+            config["http"]["tls"] = {"certificate": tls["cert"], "key": tls["key"]}
         self.config = os.path.join(self.workdir, "config.yml")
         with open(self.config, "w") as handle:
             json.dump(config, handle)        # YAML is a superset of JSON
@@ -81,7 +84,7 @@ class Registry:
         deadline = time.monotonic() + 30
         while True:
             try:
-                requests.get(f"{self.url}/v2/", timeout=2)
+                requests.get(f"{self.url}/v2/", timeout=2, verify=self.verify)
                 return
             except requests.ConnectionError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
@@ -113,14 +116,16 @@ class Registry:
 
     def push_blob(self, repo: str, data: bytes, auth=None) -> str:
         digest = sha256(data)
-        start = requests.post(f"{self.url}/v2/{repo}/blobs/uploads/", auth=auth, timeout=30)
+        start = requests.post(f"{self.url}/v2/{repo}/blobs/uploads/", auth=auth, timeout=30,
+                              verify=self.verify)
         assert start.status_code == 202, start.text
         location = start.headers["Location"]
         if location.startswith("/"):
             location = self.url + location
         separator = "&" if "?" in location else "?"
         done = requests.put(f"{location}{separator}digest={digest}", data=data, auth=auth,
-                            headers={"Content-Type": "application/octet-stream"}, timeout=30)
+                            headers={"Content-Type": "application/octet-stream"}, timeout=30,
+                            verify=self.verify)
         assert done.status_code == 201, done.text
         return digest
 
@@ -128,7 +133,7 @@ class Registry:
         data = json.dumps(document).encode()
         answer = requests.put(f"{self.url}/v2/{repo}/manifests/{reference}", data=data,
                               auth=auth, headers={"Content-Type": document["mediaType"]},
-                              timeout=30)
+                              timeout=30, verify=self.verify)
         assert answer.status_code == 201, answer.text
         return sha256(data)
 
@@ -179,3 +184,52 @@ def htpasswd_line(user: str, password: str) -> str:
 
 def basic(user: str, password: str) -> str:
     return base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def make_tls_files(directory) -> dict:
+    """A CA and a server certificate for 127.0.0.1 and localhost, signed by
+    it, as PEM files in *directory*: ``ca``, ``cert``, ``key``."""
+    import datetime
+    import ipaddress
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    os.makedirs(str(directory), exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "layerfs test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(days=1))
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                       content_commitment=False, key_encipherment=False,
+                                       data_encipherment=False, key_agreement=False,
+                                       encipher_only=False, decipher_only=False), True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+            .issuer_name(ca_name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([
+                x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]),
+                False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                ca_key.public_key()), False)
+            .sign(ca_key, hashes.SHA256()))
+    paths = {name: os.path.join(str(directory), f"{name}.pem") for name in ("ca", "cert", "key")}
+    with open(paths["ca"], "wb") as handle:
+        handle.write(ca.public_bytes(serialization.Encoding.PEM))
+    with open(paths["cert"], "wb") as handle:
+        handle.write(cert.public_bytes(serialization.Encoding.PEM))
+    with open(paths["key"], "wb") as handle:
+        handle.write(key.private_bytes(serialization.Encoding.PEM,
+                                       serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    return paths
