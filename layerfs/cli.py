@@ -167,7 +167,8 @@ def registry_options(args):
     return Options(authfile=getattr(args, "authfile", None),
                    tls_verify=getattr(args, "tls_verify", True),
                    offline=getattr(args, "offline", False),
-                   cert_dir=getattr(args, "cert_dir", None))
+                   cert_dir=getattr(args, "cert_dir", None),
+                   registries_conf=getattr(args, "registries_conf", None))
 
 
 def parse_bool(text: str) -> bool:
@@ -571,6 +572,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--tls-verify", type=parse_bool, default=True, metavar="BOOL",
                          help="docker://: check the registry's certificate and refuse plain "
                               "HTTP to hosts other than loopback (default: true)")
+        sub.add_argument("--registries-conf", metavar="FILE",
+                         help="docker://: mirrors, locations, insecure and blocked "
+                              "registries (default: $CONTAINERS_REGISTRIES_CONF, else "
+                              "~/.config/containers/registries.conf, else /etc/containers/)")
         sub.add_argument("--cert-dir", metavar="DIR",
                          help="docker://: CA certificates (*.crt) and a client certificate "
                               "(*.cert + *.key) for the registry (default: certs.d/HOST "

@@ -84,11 +84,13 @@ class Options:
     tag resolves to the digest it had when last fetched), ``cert_dir`` (a
     directory of ``*.crt`` CA certificates and ``*.cert``/``*.key`` client
     pairs for every registry; default: ``certs.d/HOST[:PORT]`` of
-    :data:`CERTS_D`)."""
+    :data:`CERTS_D`), ``registries_conf`` (mirrors, locations, insecure and
+    blocked registries; default: see :mod:`layerfs.registryconf`)."""
     authfile: Optional[str] = None
     tls_verify: bool = True
     offline: bool = False
     cert_dir: Optional[str] = None
+    registries_conf: Optional[str] = None
 
 
 # Where the containers tools and docker keep per-registry certificates.
@@ -686,29 +688,60 @@ class RemoteStore:
         digest is there."""
         ref = self.ref
         media_type = None
-        if ref.digest is not None:
-            digest = ref.digest
-        elif self.options.offline:
+        digest = ref.digest
+        if digest is None and self.options.offline:
             known = self.cache.recall_tag(ref)
             if known is None:
                 raise RegistryError("tag was never fetched, and --offline forbids "
                                     "resolving it", path=self.label)
             digest, media_type = known["digest"], known.get("mediaType")
-        else:
-            digest, media_type = self.client.resolve(ref.tag)
-        if self.cache.has(digest):
+        if digest is not None and self.cache.has(digest):
             data = self.cache.read(digest)
         elif self.options.offline:
             raise RegistryError(f"manifest {digest} is not in the cache, and --offline "
                                 "forbids fetching it", path=self.label)
         else:
-            data, fetched_type, verified = self.client.manifest(digest)
-            media_type = fetched_type or media_type
-            self.cache.put(verified, data)
+            data, media_type, digest = self._fetch_top(digest)
         media_type = _media_type(data, media_type)
         if ref.digest is None and not self.options.offline:
             self.cache.remember_tag(ref, digest, media_type)
         return data, media_type, digest
+
+    def _fetch_top(self, digest: Optional[str]) -> tuple[bytes, Optional[str], str]:
+        """Resolve the tag (if *digest* is None) and fetch the manifest, from
+        the first endpoint of ``registries.conf`` that answers (mirrors
+        first); that endpoint then serves the blobs too.  A digest mismatch
+        is never a reason to try the next one: it is raised."""
+        from .registryconf import endpoints
+        places = endpoints(self.ref.host, self.ref.repository, by_digest=digest is not None,
+                           path=self.options.registries_conf)
+        failures: list[RegistryError] = []
+        for place in places:
+            client = Client(attrs.evolve(self.ref, host=place.host, repository=place.repository),
+                            attrs.evolve(self.options,
+                                         tls_verify=self.options.tls_verify and not place.insecure))
+            try:
+                media_type = None
+                wanted = digest
+                if wanted is None:
+                    wanted, media_type = client.resolve(self.ref.tag)
+                if self.cache.has(wanted):
+                    data = self.cache.read(wanted)
+                else:
+                    data, fetched_type, verified = client.manifest(wanted)
+                    media_type = fetched_type or media_type
+                    self.cache.put(verified, data)
+            except RegistryError as error:
+                failures.append(error)
+                continue
+            with self._lock:
+                self._client = client
+            return data, media_type, wanted
+        if len(failures) > 1:
+            tried = ", ".join(f"{p.host}/{p.repository}" for p in places)
+            raise type(failures[-1])(f"{failures[-1].reason} (tried {tried})",
+                                     path=failures[-1].path)
+        raise failures[-1]
 
 
 def _is_not_found(error: RegistryError) -> bool:
