@@ -849,10 +849,24 @@ class _Opener:
     def open_layers(self, specs: list[tuple]) -> list[Layer]:
         """Open every layer, or none: those already opened are closed when
         one fails."""
-        return _open_all([
-            lambda i=i, s=s: open_layer(s[0], digest=s[1], diff_id=s[2], media_type=s[3],
-                                        label=f"{i} ({(s[1] or s[2])[:19]})", **self.layer_args)
-            for i, s in enumerate(specs)])
+        return _open_all([lambda i=i, s=s: self.open_layer(i, *s)
+                          for i, s in enumerate(specs)])
+
+    def open_layer(self, number: int, source: Any, digest: str | None, diff_id: str,
+                   media_type: str | None) -> Layer:
+        try:
+            return open_layer(source, digest=digest, diff_id=diff_id, media_type=media_type,
+                              label=f"{number} ({(digest or diff_id)[:19]})",
+                              **self.layer_args)
+        except DigestMismatchError as error:
+            discard = getattr(self.store, "discard", None)
+            if discard is None or digest is None:
+                raise
+            # A fetched blob that is not what the config says (its diff_id)
+            # leaves the cache, and the error names where it came from.
+            discard(digest)
+            raise DigestMismatchError(error.reason, path=self.store.where(blob_name(digest)),
+                                      layer=error.layer, entry=error.entry) from None
 
 
 def _open_all(openers: list[Callable[[], Layer]]) -> list[Layer]:

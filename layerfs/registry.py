@@ -653,6 +653,11 @@ class RemoteStore:
     def source(self, name: str) -> str:
         return self.path(name)
 
+    def discard(self, digest: str) -> None:
+        """Forget a fetched blob found bad after all: its diff_id is not the
+        config's.  (Indexing stores nothing for a blob that fails a check.)"""
+        _remove(self.cache.blob_path(digest))
+
     def prefetch(self, descriptors: list) -> None:
         """Download the blobs *descriptors* name that the cache lacks,
         several at once, with one progress report over all of them."""

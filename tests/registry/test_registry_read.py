@@ -206,3 +206,29 @@ def test_a_second_open_of_a_tag_costs_one_head_request(registry, example, cache,
     assert [entry for entry in sent if entry[1].startswith(registry.url)] == [
         ("HEAD", registry.url + manifest)]
     assert sent[0] == ("HEAD", f"https://{registry.host}{manifest}") and len(sent) == 2
+
+
+def test_a_layer_whose_diff_id_is_wrong_is_refused_and_dropped_from_the_cache(
+        registry, cache):
+    import gzip
+    import io
+    import tarfile
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        info = tarfile.TarInfo("f")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+    blob = gzip.compress(out.getvalue())
+    wrong = sha256(b"not this tar")
+    pushed = registry.push_image("bad", "v1", [blob], diff_ids=[wrong],
+                                 layer_types=["application/vnd.oci.image.layer.v1.tar+gzip"])
+    layer_digest = pushed["manifest"]["layers"][0]["digest"]
+    with pytest.raises(DigestMismatchError) as caught:
+        layerfs.open(f"docker://{registry.host}/bad:v1", cache=cache)
+    message = str(caught.value)
+    assert f"docker://{registry.host}/bad@{layer_digest}" in message
+    assert "diff_id" in message and wrong in message
+    hex_ = layer_digest.partition(":")[2]
+    assert not any(hex_ in name for name in cache_files(cache))
+    assert not os.path.exists(cache.blob_path(hex_))
+    assert not os.path.exists(cache.index_path(hex_))
