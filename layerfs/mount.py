@@ -89,7 +89,7 @@ UMOUNT_TIMEOUT = 60.0
 
 def mount(source, mountpoint, *, upper=None, foreground: bool = False,
           options: Iterable[str] = (), tag: Optional[str] = None,
-          platform: Optional[str] = None, cache_dir=None,
+          platform: Optional[str] = None, cache_dir=None, registry=None,
           progress: Optional[Callable[[int, int], None]] = None,
           log_file=None, log_level: str = "WARNING") -> None:
     """Mount the image *source* (what :func:`layerfs.open` takes) on *mountpoint*.
@@ -118,7 +118,8 @@ def mount(source, mountpoint, *, upper=None, foreground: bool = False,
     if upper is not None:
         check_upper(upper, mountpoint)
     opener = functools.partial(open_fs, source=source, upper=upper, tag=tag,
-                               platform=platform, cache_dir=cache_dir)
+                               platform=platform, cache_dir=cache_dir,
+                               registry=registry)
     if foreground:
         _log_to(log_file, log_level)
         serve(opener(progress), mountpoint, user_options)
@@ -615,14 +616,15 @@ def unescape_mountinfo(text: str) -> str:
     return "".join(out)
 
 
-def open_fs(progress=None, *, source, upper=None, tag=None, platform=None, cache_dir=None):
+def open_fs(progress=None, *, source, upper=None, tag=None, platform=None, cache_dir=None,
+            registry=None):
     from . import fs as layerfs_fs
     cache = None
     if cache_dir is not None:
         from .layer import IndexCache
         cache = IndexCache(cache_dir)
     return layerfs_fs.open(source, tag=tag, platform=platform, cache=cache, upper=upper,
-                           progress=progress)
+                           registry=registry, progress=progress)
 
 
 def absolute(path):

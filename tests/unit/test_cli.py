@@ -204,3 +204,25 @@ def test_a_single_layer_file_is_an_image(tmp_path):
         info.size = 2
         tar.addfile(info, io.BytesIO(b"ok"))
     assert run("cat", path, "/only").stdout == "ok"
+
+
+def test_a_gzipped_docker_save_archive_opens_as_its_image(image, tmp_path):
+    import gzip
+    import layerfs
+    from layerfs.imagewrite import write_docker_archive
+    with layerfs.open(image) as fs:
+        write_docker_archive(tmp_path / "saved.tar", fs.image.layer_sources, ["example:v1"],
+                             config=fs.image.config)
+    packed = tmp_path / "saved.tar.gz"
+    packed.write_bytes(gzip.compress((tmp_path / "saved.tar").read_bytes()))
+    assert run("cat", packed, "/etc/motd").stdout.startswith("Welcome")
+    assert run("cat", f"docker-archive:{packed}:example:v1", "/etc/motd").stdout.startswith(
+        "Welcome")
+    assert run("tags", packed).stdout.startswith("example:v1\tlinux/")
+    assert json.loads(run("inspect", "--json", packed).stdout)["image"]["kind"] == (
+        "docker-archive")
+
+
+def test_tags_lists_the_images_of_a_layout(image):
+    name, platform, digest = run("tags", image).stdout.strip().split("\t")
+    assert name == "example" and platform.startswith("linux/") and digest.startswith("sha256:")
