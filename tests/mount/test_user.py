@@ -8,7 +8,6 @@ import io
 import os
 import pwd
 import shutil
-import site
 import subprocess
 import sys
 import tarfile
@@ -56,6 +55,35 @@ def user_python(env) -> str:
     raise AssertionError(f"no {version} that uid {USER} can run with layerfs's packages")
 
 
+def user_pythonpath(public_dir: str) -> str:
+    """A copy of layerfs and of the installed packages a mount imports, where
+    USER can read them (this checkout and its virtualenv may be in root's
+    home)."""
+    code = ("import os, site, sys, layerfs.cli, layerfs.fuse, layerfs.mount, layerfs.fs\n"
+            "roots = site.getsitepackages()\n"
+            "for module in list(sys.modules.values()):\n"
+            "    path = getattr(module, '__file__', None) or ''\n"
+            "    for root in roots:\n"
+            "        if path.startswith(root + os.sep):\n"
+            "            print(os.path.join(root, path[len(root) + 1:].split(os.sep)[0]))\n")
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           check=True, env=dict(os.environ, PYTHONPATH=ROOT)).stdout.split()
+    target = os.path.join(public_dir, "python")
+    shutil.copytree(os.path.join(ROOT, "layerfs"), os.path.join(target, "layerfs"),
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for path in sorted(set(found)):
+        name = os.path.basename(path)
+        if name.startswith("__editable__") or name == "_distutils_hack":
+            continue
+        if os.path.isdir(path):
+            shutil.copytree(path, os.path.join(target, name),
+                            ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copyfile(path, os.path.join(target, name))
+    subprocess.run(["chmod", "-R", "a+rX", target], check=True)
+    return target
+
+
 def user_fuse_unavailable() -> str:
     if shutil.which("setpriv") is None:
         return "setpriv (util-linux) is not installed"
@@ -82,8 +110,8 @@ def test_a_user_mounts_lists_and_unmounts_through_fusermount3(sample_layers, pub
         owned[name] = os.path.join(public_dir, name)
         os.mkdir(owned[name])
         os.chown(owned[name], USER, USER)
-    # This checkout and the test's own packages, for a Python the user can run.
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, *site.getsitepackages()]),
+    # This checkout and the packages it needs, for a Python the user can run.
+    env = dict(os.environ, PYTHONPATH=user_pythonpath(public_dir),
                HOME=owned["home"], LAYERFS_RUNTIME_DIR=owned["run"],
                LAYERFS_CACHE_DIR=owned["cache"])
     env.pop("XDG_RUNTIME_DIR", None)
