@@ -336,8 +336,10 @@ def _serve_unlocked(fs, mountpoint: str, options, on_ready) -> None:
         adapter.FUSE(operations, target, foreground=True, nothreads=False,
                      readdirplus=operations.readonly, **fuse_options)
     except RuntimeError as error:
-        # libfuse 3's fuse_main answers 8 when its loop ends by a signal
-        # (SIGTERM, SIGINT), after unmounting: the ordinary way to stop -f.
+        # libfuse 3's fuse_main answers 8 whenever its loop ended other than
+        # by an unmount, and a signal (SIGTERM, SIGINT: the ordinary way to
+        # stop -f) is such an end; it has unmounted by then.  A loop that
+        # failed reads the same: libfuse has said why on stderr (the log).
         if error.args and error.args[0] == LOOP_ENDED_BY_SIGNAL:
             return
         raise MountError(f"{mountpoint}: FUSE could not mount it (libfuse status "
