@@ -230,10 +230,10 @@ class Runner:
     def run_memory(self, name: str, stack, final_tree: str) -> None:
         """Peak RSS of each FUSE server after a cold find, each freshly mounted."""
         log(f"server memory: {name}")
-        targets = [t for t in self.mount_targets(name, stack, final_tree)
-                   if t.name in ("layerfs", "fuse-overlayfs")]
+        targets = self.mount_targets(name, stack, final_tree)
         with peers.targets_closed(targets):
-            found = memory.after_cold_find(targets)
+            found = memory.after_cold_find(
+                [t for t in targets if t.name in ("layerfs", "fuse-overlayfs")])
         self.results.setdefault("memory", {})[name] = found
         log("  " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in found.items()))
 
