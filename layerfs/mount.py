@@ -333,6 +333,14 @@ def _serve_unlocked(fs, mountpoint: str, options, on_ready) -> None:
             "serving %s on %s (%s, libfuse %d.%d)", fuse_options["fsname"], mountpoint,
             "read-only" if operations.readonly else "writable",
             adapter.binding.fuse_version_major, adapter.binding.fuse_version_minor)
+        if operations.readonly and os.environ.get("LAYERFS_FUSE_API") != "high":
+            # Read-only: the low-level API, so the kernel keeps listings.
+            from .fusell import Server
+            status = Server(fs, target, fuse_options, on_ready).serve()
+            if status < 0:
+                raise MountError(f"{mountpoint}: the FUSE loop failed ({os.strerror(-status)})",
+                                 -status)
+            return
         adapter.FUSE(operations, target, foreground=True, nothreads=False,
                      readdirplus=operations.readonly, **fuse_options)
     except RuntimeError as error:

@@ -31,12 +31,15 @@ def test_the_union_core_imports_only_the_core_and_no_io():
 
 
 def test_only_the_binding_loads_libfuse():
-    # layerfs.fuse is the binding (mfusepy, libfuse 3); layerfs.mount imports
-    # it only when mounting; the translation core (fusecore) imports neither.
+    # layerfs.fuse is the binding (mfusepy, libfuse 3) and layerfs.fusell its
+    # low-level server; layerfs.mount imports them only when mounting; the
+    # translation core (fusecore) imports neither.
     for path in PACKAGE.glob("*.py"):
         imports = imported_modules(path.stem)
         if path.stem != "fuse":
-            assert not imports & {"mfusepy", "fuse"} or path.stem == "mount", path.name
+            # fusell (the low-level server) reuses the binding's library.
+            assert not imports & {"mfusepy", "fuse"} or path.stem in ("mount", "fusell"), \
+                path.name
             assert "mfusepy" not in imports, path.name
     assert not imported_modules("fusecore") & {"fuse", "mount", "mfusepy", "fs", "cli"}
 
