@@ -25,8 +25,12 @@ libfuse's high-level API) and on libfuse 3's behaviour:
   listings, whole (offset 0: libfuse keeps the listing for the open
   directory, so entries removed meanwhile shift nothing).
 
-Importing this module loads libfuse: only :mod:`layerfs.mount` imports it,
-and only when mounting.
+Writable mounts are served here; read-only ones by :mod:`layerfs.fusell`
+(libfuse 3's low-level API, which lets the kernel keep listings), or here
+with ``LAYERFS_FUSE_API=high``.
+
+Importing this module loads libfuse: only :mod:`layerfs.mount` imports it
+(and :mod:`layerfs.fusell`, its library), and only when mounting.
 """
 
 from __future__ import annotations

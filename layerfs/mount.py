@@ -2,7 +2,8 @@
 
 Everything about a mount's lifecycle lives here; what each request does is
 :mod:`layerfs.fusecore`'s business, and :mod:`layerfs.fuse` binds it to
-libfuse 3.  The binding (and so libfuse) is imported only when mounting, so
+libfuse 3 (:mod:`layerfs.fusell`, its low-level API, serves read-only
+views).  The binding (and so libfuse) is imported only when mounting, so
 ``import layerfs`` works where FUSE is missing.
 
 The background mount forks a daemon (new session, no terminal, standard
