@@ -459,14 +459,36 @@ def inspect_report(fs) -> dict:
     }
 
 
+EXPORT_EXTENSIONS = {".tar": "none", ".tar.gz": "gzip", ".tgz": "gzip",
+                     ".tar.zst": "zstd", ".tar.zstd": "zstd", ".tzst": "zstd"}
+
+
+def export_compression(out: str, chosen: Optional[str]) -> Optional[str]:
+    """``--compression`` where given, else what OUT's extension says (none
+    for ``-`` and for other names)."""
+    if chosen is None:
+        lowered = out.lower()
+        chosen = next((kind for ext, kind in EXPORT_EXTENSIONS.items()
+                       if lowered.endswith(ext)), "none")
+    return None if chosen == "none" else chosen
+
+
 def cmd_export(args) -> int:
     operands = take_image(args, ["OUT"])
+    out = operands.rest[0]
+    compression = export_compression(out, args.compression)
+    if out == "-" and sys.stdout.isatty():
+        raise UsageError("export: refusing to write a tar to a terminal; redirect it "
+                         "or give a file name")
     with open_image_fs(args, operands.image) as fs:
         progress = ProgressBar("exporting")
         try:
-            fs.export(operands.rest[0], compression=args.compression, progress=progress)
+            fs.export(sys.stdout.buffer if out == "-" else out, compression=compression,
+                      progress=progress)
         finally:
             progress.finish()
+        if out == "-":
+            sys.stdout.buffer.flush()
     return 0
 
 
@@ -501,7 +523,7 @@ def cmd_commit(args) -> int:
 
 def cmd_example(args) -> int:
     from .example import build_example
-    print(build_example(args.dest))
+    print(build_example(args.dest, zstd=args.zstd))
     return 0
 
 
@@ -598,8 +620,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("-v", "--verbose", action="store_true",
                      help="list every added, changed and deleted path")
 
-    sub = command("export", cmd_export, "write the flattened image as one tar", "OUT.tar")
-    sub.add_argument("--compression", choices=["gzip", "zstd"])
+    sub = command("export", cmd_export, "write the flattened image as one tar "
+                  "(OUT: a file, or - for standard output)", "OUT.tar")
+    sub.add_argument("--compression", choices=["none", "gzip", "zstd"], type=str.lower,
+                     help="default: from OUT's extension (.tar.gz/.tgz: gzip, "
+                          ".tar.zst: zstd), else none")
 
     sub = command("diff", cmd_diff, "list what an upper directory changes in the image",
                   "UPPER")
@@ -609,14 +634,17 @@ def build_parser() -> argparse.ArgumentParser:
                                         "(an OCI layout at DEST)", "UPPER DEST",
                   tag_option="--from-tag")
     sub.add_argument("--tag", dest="tag_new", metavar="T", help="tag of the new image")
-    sub.add_argument("--compression", choices=["zstd", "gzip", "none"], default="zstd",
-                     type=str.lower)
+    sub.add_argument("--compression", choices=["gzip", "zstd", "none"], default="gzip",
+                     type=str.lower, help="of the new layer (default: %(default)s, which "
+                                          "every tool reads)")
     sub.add_argument("-m", "--message", help="a comment for the image history")
 
     sub = commands.add_parser("example", help="write a small example image (an OCI layout)",
                               description="write a small example image (an OCI layout)")
     sub.set_defaults(function=cmd_example)
-    sub.add_argument("dest", metavar="DIR")
+    sub.add_argument("dest", metavar="DIR", help="where to write the layout (created)")
+    sub.add_argument("--zstd", action="store_true",
+                     help="compress the last layer with zstd instead of gzip")
 
     sub = command("mount", cmd_mount, "mount the image with FUSE (read-only, or "
                                       "copy-on-write with --upper)", "MOUNTPOINT")
