@@ -17,6 +17,7 @@ from typing import BinaryIO, Iterator, Optional, Sequence, Union
 
 from .errors import ImageError, path_error
 from .image import Image, open_image
+from .paths import order_key
 from .reference import as_reference
 from .tarwrite import LayerTarWriter, write_tree
 from . import writable
@@ -398,14 +399,18 @@ class FileSystem:
                progress=None) -> None:
         """Write the flattened view as one tar (no markers; hardlinks kept).
 
-        *out* is a path (written atomically) or a binary file object.
+        *out* is a path (written atomically) or a binary file object.  A
+        path that is one of the image's own files is refused
+        (:class:`FileExistsError`), so an export never replaces its input.
+        Entries come in :func:`layerfs.paths.order_key` order.
         """
-        items = sorted(self.tree.nodes.items())
+        items = sorted(self.tree.nodes.items(), key=lambda item: order_key(item[0]))
         total = sum(node.size for _, node in items if node.children is None)
         if not isinstance(out, (str, os.PathLike)):
             self._export_to(out, items, compression, progress, total)
             return
         out = os.fspath(out)
+        self._refuse_input_file(out)
         temporary = f"{out}.{os.getpid()}.tmp"
         try:
             with builtins.open(temporary, "wb") as stream:
@@ -415,6 +420,21 @@ class FileSystem:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temporary)
             raise
+
+    def _refuse_input_file(self, out: str) -> None:
+        try:
+            target = os.stat(out)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        for layer in self.layers:
+            path = getattr(layer.source, "path", None)
+            try:
+                same = path is not None and os.path.samestat(target, os.stat(path))
+            except OSError:
+                continue
+            if same:
+                raise FileExistsError(errno.EEXIST, f"{out} holds layer {layer.label} of "
+                                      "the image: write the export elsewhere")
 
     def _export_to(self, stream, items, compression, progress, total) -> None:
         writer = LayerTarWriter(stream, compression)

@@ -51,7 +51,7 @@ def test_cat_and_stat(image):
 def test_inspect_json_lists_layer_changes(image):
     report = json.loads(run("inspect", "--json", image).stdout)
     assert report["image"]["kind"] == "oci-layout"
-    assert [layer["compression"] for layer in report["layers"]] == ["none", "none", "zstd"]
+    assert [layer["compression"] for layer in report["layers"]] == ["none", "none", "gzip"]
     assert report["layers"][1]["deleted"] == ["/etc/old.conf", "/var/cache/stale-1",
                                               "/var/cache/stale-2"]
 
