@@ -669,6 +669,14 @@ def cmd_commit(args) -> int:
     return 0
 
 
+def cmd_cp(args) -> int:
+    operands = take_image(args, ["PATH", "HOST_DEST"])
+    path, dest = operands.rest
+    with open_image_fs(args, operands.image) as fs:
+        fs.extract(path, dest)
+    return 0
+
+
 def cmd_example(args) -> int:
     from .example import build_example
     print(build_example(args.dest, zstd=args.zstd))
@@ -707,6 +715,7 @@ OPERAND_HELP = {
     "UPPER": "an existing upper directory (the writable layer's changes)",
     "DEST": "the OCI layout to write the new image into (created, or added to)",
     "MOUNTPOINT": "an empty directory to mount on",
+    "HOST_DEST": "where to copy to on the host",
 }
 
 
@@ -809,6 +818,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--compression", choices=["none", "gzip", "zstd"], type=str.lower,
                      help="default: from OUT's extension (.tar.gz/.tgz: gzip, "
                           ".tar.zst: zstd), else none")
+
+    command("cp", cmd_cp, "copy a file or a tree out of the image, as cp -a does (into "
+                          "DEST if it is a directory, else as DEST; never over an existing "
+                          "name)", "PATH HOST_DEST")
 
     sub = command("diff", cmd_diff, "list what an upper directory changes in the image",
                   "UPPER")
