@@ -18,6 +18,7 @@ import datetime
 import errno
 import json
 import math
+import shlex
 import os
 import stat as _stat
 import sys
@@ -385,14 +386,20 @@ def cmd_inspect(args) -> int:
         return inspect_remote(args, operands.image)
     with open_image_fs(args, operands.image) as fs:
         report = inspect_report(fs)
+        settings = fs.image.settings
     if args.json:
+        if not args.paths:
+            for layer in report["layers"]:
+                for label in ("added", "changed", "deleted"):
+                    layer[label] = len(layer[label])
         print(json.dumps(report, indent=2))
         return 0
     image = report["image"]
-    print(f"source:   {image['source']} ({image['kind']})")
+    print_field("source", f"{image['source']} ({image['kind']})")
     for key in ("ref", "platform", "manifest_digest", "config_digest", "chain_id"):
         if image.get(key):
-            print(f"{key + ':':<10}{image[key]}")
+            print_field(key, image[key])
+    print_settings(settings)
     for number, layer in enumerate(report["layers"]):
         print(f"\nlayer {number}: {layer['digest']}")
         print(f"  media type: {layer['media_type'] or '-'} ({layer['compression']})")
@@ -401,11 +408,50 @@ def cmd_inspect(args) -> int:
         print(f"  diff_id:    {layer['diff_id']}")
         print(f"  entries:    {layer['entries']}: {len(layer['added'])} added, "
               f"{len(layer['changed'])} changed, {len(layer['deleted'])} deleted")
-        if args.verbose:
+        made_by = layer["history"] or {}
+        if made_by.get("created"):
+            print(f"  created:    {made_by['created']}")
+        if made_by.get("created_by"):
+            print(f"  created by: {one_line(made_by['created_by'])}")
+        if args.verbose or args.paths:
             for label in ("added", "changed", "deleted"):
                 for path in layer[label]:
                     print(f"    {label[0].upper()} {path}")
     return 0
+
+
+def print_settings(settings: dict) -> None:
+    """What a container of the image runs with, as ``docker inspect`` users
+    look for it: command, user, directory, environment, ports, labels."""
+    for key in ("Entrypoint", "Cmd"):
+        if isinstance(settings.get(key), list):
+            print_field(key, shlex.join(str(part) for part in settings[key]))
+    for key in ("WorkingDir", "User", "StopSignal"):
+        if settings.get(key):
+            print_field(key, settings[key])
+    env = settings.get("Env")
+    if isinstance(env, list) and env:
+        print("Env:")
+        for item in env:
+            print(f"  {item}")
+    ports = settings.get("ExposedPorts")
+    if isinstance(ports, dict) and ports:
+        print_field("ExposedPorts", " ".join(sorted(ports)))
+    labels = settings.get("Labels")
+    if isinstance(labels, dict) and labels:
+        print("Labels:")
+        width = max(len(str(name)) for name in labels)
+        for name, value in sorted((str(k), str(v)) for k, v in labels.items()):
+            print(f"  {name:<{width}}  {value}")
+
+
+def print_field(key: str, value) -> None:
+    """One ``key: value`` line of ``inspect``, values in one column."""
+    print(f"{key + ':':<17}{value}")
+
+
+def one_line(text: str) -> str:
+    return " ".join(str(text).split())
 
 
 def inspect_remote(args, ref: Reference) -> int:
@@ -540,13 +586,15 @@ def cmd_logout(args) -> int:
 def inspect_report(fs) -> dict:
     image = fs.image
     layers = []
-    for layer, changes in zip(fs.layers, fs.layer_changes()):
+    for layer, changes, made_by in zip(fs.layers, fs.layer_changes(),
+                                       image.layer_history()):
         layers.append({
             "digest": layer.digest, "diff_id": layer.diff_id,
             "media_type": layer.media_type, "compression": layer.compression,
             "size": layer.size, "uncompressed_size": layer.uncompressed_size,
             "entries": layer.entry_count, "added": changes.added,
             "changed": changes.changed, "deleted": changes.deleted,
+            "history": made_by,
         })
     return {
         "image": {
@@ -621,6 +669,14 @@ def cmd_commit(args) -> int:
     return 0
 
 
+def cmd_cp(args) -> int:
+    operands = take_image(args, ["PATH", "HOST_DEST"])
+    path, dest = operands.rest
+    with open_image_fs(args, operands.image) as fs:
+        fs.extract(path, dest)
+    return 0
+
+
 def cmd_example(args) -> int:
     from .example import build_example
     print(build_example(args.dest, zstd=args.zstd))
@@ -678,6 +734,7 @@ OPERAND_HELP = {
     "UPPER": "an existing upper directory (the writable layer's changes)",
     "DEST": "the OCI layout to write the new image into (created, or added to)",
     "MOUNTPOINT": "an empty directory to mount on",
+    "HOST_DEST": "where to copy to on the host",
 }
 
 
@@ -771,12 +828,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--json", action="store_true")
     sub.add_argument("-v", "--verbose", action="store_true",
                      help="list every added, changed and deleted path")
+    sub.add_argument("--paths", action="store_true",
+                     help="with --json, the paths each layer adds, changes and deletes "
+                          "(else their counts)")
 
     sub = command("export", cmd_export, "write the flattened image as one tar "
                   "(OUT: a file, or - for standard output)", "OUT.tar")
     sub.add_argument("--compression", choices=["none", "gzip", "zstd"], type=str.lower,
                      help="default: from OUT's extension (.tar.gz/.tgz: gzip, "
                           ".tar.zst: zstd), else none")
+
+    command("cp", cmd_cp, "copy a file or a tree out of the image, as cp -a does (into "
+                          "DEST if it is a directory, else as DEST; never over an existing "
+                          "name)", "PATH HOST_DEST")
 
     sub = command("diff", cmd_diff, "list what an upper directory changes in the image",
                   "UPPER")

@@ -11,13 +11,16 @@ from __future__ import annotations
 import builtins
 import contextlib
 import errno
+import fnmatch
+import glob as _glob
 import os
 import stat as _stat
 from typing import BinaryIO, Iterator, Optional, Sequence, Union
 
 from .errors import ImageError, path_error
 from .image import Image, open_image
-from .paths import order_key
+from .layer import IndexCache
+from .paths import join, order_key
 from .reference import as_reference
 from .tarwrite import LayerTarWriter, write_tree
 from . import writable
@@ -46,8 +49,9 @@ def open(source: Source, *, upper: Optional[PathLike] = None, tag: Optional[str]
     files (base first) is a stack.  *tag* (a tag or a manifest digest, not
     together with a TAG in the reference) and *platform*
     (``"linux/amd64"``) choose among several manifests; the default
-    platform is the host's.  *cache* is an
-    :class:`~layerfs.layer.IndexCache` (default: the user's cache directory).
+    platform is the host's.  *cache* is a cache directory's path or an
+    :class:`~layerfs.layer.IndexCache` (default: the user's cache
+    directory), or False for none.
     *progress* is called as ``progress(done_bytes, total_bytes)`` while layers
     are indexed.  *upper* is a directory for the writable layer (created if
     missing); without it the filesystem is read-only and every write raises
@@ -56,6 +60,8 @@ def open(source: Source, *, upper: Optional[PathLike] = None, tag: Optional[str]
     offline.
     """
     source = as_reference(source)
+    if isinstance(cache, (str, bytes, os.PathLike)):
+        cache = IndexCache(os.fsdecode(cache))
     with collector_paused():
         image = open_image(source, tag=tag, platform=platform, cache=cache,
                            progress=progress, registry=registry)
@@ -139,10 +145,21 @@ class FileSystem:
         return self._upper is None
 
     def close(self) -> None:
+        """Release the image (and the upper).  Any later use raises
+        ``ValueError``, as a closed file does; closing again does nothing."""
+        if self.tree is _CLOSED:
+            return
         if self.upper is not None:
             self.upper.close()
             self.upper = None
         self.image.close()
+        # Every lookup starts in one of these: swapping them costs the hot
+        # path nothing and makes each use of a closed filesystem one error.
+        self.tree = self._nodes = self._stats = self._lstats = _CLOSED
+
+    @property
+    def closed(self) -> bool:
+        return self.tree is _CLOSED
 
     def __enter__(self) -> "FileSystem":
         return self
@@ -322,6 +339,63 @@ class FileSystem:
         """``os.open`` for the view: a :class:`~layerfs.writable.Handle`."""
         return writable.open_handle(self, path, flags, mode)
 
+    def iglob(self, pattern: PathLike, *, recursive: bool = False) -> Iterator[str]:
+        """Like :func:`glob.iglob` over the image, for an absolute *pattern*:
+        ``*``, ``?``, ``[...]`` within a name, names beginning with ``.``
+        only where the pattern's name does, ``**`` for any depth of
+        directories with *recursive*.  Matches come in sorted order."""
+        pattern = os.fsdecode(pattern)
+        if not pattern.startswith("/"):
+            raise ValueError(f"a pattern inside the image starts with /: {pattern!r}")
+        yield from self._glob("/", [part for part in pattern.split("/") if part], recursive)
+
+    def glob(self, pattern: PathLike, *, recursive: bool = False) -> list[str]:
+        """:meth:`iglob` as a list."""
+        return list(self.iglob(pattern, recursive=recursive))
+
+    def _glob(self, path: str, parts: list, recursive: bool) -> Iterator[str]:
+        if not parts:
+            yield path
+            return
+        part, rest = parts[0], parts[1:]
+        if recursive and part == "**":
+            for directory in self._directories_below(path):
+                yield from self._glob(directory, rest, recursive)
+            return
+        if not _glob.has_magic(part):
+            child = join(path, part)
+            if (self.is_dir(child) if rest else self.lexists(child)):
+                yield from self._glob(child, rest, recursive)
+            return
+        try:
+            names = self.listdir(path)
+        except OSError:
+            return
+        for name in sorted(fnmatch.filter(names, part)):
+            if name.startswith(".") and not part.startswith("."):
+                continue
+            child = join(path, name)
+            if not rest or self.is_dir(child):
+                yield from self._glob(child, rest, recursive)
+
+    def _directories_below(self, path: str) -> Iterator[str]:
+        """*path* and every directory beneath it (symlinks not followed,
+        names beginning with ``.`` skipped, as ``**`` does)."""
+        yield path
+        try:
+            entries = sorted(self.scandir(path), key=lambda entry: entry.name)
+        except OSError:
+            return
+        for entry in entries:
+            if not entry.name.startswith(".") and entry.is_dir(follow_symlinks=False):
+                yield from self._directories_below(entry.path)
+
+    def extract(self, path: PathLike, dest: PathLike) -> str:
+        """Copy *path* (a file or a tree) out of the image to *dest* on the
+        host, as ``cp -a`` would; see :mod:`layerfs.extract`."""
+        from .extract import extract
+        return extract(self, os.fsdecode(path), os.fsdecode(dest))
+
     def read_bytes(self, path: PathLike) -> bytes:
         node = self.node(path)
         check_readable(node, os.fspath(path))
@@ -376,6 +450,20 @@ class FileSystem:
     def write_bytes(self, path: PathLike, data: bytes) -> int:
         with self.open(path, "wb") as stream:
             return stream.write(data)
+
+    def write_text(self, path: PathLike, data: str, encoding: str = "utf-8",
+                   errors: str = "strict") -> int:
+        """Write *data* as *path*'s whole content; returns the characters written."""
+        self.write_bytes(path, data.encode(encoding, errors))
+        return len(data)
+
+    def commit(self, dest: PathLike, *, compression: Optional[str] = "gzip",
+               tag: Optional[str] = None, message: Optional[str] = None, progress=None):
+        """Write the upper layer as a new layer and image on top of this
+        image, into the OCI layout *dest*: :func:`layerfs.commit.commit`."""
+        from .commit import commit
+        return commit(self, dest, compression=compression, tag=tag, message=message,
+                      progress=progress)
 
     def statvfs(self) -> os.statvfs_result:
         """The upper directory's filesystem; a read-only view reports its
@@ -458,6 +546,21 @@ def check_readable(node: Node, path: str) -> None:
     if not _stat.S_ISREG(node.mode):
         # Device nodes and fifos of an image are not backed by anything.
         raise path_error(errno.ENXIO, path)
+
+
+class _Closed:
+    """Stands for the tree and the lookup tables of a closed filesystem."""
+
+    def __getattr__(self, name):
+        raise ValueError("I/O operation on a closed layerfs filesystem")
+
+    def get(self, *args):
+        raise ValueError("I/O operation on a closed layerfs filesystem")
+
+    __getitem__ = __contains__ = __iter__ = __len__ = get
+
+
+_CLOSED = _Closed()
 
 
 class DirEntry:
