@@ -163,7 +163,7 @@ def _decode(entry: dict, origin: str) -> Optional[Credentials]:
         except (binascii.Error, UnicodeDecodeError):
             sep = ""
         if not sep:
-            raise RegistryAuthError(f"the \"auth\" value is not base64 of user:password",
+            raise RegistryAuthError("the \"auth\" value is not base64 of user:password",
                                     path=origin)
         return Credentials(username, password, origin)
     token = entry.get("identitytoken")

@@ -46,7 +46,7 @@ import attrs
 from .compression import detect_compression
 from .errors import DigestMismatchError, ImageError, UnsupportedImageError
 from .entry import HARDLINK, REGULAR
-from .layer import BlobSource, Layer, open_layer
+from .layer import BlobSource, Layer, cache_root, open_layer
 from .paths import BadMemberName, normalize_member_name
 from .reference import (DOCKER, DOCKER_ARCHIVE, LAYERS, OCI, OCI_ARCHIVE, PATH,
                         as_reference)
@@ -546,7 +546,8 @@ def _open_remote(ref: Any, platform: str | None, layer_args: dict, options: Any)
     :mod:`layerfs.registry`) and then read like a layout's.  The reference
     resolves to one manifest or index, which is then treated as a layout
     whose index.json names only it."""
-    from .registry import BlobCache, Options, RemoteStore, cache_root
+    from .registry import Options
+    from .remote import BlobCache, RemoteStore
     root = cache_root(layer_args["cache"])
     temporary = None
     if root is None:          # cache=False: nothing may stay behind
