@@ -193,6 +193,10 @@ class Client:
         scheme, params = parse_challenge(header)
         credentials = self.credentials()
         if scheme == "basic":
+            if credentials is not None and credentials.is_identity_token:
+                raise RegistryAuthError(f"registry {self.host} asks for a password, and "
+                                        f"{credentials.origin} holds an identity token: run "
+                                        f"`layerfs login {self.host}`")
             if credentials is None:
                 raise RegistryAuthError(f"registry {self.host} needs a username and "
                                         f"password: run `layerfs login {self.host}`")
@@ -205,10 +209,18 @@ class Client:
         if params.get("scope") or scope:
             query["scope"] = params.get("scope") or scope
         try:
-            answer = self.session.get(params["realm"] + "?" + urlencode(query),
-                                      timeout=TIMEOUT, verify=self.verify,
-                                      auth=None if credentials is None else (
-                                          credentials.username, credentials.password))
+            if credentials is not None and credentials.is_identity_token:
+                # docker's identity token is an OAuth2 refresh token: it is
+                # traded with a POST, never sent as a password.
+                answer = self.session.post(params["realm"], timeout=TIMEOUT, verify=self.verify,
+                                           data=dict(query, grant_type="refresh_token",
+                                                     refresh_token=credentials.password,
+                                                     client_id=USER_AGENT))
+            else:
+                answer = self.session.get(params["realm"] + "?" + urlencode(query),
+                                          timeout=TIMEOUT, verify=self.verify,
+                                          auth=None if credentials is None else (
+                                              credentials.username, credentials.password))
         except self.requests.exceptions.RequestException as error:
             raise RegistryError(f"token server of {self.host} ({params['realm']}) is "
                                 f"unreachable: {_short(error)}") from None

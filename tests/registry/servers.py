@@ -121,6 +121,21 @@ class TokenServer(_Server):
             token = owner.token(user, query.get("scope", []))
             self._answer(200, {"token": token, "expires_in": 300})
 
+        def do_POST(self):
+            """The OAuth2 refresh-token grant: ``refresh_token`` is
+            ``rt-<user>``; the token is for the same scopes."""
+            owner = self.owner
+            length = int(self.headers.get("Content-Length") or 0)
+            form = parse_qs(self.rfile.read(length).decode())
+            owner.requests.append({"path": self.path, "form": form,
+                                   "authorization": self.headers.get("Authorization", "")})
+            refresh = form.get("refresh_token", [""])[0]
+            user = refresh[3:] if refresh.startswith("rt-") else None
+            if form.get("grant_type") != ["refresh_token"] or user not in owner.users:
+                return self._answer(401, {"details": "bad refresh token"})
+            token = owner.token(user, form.get("scope", []))
+            self._answer(200, {"access_token": token, "expires_in": 300})
+
         def _answer(self, status, body):
             data = json.dumps(body).encode()
             self.send_response(status)

@@ -161,6 +161,13 @@ def test_token_auth_anonymous_with_credentials_and_missing_scope(token_registry,
     with pytest.raises(RegistryAuthError, match="denied pull access to private"):
         layerfs.open(private, cache=IndexCache(tmp_path / "c2"),
                      registry=Options(authfile=str(authfile)))
+    authfile.write_text(json.dumps({"auths": {registry.host: {"identitytoken": "rt-bob"}}}))
+    with layerfs.open(private, cache=IndexCache(tmp_path / "c4"),
+                      registry=Options(authfile=str(authfile))) as fs:
+        assert fs.read_bytes("/who") == b"private"
+    posted = [r for r in registry.tokens.requests if "form" in r]
+    assert posted and posted[-1]["form"]["refresh_token"] == ["rt-bob"]
+    assert not posted[-1]["authorization"]           # never sent as a password
     authfile.write_text(json.dumps({"auths": {registry.host: {
         "auth": base64.b64encode(b"bob:nope").decode()}}}))
     with pytest.raises(RegistryAuthError, match="were refused"):
