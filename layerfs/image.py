@@ -367,6 +367,7 @@ class Image:
     # a registry image: what a tag pointed at when it was opened).
     offered: list = attrs.field(factory=list)
     resolved_digest: str | None = None
+    closers: list = attrs.field(factory=list)   # run by close(), after the layers
 
     @property
     def tag(self) -> str | None:
@@ -383,6 +384,9 @@ class Image:
     def close(self) -> None:
         for layer in self.layers:
             layer.close()
+        closers, self.closers = self.closers, []
+        for close in closers:
+            close()
 
     def __enter__(self) -> Image:
         return self
@@ -562,11 +566,15 @@ def _open_remote(ref: Any, platform: str | None, layer_args: dict, options: Any)
         opener = _Opener(store, "registry", layer_args)
         image = opener.open_index({"manifests": [entry]}, store.label,
                                   _Choice(None, None, platform))
-        image.resolved_digest = digest
-        return image
-    finally:
+    except BaseException:
         if temporary is not None:
             shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    image.resolved_digest = digest
+    if temporary is not None:
+        # The blobs stay while the image is open (commit copies them).
+        image.closers.append(lambda: shutil.rmtree(temporary, ignore_errors=True))
+    return image
 
 
 def list_images(source: Any, *, cache: Any = None,

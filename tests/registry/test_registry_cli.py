@@ -155,3 +155,21 @@ def test_pull_shows_progress_on_a_terminal_only(registry, pushed, env, tmp_path)
     assert process.returncode == 0
     assert stdout.decode().strip().startswith("sha256:")
     assert b"fetching [" in seen and b"100%" in seen
+
+
+def test_without_a_cache_nothing_stays_behind(registry, pushed, tmp_path, monkeypatch):
+    import tempfile
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    tempfile.tempdir = None
+    try:
+        ref = f"docker://{registry.host}/demo/example:v1"
+        with layerfs.open(ref, cache=False, upper=tmp_path / "up") as fs:
+            assert os.listdir(tmp_path / "tmp")
+            fs.write_bytes("/etc/motd", b"x\n")
+            commit(fs, tmp_path / "out", tag="t")
+        assert os.listdir(tmp_path / "tmp") == []
+    finally:
+        tempfile.tempdir = None
+    with layerfs.open(f"oci:{tmp_path / 'out'}:t", cache=False) as fs:
+        assert fs.read_bytes("/etc/motd") == b"x\n"
