@@ -119,8 +119,7 @@ def take_image(args, names: Sequence[str], optional: int = 0) -> Operands:
                              f"/: {value!r}{hint}")
     tag = getattr(args, "tag", None)
     if tag is not None:
-        if ref.transport != "path" and ref.transport not in ("oci", "oci-archive",
-                                                             "docker-archive"):
+        if ref.transport in ("docker", "layers"):
             raise UsageError(f"{args.command}: --tag chooses among the images of a "
                              f"layout or archive; {_what(ref)} takes none")
         if ref.tag is not None or ref.digest is not None:
