@@ -340,7 +340,15 @@ class Client:
             response = self._call("GET", path)
             with response:
                 self._expect_ok(response, self.ref.name, "repository")
-                found.extend(response.json().get("tags") or [])
+                try:
+                    tags = response.json().get("tags") or []
+                except (ValueError, AttributeError):
+                    tags = None
+                if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+                    raise RegistryError(f"registry {self.host} answered the tag list with "
+                                        "something that is not one",
+                                        path=f"docker://{self.ref.name}")
+                found.extend(tags)
                 link = response.headers.get("Link", "")
             match = re.search(r"<([^>]+)>", link)
             path = match.group(1).split("/v2/", 1)[-1] if match else ""

@@ -210,7 +210,7 @@ class RemoteStore:
                                 "forbids fetching it", path=self.label)
         else:
             data, media_type, digest = self._fetch_top(digest)
-        media_type = _media_type(data, media_type)
+        media_type = _media_type(data, media_type, self.label)
         if ref.digest is None and not self.options.offline:
             self.cache.remember_tag(ref, digest, media_type)
         return data, media_type, digest
@@ -261,13 +261,13 @@ def _digest_of(name: str) -> str:
     return f"{algorithm}:{hex_}"
 
 
-def _media_type(data: bytes, given: Optional[str]) -> str:
+def _media_type(data: bytes, given: Optional[str], where: str) -> str:
     """The media type of a manifest: its own ``mediaType`` field if it has
     one, else what the registry said, else guessed from its shape."""
     try:
         document = json.loads(data)
     except ValueError:
-        raise UnsupportedImageError("manifest is not valid JSON") from None
+        raise UnsupportedImageError("manifest is not valid JSON", path=where) from None
     if isinstance(document, dict):
         own = document.get("mediaType")
         if isinstance(own, str) and own:
@@ -275,7 +275,7 @@ def _media_type(data: bytes, given: Optional[str]) -> str:
         if given in (OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST):
             return given
         return OCI_INDEX if "manifests" in document else OCI_MANIFEST
-    raise UnsupportedImageError("manifest is not a JSON object")
+    raise UnsupportedImageError("manifest is not a JSON object", path=where)
 
 
 def _remove(path: str) -> None:
