@@ -53,7 +53,7 @@ import attrs
 from . import auth
 from .errors import (DigestMismatchError, RegistryAuthError, RegistryError,
                      UnsupportedImageError)
-from .reference import DEFAULT_HOST, Reference
+from .reference import DEFAULT_HOST, Reference, is_digest
 from .registryconf import certificates
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -301,11 +301,15 @@ class Client:
         """(digest, media type) a tag names now: one HEAD request."""
         response = self._call("HEAD", f"{self.ref.repository}/manifests/{quote(tag)}",
                               headers={"Accept": ACCEPT})
-        self._expect_ok(response, f"{self.ref.name}:{tag}", "manifest")
+        response.close()
         digest = response.headers.get("Docker-Content-Digest")
         media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
-        if digest is None:          # not every registry sends it on HEAD: GET then
+        if response.status_code in (400, 405, 501) or (
+                response.status_code == 200 and not is_digest(digest)):
+            # No HEAD, or no usable digest with it: GET, and hash the body.
             data, media_type, digest = self.manifest(tag)
+            return digest, media_type
+        self._expect_ok(response, f"{self.ref.name}:{tag}", "manifest")
         return digest, media_type
 
     def manifest(self, reference: str) -> tuple[bytes, str, str]:
@@ -322,6 +326,8 @@ class Client:
                                         path=f"docker://{where}")
         expected = reference if ":" in reference else response.headers.get(
             "Docker-Content-Digest")
+        if expected is not None and not is_digest(expected):
+            expected = None     # a header naming no digest we know: hash the body alone
         algorithm = (expected or "sha256:").partition(":")[0]
         if algorithm not in ("sha256", "sha512"):
             raise UnsupportedImageError(f"digest {expected!r}: unsupported algorithm",

@@ -32,7 +32,7 @@ from typing import Callable, Optional
 import attrs
 
 from .errors import RegistryError, UnsupportedImageError
-from .reference import Reference
+from .reference import Reference, is_digest
 from .registry import (DOCKER_LIST, DOCKER_MANIFEST, MAX_MANIFEST_SIZE, OCI_INDEX,
                        OCI_MANIFEST, PARALLEL_DOWNLOADS, Client, Options)
 
@@ -44,6 +44,9 @@ class BlobCache:
         self.root = os.path.join(root, "registry")
 
     def blob_path(self, digest: str) -> str:
+        if not is_digest(digest):     # a name from a registry must not leave the cache
+            raise UnsupportedImageError(f"{digest!r} is not a sha256 or sha512 digest",
+                                        path=self.root)
         algorithm, _, hex_ = digest.partition(":")
         return os.path.join(self.root, "blobs", algorithm, hex_)
 
