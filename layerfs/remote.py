@@ -120,8 +120,18 @@ class RemoteStore:
                                 path=self.label)
         with self._lock:
             if self._client is None:
-                self._client = Client(self.ref, self.options)
+                # The manifest came from the cache: the first place
+                # registries.conf names (a mirror, or the registry) serves.
+                from .registryconf import endpoints
+                place = endpoints(self.ref.host, self.ref.repository, by_digest=True,
+                                  path=self.options.registries_conf)[0]
+                self._client = self._client_for(place)
             return self._client
+
+    def _client_for(self, place) -> Client:
+        return Client(attrs.evolve(self.ref, host=place.host, repository=place.repository),
+                      attrs.evolve(self.options,
+                                   tls_verify=self.options.tls_verify and not place.insecure))
 
     def where(self, name: str) -> str:
         return f"docker://{self.ref.name}@{_digest_of(name)}" if name.startswith(
@@ -167,7 +177,7 @@ class RemoteStore:
     def prefetch(self, descriptors: list) -> None:
         """Download the blobs *descriptors* name that the cache lacks,
         several at once, with one progress report over all of them."""
-        missing = [(d["digest"], d.get("size")) for d in descriptors
+        missing = [(d["digest"], _size(d.get("size"))) for d in descriptors
                    if isinstance(d, dict) and isinstance(d.get("digest"), str)
                    and not self.cache.has(d["digest"])]
         missing = list(dict.fromkeys(missing))
@@ -176,8 +186,11 @@ class RemoteStore:
         total = sum(size or 0 for _, size in missing)
         done = [0]
         lock = threading.Lock()
+        stop = threading.Event()
 
         def report(count: int) -> None:
+            if stop.is_set():        # another download failed, or Ctrl-C: give up
+                raise _Stopped()
             if self.progress is None:
                 return
             with lock:
@@ -185,12 +198,18 @@ class RemoteStore:
                 self.progress(min(done[0], total), total)
 
         client = self.client
-        with concurrent.futures.ThreadPoolExecutor(PARALLEL_DOWNLOADS) as pool:
+        pool = concurrent.futures.ThreadPoolExecutor(PARALLEL_DOWNLOADS)
+        try:
             futures = [pool.submit(client.fetch_blob, digest, self.cache, size, report)
                        for digest, size in missing]
-            errors = [f.exception() for f in futures if f.exception() is not None]
-        if errors:
-            raise errors[0]
+            for future in concurrent.futures.as_completed(futures):
+                if future.exception() is not None:
+                    raise future.exception()
+        except BaseException:
+            stop.set()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def top_manifest(self) -> tuple[bytes, str, str]:
         """The manifest or index the reference names: (bytes, media type,
@@ -228,9 +247,7 @@ class RemoteStore:
                            path=self.options.registries_conf)
         failures: list[RegistryError] = []
         for place in places:
-            client = Client(attrs.evolve(self.ref, host=place.host, repository=place.repository),
-                            attrs.evolve(self.options,
-                                         tls_verify=self.options.tls_verify and not place.insecure))
+            client = self._client_for(place)
             try:
                 media_type = None
                 wanted = digest
@@ -253,6 +270,16 @@ class RemoteStore:
             raise type(failures[-1])(f"{failures[-1].reason} (tried {tried})",
                                      path=failures[-1].path)
         raise failures[-1]
+
+
+class _Stopped(Exception):
+    """Raised in a download thread to stop it: its partial file is removed
+    as for any failure."""
+
+
+def _size(value: object) -> Optional[int]:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 \
+        else None
 
 
 def _is_not_found(error: RegistryError) -> bool:
