@@ -90,7 +90,6 @@ class Options:
     registries_conf: Optional[str] = None
 
 
-# Where the containers tools and docker keep per-registry certificates.
 # -- the client ----------------------------------------------------------------
 
 def is_loopback(host: str) -> bool:

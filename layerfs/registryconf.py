@@ -150,8 +150,9 @@ def certificates(host: str, cert_dir: Optional[str] = None) -> tuple[Optional[st
             break
     if not cas:
         return None, client
-    import certifi
-    parts = [open(certifi.where(), "rb").read()]
+    from requests.certs import where as system_cas   # certifi, through requests
+    with open(system_cas(), "rb") as handle:
+        parts = [handle.read()]
     for ca in cas:
         with open(ca, "rb") as handle:
             parts.append(handle.read())
