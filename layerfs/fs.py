@@ -11,6 +11,8 @@ from __future__ import annotations
 import builtins
 import contextlib
 import errno
+import fnmatch
+import glob as _glob
 import os
 import stat as _stat
 from typing import BinaryIO, Iterator, Optional, Sequence, Union
@@ -18,8 +20,10 @@ from typing import BinaryIO, Iterator, Optional, Sequence, Union
 from .errors import ImageError, path_error
 from .image import Image, open_image
 from .layer import IndexCache
-from .tarwrite import LayerTarWriter, path_order, write_tree
-from . import pathglob, writable
+from .paths import join, order_key
+from .reference import as_reference
+from .tarwrite import LayerTarWriter, write_tree
+from . import writable
 from .union import (S_IFLNK, S_IFMT, UPPER_SOURCE, LayerChanges, Node, Tree,
                     collector_paused, describe_layer)
 from .upper import Upper
@@ -33,29 +37,34 @@ Source = Union[PathLike, Sequence[PathLike]]
 
 
 def open(source: Source, *, upper: Optional[PathLike] = None, tag: Optional[str] = None,
-         platform: Optional[str] = None, cache=None, progress=None) -> "FileSystem":
+         platform: Optional[str] = None, cache=None, progress=None,
+         registry=None) -> "FileSystem":
     """Open an image as a filesystem.
 
-    *source* is an OCI image layout (directory or tar), a ``docker save``
-    archive, or a sequence of layer files (base first).  *tag* and
-    *platform* (``"linux/amd64"``) choose among several manifests; the
-    default platform is the host's.  *cache* is a cache directory (a path)
-    or an :class:`~layerfs.layer.IndexCache` (default: the user's cache
-    directory).
+    *source* names the image as :mod:`layerfs.reference` says: a string
+    with a transport prefix (``"oci:DIR:TAG"``, ``"oci-archive:FILE"``,
+    ``"docker-archive:FILE"``, ``"docker://HOST/REPO:TAG"``) or a bare path
+    to an OCI image layout (directory or tar), a ``docker save`` archive or
+    a single layer file; a path object is always a path; a list of layer
+    files (base first) is a stack.  *tag* (a tag or a manifest digest, not
+    together with a TAG in the reference) and *platform*
+    (``"linux/amd64"``) choose among several manifests; the default
+    platform is the host's.  *cache* is a cache directory's path or an
+    :class:`~layerfs.layer.IndexCache` (default: the user's cache
+    directory), or False for none.
     *progress* is called as ``progress(done_bytes, total_bytes)`` while layers
     are indexed.  *upper* is a directory for the writable layer (created if
     missing); without it the filesystem is read-only and every write raises
-    ``OSError(EROFS)``.
+    ``OSError(EROFS)``.  *registry* (a :class:`layerfs.registry.Options`)
+    says how ``docker://`` images are fetched: credentials file, TLS,
+    offline.
     """
-    if not isinstance(source, (str, bytes, os.PathLike)):
-        source = [os.fspath(p) for p in source]
-    else:
-        source = os.fspath(source)
+    source = as_reference(source)
     if isinstance(cache, (str, bytes, os.PathLike)):
         cache = IndexCache(os.fsdecode(cache))
     with collector_paused():
         image = open_image(source, tag=tag, platform=platform, cache=cache,
-                           progress=progress)
+                           progress=progress, registry=registry)
         try:
             fs = FileSystem(image)
         except BaseException:
@@ -136,10 +145,21 @@ class FileSystem:
         return self._upper is None
 
     def close(self) -> None:
+        """Release the image (and the upper).  Any later use raises
+        ``ValueError``, as a closed file does; closing again does nothing."""
+        if self.tree is _CLOSED:
+            return
         if self.upper is not None:
             self.upper.close()
             self.upper = None
         self.image.close()
+        # Every lookup starts in one of these: swapping them costs the hot
+        # path nothing and makes each use of a closed filesystem one error.
+        self.tree = self._nodes = self._stats = self._lstats = _CLOSED
+
+    @property
+    def closed(self) -> bool:
+        return self.tree is _CLOSED
 
     def __enter__(self) -> "FileSystem":
         return self
@@ -151,11 +171,10 @@ class FileSystem:
 
     def node(self, path: PathLike, follow_symlinks: bool = True) -> Node:
         """The inode at *path*; raises ``FileNotFoundError`` and friends."""
-        path = os.fspath(path)
         node = self._nodes.get(path)
         if node is not None and not (follow_symlinks and node.mode & S_IFMT == S_IFLNK):
             return node
-        return self._resolve(path, follow_symlinks)
+        return self._resolve(os.fsdecode(path), follow_symlinks)
 
     def _resolve(self, path: str, follow: bool) -> Node:
         """The slow path (symlinks, missing or unclean paths), remembered.
@@ -183,12 +202,12 @@ class FileSystem:
         return answer
 
     def realpath(self, path: PathLike) -> str:
-        """The canonical path of *path* with every symlink resolved."""
-        path = os.fspath(path)
-        real, node = self.tree.resolve(path, True)
+        """The canonical path of *path* with every symlink resolved (bytes
+        for a bytes *path*, as ``os.path.realpath``)."""
+        real, node = self.tree.resolve(os.fsdecode(path), True)
         if node is None:
-            raise path_error(errno.ENOENT, path)
-        return real
+            raise path_error(errno.ENOENT, os.fspath(path))
+        return os.fsencode(real) if isinstance(path, bytes) else real
 
     def stat(self, path: PathLike, *, follow_symlinks: bool = True) -> os.stat_result:
         if not follow_symlinks:
@@ -198,10 +217,10 @@ class FileSystem:
             return result
         node = self._nodes.get(path)
         if node is None or node.mode & S_IFMT == S_IFLNK:
-            node = self._resolve(os.fspath(path), True)
+            node = self._resolve(os.fsdecode(path), True)
         result = node.stat_cache or node.stat()
         if self._upper is None:
-            self._stats[os.fspath(path)] = result
+            self._stats[os.fsdecode(path)] = result
         return result
 
     def lstat(self, path: PathLike) -> os.stat_result:
@@ -210,10 +229,10 @@ class FileSystem:
             return result
         node = self._nodes.get(path)
         if node is None:
-            node = self._resolve(os.fspath(path), False)
+            node = self._resolve(os.fsdecode(path), False)
         result = node.stat_cache or node.stat()
         if self._upper is None:
-            self._lstats[os.fspath(path)] = result
+            self._lstats[os.fsdecode(path)] = result
         return result
 
     def exists(self, path: PathLike) -> bool:
@@ -252,16 +271,19 @@ class FileSystem:
         node = self.node(path, False)
         if not node.is_symlink:
             raise path_error(errno.EINVAL, os.fspath(path))
-        return node.target
+        return os.fsencode(node.target) if isinstance(path, bytes) else node.target
 
     def listdir(self, path: PathLike = "/") -> list[str]:
+        """Names in *path* (bytes for a bytes *path*, as ``os.listdir``)."""
         node = self.node(path)
         if node.children is None:
             raise path_error(errno.ENOTDIR, os.fspath(path))
+        if isinstance(path, bytes):
+            return [os.fsencode(name) for name in node.children]
         return list(node.children)
 
     def scandir(self, path: PathLike = "/") -> Iterator["DirEntry"]:
-        path = os.fspath(path)
+        path = os.fsdecode(path)
         real = self.realpath(path)
         node = self._nodes[real]
         if node.children is None:
@@ -272,8 +294,8 @@ class FileSystem:
 
     def walk(self, top: PathLike = "/", topdown: bool = True, onerror=None,
              followlinks: bool = False) -> Iterator[tuple[str, list[str], list[str]]]:
-        """Like ``os.walk``, over the image."""
-        top = os.fspath(top)
+        """Like ``os.walk``, over the image (names as ``str``, whatever *top* is)."""
+        top = os.fsdecode(top)
         try:
             entries = list(self.scandir(top))
         except OSError as error:
@@ -319,9 +341,66 @@ class FileSystem:
         """``os.open`` for the view: a :class:`~layerfs.writable.Handle`."""
         return writable.open_handle(self, path, flags, mode)
 
+    def iglob(self, pattern: PathLike, *, recursive: bool = False) -> Iterator[str]:
+        """Like :func:`glob.iglob` over the image, for an absolute *pattern*:
+        ``*``, ``?``, ``[...]`` within a name, names beginning with ``.``
+        only where the pattern's name does, ``**`` for any depth of
+        directories with *recursive*.  Matches come in sorted order."""
+        pattern = os.fsdecode(pattern)
+        if not pattern.startswith("/"):
+            raise ValueError(f"a pattern inside the image starts with /: {pattern!r}")
+        yield from self._glob("/", [part for part in pattern.split("/") if part], recursive)
+
+    def glob(self, pattern: PathLike, *, recursive: bool = False) -> list[str]:
+        """:meth:`iglob` as a list."""
+        return list(self.iglob(pattern, recursive=recursive))
+
+    def _glob(self, path: str, parts: list, recursive: bool) -> Iterator[str]:
+        if not parts:
+            yield path
+            return
+        part, rest = parts[0], parts[1:]
+        if recursive and part == "**":
+            for directory in self._directories_below(path):
+                yield from self._glob(directory, rest, recursive)
+            return
+        if not _glob.has_magic(part):
+            child = join(path, part)
+            if (self.is_dir(child) if rest else self.lexists(child)):
+                yield from self._glob(child, rest, recursive)
+            return
+        try:
+            names = self.listdir(path)
+        except OSError:
+            return
+        for name in sorted(fnmatch.filter(names, part)):
+            if name.startswith(".") and not part.startswith("."):
+                continue
+            child = join(path, name)
+            if not rest or self.is_dir(child):
+                yield from self._glob(child, rest, recursive)
+
+    def _directories_below(self, path: str) -> Iterator[str]:
+        """*path* and every directory beneath it (symlinks not followed,
+        names beginning with ``.`` skipped, as ``**`` does)."""
+        yield path
+        try:
+            entries = sorted(self.scandir(path), key=lambda entry: entry.name)
+        except OSError:
+            return
+        for entry in entries:
+            if not entry.name.startswith(".") and entry.is_dir(follow_symlinks=False):
+                yield from self._directories_below(entry.path)
+
+    def extract(self, path: PathLike, dest: PathLike) -> str:
+        """Copy *path* (a file or a tree) out of the image to *dest* on the
+        host, as ``cp -a`` would; see :mod:`layerfs.extract`."""
+        from .extract import extract
+        return extract(self, os.fsdecode(path), os.fsdecode(dest))
+
     def read_bytes(self, path: PathLike) -> bytes:
         node = self.node(path)
-        check_readable(node, os.fspath(path))
+        check_readable(node, os.fsdecode(path))
         return self.read_node(node, 0, node.size)
 
     def read_text(self, path: PathLike, encoding: str = "utf-8",
@@ -376,26 +455,14 @@ class FileSystem:
 
     def write_text(self, path: PathLike, data: str, encoding: str = "utf-8",
                    errors: str = "strict") -> int:
-        """Like ``pathlib.Path.write_text``: returns the characters written."""
+        """Write *data* as *path*'s whole content; returns the characters written."""
         self.write_bytes(path, data.encode(encoding, errors))
         return len(data)
 
-    def iglob(self, pattern: PathLike, *, recursive: bool = False) -> Iterator[str]:
-        """The view's absolute paths matching *pattern*, as ``glob.iglob``
-        (``**`` with *recursive*; names starting with ``.`` only when asked);
-        a relative pattern is taken from ``/``."""
-        pattern = os.fsdecode(pattern)
-        if not pattern.startswith("/"):
-            pattern = "/" + pattern
-        return pathglob.iglob(pattern, self.listdir, self.is_dir, recursive=recursive)
-
-    def glob(self, pattern: PathLike, *, recursive: bool = False) -> list[str]:
-        """:meth:`iglob` as a list."""
-        return list(self.iglob(pattern, recursive=recursive))
-
     def commit(self, dest: PathLike, *, compression: Optional[str] = "gzip",
                tag: Optional[str] = None, message: Optional[str] = None, progress=None):
-        """:func:`layerfs.commit.commit` of this filesystem."""
+        """Write the upper layer as a new layer and image on top of this
+        image, into the OCI layout *dest*: :func:`layerfs.commit.commit`."""
         from .commit import commit
         return commit(self, dest, compression=compression, tag=tag, message=message,
                       progress=progress)
@@ -422,19 +489,18 @@ class FileSystem:
                progress=None) -> None:
         """Write the flattened view as one tar (no markers; hardlinks kept).
 
-        *out* is a path (written atomically) or a binary file object.
-        Entries are ordered by path components, so ``tar -x`` restores
-        every directory's mtime.  A path that is one of the image's own
-        layer files (same device and inode) is refused with
-        ``FileExistsError``.
+        *out* is a path (written atomically) or a binary file object.  A
+        path that is one of the image's own files is refused
+        (:class:`FileExistsError`), so an export never replaces its input.
+        Entries come in :func:`layerfs.paths.order_key` order.
         """
-        items = sorted(self.tree.nodes.items(), key=lambda item: path_order(item[0]))
+        items = sorted(self.tree.nodes.items(), key=lambda item: order_key(item[0]))
         total = sum(node.size for _, node in items if node.children is None)
         if not isinstance(out, (str, os.PathLike)):
             self._export_to(out, items, compression, progress, total)
             return
         out = os.fspath(out)
-        self._refuse_layer_file(out)
+        self._refuse_input_file(out)
         temporary = f"{out}.{os.getpid()}.tmp"
         try:
             with builtins.open(temporary, "wb") as stream:
@@ -445,19 +511,20 @@ class FileSystem:
                 os.unlink(temporary)
             raise
 
-    def _refuse_layer_file(self, out: str) -> None:
+    def _refuse_input_file(self, out: str) -> None:
         try:
             target = os.stat(out)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return
         for layer in self.layers:
+            path = getattr(layer.source, "path", None)
             try:
-                st = os.stat(layer.path)
-            except (OSError, TypeError):
+                same = path is not None and os.path.samestat(target, os.stat(path))
+            except OSError:
                 continue
-            if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
-                raise FileExistsError(errno.EEXIST, "refusing to overwrite a layer of "
-                                      f"the image being exported ({layer.label})", out)
+            if same:
+                raise FileExistsError(errno.EEXIST, f"{out} holds layer {layer.label} of "
+                                      "the image: write the export elsewhere")
 
     def _export_to(self, stream, items, compression, progress, total) -> None:
         writer = LayerTarWriter(stream, compression)
@@ -481,6 +548,21 @@ def check_readable(node: Node, path: str) -> None:
     if not _stat.S_ISREG(node.mode):
         # Device nodes and fifos of an image are not backed by anything.
         raise path_error(errno.ENXIO, path)
+
+
+class _Closed:
+    """Stands for the tree and the lookup tables of a closed filesystem."""
+
+    def __getattr__(self, name):
+        raise ValueError("I/O operation on a closed layerfs filesystem")
+
+    def get(self, *args):
+        raise ValueError("I/O operation on a closed layerfs filesystem")
+
+    __getitem__ = __contains__ = __iter__ = __len__ = get
+
+
+_CLOSED = _Closed()
 
 
 class DirEntry:

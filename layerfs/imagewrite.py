@@ -29,7 +29,7 @@ from .errors import ImageError, UnsupportedImageError
 from .image import (DOCKER_CONFIG, DOCKER_LAYER_TYPES, DOCKER_MANIFEST, OCI_CONFIG,
                     OCI_INDEX, OCI_LAYER_TYPES, OCI_MANIFEST, REF_NAME, Image, blob_name,
                     canonical_json, descriptor, digest_bytes, host_platform)
-from .layer import BlobSource
+from .layer import BlobSource, IndexCache
 
 EPOCH = "1970-01-01T00:00:00Z"
 CREATED_BY = "layerfs"
@@ -98,6 +98,50 @@ def write_oci_layout(dest_dir: str | os.PathLike, layer_blobs: Sequence[LayerBlo
     index_path = os.path.join(dest, "index.json")
     _write_atomic(index_path, canonical_json(_merged_index(index_path, plan, tag)))
     return plan.manifest_digest
+
+
+def copy_to_layout(dest_dir: str | os.PathLike, manifest_descriptor: dict,
+                   blobs: dict, tag: str | None = None) -> str:
+    """Add an existing image to the OCI layout *dest_dir* byte for byte:
+    *blobs* maps every digest the image needs (manifest, config, layers) to
+    a file holding exactly that blob (hardlinked where possible, else
+    copied), and *manifest_descriptor* becomes its index entry, tagged
+    *tag*.  The digests stay what they were (``layerfs copy``).  An entry
+    tagged *tag* is replaced.  Without a tag the layout must hold no other
+    image: later commands could not tell which is meant.  Returns the
+    manifest digest."""
+    dest = os.fspath(dest_dir)
+    index_path = os.path.join(dest, "index.json")
+    index = _read_index(index_path) if os.path.exists(index_path) else {
+        "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
+    digest = manifest_descriptor["digest"]
+    kept = [m for m in index["manifests"]
+            if (m.get("annotations") or {}).get(REF_NAME) != tag or tag is None]
+    if tag is None and any(m.get("digest") != digest for m in kept):
+        raise UnsupportedImageError(
+            "the layout already holds other images: give this one a tag "
+            "(oci:DIR:TAG) so that later commands can tell which is meant", path=dest)
+    os.makedirs(os.path.join(dest, "blobs", "sha256"), exist_ok=True)
+    for blob_digest, path in blobs.items():
+        final = os.path.join(dest, blob_name(blob_digest))
+        if os.path.exists(final):
+            continue
+        temp = _temp_name(final)
+        try:
+            os.link(path, temp)
+            os.replace(temp, final)
+        except OSError:
+            with open(path, "rb") as src, _atomic_output(final) as out:
+                _copy(src, out, os.fstat(src.fileno()).st_size)
+    if not os.path.exists(os.path.join(dest, "oci-layout")):
+        _write_atomic(os.path.join(dest, "oci-layout"), canonical_json(LAYOUT_VERSION))
+    entry = dict(manifest_descriptor)
+    if tag is not None:
+        entry["annotations"] = {REF_NAME: tag}
+    index["manifests"] = [m for m in kept if m.get("digest") != digest or tag is not None] + [
+        entry]
+    _write_atomic(index_path, canonical_json(index))
+    return digest
 
 
 def write_oci_archive(dest_tar: str | os.PathLike, layer_blobs: Sequence[LayerBlob], *,
@@ -268,9 +312,21 @@ def _put_layer_blob(dest: str, blob: _Blob) -> None:
             pass   # another filesystem, or links not allowed: copy below
         else:
             os.replace(temp, final)
+            _refresh_memos(blob, [blob.source, final])
             return
     with _open_source(blob.source) as src, _atomic_output(final) as out:
         _copy(src, out, blob.size)
+
+
+def _refresh_memos(blob: _Blob, paths: list[str]) -> None:
+    """A new link changed the blob's ctime, which the index cache's stat
+    memo covers: remember both names again (the digest is known: the blob
+    was hashed or verified to write this layout), so that opening either
+    does not hash it again.  A cache that cannot be written is no error."""
+    cache = IndexCache()
+    for path in paths:
+        with contextlib.suppress(OSError):
+            cache.refresh_memo(path, blob.digest, blob.diff_id)
 
 
 @contextlib.contextmanager

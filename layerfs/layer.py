@@ -29,7 +29,7 @@ The index cache (:class:`IndexCache`, under ``$LAYERFS_CACHE_DIR``, else
     blobs/sha256/<hex>.tar   the uncompressed copy of a compressed blob
     memo/<key>               "stat memo": the identity of a source file
                              (realpath, offset, size, st_dev, st_ino, st_size,
-                             st_mtime_ns) -> (digest, diff_id)
+                             st_mtime_ns, st_ctime_ns) -> (digest, diff_id)
 
 Every file is written to a temp file in its final directory and renamed into
 place, so readers never see half a file; temp files are removed on any error
@@ -69,7 +69,7 @@ INDEX_FORMAT = "layerfs-index"
 INDEX_VERSION = 2
 VIEW_FORMAT = "layerfs-view"
 VIEW_VERSION = 1
-MEMO_VERSION = 1
+MEMO_VERSION = 2
 _COPY_BUFFER = 1 << 20
 
 
@@ -93,6 +93,15 @@ def default_cache_root() -> str:
     if xdg:
         return os.path.join(xdg, "layerfs")
     return os.path.join(os.path.expanduser("~"), ".cache", "layerfs")
+
+
+def cache_root(cache) -> Optional[str]:
+    """The directory of a ``cache=`` argument: an :class:`IndexCache`'s
+    root, the default one for None, None for ``False`` (no cache)."""
+    if cache is False:
+        return None
+    root = getattr(cache, "root", None)
+    return root if root is not None else default_cache_root()
 
 
 class IndexCache:
@@ -128,6 +137,15 @@ class IndexCache:
         record = {"version": MEMO_VERSION, "identity": identity,
                   "digest": digest, "diff_id": diff_id}
         _write_atomic(self.memo_path(identity), marshal.dumps(record))
+
+    def refresh_memo(self, path: str, digest: str, diff_id: str) -> None:
+        """Remember *path* (a whole blob) again after layerfs itself changed
+        its inode's ctime (hardlinking it into a layout), so that the next
+        open trusts it without hashing it again.  Only for a file whose
+        digest is known to be *digest*."""
+        st = os.stat(path)
+        self.store_memo(file_identity(path, 0, st.st_size, st),
+                        digest.partition(":")[2], diff_id.partition(":")[2])
 
     def load_header(self, hex_digest: str) -> Optional[dict]:
         """The header of a blob's index, or None (see :meth:`load_index`)."""
@@ -244,6 +262,18 @@ class Layer:
             return self._pread(length, self._base + data + offset)
         return self._read_sparse(data, offset, length)
 
+    def extent(self, data, size: int, offset: int, length: int) -> Optional[tuple]:
+        """Where :meth:`read` would read: ``(fd, position, length)`` in this
+        layer's uncompressed data (the blob, or its uncompressed copy), for
+        a caller that reads the bytes itself (the FUSE adapter lets libfuse
+        do it); None for a sparse file, whose holes exist in no file."""
+        if self._data_fd < 0:
+            raise path_error(errno.EBADF, self.label)
+        if not isinstance(data, int):
+            return None
+        length = max(0, min(length, size - offset))
+        return self._data_fd, self._base + data + offset, length
+
     def _read_sparse(self, segments: tuple, offset: int, length: int) -> bytes:
         out = bytearray(length)
         end = offset + length
@@ -268,6 +298,18 @@ class Layer:
                                         path=self.path, layer=self.label)
             data += more
         return data
+
+    def data_location(self) -> tuple[str, int]:
+        """A path the layer's uncompressed tar can be opened at, and the
+        offset where the tar starts in it: the blob itself when it is a
+        plain tar, else its uncompressed copy (in the cache, or the
+        anonymous one through ``/proc/self/fd`` while this layer is open).
+        Lets a compressed archive be read as the image it holds."""
+        if self.compression == NONE:
+            return self.source.path, self.source.offset
+        if self.cache is not None:
+            return self.cache.blob_path(self.digest.partition(":")[2]), 0
+        return f"/proc/self/fd/{self._data_fd}", 0
 
     def close(self) -> None:
         self._data_fd = -1
@@ -313,8 +355,7 @@ def open_layer(source: Union[str, os.PathLike, BlobSource], *,
     try:
         st = os.fstat(fd)
         size = _blob_size(source, st.st_size, label)
-        identity = (os.path.realpath(source.path), source.offset, size,
-                    st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        identity = file_identity(source.path, source.offset, size, st)
         opener = _Opener(source, label, fd, size, digest, diff_id, media_type)
         layer = None
         if cache:
@@ -418,6 +459,14 @@ class _Opener:
         return Layer(source=self.source, label=self.label, header=header,
                      entries=entries, media_type=self.media_type,
                      data_fd=data_fd, base=base, closers=closers, cache=cache)
+
+
+def file_identity(path: str, offset: int, size: int, st: os.stat_result) -> tuple:
+    """What the stat memo is keyed on: everything an in-place edit of the
+    file changes.  Editing keeps the inode and may put the size and mtime
+    back (``touch -r``), but never the ctime."""
+    return (os.path.realpath(path), offset, size, st.st_dev, st.st_ino, st.st_size,
+            st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _blob_size(source: BlobSource, file_size: int, label: str) -> int:

@@ -5,6 +5,9 @@ both outputs share one set of choices: PAX format; nanosecond mtimes, xattrs
 (``SCHILY.xattr.*``) and large ids in PAX records; user and group names left
 empty (OCI ignores them); gzip written with a zero timestamp and no file name,
 and zstd with a content checksum, so the same input gives the same bytes.
+gzip is written at level 1 (:data:`GZIP_LEVEL`): on a 53 MB tar of Python's
+standard library it compressed at 93 MB/s to 32.6 % of the size, against
+30 MB/s and 28.7 % at level 6 and 4 MB/s at level 9 (``gzip``'s default).
 """
 
 from __future__ import annotations
@@ -20,10 +23,8 @@ import zstandard
 from .union import Node
 
 COMPRESSIONS = (None, "gzip", "zstd")
-# zlib level 1: on a 43 MB tar of Python's standard library, 98 MB/s of CPU
-# and 14 MB out, against 9 MB/s and 12 MB at Python's default level 9.
-GZIP_LEVEL = 1
 CHUNK = 1 << 20
+GZIP_LEVEL = 1
 
 _TYPES = {
     _stat.S_IFREG: tarfile.REGTYPE, _stat.S_IFDIR: tarfile.DIRTYPE,
@@ -36,21 +37,15 @@ class LayerTarWriter:
     """A tar stream being written to *fileobj*, optionally compressed."""
 
     def __init__(self, fileobj: BinaryIO, compression: Optional[str] = None,
-                 zstd_level: int = 3, gzip_level: int = GZIP_LEVEL,
-                 clamp_mtime: Optional[int] = None):
-        """*clamp_mtime* (seconds): write any later mtime as this one, as
-        reproducible builds do with ``SOURCE_DATE_EPOCH``."""
-        self._clamp_ns = None if clamp_mtime is None else clamp_mtime * 1_000_000_000
+                 zstd_level: int = 3):
         if compression not in COMPRESSIONS:
             raise ValueError(f"unknown compression {compression!r}; "
                              f"choose one of none, gzip, zstd")
-        fileobj = _Position(fileobj)     # tarfile asks tell(); a pipe cannot answer
         self._outer = fileobj
         self._compressor = None
         if compression == "gzip":
-            self._compressor = gzip.GzipFile(fileobj=fileobj, mode="wb",
-                                             filename="", mtime=0,
-                                             compresslevel=gzip_level)
+            self._compressor = gzip.GzipFile(fileobj=fileobj, mode="wb", filename="",
+                                             mtime=0, compresslevel=GZIP_LEVEL)
         elif compression == "zstd":
             params = zstandard.ZstdCompressor(level=zstd_level, write_checksum=True)
             self._compressor = params.stream_writer(fileobj, closefd=False)
@@ -98,10 +93,7 @@ class LayerTarWriter:
         info.mode = node.mode & 0o7777
         info.uid, info.gid = node.uid, node.gid
         info.uname = info.gname = ""
-        mtime_ns = node.mtime_ns
-        if self._clamp_ns is not None and mtime_ns > self._clamp_ns:
-            mtime_ns = self._clamp_ns
-        seconds, nanoseconds = divmod(mtime_ns, 1_000_000_000)
+        seconds, nanoseconds = divmod(node.mtime_ns, 1_000_000_000)
         info.mtime = seconds
         pax = {}
         if nanoseconds:
@@ -112,53 +104,9 @@ class LayerTarWriter:
         return info
 
 
-_EXTENSIONS = ((".tar.gz", "gzip"), (".tgz", "gzip"), (".tar.zst", "zstd"),
-               (".tzst", "zstd"))
-
-
-def compression_for_name(name: str) -> Optional[str]:
-    """The compression an output file's name asks for: gzip for ``.tar.gz``
-    and ``.tgz``, zstd for ``.tar.zst`` and ``.tzst``, else none."""
-    lowered = name.lower()
-    for extension, compression in _EXTENSIONS:
-        if lowered.endswith(extension):
-            return compression
-    return None
-
-
-def path_order(path: str) -> tuple:
-    """The sort key that puts every directory's whole subtree right after
-    it: by path components, not by bytes.  Sorted by bytes, ``/d``,
-    ``/d-x``, ``/d/f`` leaves ``/d-x`` between ``d`` and its child, and
-    ``tar -x`` then gives ``d`` the extraction time (GNU tar restores a
-    directory's mtime when it leaves it, and it leaves ``d`` twice)."""
-    return tuple(path.split("/"))
-
-
 def _member_name(path: str) -> str:
     """Canonical ``/a/b`` to the member name ``a/b`` (``./`` for the root)."""
     return path.lstrip("/") or "."
-
-
-class _Position:
-    """A write-only stream that counts what it writes, so that ``tell`` works
-    on a pipe too (``layerfs export IMAGE - | tar -x``)."""
-
-    def __init__(self, stream: BinaryIO):
-        self._stream = stream
-        self._written = 0
-
-    def write(self, data) -> int:
-        size = memoryview(data).nbytes
-        self._stream.write(data)
-        self._written += size
-        return size
-
-    def tell(self) -> int:
-        return self._written
-
-    def flush(self) -> None:
-        self._stream.flush()
 
 
 class _Chunks:

@@ -30,21 +30,55 @@ def test_the_union_core_imports_only_the_core_and_no_io():
     assert not imports & {"io", "tarfile", "fuse", "socket", "subprocess", "shutil"}
 
 
-def test_pathglob_is_pure():
-    imports = imported_modules("pathglob")
-    assert not {name for name in imports if (PACKAGE / f"{name}.py").exists()}
-    assert imports <= {"__future__", "fnmatch", "re", "typing"}
-
-
-def test_only_the_mount_modules_import_fusepy():
+def test_only_the_binding_loads_libfuse():
+    # layerfs.fuse is the binding (mfusepy, libfuse 3) and layerfs.fusell its
+    # low-level server; layerfs.mount imports them only when mounting; the
+    # translation core (fusecore) imports neither.
     for path in PACKAGE.glob("*.py"):
-        if path.stem in ("fuse", "mount"):
-            continue
-        assert "fuse" not in imported_modules(path.stem), path.name
+        imports = imported_modules(path.stem)
+        if path.stem != "fuse":
+            # fusell (the low-level server) reuses the binding's library.
+            assert not imports & {"mfusepy", "fuse"} or path.stem in ("mount", "fusell"), \
+                path.name
+            assert "mfusepy" not in imports, path.name
+    assert not imported_modules("fusecore") & {"fuse", "mount", "mfusepy", "fs", "cli"}
 
 
-def test_import_layerfs_loads_neither_fusepy_nor_hypothesis():
-    code = ("import sys, layerfs, layerfs.fs, layerfs.cli, layerfs.commit; "
-            "print('fuse' in sys.modules, 'hypothesis' in sys.modules)")
+def test_import_layerfs_loads_no_binding_nor_hypothesis():
+    code = ("import sys, layerfs, layerfs.fs, layerfs.cli, layerfs.commit, layerfs.fusecore, "
+            "layerfs.mount; print('fuse' in sys.modules, 'mfusepy' in sys.modules, "
+            "'layerfs.fuse' in sys.modules, 'hypothesis' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["False", "False"]
+    assert out.stdout.split() == ["False", "False", "False", "False"]
+
+
+def test_the_reference_grammar_reads_text_only():
+    """Which image an argument names is decided by its text: the grammar
+    module imports no I/O, and nothing of layerfs but its errors."""
+    imports = imported_modules("reference")
+    project = {name for name in imports if (PACKAGE / f"{name}.py").exists()}
+    assert project <= {"errors"}
+    assert not imports & {"io", "tarfile", "socket", "subprocess", "shutil", "pathlib",
+                          "glob", "stat"}
+
+
+def project_imports(module: str) -> set[str]:
+    return {name for name in imported_modules(module) if (PACKAGE / f"{name}.py").exists()}
+
+
+def test_the_registry_modules_point_inwards():
+    """The network client knows nothing of images or layers; the settings
+    and credentials know nothing of the network client; only the remote
+    store joins the client to the cache, and image.py reaches it lazily."""
+    assert project_imports("auth") <= {"errors"}
+    assert project_imports("registryconf") <= {"errors"}
+    assert project_imports("registry") <= {"errors", "auth", "reference", "registryconf"}
+    assert project_imports("remote") <= {"errors", "reference", "registry", "registryconf"}
+    for module in ("auth", "registryconf", "registry", "remote"):
+        assert not project_imports(module) & {"image", "layer", "fs", "union", "cli", "mount"}
+
+
+def test_import_layerfs_does_not_load_requests():
+    code = "import sys, layerfs, layerfs.fs, layerfs.image; print('requests' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False"]

@@ -41,7 +41,7 @@ def test_committed_image_shows_exactly_the_writable_view(image, tmp_path):
     with layerfs.open(result.dest, tag="next") as committed:
         assert diff_views(expected, snapshot(committed)) == []
         assert len(committed.layers) == 4
-        assert committed.layers[3].compression == "gzip"
+        assert committed.layers[3].compression == "gzip"   # the default
         history = committed.image.config["history"]
         assert history[-1]["created_by"] == "layerfs commit"
 
@@ -95,11 +95,11 @@ def test_commit_without_upper_is_erofs(image, tmp_path):
 
 @pytest.mark.skipif(shutil.which("umoci") is None, reason="umoci is not installed")
 def test_umoci_unpacks_the_committed_image_to_the_same_tree(tmp_path):
-    image = build_example(str(tmp_path / "image"))   # gzip by default: umoci 0.4 reads no zstd
+    image = build_example(str(tmp_path / "image"))   # gzip: umoci 0.4 reads no zstd
     with layerfs.open(image, upper=tmp_path / "up") as fs:
         make_changes(fs)
         expected = snapshot(fs)
-        commit(fs, tmp_path / "out", tag="next")       # gzip by default
+        commit(fs, tmp_path / "out", tag="next", compression="gzip")
     bundle = tmp_path / "bundle"
     subprocess.run(["umoci", "unpack", "--image", f"{tmp_path / 'out'}:next", str(bundle)],
                    check=True, capture_output=True)
@@ -107,3 +107,24 @@ def test_umoci_unpacks_the_committed_image_to_the_same_tree(tmp_path):
     # umoci gives the root directory its own metadata; compare everything else.
     expected.pop("/"), unpacked.pop("/")
     assert diff_views(expected, unpacked) == []
+
+
+def test_an_untagged_commit_never_joins_other_images(image, tmp_path):
+    """commit without a tag into a layout that already holds an image would
+    leave two images later commands could not tell apart: refused, before
+    anything is written; with a tag, both stay reachable."""
+    with layerfs.open(image, upper=tmp_path / "up") as fs:
+        fs.write_bytes("/etc/motd", b"one\n")
+        first = commit(fs, tmp_path / "out")
+        before = sorted(os.listdir(tmp_path / "out" / "blobs" / "sha256"))
+        with pytest.raises(layerfs.UnsupportedImageError, match="give the new one a tag"):
+            commit(fs, tmp_path / "out")
+        with pytest.raises(layerfs.UnsupportedImageError, match=EXAMPLE_TAG):
+            commit(fs, image)
+        assert sorted(os.listdir(tmp_path / "out" / "blobs" / "sha256")) == before
+        fs.write_bytes("/etc/motd", b"two\n")
+        commit(fs, tmp_path / "out", tag="two")
+    with layerfs.open(f"oci:{tmp_path / 'out'}:two") as fs:
+        assert fs.read_bytes("/etc/motd") == b"two\n"
+    with layerfs.open(f"oci:{tmp_path / 'out'}:{first.manifest_digest}") as fs:
+        assert fs.read_bytes("/etc/motd") == b"one\n"
