@@ -41,6 +41,7 @@ class LayerTarWriter:
         if compression not in COMPRESSIONS:
             raise ValueError(f"unknown compression {compression!r}; "
                              f"choose one of none, gzip, zstd")
+        fileobj = _Position(fileobj)     # tarfile asks tell(); a pipe cannot answer
         self._outer = fileobj
         self._compressor = None
         if compression == "gzip":
@@ -107,6 +108,27 @@ class LayerTarWriter:
 def _member_name(path: str) -> str:
     """Canonical ``/a/b`` to the member name ``a/b`` (``./`` for the root)."""
     return path.lstrip("/") or "."
+
+
+class _Position:
+    """A write-only stream that counts what it writes, so that ``tell`` works
+    on a pipe too (``layerfs export IMAGE - | tar -x``)."""
+
+    def __init__(self, stream: BinaryIO):
+        self._stream = stream
+        self._written = 0
+
+    def write(self, data) -> int:
+        size = memoryview(data).nbytes
+        self._stream.write(data)
+        self._written += size
+        return size
+
+    def tell(self) -> int:
+        return self._written
+
+    def flush(self) -> None:
+        self._stream.flush()
 
 
 class _Chunks:
