@@ -52,11 +52,13 @@ def changeset(fs) -> list:
     return items
 
 
-def write_layer(fs, stream, compression: Optional[str] = "gzip", progress=None) -> None:
-    """Write the upper layer of *fs* as a layer tar to *stream*."""
+def write_layer(fs, stream, compression: Optional[str] = "gzip", progress=None,
+                clamp_mtime: Optional[int] = None) -> None:
+    """Write the upper layer of *fs* as a layer tar to *stream*; mtimes later
+    than *clamp_mtime* (seconds) are written as it."""
     items = changeset(fs)
     total = sum(node.size for _, node in items if node is not None and node.children is None)
-    writer = LayerTarWriter(stream, compression)
+    writer = LayerTarWriter(stream, compression, clamp_mtime=clamp_mtime)
     write_tree(writer, items, fs.read_node, progress, total)
     writer.close()
 
@@ -64,7 +66,11 @@ def write_layer(fs, stream, compression: Optional[str] = "gzip", progress=None) 
 def commit(fs, dest, *, compression: Optional[str] = "gzip", tag: Optional[str] = None,
            message: Optional[str] = None, progress=None) -> CommitResult:
     """Write the upper layer of *fs* as a new layer on top of its image,
-    into the OCI layout *dest* (created, or added to), tagged *tag*."""
+    into the OCI layout *dest* (created, or added to), tagged *tag*.
+
+    With ``$SOURCE_DATE_EPOCH`` set, the config's ``created`` is that date and
+    later mtimes in the layer are written as it (``tar --clamp-mtime``), so
+    the same changes commit to the same digest whenever they were made."""
     if fs.upper is None:
         raise ReadOnlyError("<commit: this filesystem has no upper layer>")
     dest = os.fspath(dest)
@@ -73,12 +79,13 @@ def commit(fs, dest, *, compression: Optional[str] = "gzip", tag: Optional[str] 
     os.makedirs(dest, exist_ok=True)
     temporary = os.path.join(dest, f".layerfs-commit-{os.getpid()}.tmp")
     created = creation_time()
+    epoch = source_date_epoch()
     history = {"created": created, "created_by": "layerfs commit"}
     if message:
         history["comment"] = message
     try:
         with fs.upper.lock, open(temporary, "wb") as stream:
-            write_layer(fs, stream, compression, progress)
+            write_layer(fs, stream, compression, progress, clamp_mtime=epoch)
             stream.flush()
             os.fsync(stream.fileno())
         digest = write_oci_layout(dest, [temporary], base=fs.image, tag=tag,
@@ -103,6 +110,13 @@ def creation_time() -> str:
     else:
         moment = datetime.datetime.now(datetime.timezone.utc)
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def source_date_epoch() -> Optional[int]:
+    """``$SOURCE_DATE_EPOCH`` in seconds, or None where it is unset or empty
+    (:func:`creation_time` has refused a value that is not a number)."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    return int(epoch) if epoch else None
 
 
 def refuse_untagged_beside_others(dest: str) -> None:

@@ -37,7 +37,10 @@ class LayerTarWriter:
     """A tar stream being written to *fileobj*, optionally compressed."""
 
     def __init__(self, fileobj: BinaryIO, compression: Optional[str] = None,
-                 zstd_level: int = 3):
+                 zstd_level: int = 3, clamp_mtime: Optional[int] = None):
+        """*clamp_mtime* (seconds): write any later mtime as this one, as
+        ``tar --clamp-mtime`` does for ``SOURCE_DATE_EPOCH``."""
+        self._clamp_ns = None if clamp_mtime is None else clamp_mtime * 1_000_000_000
         if compression not in COMPRESSIONS:
             raise ValueError(f"unknown compression {compression!r}; "
                              f"choose one of none, gzip, zstd")
@@ -94,7 +97,10 @@ class LayerTarWriter:
         info.mode = node.mode & 0o7777
         info.uid, info.gid = node.uid, node.gid
         info.uname = info.gname = ""
-        seconds, nanoseconds = divmod(node.mtime_ns, 1_000_000_000)
+        mtime_ns = node.mtime_ns
+        if self._clamp_ns is not None and mtime_ns > self._clamp_ns:
+            mtime_ns = self._clamp_ns
+        seconds, nanoseconds = divmod(mtime_ns, 1_000_000_000)
         info.mtime = seconds
         pax = {}
         if nanoseconds:
