@@ -345,11 +345,20 @@ class FileSystem:
         """Like :func:`glob.iglob` over the image, for an absolute *pattern*:
         ``*``, ``?``, ``[...]`` within a name, names beginning with ``.``
         only where the pattern's name does, ``**`` for any depth of
-        directories with *recursive*.  Matches come in sorted order."""
+        directories with *recursive* (a last ``**`` also matches the files
+        beneath), a trailing ``/`` for directories only (given with the
+        ``/``).  Unlike :mod:`glob`, ``**`` does not descend through symlinks
+        (no loops).  Matches come in sorted order."""
         pattern = os.fsdecode(pattern)
         if not pattern.startswith("/"):
             raise ValueError(f"a pattern inside the image starts with /: {pattern!r}")
-        yield from self._glob("/", [part for part in pattern.split("/") if part], recursive)
+        parts = [part for part in pattern.split("/") if part]
+        if pattern.endswith("/") and parts:
+            for match in self._glob("/", parts, recursive):
+                if self.is_dir(match):
+                    yield match.rstrip("/") + "/"
+            return
+        yield from self._glob("/", parts, recursive)
 
     def glob(self, pattern: PathLike, *, recursive: bool = False) -> list[str]:
         """:meth:`iglob` as a list."""
@@ -361,6 +370,9 @@ class FileSystem:
             return
         part, rest = parts[0], parts[1:]
         if recursive and part == "**":
+            if not rest:          # a last ``**`` matches the files too
+                yield from self._directories_below(path, with_files=True)
+                return
             for directory in self._directories_below(path):
                 yield from self._glob(directory, rest, recursive)
             return
@@ -380,7 +392,7 @@ class FileSystem:
             if not rest or self.is_dir(child):
                 yield from self._glob(child, rest, recursive)
 
-    def _directories_below(self, path: str) -> Iterator[str]:
+    def _directories_below(self, path: str, with_files: bool = False) -> Iterator[str]:
         """*path* and every directory beneath it (symlinks not followed,
         names beginning with ``.`` skipped, as ``**`` does)."""
         yield path
@@ -389,8 +401,12 @@ class FileSystem:
         except OSError:
             return
         for entry in entries:
-            if not entry.name.startswith(".") and entry.is_dir(follow_symlinks=False):
-                yield from self._directories_below(entry.path)
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                yield from self._directories_below(entry.path, with_files)
+            elif with_files:
+                yield entry.path
 
     def extract(self, path: PathLike, dest: PathLike) -> str:
         """Copy *path* (a file or a tree) out of the image to *dest* on the

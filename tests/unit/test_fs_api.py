@@ -44,8 +44,13 @@ def test_glob_and_iglob(image):
         assert fs.glob("/usr/*/h?") == ["/usr/bin/hi"]
         assert fs.glob("/*/[mo]*") == ["/etc/motd", "/etc/os-release"]
         assert fs.glob("/**/hello", recursive=True) == ["/usr/bin/hello"]
-        assert fs.glob("/**", recursive=True) == [
-            "/", "/etc", "/usr", "/usr/bin", "/var", "/var/cache"]
+        assert fs.glob("/**", recursive=True) == [            # as the stdlib: files too
+            "/", "/README", "/bin", "/etc", "/etc/motd", "/etc/os-release", "/usr",
+            "/usr/bin", "/usr/bin/hello", "/usr/bin/hi", "/var", "/var/cache",
+            "/var/cache/fresh"]
+        assert fs.glob("/**/", recursive=True) == [
+            "/", "/bin/", "/etc/", "/usr/", "/usr/bin/", "/var/", "/var/cache/"]
+        assert fs.glob("/*/") == ["/bin/", "/etc/", "/usr/", "/var/"]
         assert fs.glob("/bin/h*") == ["/bin/hello", "/bin/hi"]     # through the symlink
         assert fs.glob("/nothing/*") == [] and fs.glob("/etc/motd") == ["/etc/motd"]
         assert list(fs.iglob(b"/etc/m*")) == ["/etc/motd"]
