@@ -39,6 +39,8 @@ from typing import Callable, Optional
 
 import fuse as fusepy
 
+from . import caller
+
 log = logging.getLogger("layerfs.fuse")
 
 PATH_ENCODING = "layerfs_surrogateescape"
@@ -91,6 +93,14 @@ def statvfs_to_attrs(sv: os.statvfs_result) -> dict:
     return {key: getattr(sv, key) for key in (
         "f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail",
         "f_files", "f_ffree", "f_favail", "f_flag", "f_namemax")}
+
+
+def as_requester():
+    """Run a creating request on behalf of the process that sent it: its
+    ids from the request context, and a umask of 0, since the kernel has
+    already applied that process's umask to the mode."""
+    uid, gid, _ = fusepy.fuse_get_context()
+    return caller.acting_as(caller.Caller(uid, gid, umask=0))
 
 
 def errno_of(error: Exception, op: str, args: tuple) -> int:
@@ -241,7 +251,8 @@ class Operations(fusepy.Operations):
         return 0
 
     def create(self, path, mode, fi):
-        handle = self.fs.open_handle(path, fi.flags | os.O_CREAT, mode)
+        with as_requester():
+            handle = self.fs.open_handle(path, fi.flags | os.O_CREAT, mode)
         fi.fh = self._add_handle(handle)
         fi.keep_cache = handle.node.nlink <= 1
         return 0
@@ -284,7 +295,8 @@ class Operations(fusepy.Operations):
     # -- namespace changes ----------------------------------------------
 
     def mkdir(self, path, mode):
-        self.fs.mkdir(path, mode)
+        with as_requester():
+            self.fs.mkdir(path, mode)
 
     def rmdir(self, path):
         self.fs.rmdir(path)
@@ -297,14 +309,16 @@ class Operations(fusepy.Operations):
 
     def symlink(self, target, source):
         # fusepy's order: *target* is the new link's path, *source* its content.
-        self.fs.symlink(source, target)
+        with as_requester():
+            self.fs.symlink(source, target)
 
     def link(self, target, source):
         # fusepy's order: *target* is the new name, *source* the existing file.
         self.fs.link(source, target)
 
     def mknod(self, path, mode, dev):
-        self.fs.mknod(path, mode, dev)
+        with as_requester():
+            self.fs.mknod(path, mode, dev)
 
     def chmod(self, path, mode):
         self.fs.chmod(path, mode, follow_symlinks=False)
