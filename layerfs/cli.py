@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import errno
 import json
 import os
 import stat as _stat
@@ -230,18 +231,22 @@ def cmd_export(args) -> int:
     return 0
 
 
-def open_with_upper(args):
+def open_with_upper(args, readonly: bool = False):
+    """The image with the existing upper ``args.upper``; never creates it.
+    *readonly*: read it as it is, beside a writer (a mount) if there is one."""
+    from .upperformat import check_upper
+    check_upper(os.path.abspath(args.upper))
     progress = ProgressBar("indexing")
     try:
         return layerfs_fs.open(image_source(args.image), upper=args.upper, tag=args.tag,
                                platform=args.platform, cache=cache_from(args),
-                               progress=progress)
+                               progress=progress, readonly=readonly)
     finally:
         progress.finish()
 
 
 def cmd_diff(args) -> int:
-    with open_with_upper(args) as fs:
+    with open_with_upper(args, readonly=True) as fs:
         changes = fs.diff()
     if args.json:
         print(json.dumps([attrs.asdict(change) for change in changes], indent=2))
@@ -254,7 +259,15 @@ def cmd_diff(args) -> int:
 
 def cmd_commit(args) -> int:
     from .commit import commit
-    with open_with_upper(args) as fs:
+    from .errors import UpperError
+    try:
+        fs = open_with_upper(args)
+    except UpperError as error:
+        if error.errno != errno.EBUSY:
+            raise
+        # Policy: commit holds the writer's lock (docs/upper-format.md).
+        raise UpperError(error.errno, f"{error}; unmount it before committing") from None
+    with fs:
         progress = ProgressBar("committing")
         try:
             compression = None if args.compression == "none" else args.compression

@@ -113,9 +113,9 @@ class Opened:
         self.host.close()
 
 
-def open_for_reading(directory: str, binding: Binding) -> Opened:
-    """An existing upper, read as it is: nothing is created, changed or
-    locked (a writer may be at work meanwhile)."""
+def check_upper(directory: str) -> int:
+    """The format of the existing upper *directory*; raises
+    :class:`UpperError` if it is missing or not a layerfs upper."""
     if not os.path.isdir(directory):
         raise UpperError(errno.ENOENT, f"{directory}: no such upper directory")
     version = read_version(directory)
@@ -123,6 +123,13 @@ def open_for_reading(directory: str, binding: Binding) -> Opened:
         raise UpperError(errno.EINVAL, f"{directory}: not a layerfs upper directory "
                                        f"(no {MARKER_FILE})")
     check_version(directory, version)
+    return version
+
+
+def open_for_reading(directory: str, binding: Binding) -> Opened:
+    """An existing upper, read as it is: nothing is created, changed or
+    locked (a writer may be at work meanwhile)."""
+    version = check_upper(directory)
     host = HostDir(directory)
     try:
         check_binding(directory, read_marker(directory), binding)
