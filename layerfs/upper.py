@@ -6,7 +6,7 @@ there is one place to audit them, as overlayfs has its ``ovl_do_*``):
 * :meth:`Upper.copy_up` a lower entry (or only its metadata: a metacopy);
 * :meth:`Upper.place` a new entry, :meth:`Upper.link` a new name;
 * :meth:`Upper.rename`, :meth:`Upper.remove`;
-* :meth:`Upper.set_metadata`, :meth:`Upper.data_changed` (after a write);
+* :meth:`Upper.set_metadata`, :meth:`Upper.write_data`, :meth:`Upper.truncate_data`;
 * beneath them, the markers: :meth:`Upper._whiteout`, :meth:`Upper._unwhiteout`
   and :meth:`Upper._opaque`.
 
@@ -38,7 +38,6 @@ in the sidecar.
 from __future__ import annotations
 
 import collections
-import contextlib
 import ctypes
 import errno
 import functools
@@ -90,7 +89,7 @@ def now_ns() -> int:
 class DescriptorCache:
     """Read descriptors of upper files, by inode number, at most *size*.
 
-    A descriptor is lent for the length of one read (:meth:`borrowed`): one
+    A descriptor is lent for the length of one read (:meth:`borrow`): one
     that is evicted while lent is closed by its last borrower, never under
     it, so a read can never use a number that a later open reused for
     another file.
@@ -102,23 +101,26 @@ class DescriptorCache:
         self._entries: collections.OrderedDict = collections.OrderedDict()
         self._retired: dict[int, list] = {}     # fd -> entry, evicted while lent
 
-    @contextlib.contextmanager
-    def borrowed(self, key: int, open_fd: Callable[[], int]) -> Iterator[int]:
+    def borrow(self, key: int, open_fd: Callable[[int], int], argument) -> list:
+        """The entry ``[fd, borrowers]`` of *key*, opened with
+        ``open_fd(argument)`` if absent; give it back with :meth:`give_back`.
+        (Two calls rather than a context manager: this is every read's path.)"""
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:
-                entry = [open_fd(), 0]           # [fd, borrowers]
+                entry = [open_fd(argument), 0]
                 self._entries[key] = entry
                 while len(self._entries) > self.size:
                     self._retire(self._entries.popitem(last=False)[1])
             entry[1] += 1
-        try:
-            yield entry[0]
-        finally:
-            with self._lock:
-                entry[1] -= 1
-                if entry[1] == 0 and self._retired.pop(entry[0], None) is entry:
-                    os.close(entry[0])
+        return entry
+
+    def give_back(self, entry: list) -> None:
+        with self._lock:
+            entry[1] -= 1
+            if entry[1] == 0 and self._retired.get(entry[0]) is entry:
+                del self._retired[entry[0]]
+                os.close(entry[0])
 
     def _retire(self, entry: list) -> None:
         if entry[1] == 0:
@@ -205,9 +207,14 @@ class Upper:
         if orphan is not None:
             # Closed only once no handle has the file open: no read is running.
             return os.pread(orphan, length, offset)
-        with self.descriptors.borrowed(node.ino, lambda: self.host.open_file(
-                diff_path(node.data), os.O_RDONLY)) as fd:
-            return os.pread(fd, length, offset)
+        entry = self.descriptors.borrow(node.ino, self._open_for_reading, node)
+        try:
+            return os.pread(entry[0], length, offset)
+        finally:
+            self.descriptors.give_back(entry)
+
+    def _open_for_reading(self, node: Node) -> int:
+        return self.host.open_file(diff_path(node.data), os.O_RDONLY)
 
     def open_data(self, node: Node) -> int:
         """A new read-write descriptor on an upper file's data."""
@@ -394,6 +401,22 @@ class Upper:
             raise
         finally:
             node.stat_cache = None
+
+    def write_data(self, node: Node, fd: int, data: bytes, offset: int,
+                   append: bool) -> int:
+        """Write *data* to the upper file *node* through its descriptor *fd*
+        (at its end if *append*); returns the count written."""
+        if append:
+            offset = os.fstat(fd).st_size
+        log.debug("write %d bytes at %d to inode %d", len(data), offset, node.ino)
+        count = os.pwrite(fd, data, offset)
+        self.data_changed(node, fd)
+        return count
+
+    def truncate_data(self, node: Node, fd: int, length: int) -> None:
+        log.debug("truncate inode %d to %d", node.ino, length)
+        os.ftruncate(fd, length)
+        self.data_changed(node, fd)
 
     def data_changed(self, node: Node, fd: int) -> None:
         """After a write or truncate through *fd*: the host file's size and

@@ -84,18 +84,13 @@ class Handle:
         if not self.writable:
             raise path_error(errno.EBADF, self.path)
         with self.fs.upper.lock:
-            if self.append:
-                offset = os.fstat(self.fd).st_size
-            count = os.pwrite(self.fd, data, offset)
-            self.fs.upper.data_changed(self.node, self.fd)
-        return count
+            return self.fs.upper.write_data(self.node, self.fd, data, offset, self.append)
 
     def truncate(self, length: int) -> None:
         if not self.writable:
             raise path_error(errno.EINVAL, self.path)
         with self.fs.upper.lock:
-            os.ftruncate(self.fd, length)
-            self.fs.upper.data_changed(self.node, self.fd)
+            self.fs.upper.truncate_data(self.node, self.fd, length)
 
     def fsync(self, datasync: bool = False) -> None:
         """The file's data, and the sidecar records a metadata change of
