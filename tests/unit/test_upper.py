@@ -473,3 +473,33 @@ def errno_of(call) -> int:
     with pytest.raises(OSError) as caught:
         call()
     return caught.value.errno
+
+
+def test_a_reader_rereads_when_the_writer_compacts_between_its_two_reads(image, tmp_path,
+                                                                          monkeypatch):
+    """The reader reads attrs.json, then attrs.log; the writer changes and
+    compacts in between (injected), so the journal the reader finds starts
+    after a gap: it must read again rather than miss the changes between."""
+    from layerfs import sidecar
+    monkeypatch.setattr(sidecar, "MIN_COMPACTION", 3)
+    upper = tmp_path / "upper"
+    with layerfs.open(image, upper=upper) as fs:
+        for mode in (0o600, 0o640, 0o644, 0o604, 0o606):
+            fs.chmod("/d/f", mode)                    # a snapshot of seq 4, a line 5
+        assert (upper / "attrs.json").exists()
+        real_read = Sidecar._read
+        calls = []
+
+        def read(self, path):
+            data = real_read(self, path)
+            if path == "/attrs.json" and not calls:
+                calls.append(path)
+                for mode in (0o700, 0o711, 0o750, 0o755):
+                    fs.chmod("/top", mode)            # another compaction meanwhile
+            return data
+
+        monkeypatch.setattr(Sidecar, "_read", read)
+        with layerfs.open(image, upper=upper, readonly=True) as reader:
+            assert reader.stat("/top").st_mode & 0o777 == 0o755
+            assert reader.stat("/d/f").st_mode & 0o777 == 0o606
+        assert calls
