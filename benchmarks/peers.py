@@ -147,12 +147,15 @@ class Target:
 
 
 def mount_layerfs(sources: list, mountpoint: str, cache_dir: str, name: str = "layerfs") -> Target:
-    """Mount with the CLI; the ready time includes starting Python."""
+    """Mount with the CLI; the ready time includes starting Python.  One
+    source is IMAGE; several are a stack of layer files (``--layer``)."""
     os.makedirs(mountpoint, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=_repo_root())
     start = time.perf_counter()
+    image = sources if len(sources) == 1 else [
+        word for source in sources for word in ("--layer", source)]
     run(sys.executable, "-m", "layerfs.cli", "mount", "--cache-dir", cache_dir,
-        *sources, mountpoint, env=env)
+        *image, mountpoint, env=env)
     wait_mounted(mountpoint)
     return Target(name, mountpoint, time.perf_counter() - start, mountpoint)
 

@@ -8,13 +8,14 @@ The public API is what this module names; everything else is private.
 """
 
 from .errors import (DigestMismatchError, ImageError, InvalidLayerError,
-                     MountError, ReadOnlyError, UnsupportedImageError)
+                     InvalidReferenceError, MountError, ReadOnlyError,
+                     UnsupportedImageError)
 from .fs import DirEntry, FileSystem, open
 
 __all__ = [
     "open", "FileSystem", "DirEntry",
     "ImageError", "InvalidLayerError", "DigestMismatchError",
-    "UnsupportedImageError", "ReadOnlyError", "MountError",
+    "UnsupportedImageError", "InvalidReferenceError", "ReadOnlyError", "MountError",
 ]
 
 __version__ = "0.1.0"

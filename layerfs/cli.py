@@ -1,9 +1,14 @@
 """The ``layerfs`` command.  The only place that prints errors.
 
-IMAGE, wherever a command takes it, is an OCI image layout (directory or
-tar), a ``docker save`` archive, or several layer files, base first, given as
-consecutive arguments: ``layerfs cat base.tar app.tar.zst /etc/os-release``.
-Every error is one line on stderr and a non-zero exit status.
+IMAGE, wherever a command takes it, is one argument in the grammar of
+:mod:`layerfs.reference`: a transport prefix decides (``docker://REF``,
+``oci:DIR[:TAG]``, ``oci-archive:FILE[:TAG]``, ``docker-archive:FILE``), and
+a bare argument is a path to a layout, an archive or a single layer.  A stack
+of layer files is a repeated ``--layer FILE`` (base first) in place of IMAGE:
+``layerfs cat --layer base.tar --layer app.tar.zst /etc/os-release``.  Which
+argument means what is decided by position and prefix alone, never by what
+exists on the host.  Every error is one line on stderr and a non-zero exit
+status (2 for a usage error).
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ import attrs
 
 from . import fs as layerfs_fs
 from .entry import kind_name
-from .errors import ImageError
+from .errors import ImageError, InvalidReferenceError
+from .reference import Reference, layer_stack, parse_reference
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -63,17 +69,94 @@ def human_size(count: float) -> str:
     raise AssertionError("unreachable")
 
 
-def image_source(arguments: Sequence[str]):
-    """One IMAGE argument as is; several as a list of layer files."""
-    return arguments[0] if len(arguments) == 1 else list(arguments)
+class UsageError(Exception):
+    """A command line that does not say what to do; printed as one line."""
 
 
-def open_image_fs(args, arguments: Sequence[str]):
+@attrs.frozen
+class Operands:
+    """A command's positional arguments once IMAGE (or the ``--layer``
+    stack) is taken out: ``image`` is a :class:`Reference`, ``rest`` the
+    arguments after it, in order."""
+    image: Reference
+    rest: list
+
+
+def take_image(args, names: Sequence[str], optional: int = 0) -> Operands:
+    """The IMAGE argument (or the ``--layer`` stack) and the *names* that
+    follow it, the last *optional* of which may be left out.  The shared
+    grammar of every command: position and prefix decide, never the host."""
+    operands = list(args.operands)
+    layers = args.layers or []
+    wanted_max, wanted_min = len(names), len(names) - optional
+    if layers:
+        ref = layer_stack(layers)
+        rest = operands
+        if len(rest) > wanted_max:
+            raise UsageError(f"{args.command}: too many arguments ({' '.join(rest)}): "
+                             "with --layer, give no IMAGE")
+    else:
+        if not operands:
+            raise UsageError(f"{args.command}: IMAGE is missing (or --layer FILE, "
+                             "repeated, base first)")
+        if len(operands) - 1 > wanted_max:
+            _refuse_old_stack(args.command, operands, len(operands) - wanted_max)
+        try:
+            ref = parse_reference(operands[0])
+        except InvalidReferenceError as error:
+            raise UsageError(f"{args.command}: {error}") from None
+        rest = operands[1:]
+    if len(rest) < wanted_min:
+        missing = " ".join(names[len(rest):wanted_min])
+        raise UsageError(f"{args.command}: {missing} is missing")
+    for name, value in zip(names, rest):
+        if name == "PATH" and not value.startswith("/"):
+            hint = ""
+            if not layers:
+                hint = ("; if these are layer files to stack, write: "
+                        + _stack_spelling(args.command, operands, len(operands)))
+            raise UsageError(f"{args.command}: PATH inside the image must start with "
+                             f"/: {value!r}{hint}")
+    tag = getattr(args, "tag", None)
+    if tag is not None:
+        if ref.transport != "path" and ref.transport not in ("oci", "oci-archive",
+                                                             "docker-archive"):
+            raise UsageError(f"{args.command}: --tag chooses among the images of a "
+                             f"layout or archive; {_what(ref)} takes none")
+        if ref.tag is not None or ref.digest is not None:
+            raise UsageError(f"{args.command}: {ref} already names a tag; give it "
+                             "either there or with --tag, not both")
+        ref = ref.with_selector(tag)
+    return Operands(ref, rest)
+
+
+_LAYER_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.zst", ".tzst", ".gz", ".zst")
+
+
+def _what(ref: Reference) -> str:
+    if ref.transport == "layers":
+        return "a --layer stack"
+    return f"{ref} (a registry reference: write docker://REPO:TAG or @DIGEST)"
+
+
+def _refuse_old_stack(command: str, operands: list, layer_count: int) -> None:
+    raise UsageError(
+        f"{command}: too many arguments: IMAGE is one argument; to stack layer "
+        f"files, write --layer FILE for each, base first: "
+        f"{_stack_spelling(command, operands, layer_count)}")
+
+
+def _stack_spelling(command: str, operands: list, layer_count: int) -> str:
+    layers = " ".join(f"--layer {name}" for name in operands[:layer_count])
+    rest = " ".join(operands[layer_count:])
+    return f"layerfs {command} {layers}{' ' + rest if rest else ''}"
+
+
+def open_image_fs(args, image: Reference, upper=None):
     progress = ProgressBar("indexing")
     try:
-        return layerfs_fs.open(image_source(arguments), tag=args.tag,
-                               platform=args.platform, cache=cache_from(args),
-                               progress=progress)
+        return layerfs_fs.open(image, upper=upper, platform=args.platform,
+                               cache=cache_from(args), progress=progress)
     finally:
         progress.finish()
 
@@ -85,21 +168,22 @@ def cache_from(args):
     return IndexCache(args.cache_dir)
 
 
-def split_ls_arguments(arguments: list[str]) -> tuple[list[str], str]:
-    """``ls IMAGE... [PATH]``: with several arguments, the last one is the
-    PATH inside the image unless it names an existing file on the host
-    (a layer file)."""
-    if len(arguments) > 1 and not os.path.isfile(arguments[-1]):
-        return arguments[:-1], arguments[-1]
-    return arguments, "/"
-
-
 # -- commands ----------------------------------------------------------
 
 def cmd_ls(args) -> int:
-    images, path = split_ls_arguments(args.image)
-    with open_image_fs(args, images) as fs:
-        node = fs.node(path)
+    operands = take_image(args, ["PATH"], optional=1)
+    path = operands.rest[0] if operands.rest else "/"
+    with open_image_fs(args, operands.image) as fs:
+        try:
+            node = fs.node(path)
+        except FileNotFoundError:
+            if not path.endswith(_LAYER_SUFFIXES) or args.layers:
+                raise
+            # ``ls a.tar /x/b.tar`` is ambiguous in text; only a name that
+            # looks like a layer file earns the hint (the host is not asked).
+            raise OSError(errno.ENOENT, "No such file or directory in the image; if "
+                          "these are layer files to stack, write: " + _stack_spelling(
+                              "ls", list(args.operands), len(args.operands)), path) from None
         if node.children is None:
             print_entry(fs, path, os.path.basename(path), args.long)
             return 0
@@ -139,9 +223,10 @@ def print_entry(fs, path: str, name: str, long: bool) -> None:
 
 
 def cmd_cat(args) -> int:
-    with open_image_fs(args, args.image) as fs:
+    operands = take_image(args, ["PATH"])
+    with open_image_fs(args, operands.image) as fs:
         out = sys.stdout.buffer
-        for path in args.path:
+        for path in operands.rest:
             with fs.open(path, "rb") as source:
                 while chunk := source.read(1 << 20):
                     out.write(chunk)
@@ -150,7 +235,9 @@ def cmd_cat(args) -> int:
 
 
 def cmd_stat(args) -> int:
-    with open_image_fs(args, args.image) as fs:
+    operands = take_image(args, ["PATH"])
+    args.path = operands.rest[0]
+    with open_image_fs(args, operands.image) as fs:
         st = fs.stat(args.path, follow_symlinks=args.follow)
         record = {
             "path": args.path, "type": kind_name(st.st_mode),
@@ -174,7 +261,8 @@ def cmd_stat(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    with open_image_fs(args, args.image) as fs:
+    operands = take_image(args, [])
+    with open_image_fs(args, operands.image) as fs:
         report = inspect_report(fs)
     if args.json:
         print(json.dumps(report, indent=2))
@@ -222,31 +310,32 @@ def inspect_report(fs) -> dict:
 
 
 def cmd_export(args) -> int:
-    with open_image_fs(args, args.image) as fs:
+    operands = take_image(args, ["OUT"])
+    with open_image_fs(args, operands.image) as fs:
         progress = ProgressBar("exporting")
         try:
-            fs.export(args.out, compression=args.compression, progress=progress)
+            fs.export(operands.rest[0], compression=args.compression, progress=progress)
         finally:
             progress.finish()
     return 0
 
 
-def open_with_upper(args, readonly: bool = False):
-    """The image with the existing upper ``args.upper``; never creates it.
+def open_upper_fs(args, image: Reference, upper: str, readonly: bool = False):
+    """The image with the existing upper *upper*; never creates it.
     *readonly*: read it as it is, beside a writer (a mount) if there is one."""
     from .upperformat import check_upper
-    check_upper(os.path.abspath(args.upper))
+    check_upper(os.path.abspath(upper))
     progress = ProgressBar("indexing")
     try:
-        return layerfs_fs.open(image_source(args.image), upper=args.upper, tag=args.tag,
-                               platform=args.platform, cache=cache_from(args),
-                               progress=progress, readonly=readonly)
+        return layerfs_fs.open(image, upper=upper, platform=args.platform,
+                               cache=cache_from(args), progress=progress, readonly=readonly)
     finally:
         progress.finish()
 
 
 def cmd_diff(args) -> int:
-    with open_with_upper(args, readonly=True) as fs:
+    operands = take_image(args, ["UPPER"])
+    with open_upper_fs(args, operands.image, operands.rest[0], readonly=True) as fs:
         changes = fs.diff()
     if args.json:
         print(json.dumps([attrs.asdict(change) for change in changes], indent=2))
@@ -260,8 +349,10 @@ def cmd_diff(args) -> int:
 def cmd_commit(args) -> int:
     from .commit import commit
     from .errors import UpperError
+    operands = take_image(args, ["UPPER", "DEST"])
+    upper, dest = operands.rest
     try:
-        fs = open_with_upper(args)
+        fs = open_upper_fs(args, operands.image, upper)
     except UpperError as error:
         if error.errno != errno.EBUSY:
             raise
@@ -271,7 +362,7 @@ def cmd_commit(args) -> int:
         progress = ProgressBar("committing")
         try:
             compression = None if args.compression == "none" else args.compression
-            result = commit(fs, args.dest, compression=compression, tag=args.tag_new,
+            result = commit(fs, dest, compression=compression, tag=args.tag_new,
                             message=args.message, progress=progress)
         finally:
             progress.finish()
@@ -287,8 +378,9 @@ def cmd_example(args) -> int:
 
 def cmd_mount(args) -> int:
     from .mount import mount
-    mount(image_source(args.image), args.mountpoint, upper=args.upper,
-          foreground=args.foreground, options=args.options, tag=args.tag,
+    operands = take_image(args, ["MOUNTPOINT"])
+    mount(operands.image, operands.rest[0], upper=args.upper,
+          foreground=args.foreground, options=args.options,
           platform=args.platform, cache_dir=args.cache_dir)
     return 0
 
@@ -301,68 +393,75 @@ def cmd_umount(args) -> int:
 
 # -- argument parsing and the error boundary ----------------------------
 
+IMAGE_HELP = ("IMAGE is one argument: docker://[HOST[:PORT]/]REPO[:TAG|@DIGEST], "
+              "oci:DIR[:TAG], oci-archive:FILE[:TAG], docker-archive:FILE[:TAG], or a "
+              "bare path to an OCI layout, an image archive or a single layer file. "
+              "In place of IMAGE, --layer FILE (repeated, base first) stacks layer "
+              "files. A PATH inside the image starts with /.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="layerfs",
         description="Read container images as one filesystem, without extracting them.",
-        epilog="IMAGE is an OCI image layout (directory or tar), a docker-save "
-               "archive, or several layer files, base first.")
+        epilog=IMAGE_HELP)
     parser.add_argument("--version", action="version", version=f"layerfs {version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
 
-    def command(name, function, help_text, tag_option="--tag"):
-        sub = commands.add_parser(name, help=help_text, description=help_text)
+    def command(name, function, help_text, operands, tag_option="--tag"):
+        """A command taking IMAGE (or --layer FILE...) then *operands*."""
+        usage = (f"layerfs {name} [options] (IMAGE | --layer FILE [--layer FILE ...])"
+                 f"{' ' + operands if operands else ''}")
+        sub = commands.add_parser(name, help=help_text, description=help_text,
+                                  usage=usage, epilog=IMAGE_HELP)
         sub.set_defaults(function=function)
+        sub.add_argument("operands", nargs="*", metavar="IMAGE " + operands if operands
+                         else "IMAGE", help="the image, then " + operands if operands
+                         else "the image")
+        sub.add_argument("--layer", dest="layers", action="append", metavar="FILE",
+                         help="a layer file, in place of IMAGE; repeat to stack layers, "
+                              "base first")
         sub.add_argument(tag_option, dest="tag", metavar="T",
-                         help="choose the image's manifest with this tag")
+                         help="choose the image with this tag or manifest digest in a "
+                              "layout or archive (or write oci:DIR:T)")
         sub.add_argument("--platform", help="choose the manifest for OS/ARCH[/VARIANT] "
                                             "(default: this machine's)")
         sub.add_argument("--cache-dir", help="index cache directory (default: "
                                              "$LAYERFS_CACHE_DIR or ~/.cache/layerfs)")
         return sub
 
-    sub = command("ls", cmd_ls, "list a directory of the image")
+    sub = command("ls", cmd_ls, "list a directory of the image", "[PATH]")
     sub.add_argument("-l", dest="long", action="store_true", help="long listing")
     sub.add_argument("-R", dest="recursive", action="store_true", help="recurse")
-    sub.add_argument("image", nargs="+", metavar="IMAGE [PATH]")
 
-    sub = command("cat", cmd_cat, "print a file of the image")
-    sub.add_argument("image", nargs="+", metavar="IMAGE")
-    sub.add_argument("path", nargs=1, metavar="PATH")
+    command("cat", cmd_cat, "print a file of the image", "PATH")
 
-    sub = command("stat", cmd_stat, "show a path's metadata")
+    sub = command("stat", cmd_stat, "show a path's metadata", "PATH")
     sub.add_argument("-L", dest="follow", action="store_true",
                      help="follow a symlink in the last component")
     sub.add_argument("--json", action="store_true")
-    sub.add_argument("image", nargs="+", metavar="IMAGE")
-    sub.add_argument("path", metavar="PATH")
 
-    sub = command("inspect", cmd_inspect, "describe the image and what each layer changes")
+    sub = command("inspect", cmd_inspect, "describe the image and what each layer changes",
+                  "")
     sub.add_argument("--json", action="store_true")
     sub.add_argument("-v", "--verbose", action="store_true",
                      help="list every added, changed and deleted path")
-    sub.add_argument("image", nargs="+", metavar="IMAGE")
 
-    sub = command("export", cmd_export, "write the flattened image as one tar")
+    sub = command("export", cmd_export, "write the flattened image as one tar", "OUT.tar")
     sub.add_argument("--compression", choices=["gzip", "zstd"])
-    sub.add_argument("image", nargs="+", metavar="IMAGE")
-    sub.add_argument("out", metavar="OUT.tar")
 
-    sub = command("diff", cmd_diff, "list what an upper directory changes in the image")
+    sub = command("diff", cmd_diff, "list what an upper directory changes in the image",
+                  "UPPER")
     sub.add_argument("--json", action="store_true")
-    sub.add_argument("image", nargs="+", metavar="IMAGE")
-    sub.add_argument("upper", metavar="UPPER")
 
     sub = command("commit", cmd_commit, "write an upper directory as a new layer and image "
-                                        "(an OCI layout at DEST)", tag_option="--from-tag")
+                                        "(an OCI layout at DEST)", "UPPER DEST",
+                  tag_option="--from-tag")
     sub.add_argument("--tag", dest="tag_new", metavar="T", help="tag of the new image")
     sub.add_argument("--compression", choices=["zstd", "gzip", "none"], default="zstd",
                      type=str.lower)
     sub.add_argument("-m", "--message", help="a comment for the image history")
-    sub.add_argument("image", nargs="+", metavar="IMAGE")
-    sub.add_argument("upper", metavar="UPPER")
-    sub.add_argument("dest", metavar="DEST")
 
     sub = commands.add_parser("example", help="write a small example image (an OCI layout)",
                               description="write a small example image (an OCI layout)")
@@ -370,20 +469,32 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("dest", metavar="DIR")
 
     sub = command("mount", cmd_mount, "mount the image with FUSE (read-only, or "
-                                      "copy-on-write with --upper)")
+                                      "copy-on-write with --upper)", "MOUNTPOINT")
     sub.add_argument("-f", "--foreground", action="store_true",
                      help="serve in the foreground until unmounted or interrupted")
     sub.add_argument("-o", dest="options", action="append", default=[],
                      metavar="OPTION[,OPTION...]", help="FUSE mount options (allow_other, ...)")
     sub.add_argument("--upper", metavar="DIR", help="keep changes in DIR (copy-on-write)")
-    sub.add_argument("image", nargs="+", metavar="IMAGE")
-    sub.add_argument("mountpoint", metavar="MOUNTPOINT")
 
     sub = commands.add_parser("umount", help="unmount a layerfs mount",
                               description="unmount a layerfs mount")
     sub.set_defaults(function=cmd_umount)
     sub.add_argument("mountpoint", metavar="MOUNTPOINT")
     return parser
+
+
+def parse_arguments(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
+    """Options may come before, between or after the operands (``ls IMAGE
+    -l /etc``): argparse gives a ``*`` positional only the first run of
+    operands, so later runs come back as extras and are appended in order.
+    Anything else left over is an unknown option."""
+    args, extras = parser.parse_known_args(argv)
+    stray = [a for a in extras if a.startswith("-") and a != "-"]
+    if stray or (extras and not hasattr(args, "operands")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extras)}")
+    if extras:
+        args.operands = list(args.operands) + extras
+    return args
 
 
 def version() -> str:
@@ -393,9 +504,12 @@ def version() -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_arguments(parser, argv)
     try:
         return args.function(args)
+    except UsageError as error:
+        print(f"layerfs: {error}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("layerfs: interrupted", file=sys.stderr)
         return 130

@@ -93,6 +93,15 @@ class MountError(OSError):
         return self.args[1]
 
 
+class InvalidReferenceError(UnsupportedImageError, ValueError):
+    """An image reference that cannot be read: a transport prefix followed
+    by something it cannot mean (``docker://UPPER``, ``oci:`` with no
+    path), or a tag given twice.  Also a ``ValueError``: correct the
+    argument; see :mod:`layerfs.reference` for the grammar."""
+
+    default_errno = _errno.EINVAL
+
+
 class UpperError(OSError):
     """An upper directory cannot be used as asked: it does not exist (opened
     for reading), is not a layerfs upper, belongs to another image, or is in

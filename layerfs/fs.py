@@ -17,6 +17,7 @@ from typing import BinaryIO, Iterator, Optional, Sequence, Union
 
 from .errors import ImageError, path_error
 from .image import Image, open_image
+from .reference import as_reference
 from .tarwrite import LayerTarWriter, write_tree
 from . import writable
 from .union import (S_IFLNK, S_IFMT, UPPER_SOURCE, LayerChanges, Node, Tree,
@@ -37,10 +38,15 @@ def open(source: Source, *, upper: Optional[PathLike] = None, tag: Optional[str]
          readonly: bool = False) -> "FileSystem":
     """Open an image as a filesystem.
 
-    *source* is an OCI image layout (directory or tar), a ``docker save``
-    archive, or a sequence of layer files (base first).  *tag* and
-    *platform* (``"linux/amd64"``) choose among several manifests; the
-    default platform is the host's.  *cache* is an
+    *source* names the image as :mod:`layerfs.reference` says: a string
+    with a transport prefix (``"oci:DIR:TAG"``, ``"oci-archive:FILE"``,
+    ``"docker-archive:FILE"``, ``"docker://HOST/REPO:TAG"``) or a bare path
+    to an OCI image layout (directory or tar), a ``docker save`` archive or
+    a single layer file; a path object is always a path; a list of layer
+    files (base first) is a stack.  *tag* (a tag or a manifest digest, not
+    together with a TAG in the reference) and *platform*
+    (``"linux/amd64"``) choose among several manifests; the default
+    platform is the host's.  *cache* is an
     :class:`~layerfs.layer.IndexCache` (default: the user's cache directory).
     *progress* is called as ``progress(done_bytes, total_bytes)`` while layers
     are indexed.  *upper* is a directory for the writable layer (created if
@@ -51,10 +57,7 @@ def open(source: Source, *, upper: Optional[PathLike] = None, tag: Optional[str]
     *upper* is read as it is (nothing created, changed or locked: it may be
     mounted meanwhile) and every write raises ``OSError(EROFS)``.
     """
-    if not isinstance(source, (str, bytes, os.PathLike)):
-        source = [os.fspath(p) for p in source]
-    else:
-        source = os.fspath(source)
+    source = as_reference(source)
     with collector_paused():
         image = open_image(source, tag=tag, platform=platform, cache=cache,
                            progress=progress)

@@ -24,6 +24,7 @@ Rules this module keeps:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -39,6 +40,8 @@ from .compression import detect_compression
 from .errors import DigestMismatchError, ImageError, UnsupportedImageError
 from .layer import BlobSource, Layer, open_layer
 from .paths import BadMemberName, normalize_member_name
+from .reference import (DOCKER, DOCKER_ARCHIVE, LAYERS, OCI, OCI_ARCHIVE, PATH,
+                        as_reference)
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -383,43 +386,84 @@ class _Candidate:
     entry: dict              # its descriptor, or docker manifest.json entry
 
 
-def open_image(source: str | bytes | os.PathLike | Sequence[str | bytes | os.PathLike], *,
-               tag: str | None = None, platform: str | None = None,
+def open_image(source: Any, *, tag: str | None = None, platform: str | None = None,
                cache: Any = None, progress: Any = None) -> Image:
-    """Open an image: an OCI layout directory, an OCI or docker-save archive
-    (uncompressed tar), or a list of layer files, bottom first.  A single
-    file that is neither kind of archive (a plain tar with no ``index.json``
-    + ``oci-layout`` nor ``manifest.json`` at its root, or any gzip or zstd
-    file) is one layer.
+    """Open an image named as :mod:`layerfs.reference` says: a reference
+    string (``oci:DIR[:TAG]``, ``oci-archive:FILE[:TAG]``,
+    ``docker-archive:FILE[:TAG]``, ``docker://...``, or a bare path), a path
+    object, a :class:`~layerfs.reference.Reference`, or a list of layer
+    files, bottom first.  A bare path is an OCI layout directory, an OCI or
+    docker-save archive, or a single layer file (a plain tar with no
+    ``index.json`` + ``oci-layout`` nor ``manifest.json`` at its root, or any
+    gzip or zstd file), told apart by its content.
 
-    *tag* chooses among several images by ``org.opencontainers.image.ref.name``
-    or docker ``RepoTags``; *platform* (``"os/arch[/variant]"``, by default
-    the host's) among several platforms.  Raises
-    :class:`UnsupportedImageError` when the source is not understood or the
-    choice is ambiguous (the message lists what there is), and
-    :class:`DigestMismatchError` when a blob is not what its digest says.
+    *tag* (or the reference's TAG) chooses among several images by
+    ``org.opencontainers.image.ref.name`` or docker ``RepoTags``, or by
+    manifest digest (``sha256:...``); *platform* (``"os/arch[/variant]"``,
+    by default the host's) among several platforms.  Raises
+    :class:`InvalidReferenceError` for a reference that cannot be read or a
+    tag given twice, :class:`UnsupportedImageError` when the source is not
+    what its transport says or the choice is ambiguous (the message lists
+    what there is), and :class:`DigestMismatchError` when a blob is not what
+    its digest says.
     """
     if platform is not None:
         _split_platform(platform)
+    ref = as_reference(source).with_selector(tag)
     layer_args = {"cache": cache, "progress": progress}
-    if isinstance(source, (list, tuple)):
-        return _open_layer_list([os.fsdecode(p) for p in source], layer_args)
-    path = os.fsdecode(source)
-    if os.path.isdir(path):
+    if ref.transport == LAYERS:
+        return _open_layer_list(list(ref.layers), layer_args)
+    if ref.transport == DOCKER:
+        raise UnsupportedImageError(f"{ref}: reading from a registry is not supported yet")
+    path = ref.path
+    choice = _Choice(ref.tag, ref.digest, platform)
+    if ref.transport in (PATH, OCI) and os.path.isdir(path):
         store: _DirStore | _TarStore = _DirStore(path)
         if store.size("oci-layout") is None or store.size("index.json") is None:
             raise UnsupportedImageError(
                 "directory is not an OCI image layout (no oci-layout and index.json)", path=path)
-        return _Opener(store, "oci-layout", layer_args).open_oci(tag, platform)
-    if _is_compressed_layer(path):
+        return _Opener(store, "oci-layout", layer_args).open_oci(choice)
+    if ref.transport == OCI:
+        _not_a(path, "an OCI image layout directory")
+    if ref.transport == PATH and _is_compressed_layer(path):
+        _refuse_selector(choice, path, "a single layer file")
         return _open_layer_list([path], layer_args)
+    if os.path.isdir(path):
+        _not_a(path, "an archive file")
     store = _TarStore(path)
-    if store.size("index.json") is not None and store.size("oci-layout") is not None:
-        return _Opener(store, "oci-archive", layer_args).open_oci(tag, platform)
-    if store.size("manifest.json") is not None:
-        return _Opener(store, "docker-archive", layer_args).open_docker(tag, platform)
+    if ref.transport != DOCKER_ARCHIVE and store.size("index.json") is not None \
+            and store.size("oci-layout") is not None:
+        return _Opener(store, "oci-archive", layer_args).open_oci(choice)
+    if ref.transport != OCI_ARCHIVE and store.size("manifest.json") is not None:
+        return _Opener(store, "docker-archive", layer_args).open_docker(choice)
+    if ref.transport == OCI_ARCHIVE:
+        _not_a(path, "an OCI archive (no index.json and oci-layout at its root)")
+    if ref.transport == DOCKER_ARCHIVE:
+        _not_a(path, "a docker archive (no manifest.json at its root)")
     # Neither kind of image archive: a single layer tar.
+    _refuse_selector(choice, path, "a single layer file")
     return _open_layer_list([path], layer_args)
+
+
+@attrs.frozen
+class _Choice:
+    """What selects one image among those a layout or archive holds."""
+    tag: str | None
+    digest: str | None
+    platform: str | None
+
+
+def _not_a(path: str, what: str) -> Any:
+    if not os.path.exists(path):
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+    raise UnsupportedImageError(f"not {what}", path=path)
+
+
+def _refuse_selector(choice: _Choice, path: str, what: str) -> None:
+    selector = choice.tag or choice.digest
+    if selector is not None:
+        raise UnsupportedImageError(f"{what} has no tags or manifests to choose "
+                                    f"{selector!r} from", path=path)
 
 
 def _is_compressed_layer(path: str) -> bool:
@@ -485,7 +529,7 @@ class _Opener:
 
     # ---- OCI
 
-    def open_oci(self, tag: str | None, platform: str | None) -> Image:
+    def open_oci(self, choice: _Choice) -> Image:
         where = self.store.where("oci-layout")
         version = _field(self.read_json_file("oci-layout"), "imageLayoutVersion", str, where)
         if not version.startswith("1."):
@@ -494,7 +538,7 @@ class _Opener:
         candidates: list[_Candidate] = []
         self.walk_index(self.read_json_file("index.json"), self.store.where("index.json"),
                         (), 0, candidates)
-        chosen, ref = _choose(candidates, tag, platform, self.oci_platform,
+        chosen, ref = _choose(candidates, choice, self.oci_platform,
                               self.store.where("index.json"))
         manifest = self.read_json_blob(chosen.entry, "image manifest")
         return self.open_manifest(manifest, chosen.key, ref)
@@ -557,7 +601,7 @@ class _Opener:
 
     # ---- docker save
 
-    def open_docker(self, tag: str | None, platform: str | None) -> Image:
+    def open_docker(self, choice: _Choice) -> Image:
         where = self.store.where("manifest.json")
         entries = self.read_json_file("manifest.json")
         if not isinstance(entries, list) or not entries:
@@ -567,7 +611,11 @@ class _Opener:
             config_path = _field(entry, "Config", str, where)
             repo_tags = _field(entry, "RepoTags", list, where, default=[])
             candidates.append(_Candidate(tuple(repo_tags), None, config_path, entry))
-        chosen, ref = _choose(candidates, tag, platform,
+        if choice.digest is not None:
+            raise UnsupportedImageError(
+                f"a docker archive names no manifest digests: choose by tag, not "
+                f"{choice.digest}; its tags: {_listing(candidates)}", path=where)
+        chosen, ref = _choose(candidates, choice,
                               lambda c: _config_platform(self.docker_config(c.key)[0]), where)
         config, config_digest = self.docker_config(chosen.key)
         layer_paths = _field(chosen.entry, "Layers", list, where)
@@ -672,19 +720,23 @@ def _open_layer_list(paths: list[str], layer_args: dict) -> Image:
                  "layers", ", ".join(paths), list(paths))
 
 
-def _choose(candidates: list[_Candidate], tag: str | None, platform: str | None,
+def _choose(candidates: list[_Candidate], choice: _Choice,
             platform_of: Callable[[_Candidate], str | None],
             where: str) -> tuple[_Candidate, str | None]:
-    """The one candidate that *tag* and *platform* designate, and the name
-    it was chosen by.  Without a platform, a lone candidate is taken whatever
-    its platform (its files can be read anywhere) and several are narrowed
-    to the host's.  Candidates whose index entry gives no platform are asked
-    their config's."""
+    """The one candidate that the tag or digest and the platform of
+    *choice* designate, and the name it was chosen by.  Without a platform,
+    a lone candidate is taken whatever its platform (its files can be read
+    anywhere) and several are narrowed to the host's.  Candidates whose
+    index entry gives no platform are asked their config's."""
+    tag, platform = choice.tag, choice.platform
     if not candidates:
         raise UnsupportedImageError("no image manifests found", path=where)
     if tag is not None:
         candidates = [c for c in candidates if _match_tag(tag, c.names) is not None] or _fail(
             f"no image tagged {tag!r}; there are: {_listing(candidates)}", where)
+    if choice.digest is not None:
+        candidates = [c for c in candidates if c.key == choice.digest] or _fail(
+            f"no image manifest {choice.digest}; there are: {_listing(candidates)}", where)
     if len({c.key for c in candidates}) == 1 and platform is None:
         chosen = candidates[0]
     else:
@@ -696,8 +748,8 @@ def _choose(candidates: list[_Candidate], tag: str | None, platform: str | None,
         if len({c.key for c in fitting}) != 1:
             problem = "no image" if not fitting else "several images"
             tagged = "" if tag is None else f" tagged {tag!r}"
-            _fail(f"{problem} for platform {wanted}{tagged}; choose with tag= or platform= "
-                  f"among: {_listing(candidates)}", where)
+            _fail(f"{problem} for platform {wanted}{tagged}; choose with a tag, a manifest "
+                  f"digest or a platform among: {_listing(candidates)}", where)
         chosen = fitting[0]
     if tag is not None:
         return chosen, _match_tag(tag, chosen.names)

@@ -35,6 +35,7 @@ import time
 from typing import Callable, Iterable, Optional
 
 from .errors import MountError
+from .reference import as_reference
 
 # Kernel caching.  A read-only view never changes, so the kernel may keep
 # names, attributes and pages as long as it likes.  A writable one is only
@@ -77,7 +78,7 @@ def mount(source, mountpoint, *, upper=None, foreground: bool = False,
     """
     mountpoint = os.path.abspath(os.fspath(mountpoint))
     # The daemon works from "/": make every path absolute first.
-    source = absolute(source)
+    source = as_reference(source).absolute()
     upper, cache_dir = absolute(upper), absolute(cache_dir)
     user_options = parse_options(options)
     load_fuse()
@@ -424,13 +425,11 @@ def open_fs(source, *, upper=None, tag=None, platform=None, cache_dir=None):
     return layerfs_fs.open(source, tag=tag, platform=platform, cache=cache, upper=upper)
 
 
-def absolute(source):
-    """*source* (None, a path or a list of paths) with absolute paths."""
-    if source is None:
+def absolute(path):
+    """*path* (None or a path) made absolute."""
+    if path is None:
         return None
-    if isinstance(source, (str, bytes, os.PathLike)):
-        return os.path.abspath(source)
-    return [os.path.abspath(path) for path in source]
+    return os.path.abspath(path)
 
 
 def last_line(text: str) -> str:

@@ -169,6 +169,12 @@ class ThreadMount:
             raise self.error
 
 
+def stack(layers) -> list:
+    """``--layer FILE`` for each layer file, base first: how the command
+    line names a stack of layer files in place of IMAGE."""
+    return [word for layer in layers for word in ("--layer", str(layer))]
+
+
 def run_cli(*arguments, check=False, **kwargs):
     """``python -m layerfs.cli ARGS`` with this checkout first on the path."""
     env = dict(os.environ)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from mount_helpers import ROOT, is_mounted, requires_fuse, run_cli, wait_until
+from mount_helpers import stack, ROOT, is_mounted, requires_fuse, run_cli, wait_until
 
 pytestmark = [pytest.mark.mount, requires_fuse]
 
@@ -25,7 +25,7 @@ def assert_one_line_error(result, *words):
 
 
 def test_mount_then_umount(sample_layers, mountpoint):
-    result = run_cli("mount", *sample_layers, mountpoint)
+    result = run_cli("mount", *stack(sample_layers), mountpoint)
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     assert is_mounted(mountpoint)       # ready when the command returns
@@ -39,7 +39,7 @@ def test_mount_then_umount(sample_layers, mountpoint):
 
 def test_mount_passes_options_through(sample_layers, mountpoint):
     result = run_cli("mount", "-o", "allow_other", "-o", "attr_timeout=5",
-                     *sample_layers, mountpoint)
+                     *stack(sample_layers), mountpoint)
     assert result.returncode == 0, result.stderr
     with open("/proc/self/mountinfo", encoding="utf-8") as info:
         line = next(line for line in info if line.split()[4] == mountpoint)
@@ -49,24 +49,25 @@ def test_mount_passes_options_through(sample_layers, mountpoint):
 
 def test_relative_paths_are_resolved_before_detaching(sample_layers, mountpoint, tmp_path):
     names = [os.path.relpath(path, tmp_path) for path in sample_layers]
-    result = run_cli("mount", *names, os.path.relpath(mountpoint, tmp_path), cwd=tmp_path)
+    result = run_cli("mount", *stack(names), os.path.relpath(mountpoint, tmp_path),
+                     cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert os.path.exists(f"{mountpoint}/bin/tool")
 
 
 def test_missing_mountpoint(sample_layers, tmp_path):
-    result = run_cli("mount", *sample_layers, str(tmp_path / "nowhere"))
+    result = run_cli("mount", *stack(sample_layers), str(tmp_path / "nowhere"))
     assert_one_line_error(result, "does not exist")
 
 
 def test_mountpoint_that_is_a_file(sample_layers, tmp_path):
     (tmp_path / "file").write_text("x")
-    result = run_cli("mount", *sample_layers, str(tmp_path / "file"))
+    result = run_cli("mount", *stack(sample_layers), str(tmp_path / "file"))
     assert_one_line_error(result, "not a directory")
 
 
 def test_busy_mountpoint(sample_layers, mounted):
-    result = run_cli("mount", *sample_layers, mounted)
+    result = run_cli("mount", *stack(sample_layers), mounted)
     assert_one_line_error(result, "already a mount point")
     assert is_mounted(mounted)
 
@@ -74,10 +75,10 @@ def test_busy_mountpoint(sample_layers, mounted):
 def test_non_empty_mountpoint_needs_nonempty(sample_layers, mountpoint):
     with open(f"{mountpoint}/keep", "w") as handle:
         handle.write("x")
-    result = run_cli("mount", *sample_layers, mountpoint)
+    result = run_cli("mount", *stack(sample_layers), mountpoint)
     assert_one_line_error(result, "not empty", "nonempty")
     assert not is_mounted(mountpoint)
-    result = run_cli("mount", "-o", "nonempty", *sample_layers, mountpoint)
+    result = run_cli("mount", "-o", "nonempty", *stack(sample_layers), mountpoint)
     assert result.returncode == 0, result.stderr
     assert sorted(os.listdir(mountpoint))[:2] == ["absolute", "attrs"]
     run_cli("umount", mountpoint, check=True)
@@ -87,7 +88,7 @@ def test_non_empty_mountpoint_needs_nonempty(sample_layers, mountpoint):
 def test_bad_image(mountpoint, tmp_path):
     bad = tmp_path / "bad.tar"
     bad.write_bytes(b"this is not a tar")
-    result = run_cli("mount", str(bad), str(bad), mountpoint)
+    result = run_cli("mount", *stack([bad, bad]), mountpoint)
     assert_one_line_error(result, "bad.tar")
     assert not is_mounted(mountpoint)
 
@@ -100,7 +101,7 @@ def test_missing_image(mountpoint, tmp_path):
 
 def test_device_and_setuid_options_are_refused(sample_layers, mountpoint):
     for option in ("dev", "suid"):
-        result = run_cli("mount", "-o", f"ro,{option}", *sample_layers, mountpoint)
+        result = run_cli("mount", "-o", f"ro,{option}", *stack(sample_layers), mountpoint)
         assert_one_line_error(result, option, "nodev,nosuid")
         assert not is_mounted(mountpoint)
 
@@ -110,7 +111,7 @@ def test_umount_of_something_not_mounted(mountpoint):
 
 
 def test_umount_of_a_busy_mount(sample_layers, mountpoint):
-    run_cli("mount", *sample_layers, mountpoint, check=True)
+    run_cli("mount", *stack(sample_layers), mountpoint, check=True)
     holder = os.open(f"{mountpoint}/etc/passwd", os.O_RDONLY)
     try:
         assert_one_line_error(run_cli("umount", mountpoint), "busy")
@@ -125,7 +126,8 @@ def test_umount_of_a_busy_mount(sample_layers, mountpoint):
 def test_foreground_mount_stops_cleanly_on_signals(sample_layers, mountpoint, signal_number):
     env = dict(os.environ, PYTHONPATH=ROOT)
     server = subprocess.Popen([sys.executable, "-m", "layerfs.cli", "mount", "-f",
-                               *sample_layers, mountpoint], env=env, stdin=subprocess.DEVNULL,
+                               *stack(sample_layers), mountpoint], env=env,
+                              stdin=subprocess.DEVNULL,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert wait_until(lambda: is_mounted(mountpoint) or server.poll() is not None)

@@ -10,7 +10,7 @@ import stat
 import pytest
 
 import layerfs
-from mount_helpers import BIG, is_mounted, requires_fuse, requires_upper, run_cli, wait_until
+from mount_helpers import stack, BIG, is_mounted, requires_fuse, requires_upper, run_cli, wait_until
 
 pytestmark = [pytest.mark.mount, requires_fuse, requires_upper]
 
@@ -271,7 +271,7 @@ def test_changes_survive_remount(sample_layers, upper_dir, rw_server, thread_mou
 
 
 def test_cli_mount_with_upper(sample_layers, mountpoint, upper_dir):
-    result = run_cli("mount", "--upper", upper_dir, *sample_layers, mountpoint)
+    result = run_cli("mount", "--upper", upper_dir, *stack(sample_layers), mountpoint)
     assert result.returncode == 0, result.stderr
     with open(f"{mountpoint}/from-cli", "wb") as handle:
         handle.write(b"cli")

@@ -44,6 +44,16 @@ def test_import_layerfs_loads_neither_fusepy_nor_hypothesis():
     assert out.stdout.split() == ["False", "False"]
 
 
+def test_the_reference_grammar_reads_text_only():
+    """Which image an argument names is decided by its text: the grammar
+    module imports no I/O, and nothing of layerfs but its errors."""
+    imports = imported_modules("reference")
+    project = {name for name in imports if (PACKAGE / f"{name}.py").exists()}
+    assert project <= {"errors"}
+    assert not imports & {"io", "tarfile", "socket", "subprocess", "shutil", "pathlib",
+                          "glob", "stat"}
+
+
 UPPER_STORE = {"upper", "upperformat", "upperload", "sidecar", "hostdir"}
 
 
@@ -59,7 +69,7 @@ def test_the_upper_store_reaches_neither_the_facade_nor_fuse():
         assert project <= CORE | UPPER_STORE | {"caller"}, (module, project)
 
 
-def test_only_the_upper_store_and_writable_call_the_host():
+def test_only_the_upper_store_calls_the_host():
     """Every change to an upper goes through layerfs.upper's family of
     operations: nothing outside the store touches HostDir."""
     for path in PACKAGE.glob("*.py"):

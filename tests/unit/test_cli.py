@@ -56,18 +56,103 @@ def test_inspect_json_lists_layer_changes(image):
                                               "/var/cache/stale-2"]
 
 
-def test_a_list_of_layer_files_is_an_image(tmp_path):
+def one_file_layers(tmp_path, contents=(b"one", b"two")):
     layers = []
-    for number, content in enumerate([b"one", b"two"]):
+    for number, content in enumerate(contents):
         path = tmp_path / f"layer{number}.tar"
         with tarfile.open(path, "w") as tar:
             info = tarfile.TarInfo("f")
             info.size = len(content)
             tar.addfile(info, io.BytesIO(content))
         layers.append(path)
-    assert run("cat", *layers, "/f").stdout == "two"
-    assert run("ls", *layers).stdout.split() == ["f"]
-    assert run("ls", *layers, "/").stdout.split() == ["f"]
+    return layers
+
+
+def stack(layers):
+    return [word for layer in layers for word in ("--layer", str(layer))]
+
+
+def test_a_stack_of_layer_files_is_written_with_layer_options(tmp_path):
+    layers = one_file_layers(tmp_path)
+    assert run("cat", *stack(layers), "/f").stdout == "two"
+    assert run("cat", *stack(reversed(layers)), "/f").stdout == "one"
+    assert run("ls", *stack(layers)).stdout.split() == ["f"]
+    assert run("ls", "-l", *stack(layers), "/").stdout.split()[-1] == "f"
+
+
+@pytest.mark.parametrize("command, words", [
+    (["cat", "L0", "L1", "/f"], ["layerfs cat --layer L0 --layer L1 /f"]),
+    (["ls", "L0", "L1", "/"], ["layerfs ls --layer L0 --layer L1 /"]),
+    (["stat", "L0", "L1", "/f"], ["layerfs stat --layer L0 --layer L1 /f"]),
+    (["export", "L0", "L1", "OUT"], ["layerfs export --layer L0 --layer L1 OUT"]),
+])
+def test_the_old_consecutive_layer_form_is_refused_with_the_new_spelling(tmp_path, command,
+                                                                          words):
+    layers = one_file_layers(tmp_path)
+    names = {"L0": str(layers[0]), "L1": str(layers[1]), "OUT": str(tmp_path / "out.tar")}
+    result = run(*[names.get(word, word) for word in command], check=False)
+    assert_one_line_error(result, *[" ".join(names.get(w, w) for w in word.split())
+                                    for word in words])
+    assert result.returncode == 2
+    assert not (tmp_path / "out.tar").exists()
+
+
+def test_old_form_ls_of_two_layers_hints_at_the_new_spelling(tmp_path):
+    """``ls a.tar /x/b.tar`` is IMAGE and PATH by position; the PATH is not
+    in the image, and its name ending in .tar earns the hint."""
+    layers = [str(path) for path in one_file_layers(tmp_path)]
+    result = run("ls", *layers, check=False)
+    assert_one_line_error(result, layers[1], "No such file",
+                          f"layerfs ls --layer {layers[0]} --layer {layers[1]}")
+    relative = run("ls", *[os.path.basename(p) for p in layers], check=False)
+    assert relative.returncode == 2 and "must start with /" in relative.stderr
+
+
+def test_a_path_argument_is_never_read_from_the_host(image):
+    """/etc/os-release exists on the host, and used to be taken for a layer
+    file; position alone decides that it is the PATH inside the image."""
+    assert os.path.exists("/etc/os-release")
+    line = run("ls", "-l", image, "/etc/os-release").stdout
+    assert line.split()[-1] == "os-release" and " 34 " in line
+    assert run("cat", image, "/etc/os-release").stdout.startswith("NAME=")
+    assert run("ls", image, "-l", "/etc").stdout.split("\n")[0].endswith("motd")
+
+
+def test_transport_prefixes_name_the_local_forms(image, tmp_path):
+    assert run("cat", f"oci:{image}", "/etc/motd").stdout.startswith("Welcome")
+    assert run("cat", f"oci:{image}:example", "/etc/motd").stdout.startswith("Welcome")
+    assert run("cat", "--tag", "example", f"oci:{image}", "/etc/motd").stdout.startswith(
+        "Welcome")
+    digest = json.loads(run("inspect", "--json", image).stdout)["image"]["manifest_digest"]
+    assert run("cat", f"oci:{image}:{digest}", "/etc/motd").stdout.startswith("Welcome")
+    assert run("cat", f"oci:{image}:@{digest}", "/etc/motd").stdout.startswith("Welcome")
+    assert_one_line_error(run("cat", f"oci:{image}:nosuch", "/etc/motd", check=False),
+                          "no image tagged 'nosuch'", "example")
+    layer = one_file_layers(tmp_path, [b"x"])[0]
+    assert_one_line_error(run("ls", f"oci:{layer}", check=False), str(layer),
+                          "not an OCI image layout directory")
+    assert_one_line_error(run("ls", f"oci-archive:{layer}", check=False), "not an OCI archive")
+    assert_one_line_error(run("ls", f"docker-archive:{layer}", check=False),
+                          "not a docker archive")
+    assert_one_line_error(run("ls", f"docker-archive:{image}", check=False),
+                          "not an archive file")
+
+
+@pytest.mark.parametrize("command, words", [
+    (["cat", "--tag", "x", "oci:IMAGE:example", "/etc/motd"], ["not both"]),
+    (["cat", "--tag", "x", "--layer", "IMAGE", "/etc/motd"], ["--layer stack"]),
+    (["cat", "--tag", "x", "docker://example.com/a/b:1", "/etc/motd"], ["docker://"]),
+    (["cat", "IMAGE"], ["PATH is missing"]),
+    (["cat", "/etc/motd"], ["PATH is missing"]),
+    (["ls"], ["IMAGE is missing"]),
+    (["cat", "docker://Upper/Case", "/f"], ["docker://Upper/Case", "repository name"]),
+    (["cat", "oci:", "/f"], ["no path"]),
+    (["cat", "IMAGE", "etc/motd"], ["must start with /"]),
+])
+def test_usage_errors_are_one_line_with_status_2(image, command, words):
+    result = run(*[a.replace("IMAGE", image) for a in command], check=False)
+    assert_one_line_error(result, *words)
+    assert result.returncode == 2
 
 
 def test_export_diff_and_commit(image, tmp_path):
@@ -80,6 +165,7 @@ def test_export_diff_and_commit(image, tmp_path):
         fs.write_bytes("/etc/motd", b"new")
         fs.unlink("/README")
     assert run("diff", image, upper).stdout.splitlines() == ["D /README", "C /etc", "C /etc/motd"]
+    assert run("diff", f"oci:{image}:example", upper).stdout.startswith("D /README")
     digest = run("commit", "--tag", "v2", image, upper, tmp_path / "out").stdout.strip()
     assert digest.startswith("sha256:")
     assert run("cat", "--tag", "v2", tmp_path / "out", "/etc/motd").stdout == "new"
