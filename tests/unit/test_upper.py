@@ -503,3 +503,34 @@ def test_a_reader_rereads_when_the_writer_compacts_between_its_two_reads(image, 
             assert reader.stat("/top").st_mode & 0o777 == 0o755
             assert reader.stat("/d/f").st_mode & 0o777 == 0o606
         assert calls
+
+
+def test_a_long_whiteout_that_does_not_hold_its_name_is_a_clear_error(long_image, tmp_path):
+    upper = tmp_path / "upper"
+    with layerfs.open(long_image, upper=upper) as fs:
+        fs.unlink("/d/" + "n" * 253)
+    marker = next((upper / "diff" / "d").glob(".wh..wh.long.*"))
+    marker.write_bytes(b"n" * 252)               # another name than its hash says
+    with pytest.raises(InvalidLayerError, match="does not hold the name"):
+        layerfs.open(long_image, upper=upper)
+
+
+def test_every_change_is_logged_by_the_store_at_debug_level(image, tmp_path, caplog):
+    """One place to audit: each operation of the family says what it does."""
+    import logging
+    with layerfs.open(image, upper=tmp_path / "upper") as fs:
+        with caplog.at_level(logging.DEBUG, logger="layerfs.upper"):
+            fs.mkdir("/n")
+            fs.write_bytes("/n/f", b"x")
+            fs.rename("/d/f", "/n/g")
+            fs.link("/n/g", "/n/h")
+            fs.chmod("/top", 0o600)
+            fs.unlink("/e/x")
+            fs.rmdir("/e")
+            fs.mkdir("/e")
+    messages = [record.getMessage() for record in caplog.records]
+    for expected in ("place /n ", "place /n/f ", "write 1 bytes", "copy-up /d/f",
+                     "whiteout /d/f", "rename /d/f -> /n/g", "link /n/g -> /n/h",
+                     "copy-up /top (metadata only)", "set metadata /top", "remove /e/x",
+                     "whiteout /e/x", "remove /e", "opaque /work/"):
+        assert any(message.startswith(expected) for message in messages), expected
