@@ -391,10 +391,16 @@ def test_ctime_changes_with_metadata_and_links_and_survives_a_reopen(image, tmp_
             before = fs.stat("/a").st_ctime_ns
             change()
             assert fs.stat("/a").st_ctime_ns > before
+        fs.write_bytes("/x", b"x")
+        fs.link("/x", "/y")
+        fs.write_bytes("/z", b"z")
+        before = fs.stat("/x").st_ctime_ns
+        fs.rename("/z", "/y")                     # over a name of a file with another
+        assert fs.stat("/x").st_ctime_ns > before and fs.stat("/x").st_nlink == 1
         fs.chmod("/", 0o700)
         fs.mkdir("/d/sub")
         times = {path: (st.st_ctime_ns, st.st_mtime_ns)
-                 for path in ("/", "/a", "/d", "/d/g", "/d/sub", "/e/x")
+                 for path in ("/", "/a", "/d", "/d/g", "/d/sub", "/e/x", "/x", "/y")
                  for st in [fs.lstat(path)]}
     with layerfs.open(image, upper=upper) as fs:
         assert {path: (fs.lstat(path).st_ctime_ns, fs.lstat(path).st_mtime_ns)

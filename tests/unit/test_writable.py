@@ -296,3 +296,7 @@ def test_a_request_creates_as_its_caller_with_its_umask_applied_once(fs, image, 
     assert owners(fs) == expected
     with reopen(fs, image, tmp_path) as again:        # recorded as the format says
         assert owners(again) == expected
+        from layerfs.commit import commit
+        commit(again, tmp_path / "committed")
+    with layerfs.open(str(tmp_path / "committed")) as committed:     # and committed
+        assert owners(committed) == expected
