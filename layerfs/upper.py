@@ -580,9 +580,10 @@ class Upper:
         elif kind == S_IFREG:
             fd = host.open_file(host_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                copy_fd(lambda offset, length: self.read_lower(node, offset, length),
-                        fd, node.size)
-                os.fsync(fd)
+                if node.size:       # a copy-up's data, durable before it is renamed in
+                    copy_fd(lambda offset, length: self.read_lower(node, offset, length),
+                            fd, node.size)
+                    os.fsync(fd)
             finally:
                 os.close(fd)
         elif kind == S_IFLNK:
