@@ -58,6 +58,7 @@ from .sidecar import Sidecar
 from .union import (ORIGIN_LOWER, ORIGIN_MERGED, ORIGIN_METACOPY, ORIGIN_NEW,
                     S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, UPPER_SOURCE, Node, Tree)
 from .upperformat import Binding
+from .upperload import load_upper, long_whiteout
 
 READ_FD_CACHE = 256
 
@@ -170,7 +171,6 @@ class Upper:
             self.open_counts: dict[int, int] = {}
             self.orphans: dict[int, int] = {}
             self._temporary = itertools.count()
-            from .upperload import load_upper
             load_upper(self)
         except BaseException:
             self.opened.close()
@@ -243,7 +243,6 @@ class Upper:
     def markers(self) -> Iterator[str]:
         """The view paths of the markers in ``diff/`` (``.../.wh.NAME``,
         long whiteouts included, and ``.../.wh..wh..opq``), parents first."""
-        from .upperload import long_whiteout
         for host_path, st in self.host.walk(diff_path("/")):
             parent, name = split(host_path[len("/diff"):])
             if upperformat.is_long_whiteout(name) and _stat.S_ISREG(st.st_mode):

@@ -136,7 +136,8 @@ def remove_redundant_whiteouts(upper, entries: list[Entry]) -> None:
     """Bring what a crash can leave back to the usual form, view unchanged:
     a whiteout beside its own entry, or inside a directory that nothing
     lower shows through, hides nothing more; a whiteout beside a directory
-    becomes that directory's opaque marker."""
+    becomes that directory's opaque marker.  Through the store's own marker
+    operations, like every change."""
     present = {entry.path for entry in entries}
     for entry in entries:
         parent, name = split(entry.path)
@@ -151,8 +152,8 @@ def remove_redundant_whiteouts(upper, entries: list[Entry]) -> None:
         elif not (victim in present or (parent_node is not None
                                         and parent_node.origin == ORIGIN_NEW)):
             continue
-        log.debug("repair: remove the redundant whiteout of %s", victim)
-        upper.host.unlink(upper_diff(join(parent, upperformat.host_whiteout_name(target))))
+        log.debug("repair: the whiteout of %s is redundant", victim)
+        upper._unwhiteout(victim)
 
 
 def upper_diff(path: str) -> str:
