@@ -540,3 +540,31 @@ def test_every_change_is_logged_by_the_store_at_debug_level(image, tmp_path, cap
                      "copy-up /top (metadata only)", "set metadata /top", "remove /e/x",
                      "whiteout /e/x", "remove /e", "opaque /work/"):
         assert any(message.startswith(expected) for message in messages), expected
+
+
+def test_without_root_the_callers_ids_are_kept_in_the_sidecar(image, tmp_path):
+    from layerfs.caller import Caller, acting_as
+    upper = tmp_path / "upper"
+    with layerfs.open(image, upper=upper) as fs:
+        fs.upper.is_root = False                 # act as an unprivileged daemon
+        with acting_as(Caller(1234, 5678, umask=0)):
+            fs.mkdir("/d/m", 0o777)
+            fs.write_bytes("/d/m/f", b"")
+            fs.symlink("f", "/d/m/s")
+    assert os.stat(upper / "diff" / "d" / "m").st_uid == os.geteuid()   # the host's own
+    with layerfs.open(image, upper=upper) as fs:
+        for path, mode in (("/d/m", 0o777), ("/d/m/f", 0o666), ("/d/m/s", 0o777)):
+            st = fs.lstat(path)
+            assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (1234, 5678, mode), path
+
+
+def test_an_upper_refused_for_another_image_is_left_untouched(image, tmp_path):
+    upper = tmp_path / "upper"
+    layerfs.open(image, upper=upper).close()
+    other = write_image([L.Layer([L.file("other", b"o")])], tmp_path / "other", kind="layers",
+                        compression="none")
+    marker = json.loads((upper / "layerfs-upper.json").read_text())
+    with pytest.raises(UpperError) as caught:
+        layerfs.open(other, upper=upper)
+    assert marker["image"]["chain_id"] in str(caught.value)
+    assert json.loads((upper / "layerfs-upper.json").read_text()) == marker   # untouched
