@@ -83,3 +83,25 @@ def test_a_killed_daemon_loses_nothing_acknowledged_and_its_lock_is_taken_over(
         assert view(fs) == expected
         assert fs.getxattr("/file2", "user.k") == b"v"
     assert os.path.getsize(os.path.join(upper, "lock")) == 0    # a clean close names nobody
+
+
+def test_commit_is_refused_while_mounted_and_works_once_umount_returns(sample_layers,
+                                                                      tmp_path):
+    from mount_helpers import run_cli
+    upper, mnt = str(tmp_path / "upper"), str(tmp_path / "mnt")
+    os.mkdir(mnt)
+    try:
+        layerfs_mount.mount(sample_layers, mnt, upper=upper)
+        with open(f"{mnt}/new", "wb") as stream:
+            stream.write(b"n")
+        layers = [argument for path in sample_layers for argument in ("--layer", path)]
+        refused = run_cli("commit", *layers, upper, str(tmp_path / "out"))
+        assert refused.returncode == 1 and "unmount it before committing" in refused.stderr
+        assert f"pid {daemon_pid(upper)}" in refused.stderr
+        layerfs_mount.umount(mnt)
+        committed = run_cli("commit", *layers, upper, str(tmp_path / "out"))
+        assert committed.returncode == 0, committed.stderr
+    finally:
+        force_unmount(mnt)
+    with layerfs.open(str(tmp_path / "out")) as fs:
+        assert fs.read_bytes("/new") == b"n"
