@@ -153,12 +153,31 @@ def _stack_spelling(command: str, operands: list, layer_count: int) -> str:
 
 
 def open_image_fs(args, image: Reference, upper=None):
-    progress = ProgressBar("indexing")
+    progress = ProgressBar("fetching" if image.is_remote else "indexing")
     try:
         return layerfs_fs.open(image, upper=upper, platform=args.platform,
-                               cache=cache_from(args), progress=progress)
+                               cache=cache_from(args), progress=progress,
+                               registry=registry_options(args))
     finally:
         progress.finish()
+
+
+def registry_options(args):
+    from .registry import Options
+    return Options(authfile=getattr(args, "authfile", None),
+                   tls_verify=getattr(args, "tls_verify", True),
+                   offline=getattr(args, "offline", False),
+                   cert_dir=getattr(args, "cert_dir", None),
+                   registries_conf=getattr(args, "registries_conf", None))
+
+
+def parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
 
 
 def cache_from(args):
@@ -262,6 +281,8 @@ def cmd_stat(args) -> int:
 
 def cmd_inspect(args) -> int:
     operands = take_image(args, [])
+    if operands.image.is_remote and not args.verbose:
+        return inspect_remote(args, operands.image)
     with open_image_fs(args, operands.image) as fs:
         report = inspect_report(fs)
     if args.json:
@@ -284,6 +305,135 @@ def cmd_inspect(args) -> int:
             for label in ("added", "changed", "deleted"):
                 for path in layer[label]:
                     print(f"    {label[0].upper()} {path}")
+    return 0
+
+
+def inspect_remote(args, ref: Reference) -> int:
+    """A registry image's reference, digests, platforms and config, from
+    its manifest and config alone: no layer is fetched (``-v`` does)."""
+    from .image import open_image
+    image = open_image(ref, platform=args.platform, cache=cache_from(args),
+                       registry=registry_options(args), read_layers=False)
+    report = {
+        "reference": str(ref), "resolved_digest": image.resolved_digest,
+        "manifest_digest": image.manifest_digest, "platform": image.platform,
+        "platforms": [{"platform": platform, "digest": digest}
+                      for _, platform, digest in image.offered],
+        "config_digest": image.config_digest, "chain_id": image_chain_id(image),
+        "layers": [{"digest": d.get("digest"), "size": d.get("size"),
+                    "media_type": d.get("mediaType")}
+                   for d in image.manifest.get("layers", [])],
+        "config": image.config,
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"reference: {report['reference']}")
+    print(f"resolved:  {report['resolved_digest']}")
+    print(f"manifest:  {report['manifest_digest']} ({report['platform'] or '-'})")
+    if len(report["platforms"]) > 1:
+        print("platforms: " + ", ".join(f"{p['platform']}" for p in report["platforms"]))
+    print(f"config:    {report['config_digest']}")
+    settings = image.config.get("config") or {}
+    for key in ("Entrypoint", "Cmd", "WorkingDir", "User", "Env"):
+        if settings.get(key):
+            print(f"{key + ':':<11}{json.dumps(settings[key])}")
+    for number, layer in enumerate(report["layers"]):
+        size = human_size(layer["size"]) if isinstance(layer["size"], int) else "?"
+        print(f"layer {number}:   {layer['digest']} {size} {layer['media_type'] or '-'}")
+    return 0
+
+
+def image_chain_id(image) -> str | None:
+    from .image import chain_id
+    diff_ids = (image.config.get("rootfs") or {}).get("diff_ids")
+    return chain_id(diff_ids) if isinstance(diff_ids, list) else None
+
+
+def cmd_pull(args) -> int:
+    operands = take_image(args, [])
+    with open_image_fs(args, operands.image) as fs:
+        print(fs.image.manifest_digest)
+    return 0
+
+
+def cmd_copy(args) -> int:
+    from .reference import parse_reference as parse
+    from .registry import BlobCache, cache_root, save_layout
+    operands = take_image(args, ["DEST"])
+    if not operands.image.is_remote:
+        raise UsageError("copy: IMAGE must be a docker:// reference (a local image is "
+                         "already on disk; commit or export write new ones)")
+    try:
+        dest = parse(operands.rest[0])
+    except InvalidReferenceError as error:
+        raise UsageError(f"copy: {error}") from None
+    if dest.transport != "oci" or dest.digest is not None:
+        raise UsageError(f"copy: DEST must be oci:DIR[:TAG], not {operands.rest[0]!r}")
+    cache = cache_from(args)
+    if cache is False:
+        raise UsageError("copy: needs the cache")
+    tag = dest.tag if dest.tag is not None else operands.image.tag
+    with open_image_fs(args, operands.image) as fs:
+        digest = save_layout(fs.image, BlobCache(cache_root(cache)), dest.path, tag)
+    print(digest)
+    return 0
+
+
+def cmd_tags(args) -> int:
+    operands = take_image(args, [])
+    ref = operands.image
+    if ref.is_remote:
+        from .registry import Client
+        from .reference import Reference as Ref
+        client = Client(Ref("docker", host=ref.host, repository=ref.repository),
+                        registry_options(args))
+        for tag in sorted(client.tags()):
+            print(tag)
+        return 0
+    from .image import list_images
+    progress = ProgressBar("indexing")
+    try:
+        images = list_images(ref, cache=cache_from(args), progress=progress)
+    finally:
+        progress.finish()
+    for names, platform, digest in images:
+        print(f"{', '.join(names) or '(untagged)'}\t{platform or '-'}\t{digest}")
+    return 0
+
+
+def cmd_login(args) -> int:
+    from . import auth
+    from .reference import Reference as Ref
+    from .registry import Client
+    username = args.username
+    if username is None:
+        if not sys.stdin.isatty():
+            raise UsageError("login: give --username")
+        username = input("Username: ")
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    elif args.password is not None:
+        password = args.password
+    else:
+        import getpass
+        password = getpass.getpass("Password: ")
+    credentials = auth.Credentials(username, password, "the command line")
+    client = Client(Ref("docker", host=args.host, repository="library/x"),
+                    registry_options(args), credentials=credentials)
+    client.check_login()
+    path = auth.store(args.host, username, password, args.authfile)
+    print(f"Login Succeeded ({path})")
+    return 0
+
+
+def cmd_logout(args) -> int:
+    from . import auth
+    if not auth.remove(args.host, args.authfile):
+        print(f"layerfs: not logged in to {args.host} ({auth.write_target(args.authfile)})",
+              file=sys.stderr)
+        return EXIT_ERROR
+    print(f"Removed login credentials for {args.host}")
     return 0
 
 
@@ -381,7 +531,8 @@ def cmd_mount(args) -> int:
     operands = take_image(args, ["MOUNTPOINT"])
     mount(operands.image, operands.rest[0], upper=args.upper,
           foreground=args.foreground, options=args.options,
-          platform=args.platform, cache_dir=args.cache_dir)
+          platform=args.platform, cache_dir=args.cache_dir,
+          registry=registry_options(args))
     return 0
 
 
@@ -429,7 +580,27 @@ def build_parser() -> argparse.ArgumentParser:
                                             "(default: this machine's)")
         sub.add_argument("--cache-dir", help="index cache directory (default: "
                                              "$LAYERFS_CACHE_DIR or ~/.cache/layerfs)")
+        add_registry_options(sub)
+        sub.add_argument("--offline", action="store_true",
+                         help="docker://: use only what is cached (a tag resolves to the "
+                              "digest it had when last fetched)")
         return sub
+
+    def add_registry_options(sub):
+        sub.add_argument("--authfile", metavar="FILE",
+                         help="docker://: credentials file (default: $REGISTRY_AUTH_FILE, "
+                              "else the containers tools' auth.json, else docker's)")
+        sub.add_argument("--tls-verify", type=parse_bool, default=True, metavar="BOOL",
+                         help="docker://: check the registry's certificate and refuse plain "
+                              "HTTP to hosts other than loopback (default: true)")
+        sub.add_argument("--registries-conf", metavar="FILE",
+                         help="docker://: mirrors, locations, insecure and blocked "
+                              "registries (default: $CONTAINERS_REGISTRIES_CONF, else "
+                              "~/.config/containers/registries.conf, else /etc/containers/)")
+        sub.add_argument("--cert-dir", metavar="DIR",
+                         help="docker://: CA certificates (*.crt) and a client certificate "
+                              "(*.cert + *.key) for the registry (default: certs.d/HOST "
+                              "under ~/.config/containers, /etc/containers, /etc/docker)")
 
     sub = command("ls", cmd_ls, "list a directory of the image", "[PATH]")
     sub.add_argument("-l", dest="long", action="store_true", help="long listing")
@@ -475,6 +646,30 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("-o", dest="options", action="append", default=[],
                      metavar="OPTION[,OPTION...]", help="FUSE mount options (allow_other, ...)")
     sub.add_argument("--upper", metavar="DIR", help="keep changes in DIR (copy-on-write)")
+
+    command("pull", cmd_pull, "fetch and index an image ahead of use; print its manifest "
+                              "digest", "")
+    command("copy", cmd_copy, "save a registry image as an OCI layout (the same blobs "
+                              "and digests); print its manifest digest", "oci:DIR[:TAG]")
+    command("tags", cmd_tags, "list the tags of a repository (docker://) or the images "
+                              "of a layout or archive", "")
+
+    sub = commands.add_parser("login", help="check and store credentials for a registry",
+                              description="check a username and password against a "
+                              "registry and store them in the containers auth file")
+    sub.set_defaults(function=cmd_login)
+    sub.add_argument("-u", "--username")
+    sub.add_argument("-p", "--password", help="(visible to other users: prefer "
+                                              "--password-stdin)")
+    sub.add_argument("--password-stdin", action="store_true")
+    add_registry_options(sub)
+    sub.add_argument("host", metavar="HOST[:PORT]")
+
+    sub = commands.add_parser("logout", help="remove stored credentials for a registry",
+                              description="remove stored credentials for a registry")
+    sub.set_defaults(function=cmd_logout)
+    sub.add_argument("--authfile", metavar="FILE")
+    sub.add_argument("host", metavar="HOST[:PORT]")
 
     sub = commands.add_parser("umount", help="unmount a layerfs mount",
                               description="unmount a layerfs mount")

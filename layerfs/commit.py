@@ -19,7 +19,8 @@ from typing import Optional
 
 import attrs
 
-from .errors import ReadOnlyError, UpperError
+from .errors import ReadOnlyError, UnsupportedImageError, UpperError
+from .image import REF_NAME
 from .imagewrite import write_oci_layout
 from .tarwrite import LayerTarWriter, write_tree
 from .union import ORIGIN_LOWER
@@ -66,6 +67,8 @@ def commit(fs, dest, *, compression: Optional[str] = "zstd", tag: Optional[str] 
         raise UpperError(errno.EBUSY, f"{fs.upper.directory}: opened read-only: commit "
                                       f"needs the upper opened for writing (unmounted)")
     dest = os.fspath(dest)
+    if tag is None:
+        refuse_untagged_beside_others(dest)
     os.makedirs(dest, exist_ok=True)
     temporary = os.path.join(dest, f".layerfs-commit-{os.getpid()}.tmp")
     created = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -83,6 +86,26 @@ def commit(fs, dest, *, compression: Optional[str] = "zstd", tag: Optional[str] 
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
     return CommitResult(dest, digest, layer_blob_path(dest, digest))
+
+
+def refuse_untagged_beside_others(dest: str) -> None:
+    """An untagged image added to a layout that holds others could not be
+    told apart from them later: refuse, before anything is written."""
+    try:
+        with open(os.path.join(dest, "index.json"), "rb") as stream:
+            entries = json.load(stream).get("manifests") or []
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    except (ValueError, AttributeError):
+        raise UnsupportedImageError("not an image index", path=os.path.join(
+            dest, "index.json")) from None
+    if entries:
+        names = sorted({(e.get("annotations") or {}).get(REF_NAME) or "(untagged)"
+                        for e in entries if isinstance(e, dict)})
+        raise UnsupportedImageError(
+            f"the layout already holds {len(entries)} image(s) ({', '.join(names)}): give "
+            "the new one a tag (--tag, tag=) so that later commands can tell which is meant",
+            path=dest)
 
 
 def layer_blob_path(dest: str, manifest_digest: str) -> str:

@@ -102,6 +102,23 @@ class InvalidReferenceError(UnsupportedImageError, ValueError):
     default_errno = _errno.EINVAL
 
 
+class RegistryError(ImageError):
+    """A registry could not give what was asked: unreachable, a 404 for a
+    repository, tag or blob, a server error, or a download that kept
+    breaking.  The message names the registry and the reference or digest.
+    Check the reference and the network; ``--offline`` reads what is cached."""
+
+    default_errno = _errno.EIO
+
+
+class RegistryAuthError(RegistryError):
+    """The registry refused access (401/403) or is rate-limiting (429).  The
+    message says what to do: log in (``layerfs login HOST``), check the
+    credentials or the repository's scope, or wait for the rate limit."""
+
+    default_errno = _errno.EACCES
+
+
 class UpperError(OSError):
     """An upper directory cannot be used as asked: it does not exist (opened
     for reading), is not a layerfs upper, belongs to another image, or is in

@@ -35,7 +35,7 @@ Source = Union[PathLike, Sequence[PathLike]]
 
 def open(source: Source, *, upper: Optional[PathLike] = None, tag: Optional[str] = None,
          platform: Optional[str] = None, cache=None, progress=None,
-         readonly: bool = False) -> "FileSystem":
+         registry=None, readonly: bool = False) -> "FileSystem":
     """Open an image as a filesystem.
 
     *source* names the image as :mod:`layerfs.reference` says: a string
@@ -51,16 +51,20 @@ def open(source: Source, *, upper: Optional[PathLike] = None, tag: Optional[str]
     *progress* is called as ``progress(done_bytes, total_bytes)`` while layers
     are indexed.  *upper* is a directory for the writable layer (created if
     missing); without it the filesystem is read-only and every write raises
-    ``OSError(EROFS)``.  One process at a time may write an upper: another
-    writer's raises :class:`~layerfs.errors.UpperError` (``EBUSY``), as does
-    an upper recorded for another image.  With *readonly*, an existing
-    *upper* is read as it is (nothing created, changed or locked: it may be
-    mounted meanwhile) and every write raises ``OSError(EROFS)``.
+    ``OSError(EROFS)``.  *registry* (a :class:`layerfs.registry.Options`)
+    says how ``docker://`` images are fetched: credentials file, TLS,
+    offline.
+
+    One process at a time may write an upper: another writer's raises
+    :class:`~layerfs.errors.UpperError` (``EBUSY``), as does an upper
+    recorded for another image.  With *readonly*, an existing *upper* is
+    read as it is (nothing created, changed or locked: it may be mounted
+    meanwhile) and every write raises ``OSError(EROFS)``.
     """
     source = as_reference(source)
     with collector_paused():
         image = open_image(source, tag=tag, platform=platform, cache=cache,
-                           progress=progress)
+                           progress=progress, registry=registry)
         try:
             fs = FileSystem(image)
         except BaseException:

@@ -13,8 +13,13 @@ Rules this module keeps:
   ``diff_id=``).  A blob path is built only from a validated digest, so a
   digest such as ``sha256:../../x`` can never leave the layout.
 - An archive is never extracted: its blobs are read in place, as byte ranges
-  (:class:`BlobSource`) of the outer tar.  A compressed outer tar is refused,
-  since random access into it would mean decompressing it first.
+  (:class:`BlobSource`) of the outer tar.  A compressed archive (``docker
+  save | gzip``) is indexed once like a layer, which leaves its uncompressed
+  copy in the cache, and its blobs are byte ranges of that copy; a
+  compressed file whose root holds no ``index.json`` + ``oci-layout`` nor a
+  docker ``manifest.json`` is one layer.
+- A registry (``docker://``) is one more blob store (:mod:`layerfs.registry`):
+  its blobs are fetched, verified, into the cache and read from there.
 - A ``docker save`` archive written by Docker 25 or later also holds an OCI
   layout (``index.json`` beside ``manifest.json``).  The OCI layout is
   preferred there: it names a digest for every blob, so everything can be
@@ -30,14 +35,17 @@ import json
 import os
 import platform as _platform
 import re
+import shutil
 import stat
 import tarfile
+import tempfile
 from typing import Any, Callable, Sequence
 
 import attrs
 
 from .compression import detect_compression
 from .errors import DigestMismatchError, ImageError, UnsupportedImageError
+from .entry import HARDLINK, REGULAR
 from .layer import BlobSource, Layer, open_layer
 from .paths import BadMemberName, normalize_member_name
 from .reference import (DOCKER, DOCKER_ARCHIVE, LAYERS, OCI, OCI_ARCHIVE, PATH,
@@ -340,6 +348,8 @@ class Image:
     list, config and manifest are synthesised (the host platform, no
     history).  ``ref`` is the name the image was chosen by, or its only name.
     ``layer_sources[i]`` is where the blob of ``layers[i]`` is stored.
+    An image opened with ``read_layers=False`` has no layers: its manifest
+    and config only.
     """
 
     layers: list[Layer]
@@ -352,6 +362,11 @@ class Image:
     kind: str
     source: str
     layer_sources: list
+    # What an index offered: ``[(names, platform, manifest digest)]`` and the
+    # digest of the manifest or index the reference itself resolved to (for
+    # a registry image: what a tag pointed at when it was opened).
+    offered: list = attrs.field(factory=list)
+    resolved_digest: str | None = None
 
     @property
     def tag(self) -> str | None:
@@ -387,7 +402,8 @@ class _Candidate:
 
 
 def open_image(source: Any, *, tag: str | None = None, platform: str | None = None,
-               cache: Any = None, progress: Any = None) -> Image:
+               cache: Any = None, progress: Any = None, registry: Any = None,
+               read_layers: bool = True) -> Image:
     """Open an image named as :mod:`layerfs.reference` says: a reference
     string (``oci:DIR[:TAG]``, ``oci-archive:FILE[:TAG]``,
     ``docker-archive:FILE[:TAG]``, ``docker://...``, or a bare path), a path
@@ -411,10 +427,12 @@ def open_image(source: Any, *, tag: str | None = None, platform: str | None = No
         _split_platform(platform)
     ref = as_reference(source).with_selector(tag)
     layer_args = {"cache": cache, "progress": progress}
+    if not read_layers:
+        layer_args["read_layers"] = False
     if ref.transport == LAYERS:
         return _open_layer_list(list(ref.layers), layer_args)
     if ref.transport == DOCKER:
-        raise UnsupportedImageError(f"{ref}: reading from a registry is not supported yet")
+        return _open_remote(ref, platform, layer_args, registry)
     path = ref.path
     choice = _Choice(ref.tag, ref.digest, platform)
     if ref.transport in (PATH, OCI) and os.path.isdir(path):
@@ -425,24 +443,174 @@ def open_image(source: Any, *, tag: str | None = None, platform: str | None = No
         return _Opener(store, "oci-layout", layer_args).open_oci(choice)
     if ref.transport == OCI:
         _not_a(path, "an OCI image layout directory")
-    if ref.transport == PATH and _is_compressed_layer(path):
-        _refuse_selector(choice, path, "a single layer file")
-        return _open_layer_list([path], layer_args)
     if os.path.isdir(path):
         _not_a(path, "an archive file")
+    if _is_compressed_layer(path):
+        outer = open_layer(path, label=f"0 ({os.path.basename(path)})",
+                           **_layer_only(layer_args))
+        try:
+            store = _CompressedTarStore(path, outer)
+        except BaseException:
+            outer.close()
+            raise
+        if not store.is_archive():
+            if ref.transport != PATH:
+                outer.close()
+                _not_a(path, "an image archive: a compressed file with no index.json "
+                       "and oci-layout, nor a docker manifest.json, at its root")
+            _refuse_selector(choice, path, "a single layer file")
+            return _image_of_layers([outer], [path])
+        try:
+            return _open_archive(store, ref.transport, choice, layer_args, path)
+        finally:
+            outer.close()      # the image's layers opened their own descriptors
     store = _TarStore(path)
-    if ref.transport != DOCKER_ARCHIVE and store.size("index.json") is not None \
-            and store.size("oci-layout") is not None:
-        return _Opener(store, "oci-archive", layer_args).open_oci(choice)
-    if ref.transport != OCI_ARCHIVE and store.size("manifest.json") is not None:
-        return _Opener(store, "docker-archive", layer_args).open_docker(choice)
-    if ref.transport == OCI_ARCHIVE:
-        _not_a(path, "an OCI archive (no index.json and oci-layout at its root)")
-    if ref.transport == DOCKER_ARCHIVE:
-        _not_a(path, "a docker archive (no manifest.json at its root)")
+    image = _open_archive(store, ref.transport, choice, layer_args, path)
+    if image is not None:
+        return image
     # Neither kind of image archive: a single layer tar.
     _refuse_selector(choice, path, "a single layer file")
     return _open_layer_list([path], layer_args)
+
+
+def _open_archive(store: Any, transport: str, choice: "_Choice", layer_args: dict,
+                  path: str) -> Image | None:
+    """The image an archive holds, or None if *store* is no image archive
+    and *transport* allows a single layer."""
+    if transport != DOCKER_ARCHIVE and store.size("index.json") is not None \
+            and store.size("oci-layout") is not None:
+        return _Opener(store, "oci-archive", layer_args).open_oci(choice)
+    if transport != OCI_ARCHIVE and store.size("manifest.json") is not None:
+        return _Opener(store, "docker-archive", layer_args).open_docker(choice)
+    if transport == OCI_ARCHIVE:
+        _not_a(path, "an OCI archive (no index.json and oci-layout at its root)")
+    if transport == DOCKER_ARCHIVE:
+        _not_a(path, "a docker archive (no manifest.json at its root)")
+    return None
+
+
+def _layer_only(layer_args: dict) -> dict:
+    return {k: v for k, v in layer_args.items() if k != "read_layers"}
+
+
+class _CompressedTarStore:
+    """The regular files of a gzip- or zstd-compressed tar, read in place
+    from its uncompressed copy: a ``docker save | gzip`` archive is indexed
+    once like a layer, then its members are byte ranges of that copy."""
+
+    def __init__(self, path: str, outer: Layer):
+        self.label = path
+        self.outer = outer
+        self.data_path, base = outer.data_location()
+        files: dict[str, tuple[int, int]] = {}
+        for entry in outer.entries:
+            if entry.kind == REGULAR and isinstance(entry.data, int):
+                files[entry.path[1:]] = (base + entry.data, entry.size)
+        for entry in outer.entries:       # hardlinks: a second name for a file
+            if entry.kind == HARDLINK and entry.linkname[1:] in files:
+                files[entry.path[1:]] = files[entry.linkname[1:]]
+        self.members = files
+
+    def is_archive(self) -> bool:
+        if "index.json" in self.members and "oci-layout" in self.members:
+            return True
+        if "manifest.json" not in self.members:
+            return False
+        try:
+            entries = json.loads(self.read("manifest.json"))
+        except ValueError:
+            return False
+        return isinstance(entries, list) and bool(entries) and all(
+            isinstance(e, dict) and "Config" in e and "Layers" in e for e in entries)
+
+    def where(self, name: str) -> str:
+        return f"{self.label}:{name}"
+
+    def size(self, name: str) -> int | None:
+        member = self.members.get(name)
+        return None if member is None else member[1]
+
+    def read(self, name: str) -> bytes:
+        offset, size = self.members[name]
+        with open(self.data_path, "rb") as f:
+            f.seek(offset)
+            return f.read(min(size, MAX_JSON_SIZE + 1))
+
+    def source(self, name: str) -> BlobSource:
+        offset, size = self.members[name]
+        return BlobSource(self.data_path, offset, size)
+
+
+def _open_remote(ref: Any, platform: str | None, layer_args: dict, options: Any) -> Image:
+    """An image in a registry: its blobs are fetched into the cache (see
+    :mod:`layerfs.registry`) and then read like a layout's.  The reference
+    resolves to one manifest or index, which is then treated as a layout
+    whose index.json names only it."""
+    from .registry import BlobCache, Options, RemoteStore, cache_root
+    root = cache_root(layer_args["cache"])
+    temporary = None
+    if root is None:          # cache=False: nothing may stay behind
+        temporary = root = tempfile.mkdtemp(prefix="layerfs-registry-")
+    try:
+        store = RemoteStore(ref, BlobCache(root), options or Options(),
+                            progress=layer_args["progress"])
+        data, media_type, digest = store.top_manifest()
+        entry = descriptor(media_type, digest, len(data))
+        if ref.tag is not None:
+            entry["annotations"] = {REF_NAME: ref.tag}
+        opener = _Opener(store, "registry", layer_args)
+        image = opener.open_index({"manifests": [entry]}, store.label,
+                                  _Choice(None, None, platform))
+        image.resolved_digest = digest
+        return image
+    finally:
+        if temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True)
+
+
+def list_images(source: Any, *, cache: Any = None,
+                progress: Any = None) -> list[tuple[tuple[str, ...], str | None, str]]:
+    """``[(names, platform, digest)]`` for every image a layout or archive
+    holds (``layerfs tags``): its tags, its platform, and its manifest
+    digest (a docker archive, which has no manifests: its config digest).
+    Only JSON is read, no layer is opened (a compressed archive is
+    indexed first, as :func:`open_image` does)."""
+    ref = as_reference(source)
+    if ref.transport in (LAYERS, DOCKER):
+        raise UnsupportedImageError(f"{ref}: not a layout or archive (list a registry "
+                                    "repository's tags with the registry client)")
+    path = ref.path
+    if os.path.isdir(path):
+        return _list_images(_DirStore(path), path)
+    if _is_compressed_layer(path):
+        with open_layer(path, label=f"0 ({os.path.basename(path)})", cache=cache,
+                        progress=progress) as outer:
+            return _list_images(_CompressedTarStore(path, outer), path)
+    return _list_images(_TarStore(path), path)
+
+
+def _list_images(store: Any, path: str) -> list[tuple[tuple[str, ...], str | None, str]]:
+    opener = _Opener(store, "layout", {"cache": False, "progress": None,
+                                       "read_layers": False})
+    out = []
+    if store.size("index.json") is not None:
+        candidates: list[_Candidate] = []
+        opener.walk_index(opener.read_json_file("index.json"), store.where("index.json"),
+                          (), 0, candidates)
+        for c in candidates:
+            out.append((c.names, c.platform or opener.oci_platform(c), c.key))
+        return out
+    if store.size("manifest.json") is None:
+        raise UnsupportedImageError("not an OCI layout or image archive", path=path)
+    entries = opener.read_json_file("manifest.json")
+    where = store.where("manifest.json")
+    if not isinstance(entries, list):
+        raise UnsupportedImageError("manifest.json is not a list", path=where)
+    for entry in entries:
+        config, digest = opener.docker_config(_field(entry, "Config", str, where))
+        out.append((tuple(_field(entry, "RepoTags", list, where, default=[])),
+                    _config_platform(config), digest))
+    return out
 
 
 @attrs.frozen
@@ -482,8 +650,10 @@ class _Opener:
     def __init__(self, store: _DirStore | _TarStore, kind: str, layer_args: dict):
         self.store = store
         self.kind = kind
+        self.read_layers = layer_args.pop("read_layers", True)
         self.layer_args = layer_args
         self._json_cache: dict[str, dict] = {}
+        self.offered: list = []
 
     # ---- reading files and blobs
 
@@ -535,13 +705,20 @@ class _Opener:
         if not version.startswith("1."):
             raise UnsupportedImageError(f"image layout version {version!r} is not 1.x",
                                         path=where)
+        return self.open_index(self.read_json_file("index.json"),
+                               self.store.where("index.json"), choice)
+
+    def open_index(self, index: Any, where: str, choice: _Choice) -> Image:
+        """The image *choice* designates among those *index* (read from
+        *where*) names, nested indexes followed."""
         candidates: list[_Candidate] = []
-        self.walk_index(self.read_json_file("index.json"), self.store.where("index.json"),
-                        (), 0, candidates)
-        chosen, ref = _choose(candidates, choice, self.oci_platform,
-                              self.store.where("index.json"))
+        self.walk_index(index, where, (), 0, candidates)
+        chosen, ref = _choose(candidates, choice, self.oci_platform, where)
+        self.offered = [(c.names, c.platform, c.key) for c in candidates]
         manifest = self.read_json_blob(chosen.entry, "image manifest")
-        return self.open_manifest(manifest, chosen.key, ref)
+        image = self.open_manifest(manifest, chosen.key, ref)
+        image.offered = self.offered
+        return image
 
     def walk_index(self, index: Any, where: str, names: tuple[str, ...], depth: int,
                    out: list[_Candidate]) -> None:
@@ -591,6 +768,12 @@ class _Opener:
         layer_descs = _field(manifest, "layers", list, where)
         diff_ids = _diff_ids(config, len(layer_descs),
                              self.store.where(blob_name(config_desc["digest"])))
+        if not self.read_layers:
+            return Image([], config, config_desc["digest"], manifest, digest, ref,
+                         _config_platform(config), self.kind, self.store.label, [])
+        prefetch = getattr(self.store, "prefetch", None)
+        if prefetch is not None:        # a remote store: download several at once
+            prefetch(layer_descs)
         sources = [self.store.source(self.blob(d, f"layer {i}"))
                    for i, d in enumerate(layer_descs)]
         layers = self.open_layers([
@@ -666,10 +849,24 @@ class _Opener:
     def open_layers(self, specs: list[tuple]) -> list[Layer]:
         """Open every layer, or none: those already opened are closed when
         one fails."""
-        return _open_all([
-            lambda i=i, s=s: open_layer(s[0], digest=s[1], diff_id=s[2], media_type=s[3],
-                                        label=f"{i} ({(s[1] or s[2])[:19]})", **self.layer_args)
-            for i, s in enumerate(specs)])
+        return _open_all([lambda i=i, s=s: self.open_layer(i, *s)
+                          for i, s in enumerate(specs)])
+
+    def open_layer(self, number: int, source: Any, digest: str | None, diff_id: str,
+                   media_type: str | None) -> Layer:
+        try:
+            return open_layer(source, digest=digest, diff_id=diff_id, media_type=media_type,
+                              label=f"{number} ({(digest or diff_id)[:19]})",
+                              **self.layer_args)
+        except DigestMismatchError as error:
+            discard = getattr(self.store, "discard", None)
+            if discard is None or digest is None:
+                raise
+            # A fetched blob that is not what the config says (its diff_id)
+            # leaves the cache, and the error names where it came from.
+            discard(digest)
+            raise DigestMismatchError(error.reason, path=self.store.where(blob_name(digest)),
+                                      layer=error.layer, entry=error.entry) from None
 
 
 def _open_all(openers: list[Callable[[], Layer]]) -> list[Layer]:
@@ -700,9 +897,14 @@ def _open_layer_list(paths: list[str], layer_args: dict) -> Image:
     (host platform, the layers' diff_ids) and manifest."""
     if not paths:
         raise UnsupportedImageError("an image needs at least one layer")
+    layer_args = {k: v for k, v in layer_args.items() if k != "read_layers"}
     layers = _open_all([
         lambda i=i, p=p: open_layer(p, label=f"{i} ({os.path.basename(p)})", **layer_args)
         for i, p in enumerate(paths)])
+    return _image_of_layers(layers, paths)
+
+
+def _image_of_layers(layers: list[Layer], paths: list[str]) -> Image:
     os_, arch, variant = _split_platform(host_platform())
     config = {"architecture": arch, "os": os_,
               "rootfs": {"type": "layers", "diff_ids": [layer.diff_id for layer in layers]}}

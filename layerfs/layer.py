@@ -269,6 +269,18 @@ class Layer:
             data += more
         return data
 
+    def data_location(self) -> tuple[str, int]:
+        """A path the layer's uncompressed tar can be opened at, and the
+        offset where the tar starts in it: the blob itself when it is a
+        plain tar, else its uncompressed copy (in the cache, or the
+        anonymous one through ``/proc/self/fd`` while this layer is open).
+        Lets a compressed archive be read as the image it holds."""
+        if self.compression == NONE:
+            return self.source.path, self.source.offset
+        if self.cache is not None:
+            return self.cache.blob_path(self.digest.partition(":")[2]), 0
+        return f"/proc/self/fd/{self._data_fd}", 0
+
     def close(self) -> None:
         self._data_fd = -1
         closers, self._closers = self._closers, []

@@ -65,7 +65,7 @@ UMOUNT_TIMEOUT = 60.0
 
 def mount(source, mountpoint, *, upper=None, foreground: bool = False,
           options: Iterable[str] = (), tag: Optional[str] = None,
-          platform: Optional[str] = None, cache_dir=None) -> None:
+          platform: Optional[str] = None, cache_dir=None, registry=None) -> None:
     """Mount the image *source* (what :func:`layerfs.open` takes) on *mountpoint*.
 
     Read-only, or copy-on-write into the directory *upper*.  *options* are
@@ -85,7 +85,7 @@ def mount(source, mountpoint, *, upper=None, foreground: bool = False,
     check_device()
     check_mountpoint(mountpoint, allow_nonempty="nonempty" in user_options)
     opener = functools.partial(open_fs, source, upper=upper, tag=tag, platform=platform,
-                               cache_dir=cache_dir)
+                               cache_dir=cache_dir, registry=registry)
     if foreground:
         serve(opener(), mountpoint, user_options)
         return
@@ -416,13 +416,14 @@ def unescape_mountinfo(text: str) -> str:
     return "".join(out)
 
 
-def open_fs(source, *, upper=None, tag=None, platform=None, cache_dir=None):
+def open_fs(source, *, upper=None, tag=None, platform=None, cache_dir=None, registry=None):
     from . import fs as layerfs_fs
     cache = None
     if cache_dir is not None:
         from .layer import IndexCache
         cache = IndexCache(cache_dir)
-    return layerfs_fs.open(source, tag=tag, platform=platform, cache=cache, upper=upper)
+    return layerfs_fs.open(source, tag=tag, platform=platform, cache=cache, upper=upper,
+                           registry=registry)
 
 
 def absolute(path):

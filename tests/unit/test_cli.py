@@ -226,3 +226,25 @@ def test_diff_works_beside_a_writer_and_commit_is_refused_naming_it(image, tmp_p
         result = run("commit", image, upper, tmp_path / "out", check=False)
         assert_one_line_error(result, str(upper), f"pid {os.getpid()}", "unmount it")
     assert run("commit", image, upper, tmp_path / "out").stdout.startswith("sha256:")
+
+
+def test_a_gzipped_docker_save_archive_opens_as_its_image(image, tmp_path):
+    import gzip
+    import layerfs
+    from layerfs.imagewrite import write_docker_archive
+    with layerfs.open(image) as fs:
+        write_docker_archive(tmp_path / "saved.tar", fs.image.layer_sources, ["example:v1"],
+                             config=fs.image.config)
+    packed = tmp_path / "saved.tar.gz"
+    packed.write_bytes(gzip.compress((tmp_path / "saved.tar").read_bytes()))
+    assert run("cat", packed, "/etc/motd").stdout.startswith("Welcome")
+    assert run("cat", f"docker-archive:{packed}:example:v1", "/etc/motd").stdout.startswith(
+        "Welcome")
+    assert run("tags", packed).stdout.startswith("example:v1\tlinux/")
+    assert json.loads(run("inspect", "--json", packed).stdout)["image"]["kind"] == (
+        "docker-archive")
+
+
+def test_tags_lists_the_images_of_a_layout(image):
+    name, platform, digest = run("tags", image).stdout.strip().split("\t")
+    assert name == "example" and platform.startswith("linux/") and digest.startswith("sha256:")

@@ -107,3 +107,24 @@ def test_umoci_unpacks_the_committed_image_to_the_same_tree(tmp_path):
     # umoci gives the root directory its own metadata; compare everything else.
     expected.pop("/"), unpacked.pop("/")
     assert diff_views(expected, unpacked) == []
+
+
+def test_an_untagged_commit_never_joins_other_images(image, tmp_path):
+    """commit without a tag into a layout that already holds an image would
+    leave two images later commands could not tell apart: refused, before
+    anything is written; with a tag, both stay reachable."""
+    with layerfs.open(image, upper=tmp_path / "up") as fs:
+        fs.write_bytes("/etc/motd", b"one\n")
+        first = commit(fs, tmp_path / "out")
+        before = sorted(os.listdir(tmp_path / "out" / "blobs" / "sha256"))
+        with pytest.raises(layerfs.UnsupportedImageError, match="give the new one a tag"):
+            commit(fs, tmp_path / "out")
+        with pytest.raises(layerfs.UnsupportedImageError, match=EXAMPLE_TAG):
+            commit(fs, image)
+        assert sorted(os.listdir(tmp_path / "out" / "blobs" / "sha256")) == before
+        fs.write_bytes("/etc/motd", b"two\n")
+        commit(fs, tmp_path / "out", tag="two")
+    with layerfs.open(f"oci:{tmp_path / 'out'}:two") as fs:
+        assert fs.read_bytes("/etc/motd") == b"two\n"
+    with layerfs.open(f"oci:{tmp_path / 'out'}:{first.manifest_digest}") as fs:
+        assert fs.read_bytes("/etc/motd") == b"one\n"

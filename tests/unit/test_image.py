@@ -11,6 +11,7 @@ import os
 import tarfile
 
 import pytest
+import zstandard
 
 from layerfs.errors import DigestMismatchError, ImageError, UnsupportedImageError
 from layerfs.image import (DOCKER_LIST, OCI_INDEX, REF_NAME, blob_name, chain_id,
@@ -135,14 +136,39 @@ def test_oci_archive_reads_blobs_in_place(tmp_path, layers):
             assert f.read(source.size) == open(layers[1], "rb").read()
 
 
-def test_a_compressed_file_is_one_layer(tmp_path, layers):
-    # Image archives are read in place, so never compressed: a gzip or zstd
-    # file is a layer, even when what it holds is an image archive.
-    write_oci_archive(tmp_path / "img.tar", layers)
-    (tmp_path / "img.tar.gz").write_bytes(gzip.compress((tmp_path / "img.tar").read_bytes()))
-    with open_image(tmp_path / "img.tar.gz") as image:
+@pytest.mark.parametrize("compress", [gzip.compress,
+                                      lambda data: zstandard.ZstdCompressor().compress(data)])
+@pytest.mark.parametrize("cache", [None, False])
+def test_a_compressed_image_archive_opens_as_the_image_it_holds(tmp_path, layers, compress,
+                                                                 cache):
+    """``docker save | gzip`` (and a compressed OCI archive): the archive is
+    indexed once like a layer and its blobs read from the uncompressed copy."""
+    from layerfs.layer import IndexCache
+    cache = IndexCache(tmp_path / "cache") if cache is None else cache
+    write_docker_archive(tmp_path / "saved.tar", layers, ["app:v1"])
+    write_oci_archive(tmp_path / "oci.tar", layers, tag="v1")
+    for name, kind in (("saved.tar", "docker-archive"), ("oci.tar", "oci-archive")):
+        packed = tmp_path / f"{name}.z"
+        packed.write_bytes(compress((tmp_path / name).read_bytes()))
+        for source in (packed, f"{kind}:{packed}", f"{kind}:{packed}:v1"):
+            with open_image(source, cache=cache) as image:
+                assert image.kind == kind
+                assert image.diff_ids == DIFF_IDS
+                assert [layer.entry_count for layer in image.layers] == [
+                    layer.entry_count for layer in open_image(tmp_path / name).layers]
+    with pytest.raises(UnsupportedImageError, match="no image tagged 'v9'"):
+        open_image(f"docker-archive:{tmp_path / 'saved.tar.z'}:v9", cache=cache)
+
+
+def test_a_compressed_layer_is_still_one_layer(tmp_path):
+    (tmp_path / "layer.tar.gz").write_bytes(gzip.compress(tar_bytes({"a": b"zero"})))
+    with open_image(tmp_path / "layer.tar.gz") as image:
         assert image.kind == "layers" and len(image.layers) == 1
-        assert "/index.json" in {entry.path for entry in image.layers[0].entries}
+        assert image.diff_ids == DIFF_IDS[:1]
+    with pytest.raises(UnsupportedImageError, match="not an image archive"):
+        open_image(f"docker-archive:{tmp_path / 'layer.tar.gz'}")
+    with pytest.raises(UnsupportedImageError, match="no tags"):
+        open_image(f"{tmp_path / 'layer.tar.gz'}", tag="v1")
 
 
 def test_kind_comes_from_content_not_name(tmp_path, layers):

@@ -116,3 +116,15 @@ def test_layerfs_open_takes_the_same_strings(tmp_path):
     with pytest.raises(FileNotFoundError):
         layerfs.open(f"oci:{tmp_path / 'nothing'}")
     assert os.path.isdir(image)
+
+
+def test_registry_helpers_read_text_only():
+    from layerfs.registry import is_loopback, parse_challenge
+    assert all(map(is_loopback, ["localhost", "localhost:5000", "127.0.0.1:5000",
+                                 "127.1.2.3", "[::1]:5000", "::1"]))
+    assert not any(map(is_loopback, ["example.com", "10.0.0.1:5000", "localhost.example"]))
+    assert parse_challenge('Bearer realm="https://a/token",service="reg",'
+                           'scope="repository:x/y:pull"') == (
+        "bearer", {"realm": "https://a/token", "service": "reg",
+                   "scope": "repository:x/y:pull"})
+    assert parse_challenge('Basic realm="r"') == ("basic", {"realm": "r"})

@@ -1,0 +1,117 @@
+"""``registries.conf``: where an image is really fetched from.
+
+Everything about mirrors, rewritten locations, ``insecure`` and ``blocked``
+registries lives here, read as the containers tools read it
+(containers-registries.conf(5), version 2).  :mod:`layerfs.registry` asks
+:func:`endpoints` for the places to try, in order.
+
+Files: ``$CONTAINERS_REGISTRIES_CONF`` (or ``Options.registries_conf``) if
+set; else ``~/.config/containers/registries.conf`` if it exists, else
+``/etc/containers/registries.conf``; then the ``*.conf`` drop-ins of the
+``registries.conf.d`` directory beside the chosen file, in name order, whose
+``[[registry]]`` tables replace those of the same prefix.
+
+For a reference ``HOST/REPO``, the ``[[registry]]`` with the longest
+``prefix`` (default: its ``location``) equal to ``HOST/REPO`` or to a
+leading part of it, ending at a ``/``, applies: its mirrors are tried first,
+in order (``pull-from-mirror``: ``all``, ``digest-only``, ``tag-only``; the
+registry's ``mirror-by-digest-only`` = ``digest-only`` for all), then its
+``location`` with the prefix replaced.  ``insecure = true`` lets that place
+be reached over plain HTTP or with an unchecked certificate.  A ``blocked``
+registry is refused.  Wildcard prefixes (``*.example.com``) and
+``unqualified-search-registries`` are not read: references are always fully
+qualified here.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import attrs
+
+from .errors import RegistryError, UnsupportedImageError
+
+
+@attrs.frozen
+class Endpoint:
+    """One place to fetch ``repository`` from, on ``host``."""
+    host: str
+    repository: str
+    insecure: bool = False
+    mirror: bool = False
+
+
+def config_files(path: Optional[str] = None) -> list[str]:
+    main = path or os.environ.get("CONTAINERS_REGISTRIES_CONF")
+    if not main:
+        user = os.path.join(os.environ.get("XDG_CONFIG_HOME")
+                            or os.path.join(os.path.expanduser("~"), ".config"),
+                            "containers", "registries.conf")
+        main = user if os.path.exists(user) else "/etc/containers/registries.conf"
+    files = [main] if os.path.isfile(main) else []
+    drop_ins = os.path.splitext(main)[0] + ".conf.d"
+    if os.path.isdir(drop_ins):
+        files.extend(os.path.join(drop_ins, name) for name in sorted(os.listdir(drop_ins))
+                     if name.endswith(".conf"))
+    return files
+
+
+def load(path: Optional[str] = None) -> dict[str, dict]:
+    """``{prefix: [[registry]] table}`` from every file, later ones winning."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:     # Python 3.10
+        import tomli as tomllib     # type: ignore[no-redef]
+    registries: dict[str, dict] = {}
+    for file in config_files(path):
+        try:
+            with open(file, "rb") as handle:
+                document = tomllib.load(handle)
+        except (OSError, ValueError) as error:
+            raise UnsupportedImageError(f"cannot read registries.conf ({error})",
+                                        path=file) from None
+        for table in document.get("registry") or []:
+            if not isinstance(table, dict):
+                continue
+            prefix = table.get("prefix") or table.get("location")
+            if isinstance(prefix, str) and prefix:
+                registries[prefix.rstrip("/")] = dict(table, _file=file)
+    return registries
+
+
+def endpoints(host: str, repository: str, *, by_digest: bool,
+              path: Optional[str] = None) -> list[Endpoint]:
+    """The places to fetch ``host/repository`` from, mirrors first."""
+    name = f"{host}/{repository}"
+    registries = load(path)
+    matching = [prefix for prefix in registries
+                if name == prefix or name.startswith(prefix + "/")]
+    if not matching:
+        return [Endpoint(host, repository)]
+    prefix = max(matching, key=len)
+    table = registries[prefix]
+    if table.get("blocked"):
+        raise RegistryError(f"registry {prefix} is blocked in {table['_file']}")
+    rest = name[len(prefix):]
+    found = []
+    digest_only = bool(table.get("mirror-by-digest-only"))
+    for mirror in table.get("mirror") or []:
+        if not isinstance(mirror, dict) or not isinstance(mirror.get("location"), str):
+            continue
+        when = mirror.get("pull-from-mirror") or ("digest-only" if digest_only else "all")
+        if (when == "digest-only" and not by_digest) or (when == "tag-only" and by_digest):
+            continue
+        found.append(_endpoint(mirror["location"] + rest, bool(mirror.get("insecure")), True))
+    location = table.get("location") or prefix
+    found.append(_endpoint(location + rest, bool(table.get("insecure")), False))
+    return found
+
+
+def _endpoint(name: str, insecure: bool, mirror: bool) -> Endpoint:
+    host, _, repository = name.partition("/")
+    return Endpoint(host, repository, insecure, mirror)
+
+
+def describe(endpoint: Any) -> str:
+    return f"{endpoint.host}/{endpoint.repository}" + (" (mirror)" if endpoint.mirror else "")
