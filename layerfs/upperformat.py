@@ -145,7 +145,7 @@ def open_for_writing(directory: str, binding: Binding) -> Opened:
     or record the image, empty ``work/``."""
     os.makedirs(directory, exist_ok=True)
     version = read_version(directory)
-    if version is None and set(os.listdir(directory)) - {LOCK_FILE}:
+    if version is None and not is_fresh(directory):
         raise UpperError(errno.EINVAL, f"{directory}: directory is not empty and has no "
                                        f"{MARKER_FILE}: refusing to use it as an upper layer")
     if version is not None:
@@ -163,6 +163,17 @@ def open_for_writing(directory: str, binding: Binding) -> Opened:
         opened.close()
         raise
     return opened
+
+
+def is_fresh(directory: str) -> bool:
+    """Empty, or holding only what an initialisation that was interrupted
+    before writing the marker leaves: the lock, ``work/``, an empty ``diff/``."""
+    names = set(os.listdir(directory)) - {LOCK_FILE}
+    if not names <= {"diff", "work"}:
+        return False
+    diff = os.path.join(directory, "diff")
+    return "diff" not in names or (os.path.isdir(diff) and not os.path.islink(diff)
+                                   and not os.listdir(diff))
 
 
 def prepare(opened: Opened, directory: str, binding: Binding, new: bool) -> None:

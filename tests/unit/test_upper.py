@@ -568,3 +568,19 @@ def test_an_upper_refused_for_another_image_is_left_untouched(image, tmp_path):
         layerfs.open(other, upper=upper)
     assert marker["image"]["chain_id"] in str(caught.value)
     assert json.loads((upper / "layerfs-upper.json").read_text()) == marker   # untouched
+
+
+def test_an_initialisation_interrupted_before_the_marker_is_taken_up_again(image, tmp_path):
+    upper = tmp_path / "upper"
+    for name in ("diff", "work"):
+        (upper / name).mkdir(parents=True)
+    (upper / "lock").write_bytes(b"")
+    (upper / "work" / ".layerfs-upper.json.1.tmp").write_bytes(b"{")
+    with layerfs.open(image, upper=upper) as fs:
+        fs.write_bytes("/new", b"n")
+    assert json.loads((upper / "layerfs-upper.json").read_text())["format"] == 2
+    assert os.listdir(upper / "work") == []
+    (upper / "diff" / "stray").mkdir()            # but not a diff/ that holds something
+    (upper / "layerfs-upper.json").unlink()
+    with pytest.raises(UpperError, match="not empty"):
+        layerfs.open(image, upper=upper)
