@@ -31,6 +31,7 @@ PATHS = st.sampled_from([
     "etc", "etc/passwd", "bin", "bin/tool", "bin/tool-link", "lib", "lib/libx.so",
     "lib/libx.so.1", "usr", "usr/lib", "usr/lib/new", "attrs", "empty", "dangling",
     "absolute", "run/fifo", "a", "b", "etc/x", "bin/y", "d", "d/e", "usr/lib/z",
+    "etc/" + "l" * 253, "m" * 256,        # a long whiteout's name; ENAMETOOLONG
 ])
 OPEN_FLAGS = st.sampled_from([
     os.O_WRONLY | os.O_CREAT | os.O_EXCL, os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
