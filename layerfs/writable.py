@@ -1,10 +1,12 @@
 """The ``os``-shaped write operations of a filesystem with an upper layer.
 
-Each function checks what ``os`` on a local directory would check, in the
-same order, so the errors and errnos match; then changes the upper layer
-(:mod:`layerfs.upper`) and the view together under the upper's lock.
-Permission bits are not checked here (a FUSE mount lets the kernel check
-them with ``default_permissions``); the caller acts as the owner.
+Each function only decides: it checks what ``os`` on a local directory
+would check, in the same order, so the errors and errnos match, then asks
+the upper store (:mod:`layerfs.upper`) for one of its changes, which
+changes the host and the view together; all under the upper's lock.
+Nothing here touches the host or the tree.  Permission bits are not
+checked here (a FUSE mount lets the kernel check them with
+``default_permissions``); the caller acts as the owner.
 """
 
 from __future__ import annotations
