@@ -164,9 +164,12 @@ class HostDir:
         with self.at(path) as (parent, name):
             os.chown(name, uid, gid, dir_fd=parent, follow_symlinks=False)
 
-    def utime(self, path: str, atime_ns: int, mtime_ns: int) -> None:
+    def utime(self, path: str, atime_ns: int, mtime_ns: int) -> os.stat_result:
+        """Set the times; returns the entry's lstat after (its new ctime),
+        read through the same walk."""
         with self.at(path) as (parent, name):
             os.utime(name, ns=(atime_ns, mtime_ns), dir_fd=parent, follow_symlinks=False)
+            return os.stat(name, dir_fd=parent, follow_symlinks=False)
 
     @contextlib.contextmanager
     def xattr_path(self, path: str) -> Iterator[str]:

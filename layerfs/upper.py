@@ -391,9 +391,9 @@ class Upper:
             if node.origin == ORIGIN_METACOPY or path == "/":
                 self._record_metadata(path, node)
             else:
-                self._apply_metadata(diff_path(path), node)
+                after = self._apply_metadata(diff_path(path), node)
                 self._record_unstorable(path, node)
-                self._settle(path, node)
+                node.ctime_ns = after.st_ctime_ns
         except BaseException:
             (node.mode, node.uid, node.gid, node.atime_ns, node.mtime_ns,
              node.ctime_ns, node.xattrs) = before
@@ -501,8 +501,9 @@ class Upper:
         view's: put the view's times back on the host copy."""
         node = self.tree.nodes[directory]
         if directory != "/" and node.origin >= ORIGIN_MERGED:
-            self.host.utime(diff_path(directory), node.atime_ns, node.mtime_ns)
-            self._settle(directory, node)
+            after = self.host.utime(diff_path(directory), node.atime_ns, node.mtime_ns)
+            node.ctime_ns = after.st_ctime_ns
+            node.stat_cache = None
 
     def _settle(self, path: str, node: Node) -> None:
         """After a host change of the upper entry at *path*: its ctime is the
@@ -537,8 +538,9 @@ class Upper:
             self._record_metadata(parent_path, parent)
         else:
             host_stat = self.host.lstat(diff_path(parent_path))
-            self.host.utime(diff_path(parent_path), host_stat.st_atime_ns, stamp)
-            self._settle(parent_path, parent)
+            after = self.host.utime(diff_path(parent_path), host_stat.st_atime_ns, stamp)
+            parent.ctime_ns = after.st_ctime_ns
+            parent.stat_cache = None
 
     def _empty_replaced_directory(self, path: str, node: Node) -> None:
         """A directory about to be replaced by a rename is empty in the view,
@@ -593,8 +595,9 @@ class Upper:
             os.close(host.open_file(host_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         self._apply_metadata(host_path, node)
 
-    def _apply_metadata(self, host_path: str, node: Node) -> None:
-        """Make the host entry's metadata *node*'s (xattrs, owner, mode, times)."""
+    def _apply_metadata(self, host_path: str, node: Node) -> os.stat_result:
+        """Make the host entry's metadata *node*'s (xattrs, owner, mode, times);
+        returns the entry's lstat after."""
         host = self.host
         wanted = {name: value for name, value in (node.xattrs or {}).items()
                   if self._host_stores_xattr(name)}
@@ -606,7 +609,7 @@ class Upper:
         if self.is_root:
             host.chown(host_path, node.uid, node.gid)
         host.chmod(host_path, node.mode & 0o7777)
-        host.utime(host_path, node.atime_ns, node.mtime_ns)
+        return host.utime(host_path, node.atime_ns, node.mtime_ns)
 
     def _host_stores_xattr(self, name: str) -> bool:
         """Without root, only ``user.*`` xattrs can be set on the host."""
