@@ -17,6 +17,8 @@ import argparse
 import datetime
 import errno
 import json
+import math
+import shlex
 import os
 import stat as _stat
 import sys
@@ -203,42 +205,90 @@ def cmd_ls(args) -> int:
             raise OSError(errno.ENOENT, "No such file or directory in the image; if "
                           "these are layer files to stack, write: " + _stack_spelling(
                               "ls", list(args.operands), len(args.operands)), path) from None
-        if node.children is None:
-            print_entry(fs, path, os.path.basename(path), args.long)
-            return 0
-        list_directory(fs, path, args.long, args.recursive, first=True)
+        if args.json:
+            print(json.dumps(list_records(fs, path, node, args), indent=2))
+        elif node.children is None:
+            print_entry(fs, path, os.path.basename(path), args)
+        else:
+            list_directory(fs, path, args, first=True)
     return 0
 
 
-def list_directory(fs, path: str, long: bool, recursive: bool, first: bool) -> None:
-    if recursive:
+def listed_names(fs, path: str, show_all: bool) -> list[str]:
+    """A directory's names as ``ls`` shows them: sorted, dot names only
+    with ``-a`` (which also shows ``.`` and ``..``)."""
+    names = sorted(fs.listdir(path))
+    return [".", ".."] + names if show_all else [n for n in names if not n.startswith(".")]
+
+
+def child_path(path: str, name: str) -> str:
+    if name == ".":
+        return path
+    if name == "..":
+        return os.path.dirname(path.rstrip("/")) or "/"
+    return f"{path.rstrip('/')}/{name}"
+
+
+def list_directory(fs, path: str, args, first: bool) -> None:
+    if args.recursive:
         if not first:
             print()
         print(f"{path}:")
-    names = sorted(fs.listdir(path))
-    prefix = path.rstrip("/")
+    names = listed_names(fs, path, args.all)
     for name in names:
-        print_entry(fs, f"{prefix}/{name}", name, long)
-    if recursive:
+        print_entry(fs, child_path(path, name), name, args)
+    if args.recursive:
         for name in names:
-            child = f"{prefix}/{name}"
-            if fs.lstat(child).st_mode & 0o170000 == _stat.S_IFDIR:
-                list_directory(fs, child, long, recursive, first=False)
+            child = child_path(path, name)
+            if name not in (".", "..") and _stat.S_ISDIR(fs.lstat(child).st_mode):
+                list_directory(fs, child, args, first=False)
 
 
-def print_entry(fs, path: str, name: str, long: bool) -> None:
-    if not long:
+def list_records(fs, path: str, node, args) -> list[dict]:
+    """``ls --json``: one record a listed entry (the ``stat --json`` fields);
+    with ``-R``, every entry beneath PATH."""
+    if node.children is None:
+        return [stat_record(fs, path, follow=False)]
+    records = []
+    for name in listed_names(fs, path, args.all):
+        child = child_path(path, name)
+        records.append(dict(stat_record(fs, child, follow=False), name=name))
+        if (args.recursive and name not in (".", "..")
+                and _stat.S_ISDIR(fs.lstat(child).st_mode)):
+            records.extend(list_records(fs, child, fs.node(child), args))
+    return records
+
+
+def print_entry(fs, path: str, name: str, args) -> None:
+    if not args.long:
         print(name)
         return
     st = fs.lstat(path)
     when = datetime.datetime.fromtimestamp(st.st_mtime, datetime.timezone.utc)
-    size = (f"{os.major(st.st_rdev)}, {os.minor(st.st_rdev)}"
-            if _stat.S_ISCHR(st.st_mode) or _stat.S_ISBLK(st.st_mode) else str(st.st_size))
+    if _stat.S_ISCHR(st.st_mode) or _stat.S_ISBLK(st.st_mode):
+        size = f"{os.major(st.st_rdev)}, {os.minor(st.st_rdev)}"
+    else:
+        size = short_size(st.st_size) if args.human else str(st.st_size)
     line = (f"{_stat.filemode(st.st_mode)} {st.st_nlink:>3} {st.st_uid:>5} {st.st_gid:>5} "
             f"{size:>10} {when:%Y-%m-%d %H:%M} {name}")
     if _stat.S_ISLNK(st.st_mode):
         line += f" -> {fs.readlink(path)}"
     print(line)
+
+
+def short_size(count: int) -> str:
+    """Sizes as ``ls -lh`` prints them: 999, 1.0K, 12K, 3.4M (powers of 1024,
+    rounded up, one decimal below 10)."""
+    value = float(count)
+    for unit in ("", "K", "M", "G", "T", "P"):
+        if value < 1024 or unit == "P":
+            break
+        value /= 1024
+    if not unit:
+        return str(count)
+    if value < 10:
+        return f"{math.ceil(value * 10) / 10:.1f}{unit}"
+    return f"{math.ceil(value):.0f}{unit}"
 
 
 def cmd_cat(args) -> int:
@@ -253,26 +303,77 @@ def cmd_cat(args) -> int:
     return 0
 
 
+def stat_record(fs, path: str, follow: bool) -> dict:
+    """What ``stat --json`` prints for *path*: numbers as numbers, times in
+    nanoseconds and as RFC 3339 dates."""
+    st = fs.stat(path, follow_symlinks=follow)
+    record = {
+        "path": path, "type": kind_name(st.st_mode),
+        "mode": f"{_stat.S_IMODE(st.st_mode):04o}", "size": st.st_size,
+        "uid": st.st_uid, "gid": st.st_gid, "inode": st.st_ino,
+        "links": st.st_nlink, "mtime_ns": st.st_mtime_ns, "mtime": iso_date(st.st_mtime_ns),
+    }
+    if _stat.S_ISLNK(st.st_mode):
+        record["target"] = fs.readlink(path)
+    if _stat.S_ISCHR(st.st_mode) or _stat.S_ISBLK(st.st_mode):
+        record["device"] = f"{os.major(st.st_rdev)},{os.minor(st.st_rdev)}"
+    xattrs = fs.listxattr(path, follow_symlinks=follow)
+    if xattrs:
+        record["xattrs"] = sorted(xattrs)
+    return record
+
+
+def iso_date(ns: int) -> str:
+    """``2023-11-14 22:13:20.000000001 +0000``, as coreutils ``stat`` prints
+    a time (in UTC: an image has no time zone)."""
+    seconds, fraction = divmod(ns, 10**9)
+    moment = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
+    return f"{moment:%Y-%m-%d %H:%M:%S}.{fraction:09d} +0000"
+
+
+# ``stat --format`` directives, as coreutils ``stat -c`` spells them.
+STAT_FORMAT = {
+    "n": lambda r, st: r["path"], "s": lambda r, st: str(st.st_size),
+    "a": lambda r, st: f"{_stat.S_IMODE(st.st_mode):o}",
+    "A": lambda r, st: _stat.filemode(st.st_mode), "F": lambda r, st: r["type"],
+    "u": lambda r, st: str(st.st_uid), "g": lambda r, st: str(st.st_gid),
+    "i": lambda r, st: str(st.st_ino), "h": lambda r, st: str(st.st_nlink),
+    "y": lambda r, st: r["mtime"], "Y": lambda r, st: str(st.st_mtime_ns // 10**9),
+    "N": lambda r, st: (f"'{r['path']}' -> '{r['target']}'" if "target" in r
+                        else f"'{r['path']}'"),
+    "%": lambda r, st: "%",
+}
+
+
+def format_stat(template: str, record: dict, st: os.stat_result) -> str:
+    out, i = [], 0
+    while i < len(template):
+        char = template[i]
+        if char == "%" and i + 1 < len(template):
+            directive = template[i + 1]
+            if directive not in STAT_FORMAT:
+                raise UsageError(f"stat: unknown directive %{directive} in --format "
+                                 f"(known: {' '.join('%' + d for d in STAT_FORMAT)})")
+            out.append(STAT_FORMAT[directive](record, st))
+            i += 2
+        elif char == "\\" and template[i + 1:i + 2] in ("n", "t"):
+            out.append("\n" if template[i + 1] == "n" else "\t")
+            i += 2
+        else:
+            out.append(char)
+            i += 1
+    return "".join(out)
+
+
 def cmd_stat(args) -> int:
     operands = take_image(args, ["PATH"])
-    args.path = operands.rest[0]
     with open_image_fs(args, operands.image) as fs:
-        st = fs.stat(args.path, follow_symlinks=args.follow)
-        record = {
-            "path": args.path, "type": kind_name(st.st_mode),
-            "mode": f"{_stat.S_IMODE(st.st_mode):04o}", "size": st.st_size,
-            "uid": st.st_uid, "gid": st.st_gid, "inode": st.st_ino,
-            "links": st.st_nlink, "mtime_ns": st.st_mtime_ns,
-        }
-        if _stat.S_ISLNK(st.st_mode):
-            record["target"] = fs.readlink(args.path)
-        if _stat.S_ISCHR(st.st_mode) or _stat.S_ISBLK(st.st_mode):
-            record["device"] = f"{os.major(st.st_rdev)},{os.minor(st.st_rdev)}"
-        xattrs = fs.listxattr(args.path, follow_symlinks=args.follow)
-        if xattrs:
-            record["xattrs"] = sorted(xattrs)
+        path = operands.rest[0]
+        record = stat_record(fs, path, args.follow)
         if args.json:
             print(json.dumps(record, indent=2))
+        elif args.format is not None:
+            print(format_stat(args.format, record, fs.stat(path, follow_symlinks=args.follow)))
         else:
             for key, value in record.items():
                 print(f"{key + ':':<10}{value}")
@@ -285,14 +386,20 @@ def cmd_inspect(args) -> int:
         return inspect_remote(args, operands.image)
     with open_image_fs(args, operands.image) as fs:
         report = inspect_report(fs)
+        settings = fs.image.settings
     if args.json:
+        if not args.paths:
+            for layer in report["layers"]:
+                for label in ("added", "changed", "deleted"):
+                    layer[label] = len(layer[label])
         print(json.dumps(report, indent=2))
         return 0
     image = report["image"]
-    print(f"source:   {image['source']} ({image['kind']})")
+    print_field("source", f"{image['source']} ({image['kind']})")
     for key in ("ref", "platform", "manifest_digest", "config_digest", "chain_id"):
         if image.get(key):
-            print(f"{key + ':':<10}{image[key]}")
+            print_field(key, image[key])
+    print_settings(settings)
     for number, layer in enumerate(report["layers"]):
         print(f"\nlayer {number}: {layer['digest']}")
         print(f"  media type: {layer['media_type'] or '-'} ({layer['compression']})")
@@ -301,11 +408,50 @@ def cmd_inspect(args) -> int:
         print(f"  diff_id:    {layer['diff_id']}")
         print(f"  entries:    {layer['entries']}: {len(layer['added'])} added, "
               f"{len(layer['changed'])} changed, {len(layer['deleted'])} deleted")
-        if args.verbose:
+        made_by = layer["history"] or {}
+        if made_by.get("created"):
+            print(f"  created:    {made_by['created']}")
+        if made_by.get("created_by"):
+            print(f"  created by: {one_line(made_by['created_by'])}")
+        if args.verbose or args.paths:
             for label in ("added", "changed", "deleted"):
                 for path in layer[label]:
                     print(f"    {label[0].upper()} {path}")
     return 0
+
+
+def print_settings(settings: dict) -> None:
+    """What a container of the image runs with, as ``docker inspect`` users
+    look for it: command, user, directory, environment, ports, labels."""
+    for key in ("Entrypoint", "Cmd"):
+        if isinstance(settings.get(key), list):
+            print_field(key, shlex.join(str(part) for part in settings[key]))
+    for key in ("WorkingDir", "User", "StopSignal"):
+        if settings.get(key):
+            print_field(key, settings[key])
+    env = settings.get("Env")
+    if isinstance(env, list) and env:
+        print("Env:")
+        for item in env:
+            print(f"  {item}")
+    ports = settings.get("ExposedPorts")
+    if isinstance(ports, dict) and ports:
+        print_field("ExposedPorts", " ".join(sorted(ports)))
+    labels = settings.get("Labels")
+    if isinstance(labels, dict) and labels:
+        print("Labels:")
+        width = max(len(str(name)) for name in labels)
+        for name, value in sorted((str(k), str(v)) for k, v in labels.items()):
+            print(f"  {name:<{width}}  {value}")
+
+
+def print_field(key: str, value) -> None:
+    """One ``key: value`` line of ``inspect``, values in one column."""
+    print(f"{key + ':':<17}{value}")
+
+
+def one_line(text: str) -> str:
+    return " ".join(str(text).split())
 
 
 def inspect_remote(args, ref: Reference) -> int:
@@ -440,13 +586,15 @@ def cmd_logout(args) -> int:
 def inspect_report(fs) -> dict:
     image = fs.image
     layers = []
-    for layer, changes in zip(fs.layers, fs.layer_changes()):
+    for layer, changes, made_by in zip(fs.layers, fs.layer_changes(),
+                                       image.layer_history()):
         layers.append({
             "digest": layer.digest, "diff_id": layer.diff_id,
             "media_type": layer.media_type, "compression": layer.compression,
             "size": layer.size, "uncompressed_size": layer.uncompressed_size,
             "entries": layer.entry_count, "added": changes.added,
             "changed": changes.changed, "deleted": changes.deleted,
+            "history": made_by,
         })
     return {
         "image": {
@@ -459,14 +607,36 @@ def inspect_report(fs) -> dict:
     }
 
 
+EXPORT_EXTENSIONS = {".tar": "none", ".tar.gz": "gzip", ".tgz": "gzip",
+                     ".tar.zst": "zstd", ".tar.zstd": "zstd", ".tzst": "zstd"}
+
+
+def export_compression(out: str, chosen: Optional[str]) -> Optional[str]:
+    """``--compression`` where given, else what OUT's extension says (none
+    for ``-`` and for other names)."""
+    if chosen is None:
+        lowered = out.lower()
+        chosen = next((kind for ext, kind in EXPORT_EXTENSIONS.items()
+                       if lowered.endswith(ext)), "none")
+    return None if chosen == "none" else chosen
+
+
 def cmd_export(args) -> int:
     operands = take_image(args, ["OUT"])
+    out = operands.rest[0]
+    compression = export_compression(out, args.compression)
+    if out == "-" and sys.stdout.isatty():
+        raise UsageError("export: refusing to write a tar to a terminal; redirect it "
+                         "or give a file name")
     with open_image_fs(args, operands.image) as fs:
         progress = ProgressBar("exporting")
         try:
-            fs.export(operands.rest[0], compression=args.compression, progress=progress)
+            fs.export(sys.stdout.buffer if out == "-" else out, compression=compression,
+                      progress=progress)
         finally:
             progress.finish()
+        if out == "-":
+            sys.stdout.buffer.flush()
     return 0
 
 
@@ -520,9 +690,17 @@ def cmd_commit(args) -> int:
     return 0
 
 
+def cmd_cp(args) -> int:
+    operands = take_image(args, ["PATH", "HOST_DEST"])
+    path, dest = operands.rest
+    with open_image_fs(args, operands.image) as fs:
+        fs.extract(path, dest)
+    return 0
+
+
 def cmd_example(args) -> int:
     from .example import build_example
-    print(build_example(args.dest))
+    print(build_example(args.dest, zstd=args.zstd))
     return 0
 
 
@@ -551,6 +729,25 @@ IMAGE_HELP = ("IMAGE is one argument: docker://[HOST[:PORT]/]REPO[:TAG|@DIGEST],
               "files. A PATH inside the image starts with /.")
 
 
+OPERAND_HELP = {
+    "PATH": "a path inside the image, absolute",
+    "[PATH]": "a path inside the image, absolute (default: /)",
+    "OUT.tar": "the tar to write, or - for standard output",
+    "UPPER": "an existing upper directory (the writable layer's changes)",
+    "DEST": "the OCI layout to write the new image into (created, or added to)",
+    "MOUNTPOINT": "an empty directory to mount on",
+    "HOST_DEST": "where to copy to on the host",
+}
+
+
+def operands_help(operands: str) -> str:
+    """What each positional argument of a command is, for its help page."""
+    described = ["IMAGE: the image (see below)"]
+    described += [f"{name}: {OPERAND_HELP[name]}" for name in operands.split()
+                  if name in OPERAND_HELP]
+    return "; ".join(described)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="layerfs",
@@ -560,16 +757,19 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
 
-    def command(name, function, help_text, operands, tag_option="--tag"):
-        """A command taking IMAGE (or --layer FILE...) then *operands*."""
+    def command(name, function, help_text, operands, tag_option="--tag", short_help=True):
+        """A command taking IMAGE (or --layer FILE...) then *operands*;
+        without *short_help*, ``-h`` is the command's own option (``ls -h``)
+        and help is ``--help`` alone."""
         usage = (f"layerfs {name} [options] (IMAGE | --layer FILE [--layer FILE ...])"
                  f"{' ' + operands if operands else ''}")
         sub = commands.add_parser(name, help=help_text, description=help_text,
-                                  usage=usage, epilog=IMAGE_HELP)
+                                  usage=usage, epilog=IMAGE_HELP, add_help=short_help)
+        if not short_help:
+            sub.add_argument("--help", action="help", help="show this help message and exit")
         sub.set_defaults(function=function)
         sub.add_argument("operands", nargs="*", metavar="IMAGE " + operands if operands
-                         else "IMAGE", help="the image, then " + operands if operands
-                         else "the image")
+                         else "IMAGE", help=operands_help(operands))
         sub.add_argument("--layer", dest="layers", action="append", metavar="FILE",
                          help="a layer file, in place of IMAGE; repeat to stack layers, "
                               "base first")
@@ -602,25 +802,47 @@ def build_parser() -> argparse.ArgumentParser:
                               "(*.cert + *.key) for the registry (default: certs.d/HOST "
                               "under ~/.config/containers, /etc/containers, /etc/docker)")
 
-    sub = command("ls", cmd_ls, "list a directory of the image", "[PATH]")
+    sub = command("ls", cmd_ls, "list a directory of the image (PATH: absolute, inside "
+                  "the image; default /)", "[PATH]", short_help=False)
     sub.add_argument("-l", dest="long", action="store_true", help="long listing")
+    sub.add_argument("-a", dest="all", action="store_true",
+                     help="show names beginning with '.', and . and ..")
+    sub.add_argument("-h", "--human-readable", dest="human", action="store_true",
+                     help="with -l, sizes as 1.0K, 12M")
     sub.add_argument("-R", dest="recursive", action="store_true", help="recurse")
+    sub.add_argument("--json", action="store_true",
+                     help="one record per entry, the fields of stat --json")
 
     command("cat", cmd_cat, "print a file of the image", "PATH")
 
-    sub = command("stat", cmd_stat, "show a path's metadata", "PATH")
+    sub = command("stat", cmd_stat, "show the metadata of paths inside the image "
+                  "(absolute)", "PATH")
     sub.add_argument("-L", dest="follow", action="store_true",
                      help="follow a symlink in the last component")
-    sub.add_argument("--json", action="store_true")
+    chosen = sub.add_mutually_exclusive_group()
+    chosen.add_argument("--json", action="store_true", help="a JSON object")
+    chosen.add_argument("-c", "--format", metavar="FORMAT",
+                        help="print FORMAT, with coreutils stat's directives "
+                             "%%n %%s %%a %%A %%F %%u %%g %%i %%h %%y %%Y %%N %%%%")
 
     sub = command("inspect", cmd_inspect, "describe the image and what each layer changes",
                   "")
     sub.add_argument("--json", action="store_true")
     sub.add_argument("-v", "--verbose", action="store_true",
                      help="list every added, changed and deleted path")
+    sub.add_argument("--paths", action="store_true",
+                     help="with --json, the paths each layer adds, changes and deletes "
+                          "(else their counts)")
 
-    sub = command("export", cmd_export, "write the flattened image as one tar", "OUT.tar")
-    sub.add_argument("--compression", choices=["gzip", "zstd"])
+    sub = command("export", cmd_export, "write the flattened image as one tar "
+                  "(OUT: a file, or - for standard output)", "OUT.tar")
+    sub.add_argument("--compression", choices=["none", "gzip", "zstd"], type=str.lower,
+                     help="default: from OUT's extension (.tar.gz/.tgz: gzip, "
+                          ".tar.zst: zstd), else none")
+
+    command("cp", cmd_cp, "copy a file or a tree out of the image, as cp -a does (into "
+                          "DEST if it is a directory, else as DEST; never over an existing "
+                          "name)", "PATH HOST_DEST")
 
     sub = command("diff", cmd_diff, "list what an upper directory changes in the image",
                   "UPPER")
@@ -630,14 +852,17 @@ def build_parser() -> argparse.ArgumentParser:
                                         "(an OCI layout at DEST)", "UPPER DEST",
                   tag_option="--from-tag")
     sub.add_argument("--tag", dest="tag_new", metavar="T", help="tag of the new image")
-    sub.add_argument("--compression", choices=["zstd", "gzip", "none"], default="zstd",
-                     type=str.lower)
+    sub.add_argument("--compression", choices=["gzip", "zstd", "none"], default="gzip",
+                     type=str.lower, help="of the new layer (default: %(default)s, which "
+                                          "every tool reads)")
     sub.add_argument("-m", "--message", help="a comment for the image history")
 
     sub = commands.add_parser("example", help="write a small example image (an OCI layout)",
                               description="write a small example image (an OCI layout)")
     sub.set_defaults(function=cmd_example)
-    sub.add_argument("dest", metavar="DIR")
+    sub.add_argument("dest", metavar="DIR", help="where to write the layout (created)")
+    sub.add_argument("--zstd", action="store_true",
+                     help="compress the last layer with zstd instead of gzip")
 
     sub = command("mount", cmd_mount, "mount the image with FUSE (read-only, or "
                                       "copy-on-write with --upper)", "MOUNTPOINT")

@@ -22,6 +22,7 @@ import attrs
 from .errors import ReadOnlyError, UnsupportedImageError, UpperError
 from .image import REF_NAME
 from .imagewrite import write_oci_layout
+from .paths import order_key
 from .tarwrite import LayerTarWriter, write_tree
 from .union import ORIGIN_LOWER
 
@@ -41,11 +42,11 @@ def changeset(fs) -> list:
     items = [(path, node) for path, node in fs.tree.nodes.items()
              if node.origin != ORIGIN_LOWER]
     items.extend((path, None) for path in fs.upper.markers())
-    items.sort(key=lambda item: item[0])
+    items.sort(key=lambda item: order_key(item[0]))
     return items
 
 
-def write_layer(fs, stream, compression: Optional[str] = "zstd", progress=None) -> None:
+def write_layer(fs, stream, compression: Optional[str] = "gzip", progress=None) -> None:
     """Write the upper layer of *fs* as a layer tar to *stream*."""
     items = changeset(fs)
     total = sum(node.size for _, node in items if node is not None and node.children is None)
@@ -54,7 +55,7 @@ def write_layer(fs, stream, compression: Optional[str] = "zstd", progress=None) 
     writer.close()
 
 
-def commit(fs, dest, *, compression: Optional[str] = "zstd", tag: Optional[str] = None,
+def commit(fs, dest, *, compression: Optional[str] = "gzip", tag: Optional[str] = None,
            message: Optional[str] = None, progress=None) -> CommitResult:
     """Write the upper layer of *fs* as a new layer on top of its image,
     into the OCI layout *dest* (created, or added to), tagged *tag*."""
@@ -71,7 +72,7 @@ def commit(fs, dest, *, compression: Optional[str] = "zstd", tag: Optional[str] 
         refuse_untagged_beside_others(dest)
     os.makedirs(dest, exist_ok=True)
     temporary = os.path.join(dest, f".layerfs-commit-{os.getpid()}.tmp")
-    created = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    created = creation_time()
     history = {"created": created, "created_by": "layerfs commit"}
     if message:
         history["comment"] = message
@@ -81,11 +82,27 @@ def commit(fs, dest, *, compression: Optional[str] = "zstd", tag: Optional[str] 
             stream.flush()
             os.fsync(stream.fileno())
         digest = write_oci_layout(dest, [temporary], base=fs.image, tag=tag,
+                                  config=dict(fs.image.config, created=created),
                                   history=[history])
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
     return CommitResult(dest, digest, layer_blob_path(dest, digest))
+
+
+def creation_time() -> str:
+    """Now, or ``$SOURCE_DATE_EPOCH`` where it is set (reproducible builds:
+    the same upper then commits to the same bytes), as an RFC 3339 UTC date."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    if epoch:
+        try:
+            moment = datetime.datetime.fromtimestamp(int(epoch), datetime.timezone.utc)
+        except (ValueError, OverflowError, OSError):
+            raise OSError(errno.EINVAL, f"SOURCE_DATE_EPOCH={epoch!r} is not a number of "
+                          "seconds since 1970") from None
+    else:
+        moment = datetime.datetime.now(datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def refuse_untagged_beside_others(dest: str) -> None:

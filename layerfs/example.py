@@ -2,12 +2,13 @@
 
 Three layers that show what a union of layers does: a base, a layer that
 changes, deletes (whiteout) and replaces a directory (opaque marker), and a
-layer compressed with zstd that adds hardlinks and symlinks.  The quickstart
+layer compressed with gzip (zstd on request) that adds hardlinks and symlinks.  The quickstart
 mounts it; tests use it as a known image.
 """
 
 from __future__ import annotations
 
+import gzip
 import io
 import os
 import tarfile
@@ -16,6 +17,7 @@ import tempfile
 import zstandard
 
 from .imagewrite import write_oci_layout
+from .tarwrite import GZIP_LEVEL
 
 EXAMPLE_TAG = "example"
 MTIME = 1_700_000_000
@@ -68,14 +70,16 @@ def layer_tar(members) -> bytes:
     return buffer.getvalue()
 
 
-def build_example(dest: str, zstd: bool = True) -> str:
+def build_example(dest: str, zstd: bool = False) -> str:
     """Write the example image as an OCI layout at *dest*; returns *dest*.
 
-    The last layer is zstd-compressed unless *zstd* is false (for tools that
-    read only tar and gzip layers, which the OCI spec allows)."""
+    The last layer is gzip-compressed, which every tool reads, or
+    zstd-compressed where *zstd* is true (Debian 12's umoci and skopeo
+    refuse zstd layers)."""
     last = layer_tar(LINKS)
-    blobs = [layer_tar(BASE), layer_tar(CHANGES),
-             zstandard.ZstdCompressor().compress(last) if zstd else last]
+    compressed = (zstandard.ZstdCompressor().compress(last) if zstd
+                  else gzip.compress(last, compresslevel=GZIP_LEVEL, mtime=0))
+    blobs = [layer_tar(BASE), layer_tar(CHANGES), compressed]
     with tempfile.TemporaryDirectory(prefix="layerfs-example-") as scratch:
         paths = []
         for number, blob in enumerate(blobs):

@@ -11,12 +11,16 @@ from __future__ import annotations
 import builtins
 import contextlib
 import errno
+import fnmatch
+import glob as _glob
 import os
 import stat as _stat
 from typing import BinaryIO, Iterator, Optional, Sequence, Union
 
 from .errors import ImageError, path_error
 from .image import Image, open_image
+from .layer import IndexCache
+from .paths import join, order_key
 from .reference import as_reference
 from .tarwrite import LayerTarWriter, write_tree
 from . import writable
@@ -46,8 +50,9 @@ def open(source: Source, *, upper: Optional[PathLike] = None, tag: Optional[str]
     files (base first) is a stack.  *tag* (a tag or a manifest digest, not
     together with a TAG in the reference) and *platform*
     (``"linux/amd64"``) choose among several manifests; the default
-    platform is the host's.  *cache* is an
-    :class:`~layerfs.layer.IndexCache` (default: the user's cache directory).
+    platform is the host's.  *cache* is a cache directory's path or an
+    :class:`~layerfs.layer.IndexCache` (default: the user's cache
+    directory), or False for none.
     *progress* is called as ``progress(done_bytes, total_bytes)`` while layers
     are indexed.  *upper* is a directory for the writable layer (created if
     missing); without it the filesystem is read-only and every write raises
@@ -62,6 +67,8 @@ def open(source: Source, *, upper: Optional[PathLike] = None, tag: Optional[str]
     meanwhile) and every write raises ``OSError(EROFS)``.
     """
     source = as_reference(source)
+    if isinstance(cache, (str, bytes, os.PathLike)):
+        cache = IndexCache(os.fsdecode(cache))
     with collector_paused():
         image = open_image(source, tag=tag, platform=platform, cache=cache,
                            progress=progress, registry=registry)
@@ -159,10 +166,21 @@ class FileSystem:
         return self._upper is None or not self._upper.writable
 
     def close(self) -> None:
+        """Release the image (and the upper).  Any later use raises
+        ``ValueError``, as a closed file does; closing again does nothing."""
+        if self.tree is _CLOSED:
+            return
         if self.upper is not None:
             self.upper.close()
             self.upper = None
         self.image.close()
+        # Every lookup starts in one of these: swapping them costs the hot
+        # path nothing and makes each use of a closed filesystem one error.
+        self.tree = self._nodes = self._stats = self._lstats = _CLOSED
+
+    @property
+    def closed(self) -> bool:
+        return self.tree is _CLOSED
 
     def __enter__(self) -> "FileSystem":
         return self
@@ -342,6 +360,63 @@ class FileSystem:
         """``os.open`` for the view: a :class:`~layerfs.writable.Handle`."""
         return writable.open_handle(self, path, flags, mode)
 
+    def iglob(self, pattern: PathLike, *, recursive: bool = False) -> Iterator[str]:
+        """Like :func:`glob.iglob` over the image, for an absolute *pattern*:
+        ``*``, ``?``, ``[...]`` within a name, names beginning with ``.``
+        only where the pattern's name does, ``**`` for any depth of
+        directories with *recursive*.  Matches come in sorted order."""
+        pattern = os.fsdecode(pattern)
+        if not pattern.startswith("/"):
+            raise ValueError(f"a pattern inside the image starts with /: {pattern!r}")
+        yield from self._glob("/", [part for part in pattern.split("/") if part], recursive)
+
+    def glob(self, pattern: PathLike, *, recursive: bool = False) -> list[str]:
+        """:meth:`iglob` as a list."""
+        return list(self.iglob(pattern, recursive=recursive))
+
+    def _glob(self, path: str, parts: list, recursive: bool) -> Iterator[str]:
+        if not parts:
+            yield path
+            return
+        part, rest = parts[0], parts[1:]
+        if recursive and part == "**":
+            for directory in self._directories_below(path):
+                yield from self._glob(directory, rest, recursive)
+            return
+        if not _glob.has_magic(part):
+            child = join(path, part)
+            if (self.is_dir(child) if rest else self.lexists(child)):
+                yield from self._glob(child, rest, recursive)
+            return
+        try:
+            names = self.listdir(path)
+        except OSError:
+            return
+        for name in sorted(fnmatch.filter(names, part)):
+            if name.startswith(".") and not part.startswith("."):
+                continue
+            child = join(path, name)
+            if not rest or self.is_dir(child):
+                yield from self._glob(child, rest, recursive)
+
+    def _directories_below(self, path: str) -> Iterator[str]:
+        """*path* and every directory beneath it (symlinks not followed,
+        names beginning with ``.`` skipped, as ``**`` does)."""
+        yield path
+        try:
+            entries = sorted(self.scandir(path), key=lambda entry: entry.name)
+        except OSError:
+            return
+        for entry in entries:
+            if not entry.name.startswith(".") and entry.is_dir(follow_symlinks=False):
+                yield from self._directories_below(entry.path)
+
+    def extract(self, path: PathLike, dest: PathLike) -> str:
+        """Copy *path* (a file or a tree) out of the image to *dest* on the
+        host, as ``cp -a`` would; see :mod:`layerfs.extract`."""
+        from .extract import extract
+        return extract(self, os.fsdecode(path), os.fsdecode(dest))
+
     def read_bytes(self, path: PathLike) -> bytes:
         node = self.node(path)
         check_readable(node, os.fspath(path))
@@ -397,6 +472,20 @@ class FileSystem:
         with self.open(path, "wb") as stream:
             return stream.write(data)
 
+    def write_text(self, path: PathLike, data: str, encoding: str = "utf-8",
+                   errors: str = "strict") -> int:
+        """Write *data* as *path*'s whole content; returns the characters written."""
+        self.write_bytes(path, data.encode(encoding, errors))
+        return len(data)
+
+    def commit(self, dest: PathLike, *, compression: Optional[str] = "gzip",
+               tag: Optional[str] = None, message: Optional[str] = None, progress=None):
+        """Write the upper layer as a new layer and image on top of this
+        image, into the OCI layout *dest*: :func:`layerfs.commit.commit`."""
+        from .commit import commit
+        return commit(self, dest, compression=compression, tag=tag, message=message,
+                      progress=progress)
+
     def statvfs(self) -> os.statvfs_result:
         """The upper directory's filesystem; a read-only view reports its
         own size and no free space."""
@@ -419,14 +508,18 @@ class FileSystem:
                progress=None) -> None:
         """Write the flattened view as one tar (no markers; hardlinks kept).
 
-        *out* is a path (written atomically) or a binary file object.
+        *out* is a path (written atomically) or a binary file object.  A
+        path that is one of the image's own files is refused
+        (:class:`FileExistsError`), so an export never replaces its input.
+        Entries come in :func:`layerfs.paths.order_key` order.
         """
-        items = sorted(self.tree.nodes.items())
+        items = sorted(self.tree.nodes.items(), key=lambda item: order_key(item[0]))
         total = sum(node.size for _, node in items if node.children is None)
         if not isinstance(out, (str, os.PathLike)):
             self._export_to(out, items, compression, progress, total)
             return
         out = os.fspath(out)
+        self._refuse_input_file(out)
         temporary = f"{out}.{os.getpid()}.tmp"
         try:
             with builtins.open(temporary, "wb") as stream:
@@ -436,6 +529,21 @@ class FileSystem:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temporary)
             raise
+
+    def _refuse_input_file(self, out: str) -> None:
+        try:
+            target = os.stat(out)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        for layer in self.layers:
+            path = getattr(layer.source, "path", None)
+            try:
+                same = path is not None and os.path.samestat(target, os.stat(path))
+            except OSError:
+                continue
+            if same:
+                raise FileExistsError(errno.EEXIST, f"{out} holds layer {layer.label} of "
+                                      "the image: write the export elsewhere")
 
     def _export_to(self, stream, items, compression, progress, total) -> None:
         writer = LayerTarWriter(stream, compression)
@@ -459,6 +567,21 @@ def check_readable(node: Node, path: str) -> None:
     if not _stat.S_ISREG(node.mode):
         # Device nodes and fifos of an image are not backed by anything.
         raise path_error(errno.ENXIO, path)
+
+
+class _Closed:
+    """Stands for the tree and the lookup tables of a closed filesystem."""
+
+    def __getattr__(self, name):
+        raise ValueError("I/O operation on a closed layerfs filesystem")
+
+    def get(self, *args):
+        raise ValueError("I/O operation on a closed layerfs filesystem")
+
+    __getitem__ = __contains__ = __iter__ = __len__ = get
+
+
+_CLOSED = _Closed()
 
 
 class DirEntry:

@@ -187,6 +187,10 @@ def _platform_matches(wanted: str, offered: str | None) -> bool:
     return (w_variant or default) == (o_variant or default)
 
 
+def _string_list(value) -> list[str]:
+    return [item for item in value if isinstance(item, str)] if isinstance(value, list) else []
+
+
 def _config_platform(config: dict) -> str | None:
     return _platform_string(config.get("os"), config.get("architecture"),
                             config.get("variant"))
@@ -379,6 +383,46 @@ class Image:
 
     def chain_id(self) -> str | None:
         return chain_id(self.diff_ids)
+
+    # What a container of this image runs with: the config's ``config``
+    # object (OCI config spec, "Properties"), read without trusting its shape.
+
+    @property
+    def settings(self) -> dict:
+        """The config's ``config`` object (Env, Entrypoint, Cmd, ...), or {}."""
+        settings = self.config.get("config")
+        return settings if isinstance(settings, dict) else {}
+
+    @property
+    def env(self) -> dict[str, str]:
+        """``Env`` as a dict (``NAME=value`` entries; a bare ``NAME`` is "")."""
+        env = {}
+        for item in self.settings.get("Env") or []:
+            if isinstance(item, str):
+                name, _, value = item.partition("=")
+                env[name] = value
+        return env
+
+    @property
+    def entrypoint(self) -> list[str]:
+        return _string_list(self.settings.get("Entrypoint"))
+
+    @property
+    def cmd(self) -> list[str]:
+        return _string_list(self.settings.get("Cmd"))
+
+    @property
+    def history(self) -> list[dict]:
+        """The config's history entries, oldest first (``empty_layer``
+        entries included)."""
+        return [h for h in self.config.get("history") or [] if isinstance(h, dict)]
+
+    def layer_history(self) -> list[dict | None]:
+        """The history entry that made each layer, base first: the entries
+        that are not ``empty_layer``, in order (None where history is short)."""
+        made = [h for h in self.history if not h.get("empty_layer")]
+        return [made[i] if i < len(made) else None for i in range(len(self.manifest.get(
+            "layers") or self.layers))]
 
     def close(self) -> None:
         for layer in self.layers:

@@ -29,7 +29,7 @@ from .errors import ImageError, UnsupportedImageError
 from .image import (DOCKER_CONFIG, DOCKER_LAYER_TYPES, DOCKER_MANIFEST, OCI_CONFIG,
                     OCI_INDEX, OCI_LAYER_TYPES, OCI_MANIFEST, REF_NAME, Image, blob_name,
                     canonical_json, descriptor, digest_bytes, host_platform)
-from .layer import BlobSource
+from .layer import BlobSource, IndexCache
 
 EPOCH = "1970-01-01T00:00:00Z"
 CREATED_BY = "layerfs"
@@ -268,9 +268,21 @@ def _put_layer_blob(dest: str, blob: _Blob) -> None:
             pass   # another filesystem, or links not allowed: copy below
         else:
             os.replace(temp, final)
+            _refresh_memos(blob, [blob.source, final])
             return
     with _open_source(blob.source) as src, _atomic_output(final) as out:
         _copy(src, out, blob.size)
+
+
+def _refresh_memos(blob: _Blob, paths: list[str]) -> None:
+    """A new link changed the blob's ctime, which the index cache's stat
+    memo covers: remember both names again (the digest is known: the blob
+    was hashed or verified to write this layout), so that opening either
+    does not hash it again.  A cache that cannot be written is no error."""
+    cache = IndexCache()
+    for path in paths:
+        with contextlib.suppress(OSError):
+            cache.refresh_memo(path, blob.digest, blob.diff_id)
 
 
 @contextlib.contextmanager

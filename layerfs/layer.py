@@ -29,7 +29,7 @@ The index cache (:class:`IndexCache`, under ``$LAYERFS_CACHE_DIR``, else
     blobs/sha256/<hex>.tar   the uncompressed copy of a compressed blob
     memo/<key>               "stat memo": the identity of a source file
                              (realpath, offset, size, st_dev, st_ino, st_size,
-                             st_mtime_ns) -> (digest, diff_id)
+                             st_mtime_ns, st_ctime_ns) -> (digest, diff_id)
 
 Every file is written to a temp file in its final directory and renamed into
 place, so readers never see half a file; temp files are removed on any error
@@ -69,7 +69,7 @@ INDEX_FORMAT = "layerfs-index"
 INDEX_VERSION = 2
 VIEW_FORMAT = "layerfs-view"
 VIEW_VERSION = 1
-MEMO_VERSION = 1
+MEMO_VERSION = 2
 _COPY_BUFFER = 1 << 20
 
 
@@ -128,6 +128,15 @@ class IndexCache:
         record = {"version": MEMO_VERSION, "identity": identity,
                   "digest": digest, "diff_id": diff_id}
         _write_atomic(self.memo_path(identity), marshal.dumps(record))
+
+    def refresh_memo(self, path: str, digest: str, diff_id: str) -> None:
+        """Remember *path* (a whole blob) again after layerfs itself changed
+        its inode's ctime (hardlinking it into a layout), so that the next
+        open trusts it without hashing it again.  Only for a file whose
+        digest is known to be *digest*."""
+        st = os.stat(path)
+        self.store_memo(file_identity(path, 0, st.st_size, st),
+                        digest.partition(":")[2], diff_id.partition(":")[2])
 
     def load_header(self, hex_digest: str) -> Optional[dict]:
         """The header of a blob's index, or None (see :meth:`load_index`)."""
@@ -325,8 +334,7 @@ def open_layer(source: Union[str, os.PathLike, BlobSource], *,
     try:
         st = os.fstat(fd)
         size = _blob_size(source, st.st_size, label)
-        identity = (os.path.realpath(source.path), source.offset, size,
-                    st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        identity = file_identity(source.path, source.offset, size, st)
         opener = _Opener(source, label, fd, size, digest, diff_id, media_type)
         layer = None
         if cache:
@@ -430,6 +438,14 @@ class _Opener:
         return Layer(source=self.source, label=self.label, header=header,
                      entries=entries, media_type=self.media_type,
                      data_fd=data_fd, base=base, closers=closers, cache=cache)
+
+
+def file_identity(path: str, offset: int, size: int, st: os.stat_result) -> tuple:
+    """What the stat memo is keyed on: everything an in-place edit of the
+    file changes.  Editing keeps the inode and may put the size and mtime
+    back (``touch -r``), but never the ctime."""
+    return (os.path.realpath(path), offset, size, st.st_dev, st.st_ino, st.st_size,
+            st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _blob_size(source: BlobSource, file_size: int, label: str) -> int:

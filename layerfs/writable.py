@@ -440,7 +440,11 @@ class HandleFile(io.RawIOBase):
 def open_file(fs, path, mode: str, buffering: int, encoding, errors, newline):
     """``FileSystem.open`` for every mode."""
     flags = flags_for_mode(mode)
-    raw = HandleFile(open_handle(fs, path, flags))
+    handle = open_handle(fs, path, flags)
+    if handle.node.children is not None:     # os.open takes a directory, open() does not
+        handle.close()
+        raise path_error(errno.EISDIR, os.fspath(path))
+    raw = HandleFile(handle)
     if buffering == 0:
         if "b" not in mode:
             raise ValueError("can't have unbuffered text I/O")

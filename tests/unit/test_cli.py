@@ -48,12 +48,14 @@ def test_cat_and_stat(image):
     assert record["type"] == "file" and record["links"] == 2 and record["mode"] == "0755"
 
 
-def test_inspect_json_lists_layer_changes(image):
-    report = json.loads(run("inspect", "--json", image).stdout)
+def test_inspect_json_lists_layer_changes_with_paths(image):
+    report = json.loads(run("inspect", "--json", "--paths", image).stdout)
     assert report["image"]["kind"] == "oci-layout"
-    assert [layer["compression"] for layer in report["layers"]] == ["none", "none", "zstd"]
+    assert [layer["compression"] for layer in report["layers"]] == ["none", "none", "gzip"]
     assert report["layers"][1]["deleted"] == ["/etc/old.conf", "/var/cache/stale-1",
                                               "/var/cache/stale-2"]
+    counted = json.loads(run("inspect", "--json", image).stdout)
+    assert counted["layers"][1]["deleted"] == 3
 
 
 def one_file_layers(tmp_path, contents=(b"one", b"two")):

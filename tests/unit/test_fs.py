@@ -12,7 +12,7 @@ from layerfs.example import build_example
 
 @pytest.fixture(scope="module")
 def image(tmp_path_factory):
-    return build_example(str(tmp_path_factory.mktemp("example") / "image"))
+    return build_example(str(tmp_path_factory.mktemp("example") / "image"), zstd=True)
 
 
 @pytest.fixture

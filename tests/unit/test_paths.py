@@ -78,3 +78,9 @@ def test_is_within(path, top):
 def test_names_keep_bytes_that_are_not_utf8():
     raw = b"caf\xe9"
     assert paths.encode_name(paths.decode_name(raw)) == raw
+
+
+def test_order_key_keeps_each_subtree_together():
+    spelled = ["/d-x/g", "/d/f", "/d.y", "/", "/d", "/d-x", "/d/sub/h", "/d/sub"]
+    assert sorted(spelled, key=paths.order_key) == [
+        "/", "/d", "/d/f", "/d/sub", "/d/sub/h", "/d-x", "/d-x/g", "/d.y"]
