@@ -192,11 +192,10 @@ class FileSystem:
 
     def node(self, path: PathLike, follow_symlinks: bool = True) -> Node:
         """The inode at *path*; raises ``FileNotFoundError`` and friends."""
-        path = os.fspath(path)
         node = self._nodes.get(path)
         if node is not None and not (follow_symlinks and node.mode & S_IFMT == S_IFLNK):
             return node
-        return self._resolve(path, follow_symlinks)
+        return self._resolve(os.fsdecode(path), follow_symlinks)
 
     def _resolve(self, path: str, follow: bool) -> Node:
         """The slow path (symlinks, missing or unclean paths), remembered.
@@ -224,12 +223,12 @@ class FileSystem:
         return answer
 
     def realpath(self, path: PathLike) -> str:
-        """The canonical path of *path* with every symlink resolved."""
-        path = os.fspath(path)
-        real, node = self.tree.resolve(path, True)
+        """The canonical path of *path* with every symlink resolved (bytes
+        for a bytes *path*, as ``os.path.realpath``)."""
+        real, node = self.tree.resolve(os.fsdecode(path), True)
         if node is None:
-            raise path_error(errno.ENOENT, path)
-        return real
+            raise path_error(errno.ENOENT, os.fspath(path))
+        return os.fsencode(real) if isinstance(path, bytes) else real
 
     def stat(self, path: PathLike, *, follow_symlinks: bool = True) -> os.stat_result:
         if not follow_symlinks:
@@ -239,10 +238,10 @@ class FileSystem:
             return result
         node = self._nodes.get(path)
         if node is None or node.mode & S_IFMT == S_IFLNK:
-            node = self._resolve(os.fspath(path), True)
+            node = self._resolve(os.fsdecode(path), True)
         result = node.stat_cache or node.stat()
         if self._upper is None:
-            self._stats[os.fspath(path)] = result
+            self._stats[os.fsdecode(path)] = result
         return result
 
     def lstat(self, path: PathLike) -> os.stat_result:
@@ -251,10 +250,10 @@ class FileSystem:
             return result
         node = self._nodes.get(path)
         if node is None:
-            node = self._resolve(os.fspath(path), False)
+            node = self._resolve(os.fsdecode(path), False)
         result = node.stat_cache or node.stat()
         if self._upper is None:
-            self._lstats[os.fspath(path)] = result
+            self._lstats[os.fsdecode(path)] = result
         return result
 
     def exists(self, path: PathLike) -> bool:
@@ -293,16 +292,19 @@ class FileSystem:
         node = self.node(path, False)
         if not node.is_symlink:
             raise path_error(errno.EINVAL, os.fspath(path))
-        return node.target
+        return os.fsencode(node.target) if isinstance(path, bytes) else node.target
 
     def listdir(self, path: PathLike = "/") -> list[str]:
+        """Names in *path* (bytes for a bytes *path*, as ``os.listdir``)."""
         node = self.node(path)
         if node.children is None:
             raise path_error(errno.ENOTDIR, os.fspath(path))
+        if isinstance(path, bytes):
+            return [os.fsencode(name) for name in node.children]
         return list(node.children)
 
     def scandir(self, path: PathLike = "/") -> Iterator["DirEntry"]:
-        path = os.fspath(path)
+        path = os.fsdecode(path)
         real = self.realpath(path)
         node = self._nodes[real]
         if node.children is None:
@@ -313,8 +315,8 @@ class FileSystem:
 
     def walk(self, top: PathLike = "/", topdown: bool = True, onerror=None,
              followlinks: bool = False) -> Iterator[tuple[str, list[str], list[str]]]:
-        """Like ``os.walk``, over the image."""
-        top = os.fspath(top)
+        """Like ``os.walk``, over the image (names as ``str``, whatever *top* is)."""
+        top = os.fsdecode(top)
         try:
             entries = list(self.scandir(top))
         except OSError as error:
@@ -419,7 +421,7 @@ class FileSystem:
 
     def read_bytes(self, path: PathLike) -> bytes:
         node = self.node(path)
-        check_readable(node, os.fspath(path))
+        check_readable(node, os.fsdecode(path))
         return self.read_node(node, 0, node.size)
 
     def read_text(self, path: PathLike, encoding: str = "utf-8",

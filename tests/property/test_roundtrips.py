@@ -40,9 +40,10 @@ def test_reopening_is_idempotent(stack, tmp_path_factory):
     paths = write_stack(stack, tmp_path_factory.mktemp("reopen"))
     with layerfs.open(paths) as first, layerfs.open(paths) as second:
         assert diff_views(snapshot(first), snapshot(second)) == []
-        assert inodes_and_order(first) == inodes_and_order(second)
+        restored = inodes_and_order(second)
+        assert inodes_and_order(first) == restored
     with layerfs.open(paths, cache=False) as uncached:
-        assert inodes_and_order(uncached) == inodes_and_order(second)
+        assert inodes_and_order(uncached) == restored
 
 
 def base_view_with_diff(base: dict, view: dict, changes) -> dict:

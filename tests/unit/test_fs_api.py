@@ -75,3 +75,17 @@ def test_write_text_and_the_commit_method(image, tmp_path):
         assert committed.image.history[-1]["comment"] == "a greeting"
         assert committed.layers[-1].compression == "gzip"
         assert committed.image.manifest_digest == result.manifest_digest
+
+
+def test_bytes_paths_are_taken_as_os_takes_them(image):
+    with layerfs.open(image) as fs:
+        assert fs.stat(b"/etc/motd") == fs.stat("/etc/motd")
+        assert fs.lstat(b"/bin") == fs.lstat("/bin")
+        assert sorted(fs.listdir(b"/etc")) == [b"motd", b"os-release"]
+        assert fs.readlink(b"/bin") == b"usr/bin" and fs.realpath(b"/bin/hi") == b"/usr/bin/hi"
+        assert fs.read_bytes(b"/etc/motd") == fs.read_bytes("/etc/motd")
+        assert fs.exists(b"/etc") and not fs.exists(b"/nothing")
+        assert [top for top, _, _ in fs.walk(b"/var")] == ["/var", "/var/cache"]
+        with pytest.raises(FileNotFoundError) as missing:
+            fs.stat(b"/nothing")
+        assert os.fsdecode(missing.value.filename) == "/nothing"
