@@ -150,11 +150,14 @@ def mount_layerfs(sources: list, mountpoint: str, cache_dir: str, name: str = "l
     """Mount with the CLI; the ready time includes starting Python.  One
     source is IMAGE; several are a stack of layer files (``--layer``)."""
     os.makedirs(mountpoint, exist_ok=True)
-    env = dict(os.environ, PYTHONPATH=_repo_root())
+    # LAYERFS_BENCH_CHECKOUT/PYTHON: another checkout's layerfs (see
+    # benchmarks/requests.py), to measure code before and after a change.
+    env = dict(os.environ, PYTHONPATH=os.environ.get("LAYERFS_BENCH_CHECKOUT") or _repo_root())
+    python = os.environ.get("LAYERFS_BENCH_PYTHON") or sys.executable
     start = time.perf_counter()
     image = sources if len(sources) == 1 else [
         word for source in sources for word in ("--layer", source)]
-    run(sys.executable, "-m", "layerfs.cli", "mount", "--cache-dir", cache_dir,
+    run(python, "-m", "layerfs.cli", "mount", "--cache-dir", cache_dir,
         *image, mountpoint, env=env)
     wait_mounted(mountpoint)
     return Target(name, mountpoint, time.perf_counter() - start, mountpoint)

@@ -187,6 +187,15 @@ def render(results: dict) -> str:
                      _fmt(ready.get("ratarmount_cached/tar")), "-", "-", "-"])
         lines += _table(["layers", "first mount", "cached mount", "tar -x", "first/tar -x",
                          "cached/first"], rows)
+    for name, found in (results.get("memory") or {}).items():
+        lines.append(f"FUSE server peak RSS after a cold find: {name} (MiB)")
+        lines += _table(["server", "MiB"], [[k, _fmt(v / 2**20)] for k, v in found.items()])
+    for name, counts in (results.get("requests") or {}).items():
+        lines.append(f"FUSE requests per workload: {name} (counted on a traced mount, one run each)")
+        rows = [[workload, sum(found.values()),
+                 ", ".join(f"{op} {count}" for op, count in found.items())]
+                for workload, found in counts.items()]
+        lines += _table(["workload", "requests", "by opcode"], rows)
     targets = results.get("targets") or []
     if targets:
         lines.append("Targets")

@@ -23,7 +23,7 @@ import time
 import layerfs
 from layerfs.layer import IndexCache
 
-from benchmarks import corpus, debian, inprocess, mounted, peers, report
+from benchmarks import corpus, debian, inprocess, memory, mounted, peers, report, requests
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SIZES = {
@@ -51,6 +51,11 @@ class Runner:
             self.size["files"] = args.files
         if args.reps:
             self.size["reps"] = args.reps
+        if args.depths:
+            depths = tuple(int(depth) for depth in args.depths.split(","))
+            # One layer is always built: its extraction is the ext4 floor.
+            self.size["depths"] = tuple(sorted({1, *depths}))
+            self.size["mount_depths"] = depths
         if args.large_mib:
             self.size["large"] = args.large_mib << 20
         self.reps = self.size["reps"]
@@ -210,7 +215,37 @@ class Runner:
                 self.skip(f"{name}/{target_name}", str(error))
         return targets
 
+    def run_requests(self, name: str, stack, paths: dict) -> None:
+        """FUSE requests per workload on a traced layerfs mount."""
+        log(f"FUSE requests: {name}")
+        counts = requests.count_requests(
+            [stack.oci("tar.gz")], os.path.join(self.mnt, name, "traced"),
+            os.path.join(self.scratch, "mount-cache"),
+            os.path.join(self.scratch, f"trace-{name}.log"), paths, requests.WORKLOADS)
+        self.results.setdefault("requests", {})[name] = counts
+        for workload, found in counts.items():
+            log(f"  {workload}: {sum(found.values())} requests "
+                + ", ".join(f"{op} {n}" for op, n in found.items()))
+
+    def run_memory(self, name: str, stack, final_tree: str) -> None:
+        """Peak RSS of each FUSE server after a cold find, each freshly mounted."""
+        log(f"server memory: {name}")
+        targets = self.mount_targets(name, stack, final_tree)
+        with peers.targets_closed(targets):
+            found = memory.after_cold_find(
+                [t for t in targets if t.name in ("layerfs", "fuse-overlayfs")])
+        self.results.setdefault("memory", {})[name] = found
+        log("  " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in found.items()))
+
     def run_tree_mounts(self, name: str, stack, final_tree: str, paths: dict) -> None:
+        if self.args.memory:
+            self.run_memory(name, stack, final_tree)
+            self.save()
+        if self.args.requests or self.args.requests_only:
+            self.run_requests(name, stack, paths)
+            self.save()
+        if self.args.requests_only:
+            return
         log(f"mount workloads: {name}")
         targets = self.mount_targets(name, stack, final_tree)
         out = self.results["mount"].setdefault(name, {})
@@ -326,9 +361,10 @@ class Runner:
                     continue
                 stack = self.corpus.stacks[depth]
                 self.run_tree_mounts(f"tree-{depth}", stack, final_tree, self.paths)
-                self.run_ready(f"tree-{depth}", stack)
+                if not self.args.requests_only:
+                    self.run_ready(f"tree-{depth}", stack)
                 self.save()
-            if chosen is None or "large" in chosen:
+            if (chosen is None or "large" in chosen) and not self.args.requests_only:
                 self.run_large_mounts()
         self.results["elapsed_s"] = time.time() - started
         self.results["targets"] = report.evaluate(self.results)
@@ -350,7 +386,8 @@ class Runner:
                  "small_files": inprocess.shuffled(listing["files"], 3, 5_000)}
         self.results["debian_entries"] = len(listing["all"])
         self.run_tree_mounts("debian", stack, final_tree, paths)
-        self.run_ready("debian", stack)
+        if not self.args.requests_only:
+            self.run_ready("debian", stack)
 
 
 def machine() -> dict:
@@ -370,6 +407,7 @@ def parse_args(argv=None):
     parser.add_argument("--results", default=os.path.join(HERE, "results", "latest.json"))
     parser.add_argument("--files", type=int, help="entries in the tree corpus")
     parser.add_argument("--reps", type=int, help="repetitions of each measurement")
+    parser.add_argument("--depths", help="layer counts of the tree corpus, e.g. 10 or 1,10")
     parser.add_argument("--large-mib", type=int, help="size of the large file")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--no-mount", action="store_true", help="in-process workloads only")
@@ -379,11 +417,19 @@ def parse_args(argv=None):
     parser.add_argument("--debian", action="store_true", help="the Debian corpus even with --quick")
     parser.add_argument("--mounts", help="only these mounted corpora, e.g. debian,tree-10,large")
     parser.add_argument("--prepare", action="store_true", help="build the corpora only, measure nothing")
+    parser.add_argument("--memory", action="store_true",
+                        help="also measure each FUSE server's peak RSS after a cold find")
+    parser.add_argument("--requests", action="store_true",
+                        help="also count FUSE requests per workload (a traced mount)")
+    parser.add_argument("--requests-only", action="store_true",
+                        help="only count FUSE requests per workload (implies --mount-only)")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.requests_only:
+        args.mount_only = True
     if os.geteuid() != 0:
         print("benchmarks.run needs root (mounts, drop_caches)", file=sys.stderr)
         return 2

@@ -707,16 +707,35 @@ def cmd_example(args) -> int:
 def cmd_mount(args) -> int:
     from .mount import mount
     operands = take_image(args, ["MOUNTPOINT"])
-    mount(operands.image, operands.rest[0], upper=args.upper,
-          foreground=args.foreground, options=args.options,
-          platform=args.platform, cache_dir=args.cache_dir,
-          registry=registry_options(args))
+    progress = ProgressBar("indexing")
+    try:
+        mount(operands.image, operands.rest[0], upper=args.upper,
+              foreground=args.foreground, options=args.options,
+              platform=args.platform, cache_dir=args.cache_dir,
+              registry=registry_options(args), progress=progress,
+              log_file=args.log, log_level=args.log_level)
+    finally:
+        progress.finish()
     return 0
 
 
 def cmd_umount(args) -> int:
-    from .mount import umount
-    umount(args.mountpoint)
+    from .mount import umount, umount_all
+    if args.all == (args.mountpoint is not None):
+        print("layerfs umount: give a MOUNTPOINT or --all (one of them)", file=sys.stderr)
+        return EXIT_USAGE
+    if args.all:
+        umount_all()
+    else:
+        umount(args.mountpoint)
+    return 0
+
+
+def cmd_mounts(args) -> int:
+    from .mount import list_mounts, server_pid
+    for mountpoint, source in list_mounts(every=args.every):
+        pid = server_pid(mountpoint)
+        print(f"{mountpoint}\t{source}\t{pid if pid is not None else '-'}")
     return 0
 
 
@@ -871,6 +890,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("-o", dest="options", action="append", default=[],
                      metavar="OPTION[,OPTION...]", help="FUSE mount options (allow_other, ...)")
     sub.add_argument("--upper", metavar="DIR", help="keep changes in DIR (copy-on-write)")
+    sub.add_argument("--log", metavar="FILE",
+                     help="write the daemon's log to FILE (default: syslog)")
+    sub.add_argument("--log-level", default="WARNING", type=str.upper,
+                     choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                     help="the log's level (default: WARNING)")
 
     command("pull", cmd_pull, "fetch and index an image ahead of use; print its manifest "
                               "digest", "")
@@ -897,9 +921,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("host", metavar="HOST[:PORT]")
 
     sub = commands.add_parser("umount", help="unmount a layerfs mount",
-                              description="unmount a layerfs mount")
+                              description="unmount a layerfs mount, or all of them")
     sub.set_defaults(function=cmd_umount)
-    sub.add_argument("mountpoint", metavar="MOUNTPOINT")
+    sub.add_argument("--all", action="store_true",
+                     help="unmount every layerfs mount started from this runtime directory "
+                          "(see 'layerfs mounts')")
+    sub.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?")
+
+    sub = commands.add_parser("mounts", help="list the active layerfs mounts",
+                              description="list the layerfs mounts started from this runtime "
+                                          "directory ($LAYERFS_RUNTIME_DIR, else "
+                                          "$XDG_RUNTIME_DIR/layerfs, else /run/layerfs for root): "
+                                          "mount point, image, daemon pid or - (tab-separated)")
+    sub.set_defaults(function=cmd_mounts)
+    sub.add_argument("--every", action="store_true",
+                     help="every layerfs mount on the machine, whoever started it")
     return parser
 
 

@@ -253,6 +253,18 @@ class Layer:
             return self._pread(length, self._base + data + offset)
         return self._read_sparse(data, offset, length)
 
+    def extent(self, data, size: int, offset: int, length: int) -> Optional[tuple]:
+        """Where :meth:`read` would read: ``(fd, position, length)`` in this
+        layer's uncompressed data (the blob, or its uncompressed copy), for
+        a caller that reads the bytes itself (the FUSE adapter lets libfuse
+        do it); None for a sparse file, whose holes exist in no file."""
+        if self._data_fd < 0:
+            raise path_error(errno.EBADF, self.label)
+        if not isinstance(data, int):
+            return None
+        length = max(0, min(length, size - offset))
+        return self._data_fd, self._base + data + offset, length
+
     def _read_sparse(self, segments: tuple, offset: int, length: int) -> bytes:
         out = bytearray(length)
         end = offset + length

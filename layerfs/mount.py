@@ -1,8 +1,10 @@
 """Mounting an image with FUSE: checks, options, the daemon, unmounting.
 
 Everything about a mount's lifecycle lives here; what each request does is
-:mod:`layerfs.fuse`'s business.  fusepy (and so libfuse) is imported only
-inside :func:`mount`, so ``import layerfs`` works where FUSE is missing.
+:mod:`layerfs.fusecore`'s business, and :mod:`layerfs.fuse` binds it to
+libfuse 3 (:mod:`layerfs.fusell`, its low-level API, serves read-only
+views).  The binding (and so libfuse) is imported only when mounting, so
+``import layerfs`` works where FUSE is missing.
 
 The background mount forks a daemon (new session, no terminal, standard
 streams on ``/dev/null``) and returns only once the mount is ready: until
@@ -38,58 +40,93 @@ from .errors import MountError
 from .reference import as_reference
 
 # Kernel caching.  A read-only view never changes, so the kernel may keep
-# names, attributes and pages as long as it likes.  A writable one is only
-# changed through the mount, but several names (hardlinks, renamed
-# directories) share what one change affects, so nothing is cached: every
-# lookup and getattr reaches the filesystem, and pages are dropped on open.
+# names, attributes, listings' attributes (READDIRPLUS) and pages as long as
+# it likes; ``open`` answers ENOSYS there, so the kernel keeps pages without
+# asking (see layerfs.fusecore).  A writable one is only changed through the
+# mount, but several names (hardlinks, renamed directories) share what one
+# change affects, so nothing is cached: every lookup and getattr reaches the
+# filesystem.
 READONLY_OPTIONS = {"entry_timeout": "86400", "attr_timeout": "86400",
                     "negative_timeout": "86400", "kernel_cache": True}
-# No ``hard_remove``: libfuse 2 then answers fstat() of an unlinked open file
-# with ENOENT (the kernel's getattr for fstat carries no file handle, and the
-# inode has no path left); without it, such a file lives on as
-# ``.fuse_hidden*`` until closed.  The price: libfuse renames an open file
-# that a rename() replaces to ``.fuse_hidden*`` first, so for a moment the
-# destination name does not exist (docs/mount.md).
-WRITABLE_OPTIONS = {"entry_timeout": "0", "attr_timeout": "0", "negative_timeout": "0",
-                    "big_writes": True}
-# Device nodes of an image must never open host devices, nor set-id bits
-# grant anything: always on, and the options that undo them are refused.
-FORCED_OPTIONS = {"nodev": True, "nosuid": True}
-REFUSED_OPTIONS = {"dev", "suid"}
-DEFAULT_OPTIONS = {"fsname": "layerfs", "subtype": "layerfs", "default_permissions": True}
+# No ``hard_remove`` (see layerfs.fuse): an unlinked or replaced open file
+# lives on as ``.fuse_hidden*`` until closed, so fstat() of it works; the
+# price is that a rename() over an open file is two steps for a moment.
+WRITABLE_OPTIONS = {"entry_timeout": "0", "attr_timeout": "0", "negative_timeout": "0"}
+# Device nodes of an image must never open host devices: always on, and
+# ``dev`` is refused.  Set-id bits grant nothing (``nosuid``) unless root
+# asks for ``suid`` (a container runtime's choice: see docs/mount.md).
+FORCED_OPTIONS = {"nodev": True}
+REFUSED_OPTIONS = {"dev"}
+ROOT_ONLY_OPTIONS = {"suid"}
+# max_threads: libfuse 3.14's own default is an invalid value it warns about
+# on stderr at every mount; 10 is what later versions default to.
+DEFAULT_OPTIONS = {"subtype": "layerfs", "default_permissions": True, "max_threads": "10"}
+# Options layerfs itself handles, never passed to libfuse.
+LAYERFS_OPTIONS = {"nonempty"}
+# The options the kernel's mount takes (fusermount3 gets these for a user's
+# mount), and all that libfuse 3 (3.14) accepts besides: anything else would
+# fail inside libfuse with a bare status, so it is refused by name.
+KERNEL_OPTIONS = {
+    "allow_other", "allow_root", "auto_unmount", "default_permissions", "fsname",
+    "subtype", "max_read", "blkdev", "blksize", "context", "fscontext", "defcontext",
+    "rootcontext", "ro", "rw", "suid", "nosuid", "dev", "nodev", "exec", "noexec",
+    "async", "sync", "dirsync", "atime", "noatime", "diratime", "nodiratime",
+    "relatime", "norelatime", "strictatime", "nostrictatime", "lazytime", "nolazytime",
+}
+KNOWN_OPTIONS = KERNEL_OPTIONS | {
+    # libfuse's high-level layer and its loop
+    "debug", "kernel_cache", "auto_cache", "noauto_cache", "umask", "uid", "gid",
+    "entry_timeout", "negative_timeout", "attr_timeout", "ac_attr_timeout",
+    "noforget", "remember", "modules", "no_rofd_flush",
+    "max_idle_threads", "max_threads", "clone_fd",
+}
 
 _ERROR_PREFIX = "layerfs-mount-error "
+LOOP_ENDED_BY_SIGNAL = 8
+_PROGRESS_PREFIX = "layerfs-mount-progress "
 RUNTIME_DIR_VARIABLE = "LAYERFS_RUNTIME_DIR"
 UMOUNT_TIMEOUT = 60.0
 
 
 def mount(source, mountpoint, *, upper=None, foreground: bool = False,
           options: Iterable[str] = (), tag: Optional[str] = None,
-          platform: Optional[str] = None, cache_dir=None, registry=None) -> None:
+          platform: Optional[str] = None, cache_dir=None, registry=None,
+          progress: Optional[Callable[[int, int], None]] = None,
+          log_file=None, log_level: str = "WARNING") -> None:
     """Mount the image *source* (what :func:`layerfs.open` takes) on *mountpoint*.
 
     Read-only, or copy-on-write into the directory *upper*.  *options* are
     FUSE ``-o`` options (``"allow_other"``, ``"ro,attr_timeout=5"``...),
-    passed through; ``nodev`` and ``nosuid`` are always set.  With
-    *foreground*, serve in this process until unmounted (or SIGINT/SIGTERM);
-    otherwise return once the mount is ready, served by a detached daemon.
-    Raises :class:`~layerfs.errors.MountError` when mounting is impossible,
-    and the image errors of :func:`layerfs.open` in the foreground.
+    passed through; ``nodev`` is always set, ``nosuid`` unless root asks for
+    ``suid``.  With *foreground*, serve in this process until unmounted (or
+    SIGINT/SIGTERM); otherwise return once the mount is ready, served by a
+    detached daemon.  *progress* is called as ``progress(done, total)``
+    while the image is indexed; *log_file* receives the daemon's log (and
+    libfuse's, with ``-o debug``) at *log_level*.  Raises
+    :class:`~layerfs.errors.MountError` when mounting is impossible, and the
+    image errors of :func:`layerfs.open`.
     """
     mountpoint = os.path.abspath(os.fspath(mountpoint))
     # The daemon works from "/": make every path absolute first.
     source = as_reference(source).absolute()
     upper, cache_dir = absolute(upper), absolute(cache_dir)
+    log_file = absolute(log_file)
     user_options = parse_options(options)
+    user_options.setdefault("fsname", source_name(source))
     load_fuse()
     check_device()
-    check_mountpoint(mountpoint, allow_nonempty="nonempty" in user_options)
-    opener = functools.partial(open_fs, source, upper=upper, tag=tag, platform=platform,
-                               cache_dir=cache_dir, registry=registry)
+    check_mountpoint(mountpoint, allow_nonempty=bool(user_options.pop("nonempty", False)))
+    if upper is not None:
+        check_upper(upper, mountpoint)
+    opener = functools.partial(open_fs, source=source, upper=upper, tag=tag,
+                               platform=platform, cache_dir=cache_dir,
+                               registry=registry)
     if foreground:
-        serve(opener(), mountpoint, user_options)
+        _log_to(log_file, log_level)
+        serve(opener(progress), mountpoint, user_options)
         return
-    _mount_in_background(opener, mountpoint, user_options)
+    _mount_in_background(opener, mountpoint, user_options, progress, log_file, log_level)
+    raise_readahead(mountpoint)
 
 
 def umount(mountpoint, timeout: float = UMOUNT_TIMEOUT) -> None:
@@ -269,32 +306,108 @@ def serve(fs, mountpoint, options=None, on_ready: Optional[Callable[[], None]] =
 
 
 def _serve_unlocked(fs, mountpoint: str, options, on_ready) -> None:
-    load_fuse()
-    from . import fuse as adapter
-    operations = adapter.Operations(fs, on_ready=on_ready)
     try:
-        fuse_options = mount_options(operations.readonly, options or {})
+        adapter = load_fuse()
+    except BaseException:
+        fs.close()
+        raise
+    from .fusecore import Operations
+    operations = Operations(fs, on_ready=on_ready, context=adapter.context)
+    device_fd = None
+    try:
+        options = dict(options or {})
+        options.pop("nonempty", None)
+        options.setdefault("fsname", "layerfs")
+        fuse_options = mount_options(operations.readonly, options)
+        target = mountpoint
+        if os.geteuid() != 0:
+            # Mounted by fusermount3, which hands back the open /dev/fuse;
+            # libfuse serves it as /dev/fd/N (it would otherwise open
+            # /dev/fuse itself first, and stop there where it is 0600).
+            device_fd = fusermount(mountpoint, fuse_options)
+            target = f"/dev/fd/{device_fd}"
         # libfuse's threads serve every mount.  One thread alone halves cold
         # lookups when both CPUs are busy, but on an idle 2-core machine it
         # was 10-33% slower (10k entries x 10 layers, cold find and stats,
         # alternated), and it would queue every reader behind one slow read.
-        adapter.FUSE(operations, mountpoint, foreground=True,
-                     nothreads=False, raw_fi=True,
-                     encoding=adapter.PATH_ENCODING, use_ino=True, **fuse_options)
+        logging.getLogger("layerfs.mount").info(
+            "serving %s on %s (%s, libfuse %d.%d)", fuse_options["fsname"], mountpoint,
+            "read-only" if operations.readonly else "writable",
+            adapter.binding.fuse_version_major, adapter.binding.fuse_version_minor)
+        if operations.readonly and os.environ.get("LAYERFS_FUSE_API") != "high":
+            # Read-only: the low-level API, so the kernel keeps listings.
+            from .fusell import Server
+            status = Server(fs, target, fuse_options, on_ready).serve()
+            if status < 0:
+                raise MountError(f"{mountpoint}: the FUSE loop failed ({os.strerror(-status)})",
+                                 -status)
+            return
+        adapter.FUSE(operations, target, foreground=True, nothreads=False,
+                     readdirplus=operations.readonly, **fuse_options)
     except RuntimeError as error:
+        # libfuse 3's fuse_main answers 8 whenever its loop ended other than
+        # by an unmount, and a signal (SIGTERM, SIGINT: the ordinary way to
+        # stop -f) is such an end; it has unmounted by then.  A loop that
+        # failed reads the same: libfuse has said why on stderr (the log).
+        if error.args and error.args[0] == LOOP_ENDED_BY_SIGNAL:
+            return
         raise MountError(f"{mountpoint}: FUSE could not mount it (libfuse status "
-                         f"{error.args[0] if error.args else '?'})", errno.EIO) from None
+                         f"{error.args[0] if error.args else '?'}; libfuse's own "
+                         f"message is above or in the log)", errno.EIO) from None
     finally:
+        if device_fd is not None:
+            # libfuse does not unmount what it did not mount (a signal, or
+            # an error, ended the loop while still mounted).
+            if mount_type(mountpoint) is not None:
+                subprocess.run(["fusermount3", "-u", "-z", mountpoint], check=False,
+                               stdin=subprocess.DEVNULL, capture_output=True)
+            os.close(device_fd)
         operations.shutdown()
+
+
+def fusermount(mountpoint: str, options: dict) -> int:
+    """Mount *mountpoint* through the set-uid ``fusermount3`` with the
+    kernel's share of *options*; returns the open ``/dev/fuse`` descriptor
+    it passes back (over a socket named by ``_FUSE_COMMFD``, as libfuse
+    does it)."""
+    import socket
+    tool = shutil.which("fusermount3")
+    if tool is None:
+        raise MountError("cannot mount: fusermount3 is not installed (needed without "
+                         "root; Debian: apt-get install fuse3)", errno.ENOPKG)
+    kernel = ",".join(name if value is True else f"{name}={value}"
+                      for name, value in options.items()
+                      if name in KERNEL_OPTIONS and value is not False)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        result = subprocess.run([tool, "-o", kernel, "--", mountpoint],
+                                env=dict(os.environ, _FUSE_COMMFD=str(theirs.fileno())),
+                                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                                capture_output=True, text=True, check=False)
+        theirs.close()
+        if result.returncode != 0:
+            raise MountError(f"{mountpoint}: fusermount3 refused: "
+                             f"{last_line(result.stderr) or result.returncode}", errno.EPERM)
+        _, fds, _, _ = socket.recv_fds(ours, 1, 1)
+        if not fds:
+            raise MountError(f"{mountpoint}: fusermount3 gave no /dev/fuse descriptor",
+                             errno.EIO)
+        return fds[0]
+    finally:
+        theirs.close()
+        ours.close()
 
 
 # -- options -----------------------------------------------------------
 
-def parse_options(options: Iterable[str]) -> dict:
+def parse_options(options: Iterable[str], euid: Optional[int] = None) -> dict:
     """``["ro,allow_other", "attr_timeout=5"]`` -> ``{"ro": True,
-    "allow_other": True, "attr_timeout": "5"}``; refuses ``dev``/``suid``."""
+    "allow_other": True, "attr_timeout": "5"}``.  Refuses, naming it, an
+    option libfuse 3 does not know, ``dev``, and ``suid`` unless the caller
+    (*euid*, default this process) is root."""
     if isinstance(options, str):
         options = [options]
+    euid = os.geteuid() if euid is None else euid
     parsed: dict = {}
     for group in options:
         for option in group.split(","):
@@ -303,41 +416,103 @@ def parse_options(options: Iterable[str]) -> dict:
                 continue
             name, equals, value = option.partition("=")
             if name in REFUSED_OPTIONS:
-                raise MountError(f"mount option {name!r} is refused: layerfs always "
-                                 f"mounts with nodev,nosuid", errno.EINVAL)
+                raise MountError(f"mount option {name!r} is refused: device nodes of an "
+                                 f"image never open host devices (always nodev)",
+                                 errno.EINVAL)
+            if name in ROOT_ONLY_OPTIONS and euid != 0:
+                raise MountError(f"mount option {name!r} is refused: only root may mount "
+                                 f"with set-id bits honoured", errno.EPERM)
+            if name not in KNOWN_OPTIONS and name not in LAYERFS_OPTIONS \
+                    and not name.startswith("x-"):
+                raise MountError(f"unknown mount option {name!r} (see docs/mount.md, "
+                                 f"\"Options\")", errno.EINVAL)
             parsed[name] = value if equals else True
     return parsed
 
 
 def mount_options(readonly: bool, user_options: dict) -> dict:
     """The options given to libfuse: defaults, then the caller's, then the
-    forced ones."""
+    forced ones (``nodev``; ``nosuid`` unless ``suid`` was asked, which
+    :func:`parse_options` allows only to root)."""
     options = dict(DEFAULT_OPTIONS)
     options.update(READONLY_OPTIONS if readonly else WRITABLE_OPTIONS)
     if readonly:
         options["ro"] = True
     options.update(user_options)
     options.update(FORCED_OPTIONS)
+    if not options.get("suid"):
+        options.pop("suid", None)
+        options["nosuid"] = True
+    else:
+        options.pop("nosuid", None)
     return options
+
+
+def source_name(source) -> str:
+    """The mount's source as ``findmnt`` shows it: the image reference (the
+    first and last layer file for a stack), made safe for libfuse's option
+    string."""
+    if source is None:
+        return "layerfs"
+    reference = as_reference(source)
+    if reference.transport == "layers":
+        layers = reference.layers
+        text = layers[0] if len(layers) == 1 else f"{layers[0]}..{os.path.basename(layers[-1])}"
+    else:
+        text = str(reference)
+    # libfuse splits options at commas (a backslash escapes one); mountinfo
+    # escapes blanks itself.
+    return text.replace("\\", "\\\\").replace(",", "\\,")
 
 
 # -- checks ------------------------------------------------------------
 
 def load_fuse():
-    """fusepy, or MountError: it raises ``OSError``/``EnvironmentError`` at
-    import when ``libfuse.so.2`` cannot be found."""
-    try:
-        import fuse
-    except ImportError:
-        raise MountError("cannot mount: the fusepy package is not installed",
-                         errno.ENOPKG) from None
-    except OSError as error:
-        raise MountError(f"cannot mount: libfuse (version 2) is not installed "
-                         f"({error})", errno.ENOPKG) from None
+    """The libfuse 3 binding (:mod:`layerfs.fuse`), or :class:`MountError`
+    saying what is missing (mfusepy, or libfuse 3)."""
+    from . import fuse
     return fuse
 
 
+def check_upper(upper: str, mountpoint: str) -> None:
+    """An upper directory must not be a file, nor the mount point or inside
+    it (the mount would hide it from its own daemon)."""
+    real_upper = os.path.realpath(upper)
+    real_mountpoint = os.path.realpath(mountpoint)
+    if os.path.exists(upper) and not os.path.isdir(upper):
+        raise MountError(f"{upper}: the upper must be a directory, and this is a file "
+                         f"(give a new or existing directory)", errno.ENOTDIR)
+    if real_upper == real_mountpoint or real_upper.startswith(real_mountpoint.rstrip("/") + "/"):
+        raise MountError(f"{upper}: the upper cannot be the mount point or inside it "
+                         f"(the mount would hide it; choose a directory outside "
+                         f"{mountpoint})", errno.EINVAL)
+
+
+def raise_readahead(mountpoint: str, kib: int = 1024) -> None:
+    """Let the kernel read ahead *kib* KiB in sequential reads of the mount
+    (libfuse can only lower the kernel's 128 KiB; the mount's bdi setting
+    in sysfs raises it, for root).  Best effort: nothing fails without it."""
+    try:
+        device = os.stat(mountpoint).st_dev
+        path = f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb"
+        with open(path, "w") as setting:
+            setting.write(str(kib))
+    except OSError:
+        pass
+
+
 def check_device(device: str = "/dev/fuse") -> None:
+    """FUSE must be usable: root opens *device* itself; any other user mounts
+    through the set-uid ``fusermount3``, which opens it on their behalf (so
+    the device may well be closed to them, as it is where it is 0600)."""
+    if not os.path.exists(device):
+        raise MountError(f"cannot mount: {device} does not exist (is the fuse "
+                         f"kernel module loaded?)", errno.ENODEV)
+    if os.geteuid() != 0:
+        if not (shutil.which("fusermount3") or shutil.which("fusermount")):
+            raise MountError("cannot mount: fusermount3 is not installed (needed "
+                             "without root; Debian: apt-get install fuse3)", errno.EPERM)
+        return
     try:
         fd = os.open(device, os.O_RDWR)
     except FileNotFoundError:
@@ -350,9 +525,6 @@ def check_device(device: str = "/dev/fuse") -> None:
         raise MountError(f"cannot mount: {device}: {error.strerror}",
                          error.errno or errno.ENODEV) from None
     os.close(fd)
-    if os.geteuid() != 0 and not (shutil.which("fusermount") or shutil.which("fusermount3")):
-        raise MountError("cannot mount: fusermount is not installed (needed "
-                         "without root)", errno.EPERM)
 
 
 def check_mountpoint(mountpoint: str, allow_nonempty: bool) -> None:
@@ -401,6 +573,45 @@ def mount_type(path: str) -> Optional[str]:
     return found
 
 
+def list_mounts(every: bool = False) -> list:
+    """The layerfs mounts served from this runtime directory (see
+    :func:`runtime_dir`: yours, live or crashed), oldest first, as
+    ``(mountpoint, source)`` (source as ``findmnt`` shows it); with *every*,
+    all the layerfs mounts this process can see."""
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as info:
+            lines = info.read().splitlines()
+    except FileNotFoundError:
+        return []
+    found = []
+    for line in lines:
+        fields = line.split(" ")
+        separator = fields.index("-")
+        if fields[separator + 1] != "fuse.layerfs":
+            continue
+        mountpoint = unescape_mountinfo(fields[4])
+        if every or os.path.exists(lock_path(mountpoint)):
+            found.append((mountpoint, unescape_mountinfo(fields[separator + 2])))
+    return found
+
+
+def umount_all(timeout: float = UMOUNT_TIMEOUT) -> list:
+    """Unmount every layerfs mount of this runtime directory (the newest
+    first, so nested ones go before their parents); returns the mount
+    points unmounted.  Raises the first :class:`~layerfs.errors.MountError`
+    after trying them all."""
+    done, failures = [], []
+    for mountpoint, _source in reversed(list_mounts()):
+        try:
+            umount(mountpoint, timeout)
+            done.append(mountpoint)
+        except MountError as error:
+            failures.append(error)
+    if failures:
+        raise failures[0]
+    return done
+
+
 def unescape_mountinfo(text: str) -> str:
     """mountinfo writes space, tab, newline and backslash as ``\\ooo``."""
     if "\\" not in text:
@@ -416,14 +627,15 @@ def unescape_mountinfo(text: str) -> str:
     return "".join(out)
 
 
-def open_fs(source, *, upper=None, tag=None, platform=None, cache_dir=None, registry=None):
+def open_fs(progress=None, *, source, upper=None, tag=None, platform=None, cache_dir=None,
+            registry=None):
     from . import fs as layerfs_fs
     cache = None
     if cache_dir is not None:
         from .layer import IndexCache
         cache = IndexCache(cache_dir)
     return layerfs_fs.open(source, tag=tag, platform=platform, cache=cache, upper=upper,
-                           registry=registry)
+                           registry=registry, progress=progress)
 
 
 def absolute(path):
@@ -440,7 +652,8 @@ def last_line(text: str) -> str:
 
 # -- the daemon --------------------------------------------------------
 
-def _mount_in_background(opener, mountpoint: str, user_options: dict) -> None:
+def _mount_in_background(opener, mountpoint: str, user_options: dict, progress=None,
+                         log_file=None, log_level: str = "WARNING") -> None:
     device_before = os.stat(mountpoint).st_dev
     read_end, write_end = os.pipe()
     sys.stdout.flush()
@@ -448,14 +661,22 @@ def _mount_in_background(opener, mountpoint: str, user_options: dict) -> None:
     pid = os.fork()
     if pid == 0:
         os.close(read_end)
-        _daemon(opener, mountpoint, user_options, write_end)   # never returns
+        _daemon(opener, mountpoint, user_options, write_end, log_file, log_level)  # never returns
     os.close(write_end)
     os.waitpid(pid, 0)           # the intermediate child exits at once
+    report = []
     with os.fdopen(read_end, "rb") as pipe:
-        report = pipe.read().decode("utf-8", "replace")
+        for raw in pipe:
+            line = raw.decode("utf-8", "replace")
+            if line.startswith(_PROGRESS_PREFIX):
+                if progress is not None:
+                    done, _, total = line[len(_PROGRESS_PREFIX):].partition(" ")
+                    progress(int(done), int(total))
+                continue
+            report.append(line)
     if _is_mounted(mountpoint, device_before):
         return
-    raise _daemon_error(report, mountpoint)
+    raise _daemon_error("".join(report), mountpoint)
 
 
 def _is_mounted(mountpoint: str, device_before: int) -> bool:
@@ -474,9 +695,11 @@ def _daemon_error(report: str, mountpoint: str) -> MountError:
     return MountError(f"{mountpoint}: cannot mount: {detail}", errno.EIO)
 
 
-def _daemon(opener, mountpoint: str, user_options: dict, report_fd: int) -> None:
+def _daemon(opener, mountpoint: str, user_options: dict, report_fd: int,
+            log_file=None, log_level: str = "WARNING") -> None:
     """The forked child: detach, then serve; stderr reports to the parent
-    until the mount is ready.  Never returns."""
+    until the mount is ready (then it is the log file, or /dev/null).
+    Never returns."""
     status = 1
     try:
         os.setsid()
@@ -490,15 +713,24 @@ def _daemon(opener, mountpoint: str, user_options: dict, report_fd: int) -> None
         # Without exec, every descriptor of the caller was inherited: keep
         # none, or a caller's pipe (``$(layerfs mount ...)``) never ends.
         os.closerange(3, os.sysconf("SC_OPEN_MAX"))
-        _log_to_syslog()
+        # After ready, stderr (libfuse's own messages, -o debug's trace)
+        # goes where the log goes.
+        after_ready = 0
+        if log_file is not None:
+            after_ready = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT
+                                  | os.O_CLOEXEC, 0o644)
+        _log_to(log_file, log_level)
 
         def ready() -> None:
-            os.dup2(0, 2)            # closes the report pipe: the parent returns
+            os.dup2(after_ready, 2)   # closes the report pipe: the parent returns
+
+        def progress(done: int, total: int) -> None:
+            os.write(2, f"{_PROGRESS_PREFIX}{done} {total}\n".encode())
 
         # Held until exit, so umount returns once this process is done.
         lock_fd = acquire_server_lock(mountpoint)
         try:
-            _serve_unlocked(opener(), mountpoint, user_options, ready)
+            _serve_unlocked(opener(progress), mountpoint, user_options, ready)
         finally:
             _remove_lock_file(mountpoint, lock_fd)
         status = 0
@@ -524,10 +756,18 @@ def describe(error: OSError) -> str:
     return f"{error.filename}: {error.strerror}" if error.filename else error.strerror
 
 
-def _log_to_syslog() -> None:
-    """The daemon has no terminal: its errors go to syslog, if there is one."""
-    if not os.path.exists("/dev/log"):
+def _log_to(log_file, level: str = "WARNING") -> None:
+    """The server's log: *log_file* if given, else syslog for a daemon (it
+    has no terminal), if there is one."""
+    logger = logging.getLogger("layerfs")
+    logger.setLevel(getattr(logging, str(level).upper(), logging.WARNING))
+    if log_file is not None:
+        handler: logging.Handler = logging.FileHandler(log_file)
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s layerfs[%(process)d] %(levelname)s %(name)s: %(message)s"))
+    elif os.path.exists("/dev/log"):
+        handler = logging.handlers.SysLogHandler(address="/dev/log")
+        handler.setFormatter(logging.Formatter("layerfs[%(process)d]: %(name)s: %(message)s"))
+    else:
         return
-    handler = logging.handlers.SysLogHandler(address="/dev/log")
-    handler.setFormatter(logging.Formatter("layerfs[%(process)d]: %(name)s: %(message)s"))
-    logging.getLogger("layerfs").addHandler(handler)
+    logger.addHandler(handler)

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from mount_helpers import stack, ROOT, is_mounted, requires_fuse, run_cli, wait_until
+from layerfs import mount as layerfs_mount
+from mount_helpers import ROOT, force_unmount, is_mounted, requires_fuse, run_cli, stack, wait_until
 
 pytestmark = [pytest.mark.mount, requires_fuse]
 
@@ -44,7 +45,8 @@ def test_mount_passes_options_through(sample_layers, mountpoint):
     with open("/proc/self/mountinfo", encoding="utf-8") as info:
         line = next(line for line in info if line.split()[4] == mountpoint)
     assert "allow_other" in line and "nodev" in line and "nosuid" in line
-    assert " fuse.layerfs layerfs " in line
+    # The image is the source findmnt shows (here a stack: first..last).
+    assert f" fuse.layerfs {sample_layers[0]}..top.tar " in line
 
 
 def test_relative_paths_are_resolved_before_detaching(sample_layers, mountpoint, tmp_path):
@@ -99,11 +101,25 @@ def test_missing_image(mountpoint, tmp_path):
     assert not is_mounted(mountpoint)
 
 
-def test_device_and_setuid_options_are_refused(sample_layers, mountpoint):
-    for option in ("dev", "suid"):
-        result = run_cli("mount", "-o", f"ro,{option}", *stack(sample_layers), mountpoint)
-        assert_one_line_error(result, option, "nodev,nosuid")
-        assert not is_mounted(mountpoint)
+def test_device_option_is_refused(sample_layers, mountpoint):
+    result = run_cli("mount", "-o", "ro,dev", *stack(sample_layers), mountpoint)
+    assert_one_line_error(result, "'dev'", "nodev")
+    assert not is_mounted(mountpoint)
+
+
+def test_unknown_option_is_named(sample_layers, mountpoint):
+    result = run_cli("mount", "-o", "ro,no_such_option=3", *stack(sample_layers), mountpoint)
+    assert_one_line_error(result, "'no_such_option'")
+    assert "libfuse status" not in result.stderr
+    assert not is_mounted(mountpoint)
+
+
+def test_suid_is_honoured_when_root_asks(sample_layers, mountpoint):
+    # A container runtime's choice (docs/mount.md): set-id bits then work.
+    run_cli("mount", "-o", "suid", *stack(sample_layers), mountpoint, check=True)
+    with open("/proc/self/mountinfo", encoding="utf-8") as info:
+        line = next(line for line in info if line.split()[4] == mountpoint)
+    assert "nosuid" not in line.split()[5] and "nodev" in line.split()[5]
 
 
 def test_umount_of_something_not_mounted(mountpoint):
@@ -149,3 +165,94 @@ def test_importing_layerfs_does_not_load_fuse():
             "assert 'fuse' not in sys.modules and 'layerfs.fuse' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=ROOT),
                    check=True)
+
+
+def test_mounts_lists_and_umount_all_unmounts_this_runtime_dirs_mounts(sample_layers, tmp_path):
+    # The fixtures give this test its own runtime directory, so --all
+    # reaches only the mounts made here.
+    mountpoints = []
+    for name in ("one", "two"):
+        mountpoint = tmp_path / name
+        mountpoint.mkdir()
+        mountpoints.append(str(mountpoint))
+    try:
+        run_cli("mount", *stack(sample_layers), mountpoints[0], check=True)
+        run_cli("mount", "--upper", str(tmp_path / "upper"), *stack(sample_layers), mountpoints[1],
+                check=True)
+        listed = run_cli("mounts", check=True).stdout.splitlines()
+        rows = [line.split("\t") for line in listed]
+        assert [row[0] for row in rows] == mountpoints
+        assert all(row[1] == f"{sample_layers[0]}..top.tar" for row in rows)
+        assert all(int(row[2]) == layerfs_mount.server_pid(row[0]) for row in rows)
+        assert run_cli("umount", "--all", check=True).stderr == ""
+        assert not any(is_mounted(path) for path in mountpoints)
+        assert run_cli("mounts", check=True).stdout == ""
+    finally:
+        for path in mountpoints:
+            force_unmount(path)
+
+
+def test_umount_needs_a_mountpoint_or_all(mountpoint):
+    result = run_cli("umount")
+    assert result.returncode == 2 and "--all" in result.stderr
+    assert run_cli("umount", "--all", mountpoint).returncode == 2
+
+
+def test_log_file_receives_the_daemons_and_libfuses_log(sample_layers, mountpoint, tmp_path):
+    log = tmp_path / "daemon.log"
+    run_cli("mount", "--log", str(log), "--log-level", "debug", "-o", "debug",
+            *stack(sample_layers), mountpoint, check=True)
+    assert os.listdir(mountpoint)
+    run_cli("umount", mountpoint, check=True)
+    text = log.read_text()
+    assert f"INFO layerfs.mount: serving {sample_layers[0]}..top.tar on {mountpoint}" in text
+    # libfuse's trace of each request (-o debug) goes where the log goes.
+    assert "opcode: READDIR" in text
+
+
+def test_log_level_filters(sample_layers, mountpoint, tmp_path):
+    log = tmp_path / "daemon.log"
+    run_cli("mount", "--log", str(log), "--log-level", "warning", *stack(sample_layers), mountpoint,
+            check=True)
+    run_cli("umount", mountpoint, check=True)
+    assert "serving" not in log.read_text()
+
+
+def test_upper_at_or_inside_the_mount_point_is_refused(sample_layers, mountpoint, tmp_path):
+    for upper in (mountpoint, f"{mountpoint}/upper"):
+        result = run_cli("mount", "--upper", upper, *stack(sample_layers), mountpoint)
+        assert_one_line_error(result, "inside")
+    (tmp_path / "file").write_text("x")
+    assert_one_line_error(run_cli("mount", "--upper", str(tmp_path / "file"), *stack(sample_layers),
+                                  mountpoint), "file", "directory")
+    assert not is_mounted(mountpoint)
+
+
+def test_mount_shows_indexing_progress_on_a_terminal(sample_layers, mountpoint, tmp_path):
+    import pty
+    main, terminal = pty.openpty()
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    try:
+        result = subprocess.run([sys.executable, "-m", "layerfs.cli", "mount", "--cache-dir",
+                                 str(tmp_path / "cold-cache"), *stack(sample_layers), mountpoint],
+                                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=terminal, timeout=60)
+        os.close(terminal)
+        terminal = None
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(main, 4096)
+            except OSError:                  # EIO: the terminal's other end is closed
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        if terminal is not None:
+            os.close(terminal)
+        os.close(main)
+    assert result.returncode == 0
+    assert b"indexing [" in shown and b"100%" in shown
+    assert is_mounted(mountpoint)
+    run_cli("umount", mountpoint, check=True)

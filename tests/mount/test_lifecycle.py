@@ -179,3 +179,18 @@ def test_the_daemon_keeps_none_of_the_callers_descriptors(sample_layers, mountpo
         os.close(read_end)
         if write_end is not None:
             os.close(write_end)
+
+
+def test_indexing_progress_reaches_the_caller_of_a_background_mount(sample_layers, mountpoint,
+                                                                    tmp_path):
+    seen = []
+    layerfs_mount.mount(sample_layers, mountpoint, cache_dir=str(tmp_path / "fresh-cache"),
+                        progress=lambda done, total: seen.append((done, total)))
+    try:
+        # What layerfs.open reports, relayed: (bytes done, bytes in all)
+        # while each layer is indexed, ending with one done.
+        assert seen, "no progress from the daemon"
+        assert all(0 <= done <= total for done, total in seen)
+        assert seen[-1][0] == seen[-1][1] > 0
+    finally:
+        layerfs_mount.umount(mountpoint)

@@ -210,9 +210,17 @@ def test_parallel_readers_of_lower_files(mounted, tmp_path):
 
 
 @requires_upper
-@pytest.mark.xfail(reason="libfuse 2 (without hard_remove) renames an open file that "
-                          "rename() replaces to .fuse_hidden* first: for a moment the "
-                          "name is missing and a reader racing it sees ENOENT")
+# Not strict, the one exception to xfail_strict: a race, so it may pass.
+# libfuse's high-level layer (2 and 3.14) renames an open file that rename()
+# replaces to .fuse_hidden* first, so for a moment the name is missing and a
+# reader racing it sees ENOENT.  hard_remove would avoid that, but then
+# fstat() of an unlinked open file fails with ESTALE (the kernel's GETATTR
+# for fstat carries no handle): see docs/mount.md.  The low-level API, where
+# requests name inodes, is what makes both work.
+@pytest.mark.xfail(strict=False,
+                   reason="libfuse's high-level layer renames an open file that rename() "
+                          "replaces to .fuse_hidden* first: for a moment the name is "
+                          "missing and a reader racing it sees ENOENT")
 def test_rename_over_is_atomic_for_readers(sample_layers, mountpoint, tmp_path):
     layerfs_mount.mount(sample_layers, mountpoint, upper=str(tmp_path / "upper"))
     with open(f"{mountpoint}/current", "wb") as current:

@@ -264,3 +264,44 @@ def test_cp_a_copies_the_view_out(mounted, sample_fs, tmp_path):
             assert os.readlink(host(copy, path)) == node.target
     assert os.path.samefile(f"{copy}/bin/tool", f"{copy}/bin/tool-link")
     assert os.getxattr(f"{copy}/attrs", "user.comment") == b"hello"
+
+
+def test_the_kernel_keeps_listings_and_pages_of_a_read_only_mount(sample_layers, mountpoint,
+                                                                   tmp_path):
+    # The low-level server answers opendir and open with ENOSYS: the kernel
+    # then caches listings and pages itself, so repeating them reaches the
+    # daemon not at all (counted in libfuse's -o debug trace).
+    from mount_helpers import stack, run_cli
+    log = tmp_path / "trace.log"
+    run_cli("mount", "--log", str(log), "-o", "debug", *stack(sample_layers), mountpoint,
+            check=True)
+    try:
+        for _ in range(3):
+            assert sorted(os.listdir(f"{mountpoint}/etc")) == ["passwd"]
+            with open(f"{mountpoint}/bin/tool", "rb") as tool:
+                assert tool.read() == BIG
+    finally:
+        run_cli("umount", mountpoint, check=True)
+    text = log.read_text()
+    assert text.count("opcode: READDIRPLUS") + text.count("opcode: READDIR ") == 2   # data, end
+    # One OPENDIR and one OPEN, each answered ENOSYS, then never again.
+    assert text.count("opcode: OPENDIR ") == 1 and "opcode: RELEASEDIR" not in text
+    assert text.count("opcode: OPEN ") == 1 and "opcode: RELEASE " not in text
+    assert text.count("error: -38 (Function not implemented)") >= 2
+
+
+def test_the_high_level_layer_still_serves_a_read_only_mount(sample_layers, mountpoint,
+                                                             monkeypatch, sample_fs):
+    # LAYERFS_FUSE_API=high: the path writable mounts take (and READDIRPLUS in
+    # offset mode, ENOSYS open), kept for comparison.
+    from mount_helpers import stack, run_cli
+    monkeypatch.setenv("LAYERFS_FUSE_API", "high")
+    run_cli("mount", *stack(sample_layers), mountpoint, check=True)
+    try:
+        assert sorted(os.listdir(mountpoint)) == sorted(sample_fs.listdir("/"))
+        st = os.lstat(f"{mountpoint}/bin/tool")
+        assert (st.st_ino, st.st_size) == (sample_fs.lstat("/bin/tool").st_ino, len(BIG))
+        with open(f"{mountpoint}/bin/tool", "rb") as tool:
+            assert tool.read() == BIG
+    finally:
+        run_cli("umount", mountpoint, check=True)

@@ -30,18 +30,26 @@ def test_the_union_core_imports_only_the_core_and_no_io():
     assert not imports & {"io", "tarfile", "fuse", "socket", "subprocess", "shutil"}
 
 
-def test_only_the_mount_modules_import_fusepy():
+def test_only_the_binding_loads_libfuse():
+    # layerfs.fuse is the binding (mfusepy, libfuse 3) and layerfs.fusell its
+    # low-level server; layerfs.mount imports them only when mounting; the
+    # translation core (fusecore) imports neither.
     for path in PACKAGE.glob("*.py"):
-        if path.stem in ("fuse", "mount"):
-            continue
-        assert "fuse" not in imported_modules(path.stem), path.name
+        imports = imported_modules(path.stem)
+        if path.stem != "fuse":
+            # fusell (the low-level server) reuses the binding's library.
+            assert not imports & {"mfusepy", "fuse"} or path.stem in ("mount", "fusell"), \
+                path.name
+            assert "mfusepy" not in imports, path.name
+    assert not imported_modules("fusecore") & {"fuse", "mount", "mfusepy", "fs", "cli"}
 
 
-def test_import_layerfs_loads_neither_fusepy_nor_hypothesis():
-    code = ("import sys, layerfs, layerfs.fs, layerfs.cli, layerfs.commit; "
-            "print('fuse' in sys.modules, 'hypothesis' in sys.modules)")
+def test_import_layerfs_loads_no_binding_nor_hypothesis():
+    code = ("import sys, layerfs, layerfs.fs, layerfs.cli, layerfs.commit, layerfs.fusecore, "
+            "layerfs.mount; print('fuse' in sys.modules, 'mfusepy' in sys.modules, "
+            "'layerfs.fuse' in sys.modules, 'hypothesis' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["False", "False"]
+    assert out.stdout.split() == ["False", "False", "False", "False"]
 
 
 def test_the_reference_grammar_reads_text_only():
