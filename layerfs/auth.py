@@ -12,8 +12,8 @@ Lookup order (containers-auth.json(5), as podman and skopeo read it):
 4. ``$DOCKER_CONFIG/config.json``, else ``~/.docker/config.json``;
 5. ``~/.dockercfg`` (the old format: the ``auths`` object at the top level).
 
-In each file, ``credHelpers[host]`` names a ``docker-credential-NAME`` program
-asked first; then the ``auths`` keys are matched from the most specific to
+In each file, ``credHelpers[host]`` (else docker's ``credsStore``) names a
+``docker-credential-NAME`` program asked first; then the ``auths`` keys are matched from the most specific to
 the least: ``host/ns/repo``, ``host/ns``, ``host`` (a key may carry a scheme
 and a path, as docker writes ``https://index.docker.io/v1/``).  The first
 file with an answer wins.
@@ -92,7 +92,7 @@ def lookup(host: str, repository: Optional[str] = None,
         document = _load(path, must_exist=path == authfile)
         if document is None:
             continue
-        helper = (document.get("credHelpers") or {}).get(host)
+        helper = (document.get("credHelpers") or {}).get(host) or document.get("credsStore")
         if isinstance(helper, str) and helper:
             found = _from_helper(helper, host, path)
             if found is not None:
@@ -163,7 +163,7 @@ def _decode(entry: dict, origin: str) -> Optional[Credentials]:
         except (binascii.Error, UnicodeDecodeError):
             sep = ""
         if not sep:
-            raise RegistryAuthError(f"the \"auth\" value is not base64 of user:password",
+            raise RegistryAuthError("the \"auth\" value is not base64 of user:password",
                                     path=origin)
         return Credentials(username, password, origin)
     token = entry.get("identitytoken")

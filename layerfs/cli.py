@@ -121,8 +121,7 @@ def take_image(args, names: Sequence[str], optional: int = 0) -> Operands:
                              f"/: {value!r}{hint}")
     tag = getattr(args, "tag", None)
     if tag is not None:
-        if ref.transport != "path" and ref.transport not in ("oci", "oci-archive",
-                                                             "docker-archive"):
+        if ref.transport in ("docker", "layers"):
             raise UsageError(f"{args.command}: --tag chooses among the images of a "
                              f"layout or archive; {_what(ref)} takes none")
         if ref.tag is not None or ref.digest is not None:
@@ -504,8 +503,11 @@ def cmd_pull(args) -> int:
 
 
 def cmd_copy(args) -> int:
+    from .image import descriptor
+    from .imagewrite import copy_to_layout
     from .reference import parse_reference as parse
-    from .registry import BlobCache, cache_root, save_layout
+    from .layer import cache_root
+    from .remote import BlobCache
     operands = take_image(args, ["DEST"])
     if not operands.image.is_remote:
         raise UsageError("copy: IMAGE must be a docker:// reference (a local image is "
@@ -516,12 +518,21 @@ def cmd_copy(args) -> int:
         raise UsageError(f"copy: {error}") from None
     if dest.transport != "oci" or dest.digest is not None:
         raise UsageError(f"copy: DEST must be oci:DIR[:TAG], not {operands.rest[0]!r}")
-    cache = cache_from(args)
-    if cache is False:
-        raise UsageError("copy: needs the cache")
     tag = dest.tag if dest.tag is not None else operands.image.tag
+    cache = BlobCache(cache_root(cache_from(args)))
     with open_image_fs(args, operands.image) as fs:
-        digest = save_layout(fs.image, BlobCache(cache_root(cache)), dest.path, tag)
+        image = fs.image
+        needed = [image.manifest_digest, image.config_digest,
+                  *[layer.digest for layer in image.layers]]
+        entry = descriptor(image.manifest.get("mediaType") or
+                           "application/vnd.oci.image.manifest.v1+json", image.manifest_digest,
+                           os.path.getsize(cache.blob_path(image.manifest_digest)))
+        if image.platform:
+            parts = image.platform.split("/")
+            entry["platform"] = {"os": parts[0], "architecture": parts[1],
+                                 **({"variant": parts[2]} if len(parts) > 2 else {})}
+        digest = copy_to_layout(dest.path, entry, {d: cache.blob_path(d) for d in needed},
+                                tag)
     print(digest)
     return 0
 

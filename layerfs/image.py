@@ -46,7 +46,7 @@ import attrs
 from .compression import detect_compression
 from .errors import DigestMismatchError, ImageError, UnsupportedImageError
 from .entry import HARDLINK, REGULAR
-from .layer import BlobSource, Layer, open_layer
+from .layer import BlobSource, Layer, cache_root, open_layer
 from .paths import BadMemberName, normalize_member_name
 from .reference import (DOCKER, DOCKER_ARCHIVE, LAYERS, OCI, OCI_ARCHIVE, PATH,
                         as_reference)
@@ -371,6 +371,7 @@ class Image:
     # a registry image: what a tag pointed at when it was opened).
     offered: list = attrs.field(factory=list)
     resolved_digest: str | None = None
+    closers: list = attrs.field(factory=list)   # run by close(), after the layers
 
     @property
     def tag(self) -> str | None:
@@ -427,6 +428,9 @@ class Image:
     def close(self) -> None:
         for layer in self.layers:
             layer.close()
+        closers, self.closers = self.closers, []
+        for close in closers:
+            close()
 
     def __enter__(self) -> Image:
         return self
@@ -590,7 +594,8 @@ def _open_remote(ref: Any, platform: str | None, layer_args: dict, options: Any)
     :mod:`layerfs.registry`) and then read like a layout's.  The reference
     resolves to one manifest or index, which is then treated as a layout
     whose index.json names only it."""
-    from .registry import BlobCache, Options, RemoteStore, cache_root
+    from .registry import Options
+    from .remote import BlobCache, RemoteStore
     root = cache_root(layer_args["cache"])
     temporary = None
     if root is None:          # cache=False: nothing may stay behind
@@ -605,11 +610,15 @@ def _open_remote(ref: Any, platform: str | None, layer_args: dict, options: Any)
         opener = _Opener(store, "registry", layer_args)
         image = opener.open_index({"manifests": [entry]}, store.label,
                                   _Choice(None, None, platform))
-        image.resolved_digest = digest
-        return image
-    finally:
+    except BaseException:
         if temporary is not None:
             shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    image.resolved_digest = digest
+    if temporary is not None:
+        # The blobs stay while the image is open (commit copies them).
+        image.closers.append(lambda: shutil.rmtree(temporary, ignore_errors=True))
+    return image
 
 
 def list_images(source: Any, *, cache: Any = None,

@@ -100,6 +100,50 @@ def write_oci_layout(dest_dir: str | os.PathLike, layer_blobs: Sequence[LayerBlo
     return plan.manifest_digest
 
 
+def copy_to_layout(dest_dir: str | os.PathLike, manifest_descriptor: dict,
+                   blobs: dict, tag: str | None = None) -> str:
+    """Add an existing image to the OCI layout *dest_dir* byte for byte:
+    *blobs* maps every digest the image needs (manifest, config, layers) to
+    a file holding exactly that blob (hardlinked where possible, else
+    copied), and *manifest_descriptor* becomes its index entry, tagged
+    *tag*.  The digests stay what they were (``layerfs copy``).  An entry
+    tagged *tag* is replaced.  Without a tag the layout must hold no other
+    image: later commands could not tell which is meant.  Returns the
+    manifest digest."""
+    dest = os.fspath(dest_dir)
+    index_path = os.path.join(dest, "index.json")
+    index = _read_index(index_path) if os.path.exists(index_path) else {
+        "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
+    digest = manifest_descriptor["digest"]
+    kept = [m for m in index["manifests"]
+            if (m.get("annotations") or {}).get(REF_NAME) != tag or tag is None]
+    if tag is None and any(m.get("digest") != digest for m in kept):
+        raise UnsupportedImageError(
+            "the layout already holds other images: give this one a tag "
+            "(oci:DIR:TAG) so that later commands can tell which is meant", path=dest)
+    os.makedirs(os.path.join(dest, "blobs", "sha256"), exist_ok=True)
+    for blob_digest, path in blobs.items():
+        final = os.path.join(dest, blob_name(blob_digest))
+        if os.path.exists(final):
+            continue
+        temp = _temp_name(final)
+        try:
+            os.link(path, temp)
+            os.replace(temp, final)
+        except OSError:
+            with open(path, "rb") as src, _atomic_output(final) as out:
+                _copy(src, out, os.fstat(src.fileno()).st_size)
+    if not os.path.exists(os.path.join(dest, "oci-layout")):
+        _write_atomic(os.path.join(dest, "oci-layout"), canonical_json(LAYOUT_VERSION))
+    entry = dict(manifest_descriptor)
+    if tag is not None:
+        entry["annotations"] = {REF_NAME: tag}
+    index["manifests"] = [m for m in kept if m.get("digest") != digest or tag is not None] + [
+        entry]
+    _write_atomic(index_path, canonical_json(index))
+    return digest
+
+
 def write_oci_archive(dest_tar: str | os.PathLike, layer_blobs: Sequence[LayerBlob], *,
                       config: dict | None = None, tag: str | None = None,
                       base: Image | None = None, history: Sequence[dict] | None = None,

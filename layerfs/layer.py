@@ -95,6 +95,15 @@ def default_cache_root() -> str:
     return os.path.join(os.path.expanduser("~"), ".cache", "layerfs")
 
 
+def cache_root(cache) -> Optional[str]:
+    """The directory of a ``cache=`` argument: an :class:`IndexCache`'s
+    root, the default one for None, None for ``False`` (no cache)."""
+    if cache is False:
+        return None
+    root = getattr(cache, "root", None)
+    return root if root is not None else default_cache_root()
+
+
 class IndexCache:
     """The on-disk cache of layer indexes and uncompressed copies (the
     layout is in the module docstring).  *root* defaults to

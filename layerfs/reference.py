@@ -139,6 +139,12 @@ class Reference:
 Source = Union[str, bytes, "os.PathLike[str]", Reference, Sequence[Any]]
 
 
+def is_digest(text: object) -> bool:
+    """Is *text* a digest layerfs can verify (``sha256:<64 hex>`` or
+    ``sha512:<128 hex>``)?  Only such digests ever become file names."""
+    return isinstance(text, str) and _DIGEST.match(text) is not None
+
+
 def parse_reference(text: str) -> Reference:
     """The :class:`Reference` that *text* spells (see the module docstring).
     Raises :class:`InvalidReferenceError` naming *text* when a prefix is

@@ -1,10 +1,11 @@
 """Images in registries: the client side of the OCI distribution API.
 
-Everything that crosses the network lives here; which manifest of an index
-is meant, and how a layer is read, stay :mod:`layerfs.image`'s and
+Everything that crosses the network lives here: the :class:`Client` of one
+repository (manifests, blobs, tags, authentication).  Which manifest of an
+index is meant, and how a layer is read, stay :mod:`layerfs.image`'s and
 :mod:`layerfs.layer`'s business: a registry is one more place blobs come
-from (:class:`RemoteStore`), and every blob lands in a content-addressed
-cache before anything reads it.
+from (:class:`layerfs.remote.RemoteStore`), and every blob lands in a
+content-addressed cache before anything reads it.
 
 Rules this module keeps:
 
@@ -29,24 +30,19 @@ Rules this module keeps:
   ``Range`` (or restarts, if the server ignores it) up to :data:`RETRIES`
   times.
 
-Cache layout, under ``<cache root>/registry/``::
-
-    blobs/sha256/<hex>            manifests, configs and layer blobs, verified
-    tags/<host>/<repo>/<tag>.json the last digest a tag resolved to (read only
-                                  with ``offline=True``)
+Blobs are written through a cache object (:class:`layerfs.remote.BlobCache`);
+which blobs an image needs, and the cache itself, are :mod:`layerfs.remote`'s.
+Registry settings (certificates, ``registries.conf``) are
+:mod:`layerfs.registryconf`'s; credentials :mod:`layerfs.auth`'s.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import errno
 import hashlib
 import ipaddress
-import json
 import os
 import re
-import shutil
-import tempfile
 import threading
 import time
 from typing import Any, Callable, Optional
@@ -55,9 +51,10 @@ from urllib.parse import quote, urlencode
 import attrs
 
 from . import auth
-from .errors import (DigestMismatchError, ImageError, RegistryAuthError, RegistryError,
+from .errors import (DigestMismatchError, RegistryAuthError, RegistryError,
                      UnsupportedImageError)
-from .reference import DEFAULT_HOST, Reference
+from .reference import DEFAULT_HOST, Reference, is_digest
+from .registryconf import certificates
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -84,115 +81,13 @@ class Options:
     tag resolves to the digest it had when last fetched), ``cert_dir`` (a
     directory of ``*.crt`` CA certificates and ``*.cert``/``*.key`` client
     pairs for every registry; default: ``certs.d/HOST[:PORT]`` of
-    :data:`CERTS_D`), ``registries_conf`` (mirrors, locations, insecure and
+    :data:`layerfs.registryconf.CERTS_D`), ``registries_conf`` (mirrors, locations, insecure and
     blocked registries; default: see :mod:`layerfs.registryconf`)."""
     authfile: Optional[str] = None
     tls_verify: bool = True
     offline: bool = False
     cert_dir: Optional[str] = None
     registries_conf: Optional[str] = None
-
-
-# Where the containers tools and docker keep per-registry certificates.
-CERTS_D = ("~/.config/containers/certs.d", "/etc/containers/certs.d", "/etc/docker/certs.d")
-
-
-def certificates(host: str, cert_dir: Optional[str] = None) -> tuple[Optional[str], Any]:
-    """(CA bundle, client certificate) for *host*, from ``cert_dir`` or
-    the first ``certs.d/<host>`` directory that exists: ``*.crt`` files are
-    CAs, trusted in addition to the system's (a bundle of both is written
-    once, content-addressed, to the temp directory); a ``NAME.cert`` with
-    its ``NAME.key`` is the client certificate."""
-    directory = cert_dir
-    if directory is None:
-        for root in CERTS_D:
-            candidate = os.path.join(os.path.expanduser(root), host)
-            if os.path.isdir(candidate):
-                directory = candidate
-                break
-    if directory is None or not os.path.isdir(directory):
-        return None, None
-    names = sorted(os.listdir(directory))
-    cas = [os.path.join(directory, n) for n in names if n.endswith(".crt")]
-    client = None
-    for name in names:
-        if name.endswith(".cert") and f"{name[:-5]}.key" in names:
-            client = (os.path.join(directory, name), os.path.join(directory, f"{name[:-5]}.key"))
-            break
-    if not cas:
-        return None, client
-    import certifi
-    parts = [open(certifi.where(), "rb").read()]
-    for ca in cas:
-        with open(ca, "rb") as handle:
-            parts.append(handle.read())
-    bundle = b"\n".join(parts)
-    path = os.path.join(tempfile.gettempdir(),
-                        f"layerfs-ca-{hashlib.sha256(bundle).hexdigest()[:32]}.pem")
-    if not os.path.exists(path):
-        fd, temp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".layerfs-ca-")
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(bundle)
-        os.replace(temp, path)
-    return path, client
-
-
-# -- the cache -----------------------------------------------------------------
-
-class BlobCache:
-    """Verified blobs by digest, and the last digest of each tag."""
-
-    def __init__(self, root: str):
-        self.root = os.path.join(root, "registry")
-
-    def blob_path(self, digest: str) -> str:
-        algorithm, _, hex_ = digest.partition(":")
-        return os.path.join(self.root, "blobs", algorithm, hex_)
-
-    def has(self, digest: str) -> bool:
-        return os.path.isfile(self.blob_path(digest))
-
-    def read(self, digest: str) -> bytes:
-        with open(self.blob_path(digest), "rb") as handle:
-            return handle.read(MAX_MANIFEST_SIZE + 1)
-
-    def put(self, digest: str, data: bytes) -> None:
-        """Keep *data*, which the caller has verified against *digest*."""
-        handle, temp = self.temp_file()
-        with handle:
-            handle.write(data)
-        self.commit(temp, digest)
-
-    def temp_file(self):
-        directory = os.path.join(self.root, "tmp")
-        os.makedirs(directory, exist_ok=True)
-        fd, temp = tempfile.mkstemp(prefix="blob-", dir=directory)
-        return os.fdopen(fd, "wb"), temp
-
-    def commit(self, temp: str, digest: str) -> str:
-        final = self.blob_path(digest)
-        os.makedirs(os.path.dirname(final), exist_ok=True)
-        os.replace(temp, final)
-        return final
-
-    def tag_path(self, ref: Reference) -> str:
-        return os.path.join(self.root, "tags", ref.host.replace(":", "_"),
-                            *ref.repository.split("/"), f"{ref.tag}.json")
-
-    def remember_tag(self, ref: Reference, digest: str, media_type: str) -> None:
-        path = self.tag_path(ref)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        handle, temp = self.temp_file()
-        with handle:
-            handle.write(json.dumps({"digest": digest, "mediaType": media_type}).encode())
-        os.replace(temp, path)
-
-    def recall_tag(self, ref: Reference) -> Optional[dict]:
-        try:
-            with open(self.tag_path(ref), encoding="utf-8") as handle:
-                return json.load(handle)
-        except (FileNotFoundError, ValueError):
-            return None
 
 
 # -- the client ----------------------------------------------------------------
@@ -297,6 +192,10 @@ class Client:
         scheme, params = parse_challenge(header)
         credentials = self.credentials()
         if scheme == "basic":
+            if credentials is not None and credentials.is_identity_token:
+                raise RegistryAuthError(f"registry {self.host} asks for a password, and "
+                                        f"{credentials.origin} holds an identity token: run "
+                                        f"`layerfs login {self.host}`")
             if credentials is None:
                 raise RegistryAuthError(f"registry {self.host} needs a username and "
                                         f"password: run `layerfs login {self.host}`")
@@ -309,10 +208,18 @@ class Client:
         if params.get("scope") or scope:
             query["scope"] = params.get("scope") or scope
         try:
-            answer = self.session.get(params["realm"] + "?" + urlencode(query),
-                                      timeout=TIMEOUT, verify=self.verify,
-                                      auth=None if credentials is None else (
-                                          credentials.username, credentials.password))
+            if credentials is not None and credentials.is_identity_token:
+                # docker's identity token is an OAuth2 refresh token: it is
+                # traded with a POST, never sent as a password.
+                answer = self.session.post(params["realm"], timeout=TIMEOUT, verify=self.verify,
+                                           data=dict(query, grant_type="refresh_token",
+                                                     refresh_token=credentials.password,
+                                                     client_id=USER_AGENT))
+            else:
+                answer = self.session.get(params["realm"] + "?" + urlencode(query),
+                                          timeout=TIMEOUT, verify=self.verify,
+                                          auth=None if credentials is None else (
+                                              credentials.username, credentials.password))
         except self.requests.exceptions.RequestException as error:
             raise RegistryError(f"token server of {self.host} ({params['realm']}) is "
                                 f"unreachable: {_short(error)}") from None
@@ -393,11 +300,15 @@ class Client:
         """(digest, media type) a tag names now: one HEAD request."""
         response = self._call("HEAD", f"{self.ref.repository}/manifests/{quote(tag)}",
                               headers={"Accept": ACCEPT})
-        self._expect_ok(response, f"{self.ref.name}:{tag}", "manifest")
+        response.close()
         digest = response.headers.get("Docker-Content-Digest")
         media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
-        if digest is None:          # not every registry sends it on HEAD: GET then
+        if response.status_code in (400, 405, 501) or (
+                response.status_code == 200 and not is_digest(digest)):
+            # No HEAD, or no usable digest with it: GET, and hash the body.
             data, media_type, digest = self.manifest(tag)
+            return digest, media_type
+        self._expect_ok(response, f"{self.ref.name}:{tag}", "manifest")
         return digest, media_type
 
     def manifest(self, reference: str) -> tuple[bytes, str, str]:
@@ -414,6 +325,8 @@ class Client:
                                         path=f"docker://{where}")
         expected = reference if ":" in reference else response.headers.get(
             "Docker-Content-Digest")
+        if expected is not None and not is_digest(expected):
+            expected = None     # a header naming no digest we know: hash the body alone
         algorithm = (expected or "sha256:").partition(":")[0]
         if algorithm not in ("sha256", "sha512"):
             raise UnsupportedImageError(f"digest {expected!r}: unsupported algorithm",
@@ -432,7 +345,15 @@ class Client:
             response = self._call("GET", path)
             with response:
                 self._expect_ok(response, self.ref.name, "repository")
-                found.extend(response.json().get("tags") or [])
+                try:
+                    tags = response.json().get("tags") or []
+                except (ValueError, AttributeError):
+                    tags = None
+                if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+                    raise RegistryError(f"registry {self.host} answered the tag list with "
+                                        "something that is not one",
+                                        path=f"docker://{self.ref.name}")
+                found.extend(tags)
                 link = response.headers.get("Link", "")
             match = re.search(r"<([^>]+)>", link)
             path = match.group(1).split("/v2/", 1)[-1] if match else ""
@@ -440,10 +361,10 @@ class Client:
 
     # ---- blobs
 
-    def fetch_blob(self, digest: str, cache: BlobCache, size: Optional[int] = None,
+    def fetch_blob(self, digest: str, cache: Any, size: Optional[int] = None,
                    progress: Optional[Callable[[int], None]] = None) -> str:
-        """Download blob *digest* into *cache* (verified) and return its
-        path.  Resumes a dropped download with ``Range``; restarts it when
+        """Download blob *digest* into *cache* (a
+        :class:`layerfs.remote.BlobCache`), verified, and return its path.  Resumes a dropped download with ``Range``; restarts it when
         the server ignores the range; removes the partial file on failure."""
         where = f"docker://{self.ref.name}@{digest}"
         handle, temp = cache.temp_file()
@@ -588,256 +509,3 @@ def _remove(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
-
-
-# -- a registry as a blob store for layerfs.image ----------------------------------
-
-class RemoteStore:
-    """What :class:`layerfs.image._Opener` reads blobs from, for an image in
-    a registry: ``blobs/<alg>/<hex>`` names, fetched (and verified) into the
-    cache on first use.  With ``offline``, only the cache is read."""
-
-    def __init__(self, ref: Reference, cache: BlobCache, options: Options,
-                 progress: Optional[Callable[[int, int], None]] = None):
-        self.ref = ref
-        self.label = str(ref)
-        self.cache = cache
-        self.options = options
-        self.progress = progress
-        self._client: Optional[Client] = None
-        self._lock = threading.Lock()
-
-    @property
-    def client(self) -> Client:
-        if self.options.offline:
-            raise RegistryError("not in the cache, and --offline forbids fetching it",
-                                path=self.label)
-        with self._lock:
-            if self._client is None:
-                self._client = Client(self.ref, self.options)
-            return self._client
-
-    def where(self, name: str) -> str:
-        return f"docker://{self.ref.name}@{_digest_of(name)}" if name.startswith(
-            "blobs/") else f"{self.label} ({name})"
-
-    def path(self, name: str, size: Optional[int] = None) -> str:
-        digest = _digest_of(name)
-        if not self.cache.has(digest):
-            if self.options.offline:
-                raise RegistryError("blob is not in the cache, and --offline forbids "
-                                    "fetching it", path=self.where(name))
-            try:
-                self.client.fetch_blob(digest, self.cache, size)
-            except RegistryError as error:
-                # Manifests named by an index live under /manifests/, not
-                # /blobs/: the 404 of the one is a hint to ask the other.
-                if not _is_not_found(error):
-                    raise
-                data, _, verified = self.client.manifest(digest)
-                self.cache.put(verified, data)
-        return self.cache.blob_path(digest)
-
-    def size(self, name: str) -> Optional[int]:
-        try:
-            return os.path.getsize(self.path(name))
-        except RegistryError as error:
-            if _is_not_found(error):
-                return None
-            raise
-
-    def read(self, name: str) -> bytes:
-        with open(self.path(name), "rb") as handle:
-            return handle.read(MAX_MANIFEST_SIZE + 1)
-
-    def source(self, name: str) -> str:
-        return self.path(name)
-
-    def discard(self, digest: str) -> None:
-        """Forget a fetched blob found bad after all: its diff_id is not the
-        config's.  (Indexing stores nothing for a blob that fails a check.)"""
-        _remove(self.cache.blob_path(digest))
-
-    def prefetch(self, descriptors: list) -> None:
-        """Download the blobs *descriptors* name that the cache lacks,
-        several at once, with one progress report over all of them."""
-        missing = [(d["digest"], d.get("size")) for d in descriptors
-                   if isinstance(d, dict) and isinstance(d.get("digest"), str)
-                   and not self.cache.has(d["digest"])]
-        missing = list(dict.fromkeys(missing))
-        if not missing or self.options.offline:
-            return
-        total = sum(size or 0 for _, size in missing)
-        done = [0]
-        lock = threading.Lock()
-
-        def report(count: int) -> None:
-            if self.progress is None:
-                return
-            with lock:
-                done[0] += count
-                self.progress(min(done[0], total), total)
-
-        client = self.client
-        with concurrent.futures.ThreadPoolExecutor(PARALLEL_DOWNLOADS) as pool:
-            futures = [pool.submit(client.fetch_blob, digest, self.cache, size, report)
-                       for digest, size in missing]
-            errors = [f.exception() for f in futures if f.exception() is not None]
-        if errors:
-            raise errors[0]
-
-    def top_manifest(self) -> tuple[bytes, str, str]:
-        """The manifest or index the reference names: (bytes, media type,
-        digest).  A tag is resolved with one HEAD request (from the last
-        resolution with ``offline``); the bytes come from the cache when the
-        digest is there."""
-        ref = self.ref
-        media_type = None
-        digest = ref.digest
-        if digest is None and self.options.offline:
-            known = self.cache.recall_tag(ref)
-            if known is None:
-                raise RegistryError("tag was never fetched, and --offline forbids "
-                                    "resolving it", path=self.label)
-            digest, media_type = known["digest"], known.get("mediaType")
-        if digest is not None and self.cache.has(digest):
-            data = self.cache.read(digest)
-        elif self.options.offline:
-            raise RegistryError(f"manifest {digest} is not in the cache, and --offline "
-                                "forbids fetching it", path=self.label)
-        else:
-            data, media_type, digest = self._fetch_top(digest)
-        media_type = _media_type(data, media_type)
-        if ref.digest is None and not self.options.offline:
-            self.cache.remember_tag(ref, digest, media_type)
-        return data, media_type, digest
-
-    def _fetch_top(self, digest: Optional[str]) -> tuple[bytes, Optional[str], str]:
-        """Resolve the tag (if *digest* is None) and fetch the manifest, from
-        the first endpoint of ``registries.conf`` that answers (mirrors
-        first); that endpoint then serves the blobs too.  A digest mismatch
-        is never a reason to try the next one: it is raised."""
-        from .registryconf import endpoints
-        places = endpoints(self.ref.host, self.ref.repository, by_digest=digest is not None,
-                           path=self.options.registries_conf)
-        failures: list[RegistryError] = []
-        for place in places:
-            client = Client(attrs.evolve(self.ref, host=place.host, repository=place.repository),
-                            attrs.evolve(self.options,
-                                         tls_verify=self.options.tls_verify and not place.insecure))
-            try:
-                media_type = None
-                wanted = digest
-                if wanted is None:
-                    wanted, media_type = client.resolve(self.ref.tag)
-                if self.cache.has(wanted):
-                    data = self.cache.read(wanted)
-                else:
-                    data, fetched_type, verified = client.manifest(wanted)
-                    media_type = fetched_type or media_type
-                    self.cache.put(verified, data)
-            except RegistryError as error:
-                failures.append(error)
-                continue
-            with self._lock:
-                self._client = client
-            return data, media_type, wanted
-        if len(failures) > 1:
-            tried = ", ".join(f"{p.host}/{p.repository}" for p in places)
-            raise type(failures[-1])(f"{failures[-1].reason} (tried {tried})",
-                                     path=failures[-1].path)
-        raise failures[-1]
-
-
-def _is_not_found(error: RegistryError) -> bool:
-    return error.errno == errno.ENOENT
-
-
-def _digest_of(name: str) -> str:
-    _, algorithm, hex_ = name.split("/", 2)
-    return f"{algorithm}:{hex_}"
-
-
-def _media_type(data: bytes, given: Optional[str]) -> str:
-    """The media type of a manifest: its own ``mediaType`` field if it has
-    one, else what the registry said, else guessed from its shape."""
-    try:
-        document = json.loads(data)
-    except ValueError:
-        raise UnsupportedImageError("manifest is not valid JSON") from None
-    if isinstance(document, dict):
-        own = document.get("mediaType")
-        if isinstance(own, str) and own:
-            return own
-        if given in (OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST):
-            return given
-        return OCI_INDEX if "manifests" in document else OCI_MANIFEST
-    raise UnsupportedImageError("manifest is not a JSON object")
-
-
-def cache_root(cache: Any) -> Optional[str]:
-    """The cache directory of a ``cache=`` argument (None for ``False``)."""
-    if cache is False:
-        return None
-    root = getattr(cache, "root", None)
-    if root is None:
-        from .layer import default_cache_root
-        root = default_cache_root()
-    return root
-
-
-def save_layout(image: Any, cache: BlobCache, dest: str, tag: Optional[str]) -> str:
-    """Write the registry image *image* (opened with the cache *cache*)
-    into the OCI layout *dest* byte for byte: the same manifest, config and
-    layer blobs (hardlinked from the cache where possible), so the same
-    digests.  An existing layout is added to; an entry with the same *tag*
-    is replaced.  Without a tag, the layout must hold no other image, so
-    that later commands can always tell which image is meant.  Returns the
-    manifest digest."""
-    from .imagewrite import LAYOUT_VERSION, _write_atomic
-    from .image import REF_NAME, canonical_json, descriptor
-    index_path = os.path.join(dest, "index.json")
-    index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
-    if os.path.exists(index_path):
-        with open(index_path, encoding="utf-8") as handle:
-            index = json.load(handle)
-    kept = [entry for entry in index.get("manifests", [])
-            if tag is None or (entry.get("annotations") or {}).get(REF_NAME) != tag]
-    if tag is None and any(entry.get("digest") != image.manifest_digest for entry in kept):
-        raise UnsupportedImageError(
-            "the layout already holds other images: give this one a tag "
-            "(oci:DIR:TAG) so that later commands can tell which is meant", path=dest)
-    for digest in [image.manifest_digest, image.config_digest,
-                   *[layer.digest for layer in image.layers]]:
-        _place_blob(cache.blob_path(digest), os.path.join(dest, "blobs", *digest.split(":")))
-    layout = os.path.join(dest, "oci-layout")
-    if not os.path.exists(layout):
-        _write_atomic(layout, canonical_json(LAYOUT_VERSION))
-    entry = descriptor(image.manifest.get("mediaType") or OCI_MANIFEST, image.manifest_digest,
-                       os.path.getsize(cache.blob_path(image.manifest_digest)))
-    if image.platform:
-        parts = image.platform.split("/")
-        entry["platform"] = {"os": parts[0], "architecture": parts[1],
-                             **({"variant": parts[2]} if len(parts) > 2 else {})}
-    if tag is not None:
-        entry["annotations"] = {REF_NAME: tag}
-    kept = [e for e in kept if not (tag is None and e.get("digest") == image.manifest_digest)]
-    index["manifests"] = kept + [entry]
-    _write_atomic(index_path, canonical_json(index))
-    return image.manifest_digest
-
-
-def _place_blob(source: str, final: str) -> None:
-    if os.path.exists(final):
-        return
-    os.makedirs(os.path.dirname(final), exist_ok=True)
-    temp = f"{final}.tmp-{os.getpid()}"
-    try:
-        try:
-            os.link(source, temp)
-        except OSError:
-            shutil.copyfile(source, temp)
-        os.replace(temp, final)
-    except BaseException:
-        _remove(temp)
-        raise

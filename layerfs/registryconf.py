@@ -1,4 +1,6 @@
-"""``registries.conf``: where an image is really fetched from.
+"""Registry settings as the containers tools keep them: ``registries.conf``
+(where an image is really fetched from) and ``certs.d`` (which certificates
+a registry gets, :func:`certificates`).
 
 Everything about mirrors, rewritten locations, ``insecure`` and ``blocked``
 registries lives here, read as the containers tools read it
@@ -25,7 +27,9 @@ qualified here.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import tempfile
 from typing import Any, Optional
 
 import attrs
@@ -115,3 +119,49 @@ def _endpoint(name: str, insecure: bool, mirror: bool) -> Endpoint:
 
 def describe(endpoint: Any) -> str:
     return f"{endpoint.host}/{endpoint.repository}" + (" (mirror)" if endpoint.mirror else "")
+
+
+# -- certs.d ------------------------------------------------------------------
+
+CERTS_D = ("~/.config/containers/certs.d", "/etc/containers/certs.d", "/etc/docker/certs.d")
+
+
+def certificates(host: str, cert_dir: Optional[str] = None) -> tuple[Optional[str], Any]:
+    """(CA bundle, client certificate) for *host*, from ``cert_dir`` or
+    the first ``certs.d/<host>`` directory that exists: ``*.crt`` files are
+    CAs, trusted in addition to the system's (a bundle of both is written
+    once, content-addressed, to the temp directory); a ``NAME.cert`` with
+    its ``NAME.key`` is the client certificate."""
+    directory = cert_dir
+    if directory is None:
+        for root in CERTS_D:
+            candidate = os.path.join(os.path.expanduser(root), host)
+            if os.path.isdir(candidate):
+                directory = candidate
+                break
+    if directory is None or not os.path.isdir(directory):
+        return None, None
+    names = sorted(os.listdir(directory))
+    cas = [os.path.join(directory, n) for n in names if n.endswith(".crt")]
+    client = None
+    for name in names:
+        if name.endswith(".cert") and f"{name[:-5]}.key" in names:
+            client = (os.path.join(directory, name), os.path.join(directory, f"{name[:-5]}.key"))
+            break
+    if not cas:
+        return None, client
+    from requests.certs import where as system_cas   # certifi, through requests
+    with open(system_cas(), "rb") as handle:
+        parts = [handle.read()]
+    for ca in cas:
+        with open(ca, "rb") as handle:
+            parts.append(handle.read())
+    bundle = b"\n".join(parts)
+    path = os.path.join(tempfile.gettempdir(),
+                        f"layerfs-ca-{hashlib.sha256(bundle).hexdigest()[:32]}.pem")
+    if not os.path.exists(path):
+        fd, temp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".layerfs-ca-")
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(bundle)
+        os.replace(temp, path)
+    return path, client

@@ -121,6 +121,21 @@ class TokenServer(_Server):
             token = owner.token(user, query.get("scope", []))
             self._answer(200, {"token": token, "expires_in": 300})
 
+        def do_POST(self):
+            """The OAuth2 refresh-token grant: ``refresh_token`` is
+            ``rt-<user>``; the token is for the same scopes."""
+            owner = self.owner
+            length = int(self.headers.get("Content-Length") or 0)
+            form = parse_qs(self.rfile.read(length).decode())
+            owner.requests.append({"path": self.path, "form": form,
+                                   "authorization": self.headers.get("Authorization", "")})
+            refresh = form.get("refresh_token", [""])[0]
+            user = refresh[3:] if refresh.startswith("rt-") else None
+            if form.get("grant_type") != ["refresh_token"] or user not in owner.users:
+                return self._answer(401, {"details": "bad refresh token"})
+            token = owner.token(user, form.get("scope", []))
+            self._answer(200, {"access_token": token, "expires_in": 300})
+
         def _answer(self, status, body):
             data = json.dumps(body).encode()
             self.send_response(status)
@@ -141,7 +156,18 @@ class BlobStore(_Server):
         self.drop_first = drop_first
         self.dropped: dict[str, int] = {}
         self.lock = threading.Lock()
+        self.active = 0
+        self.most_active = 0
+        self.barrier: threading.Barrier | None = None
+        self.held: set = set()
         super().__init__()
+
+    def hold_until_concurrent(self, digests: list) -> None:
+        """Make the downloads of *digests* wait (10 s at most) until all of
+        them are in progress at once: a client that downloads one blob at a
+        time never gets there, and the barrier breaks."""
+        self.held = {digest.partition(":")[2] for digest in digests}
+        self.barrier = threading.Barrier(len(self.held), timeout=10)
 
     class handler_class(_Quiet):
         def do_GET(self):
@@ -166,6 +192,20 @@ class BlobStore(_Server):
                 drop = count < owner.drop_first
                 if drop:
                     owner.dropped[path] = count + 1
+                owner.active += 1
+                owner.most_active = max(owner.most_active, owner.active)
+            try:
+                if owner.barrier is not None and path.split("/")[-2] in owner.held:
+                    try:
+                        owner.barrier.wait()
+                    except threading.BrokenBarrierError:
+                        pass
+                self._send(status, start, data, body, drop)
+            finally:
+                with owner.lock:
+                    owner.active -= 1
+
+        def _send(self, status, start, data, body, drop):
             self.send_response(status)
             self.send_header("Content-Length", str(len(body)))
             if status == 206:

@@ -161,6 +161,13 @@ def test_token_auth_anonymous_with_credentials_and_missing_scope(token_registry,
     with pytest.raises(RegistryAuthError, match="denied pull access to private"):
         layerfs.open(private, cache=IndexCache(tmp_path / "c2"),
                      registry=Options(authfile=str(authfile)))
+    authfile.write_text(json.dumps({"auths": {registry.host: {"identitytoken": "rt-bob"}}}))
+    with layerfs.open(private, cache=IndexCache(tmp_path / "c4"),
+                      registry=Options(authfile=str(authfile))) as fs:
+        assert fs.read_bytes("/who") == b"private"
+    posted = [r for r in registry.tokens.requests if "form" in r]
+    assert posted and posted[-1]["form"]["refresh_token"] == ["rt-bob"]
+    assert not posted[-1]["authorization"]           # never sent as a password
     authfile.write_text(json.dumps({"auths": {registry.host: {
         "auth": base64.b64encode(b"bob:nope").decode()}}}))
     with pytest.raises(RegistryAuthError, match="were refused"):
@@ -256,3 +263,15 @@ def test_rate_limiting_is_one_line_with_the_limits(tmp_path):
                  "ratelimit-remaining: 0;w=21600")
     finally:
         server.close()
+
+
+def test_layers_download_at_once(redirecting, tmp_path):
+    registry = redirecting
+    layers = [one_file_layer(f"f{number}", os.urandom(50_000)) for number in range(3)]
+    pushed = registry.push_image("app", "v1", layers, auth=("alice", "s3cret"))
+    registry.store.hold_until_concurrent([d["digest"] for d in pushed["manifest"]["layers"]])
+    with layerfs.open(f"docker://{registry.host}/app:v1", cache=IndexCache(tmp_path / "c"),
+                      registry=Options(authfile=str(registry.authfile))) as fs:
+        assert sorted(fs.listdir("/")) == ["f0", "f1", "f2"]
+    assert not registry.store.barrier.broken
+    assert registry.store.most_active == 3

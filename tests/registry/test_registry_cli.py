@@ -124,3 +124,52 @@ def test_mount_a_registry_image(registry, pushed, env, tmp_path):
         assert (mountpoint / "etc" / "motd").read_text().startswith("Welcome")
     finally:
         force_unmount(str(mountpoint))
+
+
+def test_pull_shows_progress_on_a_terminal_only(registry, pushed, env, tmp_path):
+    import pty
+    ref = f"docker://{registry.host}/demo/example:v1"
+    quiet = cli("pull", ref, env=dict(env, LAYERFS_CACHE_DIR=str(tmp_path / "quiet")))
+    assert quiet.returncode == 0 and quiet.stderr == ""
+    master, slave = pty.openpty()
+    try:
+        process = subprocess.Popen([sys.executable, "-m", "layerfs.cli", "pull", ref],
+                                   env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=slave)
+        os.close(slave)
+        slave = -1
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:            # EIO: the terminal's last writer is gone
+                break
+            if not chunk:
+                break
+            seen += chunk
+        stdout = process.communicate(timeout=60)[0]
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+    assert process.returncode == 0
+    assert stdout.decode().strip().startswith("sha256:")
+    assert b"fetching [" in seen and b"100%" in seen
+
+
+def test_without_a_cache_nothing_stays_behind(registry, pushed, tmp_path, monkeypatch):
+    import tempfile
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    tempfile.tempdir = None
+    try:
+        ref = f"docker://{registry.host}/demo/example:v1"
+        with layerfs.open(ref, cache=False, upper=tmp_path / "up") as fs:
+            assert os.listdir(tmp_path / "tmp")
+            fs.write_bytes("/etc/motd", b"x\n")
+            commit(fs, tmp_path / "out", tag="t")
+        assert os.listdir(tmp_path / "tmp") == []
+    finally:
+        tempfile.tempdir = None
+    with layerfs.open(f"oci:{tmp_path / 'out'}:t", cache=False) as fs:
+        assert fs.read_bytes("/etc/motd") == b"x\n"

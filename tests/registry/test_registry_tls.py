@@ -13,7 +13,8 @@ import pytest
 import layerfs
 from layerfs.errors import RegistryError
 from layerfs.layer import IndexCache
-from layerfs.registry import Options, certificates
+from layerfs.registry import Options
+from layerfs.registryconf import certificates
 
 from registry_helpers import Registry, make_tls_files
 

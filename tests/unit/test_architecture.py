@@ -62,6 +62,28 @@ def test_the_reference_grammar_reads_text_only():
                           "glob", "stat"}
 
 
+def project_imports(module: str) -> set[str]:
+    return {name for name in imported_modules(module) if (PACKAGE / f"{name}.py").exists()}
+
+
+def test_the_registry_modules_point_inwards():
+    """The network client knows nothing of images or layers; the settings
+    and credentials know nothing of the network client; only the remote
+    store joins the client to the cache, and image.py reaches it lazily."""
+    assert project_imports("auth") <= {"errors"}
+    assert project_imports("registryconf") <= {"errors"}
+    assert project_imports("registry") <= {"errors", "auth", "reference", "registryconf"}
+    assert project_imports("remote") <= {"errors", "reference", "registry", "registryconf"}
+    for module in ("auth", "registryconf", "registry", "remote"):
+        assert not project_imports(module) & {"image", "layer", "fs", "union", "cli", "mount"}
+
+
+def test_import_layerfs_does_not_load_requests():
+    code = "import sys, layerfs, layerfs.fs, layerfs.image; print('requests' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False"]
+
+
 UPPER_STORE = {"upper", "upperformat", "upperload", "sidecar", "hostdir"}
 
 

@@ -78,6 +78,9 @@ def test_credential_helper(home, monkeypatch):
     assert auth.lookup("q.io").username == "a"          # helper has none: auths next
     with pytest.raises(RegistryAuthError, match="docker-credential-missing"):
         auth.lookup("z.io")
+    write(home / ".docker" / "config.json", {"credsStore": "fake"})     # docker's default
+    assert auth.lookup("r.io").username == "h"
+    assert auth.lookup("q.io") is None
 
 
 def test_bad_files_are_named(home):
