@@ -9,13 +9,14 @@ The public API is what this module names; everything else is private.
 
 from .errors import (DigestMismatchError, ImageError, InvalidLayerError,
                      InvalidReferenceError, MountError, ReadOnlyError,
-                     UnsupportedImageError)
+                     UnsupportedImageError, UpperError)
 from .fs import DirEntry, FileSystem, open
 
 __all__ = [
     "open", "FileSystem", "DirEntry",
     "ImageError", "InvalidLayerError", "DigestMismatchError",
     "UnsupportedImageError", "InvalidReferenceError", "ReadOnlyError", "MountError",
+    "UpperError",
 ]
 
 __version__ = "0.1.0"

@@ -651,9 +651,22 @@ def cmd_export(args) -> int:
     return 0
 
 
+def open_upper_fs(args, image: Reference, upper: str, readonly: bool = False):
+    """The image with the existing upper *upper*; never creates it.
+    *readonly*: read it as it is, beside a writer (a mount) if there is one."""
+    from .upperformat import check_upper
+    check_upper(os.path.abspath(upper))
+    progress = ProgressBar("indexing")
+    try:
+        return layerfs_fs.open(image, upper=upper, platform=args.platform,
+                               cache=cache_from(args), progress=progress, readonly=readonly)
+    finally:
+        progress.finish()
+
+
 def cmd_diff(args) -> int:
     operands = take_image(args, ["UPPER"])
-    with open_image_fs(args, operands.image, upper=operands.rest[0]) as fs:
+    with open_upper_fs(args, operands.image, operands.rest[0], readonly=True) as fs:
         changes = fs.diff()
     if args.json:
         print(json.dumps([attrs.asdict(change) for change in changes], indent=2))
@@ -666,9 +679,17 @@ def cmd_diff(args) -> int:
 
 def cmd_commit(args) -> int:
     from .commit import commit
+    from .errors import UpperError
     operands = take_image(args, ["UPPER", "DEST"])
     upper, dest = operands.rest
-    with open_image_fs(args, operands.image, upper=upper) as fs:
+    try:
+        fs = open_upper_fs(args, operands.image, upper)
+    except UpperError as error:
+        if error.errno != errno.EBUSY:
+            raise
+        # Policy: commit holds the writer's lock (docs/upper-format.md).
+        raise UpperError(error.errno, f"{error}; unmount it before committing") from None
+    with fs:
         progress = ProgressBar("committing")
         try:
             compression = None if args.compression == "none" else args.compression

@@ -19,14 +19,12 @@ from typing import Optional
 
 import attrs
 
-from . import whiteout
-from .errors import ReadOnlyError, UnsupportedImageError
+from .errors import ReadOnlyError, UnsupportedImageError, UpperError
 from .image import REF_NAME
 from .imagewrite import write_oci_layout
 from .paths import order_key
 from .tarwrite import LayerTarWriter, write_tree
 from .union import ORIGIN_LOWER
-from .upper import diff_path
 
 
 @attrs.frozen
@@ -40,14 +38,10 @@ class CommitResult:
 
 def changeset(fs) -> list:
     """The upper layer as sorted ``(path, node)`` pairs, ``node`` None for a
-    marker."""
-    upper = fs.upper
+    marker (a long name's whiteout as ``.wh.NAME``, which a tar can hold)."""
     items = [(path, node) for path, node in fs.tree.nodes.items()
              if node.origin != ORIGIN_LOWER]
-    prefix = len(diff_path("/"))
-    for host_path, _ in upper.host.walk(diff_path("/")):
-        if whiteout.is_marker_name(os.path.basename(host_path)):
-            items.append((host_path[prefix:], None))
+    items.extend((path, None) for path in fs.upper.markers())
     items.sort(key=lambda item: order_key(item[0]))
     return items
 
@@ -73,6 +67,12 @@ def commit(fs, dest, *, compression: Optional[str] = "gzip", tag: Optional[str] 
     the same changes commit to the same digest whenever they were made."""
     if fs.upper is None:
         raise ReadOnlyError("<commit: this filesystem has no upper layer>")
+    if not fs.upper.writable:
+        # Policy: commit reads a consistent upper, so it holds the writer's
+        # lock; an upper opened read-only (perhaps beside a mount) is not
+        # committed (docs/upper-format.md).
+        raise UpperError(errno.EBUSY, f"{fs.upper.directory}: opened read-only: commit "
+                                      f"needs the upper opened for writing (unmounted)")
     dest = os.fspath(dest)
     if tag is None:
         refuse_untagged_beside_others(dest)

@@ -117,3 +117,16 @@ class RegistryAuthError(RegistryError):
     credentials or the repository's scope, or wait for the rate limit."""
 
     default_errno = _errno.EACCES
+
+
+class UpperError(OSError):
+    """An upper directory cannot be used as asked: it does not exist (opened
+    for reading), is not a layerfs upper, belongs to another image, or is in
+    use by another writer.  The message names the directory and, for a busy
+    one, the process holding it."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(code, message)
+
+    def __str__(self) -> str:
+        return self.args[1]

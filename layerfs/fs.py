@@ -27,6 +27,7 @@ from . import writable
 from .union import (S_IFLNK, S_IFMT, UPPER_SOURCE, LayerChanges, Node, Tree,
                     collector_paused, describe_layer)
 from .upper import Upper
+from .upperformat import Binding
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -38,7 +39,7 @@ Source = Union[PathLike, Sequence[PathLike]]
 
 def open(source: Source, *, upper: Optional[PathLike] = None, tag: Optional[str] = None,
          platform: Optional[str] = None, cache=None, progress=None,
-         registry=None) -> "FileSystem":
+         registry=None, readonly: bool = False) -> "FileSystem":
     """Open an image as a filesystem.
 
     *source* names the image as :mod:`layerfs.reference` says: a string
@@ -58,6 +59,12 @@ def open(source: Source, *, upper: Optional[PathLike] = None, tag: Optional[str]
     ``OSError(EROFS)``.  *registry* (a :class:`layerfs.registry.Options`)
     says how ``docker://`` images are fetched: credentials file, TLS,
     offline.
+
+    One process at a time may write an upper: another writer's raises
+    :class:`~layerfs.errors.UpperError` (``EBUSY``), as does an upper
+    recorded for another image.  With *readonly*, an existing *upper* is
+    read as it is (nothing created, changed or locked: it may be mounted
+    meanwhile) and every write raises ``OSError(EROFS)``.
     """
     source = as_reference(source)
     if isinstance(cache, (str, bytes, os.PathLike)):
@@ -72,11 +79,25 @@ def open(source: Source, *, upper: Optional[PathLike] = None, tag: Optional[str]
             raise
     try:
         if upper is not None:
-            fs.upper = Upper(fs, os.fspath(upper))
+            fs.upper = open_upper(fs, os.fspath(upper), writable=not readonly)
         return fs
     except BaseException:
         image.close()
         raise
+
+
+def open_upper(fs: "FileSystem", directory: str, writable: bool) -> Upper:
+    """The upper store over *fs*'s view, given only what it needs: the tree,
+    the lower view (what the image shows, path -> mode), a reader of lower
+    files' bytes, and the image it belongs to."""
+    lower = {path: node.mode for path, node in fs.tree.nodes.items()}
+    layers = fs.layers
+
+    def read_lower(node: Node, offset: int, length: int) -> bytes:
+        return layers[node.source].read(node.data, node.size, offset, length)
+
+    binding = Binding(fs.image.chain_id(), fs.image.manifest_digest)
+    return Upper(fs.tree, lower, read_lower, directory, binding, writable=writable)
 
 
 def build_tree(image: Image) -> Tree:
@@ -142,7 +163,7 @@ class FileSystem:
 
     @property
     def readonly(self) -> bool:
-        return self._upper is None
+        return self._upper is None or not self._upper.writable
 
     def close(self) -> None:
         """Release the image (and the upper).  Any later use raises
@@ -487,7 +508,7 @@ class FileSystem:
         """The upper directory's filesystem; a read-only view reports its
         own size and no free space."""
         if self.upper is not None:
-            return self.upper.host.statvfs()
+            return self.upper.statvfs()
         if self._image_statvfs is None:      # a read-only view never changes
             used = sum(node.size for node in self._nodes.values()) // 4096 + 1
             self._image_statvfs = os.statvfs_result(

@@ -164,9 +164,12 @@ class HostDir:
         with self.at(path) as (parent, name):
             os.chown(name, uid, gid, dir_fd=parent, follow_symlinks=False)
 
-    def utime(self, path: str, atime_ns: int, mtime_ns: int) -> None:
+    def utime(self, path: str, atime_ns: int, mtime_ns: int) -> os.stat_result:
+        """Set the times; returns the entry's lstat after (its new ctime),
+        read through the same walk."""
         with self.at(path) as (parent, name):
             os.utime(name, ns=(atime_ns, mtime_ns), dir_fd=parent, follow_symlinks=False)
+            return os.stat(name, dir_fd=parent, follow_symlinks=False)
 
     @contextlib.contextmanager
     def xattr_path(self, path: str) -> Iterator[str]:
@@ -231,3 +234,24 @@ def copy_fd(source_read, destination_fd: int, size: int, chunk: int = 1 << 20) -
             os.pwrite(destination_fd, data, offset)
         offset += len(data)
     os.ftruncate(destination_fd, size)
+
+
+def write_file_atomically(host: HostDir, path: str, data: bytes, scratch: str) -> None:
+    """Replace the file *path* of *host* by one holding *data*: written in
+    the directory *scratch* of the same filesystem, fsynced, renamed over
+    *path*, and the rename made durable by an fsync of the parent."""
+    temporary = f"{scratch}/.{split(path)[1]}.{os.getpid()}.tmp"
+    fd = host.open_file(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    host.rename(temporary, path)
+    parent = host.open_dir(split(path)[0])
+    try:
+        os.fsync(parent)
+    finally:
+        os.close(parent)

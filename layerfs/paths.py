@@ -31,8 +31,8 @@ def normalize_member_name(name: str) -> str:
 
     Leading ``/`` and ``./`` are dropped (as tar does), ``.`` and empty
     components vanish and ``..`` is resolved lexically.  A name that climbs
-    above the root, holds a NUL, or is longer than Linux allows raises
-    :class:`BadMemberName`.
+    above the root, holds a NUL, or is longer than Linux allows (but for a
+    whiteout of a long name) raises :class:`BadMemberName`.
     """
     if "\x00" in name:
         raise BadMemberName("name contains a NUL byte")
@@ -45,13 +45,19 @@ def normalize_member_name(name: str) -> str:
                 raise BadMemberName("name climbs out of the image root with '..'")
             parts.pop()
             continue
-        if len(encode_name(part)) > NAME_MAX:
+        if len(encode_name(part)) > NAME_MAX and not is_long_whiteout(part):
             raise BadMemberName(f"a component is longer than {NAME_MAX} bytes")
         parts.append(part)
     path = "/" + "/".join(parts)
     if len(encode_name(path)) >= PATH_MAX:
         raise BadMemberName(f"path is longer than {PATH_MAX - 1} bytes")
     return path
+
+
+def is_long_whiteout(part: str) -> bool:
+    """A whiteout of a name of 252 to 255 bytes is longer than a name can
+    be (``.wh.`` + NAME), yet a valid tar member: what it hides fits."""
+    return part.startswith(".wh.") and len(encode_name(part)) - 4 <= NAME_MAX
 
 
 def is_canonical(path: str) -> bool:

@@ -33,7 +33,7 @@ import attrs
 from . import whiteout
 from .entry import DIRECTORY, HARDLINK, Entry
 from .errors import InvalidLayerError, path_error
-from .paths import encode_name, is_canonical, join, parents, split
+from .paths import NAME_MAX, encode_name, is_canonical, join, parents, split
 
 S_IFDIR = _stat.S_IFDIR
 S_IFLNK = _stat.S_IFLNK
@@ -265,6 +265,8 @@ class Tree:
             child = node.children.get(name)
             child_path = join(current, name)
             if child is None:
+                if len(encode_name(name)) > NAME_MAX:
+                    raise path_error(errno.ENAMETOOLONG, path)
                 if pending:
                     raise path_error(errno.ENOENT, path)
                 return child_path, None

@@ -1,10 +1,12 @@
 """The ``os``-shaped write operations of a filesystem with an upper layer.
 
-Each function checks what ``os`` on a local directory would check, in the
-same order, so the errors and errnos match; then changes the upper layer
-(:mod:`layerfs.upper`) and the view together under the upper's lock.
-Permission bits are not checked here (a FUSE mount lets the kernel check
-them with ``default_permissions``); the caller acts as the owner.
+Each function only decides: it checks what ``os`` on a local directory
+would check, in the same order, so the errors and errnos match, then asks
+the upper store (:mod:`layerfs.upper`) for one of its changes, which
+changes the host and the view together; all under the upper's lock.
+Nothing here touches the host or the tree.  Permission bits are not
+checked here (a FUSE mount lets the kernel check them with
+``default_permissions``); the caller acts as the owner.
 """
 
 from __future__ import annotations
@@ -20,15 +22,14 @@ import attrs
 from .entry import kind_name
 from .errors import ReadOnlyError, path_error
 from .paths import encode_name, is_within, split
-from .union import (ORIGIN_LOWER, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, UPPER_SOURCE,
-                    Node)
-from .upper import Upper, check_name, diff_path, now_ns
+from .union import ORIGIN_LOWER, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, Node
+from .upper import Upper, check_name, now_ns
 
 ACCESS_MODE = os.O_ACCMODE
 
 
 def writer(fs, path) -> Upper:
-    if fs.upper is None:
+    if fs.upper is None or not fs.upper.writable:
         raise ReadOnlyError(os.fspath(path))
     return fs.upper
 
@@ -68,7 +69,7 @@ class Handle:
         self.append = bool(flags & os.O_APPEND)
         self.counted = fs.upper is not None
         if self.counted:
-            fs.upper.opened(node)
+            fs.upper.opened_handle(node)
         self.readable = flags & ACCESS_MODE != os.O_WRONLY
         self.writable = flags & ACCESS_MODE != os.O_RDONLY
 
@@ -85,30 +86,21 @@ class Handle:
         if not self.writable:
             raise path_error(errno.EBADF, self.path)
         with self.fs.upper.lock:
-            if self.append:
-                offset = os.fstat(self.fd).st_size
-            count = os.pwrite(self.fd, data, offset)
-            self._refresh()
-        return count
+            return self.fs.upper.write_data(self.node, self.fd, data, offset, self.append)
 
     def truncate(self, length: int) -> None:
         if not self.writable:
             raise path_error(errno.EINVAL, self.path)
         with self.fs.upper.lock:
-            os.ftruncate(self.fd, length)
-            self._refresh()
-
-    def _refresh(self) -> None:
-        st = os.fstat(self.fd)
-        node = self.node
-        node.size = st.st_size
-        node.mtime_ns = st.st_mtime_ns
-        node.ctime_ns = st.st_ctime_ns
-        node.stat_cache = None
+            self.fs.upper.truncate_data(self.node, self.fd, length)
 
     def fsync(self, datasync: bool = False) -> None:
+        """The file's data, and the sidecar records a metadata change of
+        it may have left (a metacopy has no host file of its own)."""
         if self.fd is not None:
             (os.fdatasync if datasync else os.fsync)(self.fd)
+        if self.fs.upper is not None and self.fs.upper.writable:
+            self.fs.upper.flush_records()
 
     def flush(self) -> None:
         """Writes go straight to the host file; nothing is buffered here."""
@@ -121,8 +113,7 @@ class Handle:
             os.close(self.fd)
             self.fd = None
         if self.counted and self.fs.upper is not None:
-            with self.fs.upper.lock:
-                self.fs.upper.closed(self.node)
+            self.fs.upper.closed_handle(self.node)
         self.counted = False
 
 
@@ -130,9 +121,9 @@ def open_handle(fs, path, flags: int, mode: int = 0o666) -> Handle:
     """``os.open`` for the view."""
     path = os.fspath(path)
     writing = flags & ACCESS_MODE != os.O_RDONLY or flags & os.O_TRUNC
-    if (writing or flags & os.O_CREAT) and fs.upper is None:
+    if (writing or flags & os.O_CREAT) and fs.readonly:
         raise ReadOnlyError(path)
-    if fs.upper is None:
+    if fs.readonly:
         return _open(fs, path, flags, mode)
     with fs.upper.lock:
         return _open(fs, path, flags, mode)
@@ -169,7 +160,7 @@ def _open(fs, path: str, flags: int, mode: int) -> Handle:
         return Handle(fs, node, real, flags, None)
     upper = fs.upper
     upper.copy_up(real, node, with_data=True)
-    fd = upper.host.open_file(diff_path(node.data), os.O_RDWR)
+    fd = upper.open_data(node)
     handle = Handle(fs, node, real, flags, fd)
     if flags & os.O_TRUNC and node.size:
         handle.truncate(0)
@@ -177,15 +168,8 @@ def _open(fs, path: str, flags: int, mode: int) -> Handle:
 
 
 def create_file(upper: Upper, path: str, mode: int) -> Node:
-    node = upper.new_node(S_IFREG | (mode & 0o7777 & ~upper.umask), path)
-    node.source = UPPER_SOURCE
-    node.data = path
-
-    def build(host_path: str) -> None:
-        os.close(upper.host.open_file(host_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        upper.apply_metadata(host_path, node)
-
-    upper.place(path, node, build)
+    node = upper.new_node(S_IFREG | (mode & 0o7777), path)
+    upper.place(path, node)
     return node
 
 
@@ -196,13 +180,8 @@ def mkdir(fs, path, mode: int = 0o777) -> None:
     with upper.lock:
         real = free_name(fs, path)
         # mkdir(2) takes the permission and sticky bits only.
-        node = upper.new_node(S_IFDIR | (mode & 0o1777 & ~upper.umask), real)
-
-        def build(host_path: str) -> None:
-            upper.host.mkdir(host_path, 0o700)
-            upper.apply_metadata(host_path, node)
-
-        upper.place(real, node, build)
+        node = upper.new_node(S_IFDIR | (mode & 0o1777), real)
+        upper.place(real, node)
 
 
 def symlink(fs, target: str, path) -> None:
@@ -212,12 +191,7 @@ def symlink(fs, target: str, path) -> None:
         node = upper.new_node(S_IFLNK | 0o777, real)
         node.target = target
         node.size = len(encode_name(target))
-
-        def build(host_path: str) -> None:
-            upper.host.symlink(target, host_path)
-            upper.apply_metadata(host_path, node)
-
-        upper.place(real, node, build)
+        upper.place(real, node)
 
 
 def mknod(fs, path, mode: int = 0o600, device: int = 0) -> None:
@@ -232,14 +206,9 @@ def mknod(fs, path, mode: int = 0o600, device: int = 0) -> None:
             raise path_error(errno.EINVAL, os.fspath(path))
         if kind != _stat.S_IFIFO and not upper.is_root:
             raise path_error(errno.EPERM, os.fspath(path))
-        node = upper.new_node(kind | (mode & 0o7777 & ~upper.umask), real)
+        node = upper.new_node(kind | (mode & 0o7777), real)
         node.rdev = device if kind in (_stat.S_IFCHR, _stat.S_IFBLK) else 0
-
-        def build(host_path: str) -> None:
-            upper.host.mknod(host_path, kind | 0o600, node.rdev)
-            upper.apply_metadata(host_path, node)
-
-        upper.place(real, node, build)
+        upper.place(real, node)
 
 
 def link(fs, source, destination) -> None:
@@ -250,14 +219,8 @@ def link(fs, source, destination) -> None:
         real = free_name(fs, destination)       # EEXIST before EPERM, as link(2)
         if node.children is not None:
             raise path_error(errno.EPERM, os.fspath(source))
-        upper.copy_up(source_real, node, with_data=True)
-        upper.copy_up_parent(real)
-        upper.host.link(diff_path(source_real), diff_path(real))
-        upper.drop_whiteout(real)
-        fs.tree.insert(real, node)
-        upper.record_unstorable(real, node)
-        node.ctime_ns = now_ns()
-        upper.touch_parent(real)
+        check_name(real)
+        upper.link(source_real, node, real)
 
 
 # -- removal and renaming ------------------------------------------------------
@@ -268,7 +231,7 @@ def unlink(fs, path) -> None:
         real, node = existing(fs, path, follow=False)
         if node.children is not None:
             raise path_error(errno.EISDIR, os.fspath(path))
-        upper.delete(real, node)
+        upper.remove(real, node)
 
 
 def rmdir(fs, path) -> None:
@@ -281,7 +244,7 @@ def rmdir(fs, path) -> None:
             raise path_error(errno.EBUSY, os.fspath(path))
         if node.children:
             raise path_error(errno.ENOTEMPTY, os.fspath(path))
-        upper.delete(real, node)
+        upper.remove(real, node)
 
 
 def rename(fs, source, destination) -> None:
@@ -309,7 +272,7 @@ def rename(fs, source, destination) -> None:
         elif target is not None and target.children is not None:
             raise path_error(errno.EISDIR, os.fspath(destination))
         check_name(destination_real)
-        upper.move(source_real, node, destination_real, target)
+        upper.rename(source_real, node, destination_real, target)
 
 
 # -- metadata --------------------------------------------------------------------
@@ -388,19 +351,7 @@ def change_metadata(fs, path, follow_symlinks: bool, change) -> None:
     upper = writer(fs, path)
     with upper.lock:
         real, node = existing(fs, path, follow_symlinks)
-        before = (node.mode, node.uid, node.gid, node.atime_ns, node.mtime_ns, node.xattrs)
-        change(node)
-        try:
-            if node.origin == ORIGIN_LOWER:
-                upper.copy_up(real, node, with_data=False)
-            upper.store_metadata(real, node)
-        except BaseException:
-            (node.mode, node.uid, node.gid, node.atime_ns, node.mtime_ns,
-             node.xattrs) = before
-            raise
-        finally:
-            node.stat_cache = None
-        node.ctime_ns = now_ns()
+        upper.set_metadata(real, node, change)
 
 
 def truncate(fs, path, length: int) -> None:

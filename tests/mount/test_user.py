@@ -201,9 +201,6 @@ def test_the_chroot_recipe_of_the_docs(tmp_path):
 
 @pytest.mark.skipif(shutil.which("busybox") is None and os.environ.get("CI") != "true",
                     reason="busybox-static is not installed")
-@pytest.mark.xfail(strict=True, reason="issue 10 item 1: the upper store gives a new entry "
-                                       "the caller's ids (the upper branch); remove this "
-                                       "marker when it lands")
 def test_a_user_in_the_chroot_owns_what_it_creates(tmp_path):
     layer, root, upper = _chroot_root(tmp_path)
     with chroot_mounted(layer, root, upper):

@@ -38,8 +38,11 @@ from layerfs.testing.strategies import layer_stacks
 from layerfs.testing.view import diff_views, snapshot
 from layerfs.testing.writers import write_image
 
-NAMES = ("a", "b", "c", "é")
-NEW_NAMES = ("a", "b", "n", "é")   # reserved .wh. names: tests/unit/test_writable.py
+# A 253-byte name: its whiteout needs the upper's long form (docs/upper-format.md);
+# a 256-byte one is ENAMETOOLONG on both sides.
+LONG = "l" * 253
+NAMES = ("a", "b", "c", "é", LONG)
+NEW_NAMES = ("a", "b", "n", "é", LONG, "m" * 256)   # reserved .wh. names: tests/unit/test_writable.py
 DATA = st.sampled_from((b"", b"x", b"hello\n", b"y" * 5000))
 MODES = st.sampled_from((0o644, 0o755, 0o600, 0o4755, 0o2775, 0o1777, 0o000, 0o777))
 OWNERS = st.sampled_from((-1, 0, 1000, 54321))

@@ -82,3 +82,27 @@ def test_import_layerfs_does_not_load_requests():
     code = "import sys, layerfs, layerfs.fs, layerfs.image; print('requests' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False"]
+
+
+UPPER_STORE = {"upper", "upperformat", "upperload", "sidecar", "hostdir"}
+
+
+def test_the_upper_store_reaches_neither_the_facade_nor_fuse():
+    """The upper store gets narrow interfaces (the tree, the lower view, a
+    reader of lower bytes), not the facade; it knows nothing of FUSE, the
+    CLI, or how images are read."""
+    for module in UPPER_STORE:
+        imports = imported_modules(module)
+        assert not imports & {"fs", "fuse", "mount", "cli", "image", "layer", "writable",
+                              "commit"}, module
+        project = {name for name in imports if (PACKAGE / f"{name}.py").exists()}
+        assert project <= CORE | UPPER_STORE | {"caller"}, (module, project)
+
+
+def test_only_the_upper_store_calls_the_host():
+    """Every change to an upper goes through layerfs.upper's family of
+    operations: nothing outside the store touches HostDir."""
+    for path in PACKAGE.glob("*.py"):
+        if path.stem in UPPER_STORE:
+            continue
+        assert "hostdir" not in imported_modules(path.stem), path.name

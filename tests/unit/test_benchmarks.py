@@ -96,3 +96,12 @@ def test_report_combines_runs():
     assert merged["mount"] == {"tree-1": {}}
     assert merged["skipped"] == {"a": "why", "b": "why not"}
     assert merged["config"] == {"files": 10, "mount_only": True}
+
+
+def test_the_upper_benchmark_runs_and_reports_its_sidecar():
+    from benchmarks import upper
+    results = upper.measure([50], rounds=2)
+    assert len(results[50]["per_chmod_us_by_round"]) == 2
+    assert results[50]["sidecar_bytes"] > 50 * 50          # a record per file, at least
+    assert set(upper.operations(20)) == {"create", "chmod upper file", "chmod lower file",
+                                         "rename upper file", "unlink lower file"}

@@ -208,6 +208,28 @@ def test_a_single_layer_file_is_an_image(tmp_path):
     assert run("cat", path, "/only").stdout == "ok"
 
 
+def test_diff_and_commit_of_a_missing_or_foreign_upper_create_nothing(image, tmp_path):
+    missing = tmp_path / "missing"
+    for command in (["diff", image, missing], ["commit", image, missing, tmp_path / "out"]):
+        assert_one_line_error(run(*command, check=False), str(missing), "no such upper")
+    assert not missing.exists() and not (tmp_path / "out").exists()
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    assert_one_line_error(run("diff", image, foreign, check=False), "not a layerfs upper")
+    assert os.listdir(foreign) == []
+
+
+def test_diff_works_beside_a_writer_and_commit_is_refused_naming_it(image, tmp_path):
+    import layerfs
+    upper = tmp_path / "upper"
+    with layerfs.open(image, upper=upper) as fs:
+        fs.write_bytes("/new", b"n")
+        assert run("diff", image, upper).stdout.splitlines() == ["A /new"]
+        result = run("commit", image, upper, tmp_path / "out", check=False)
+        assert_one_line_error(result, str(upper), f"pid {os.getpid()}", "unmount it")
+    assert run("commit", image, upper, tmp_path / "out").stdout.startswith("sha256:")
+
+
 def test_a_gzipped_docker_save_archive_opens_as_its_image(image, tmp_path):
     import gzip
     import layerfs

@@ -22,7 +22,7 @@ import attrs
 import pytest
 
 import layerfs
-from layerfs import whiteout
+from layerfs import upperformat, whiteout
 from layerfs.testing import layers as L
 from layerfs.testing.view import diff_views, snapshot
 from layerfs.testing.writers import write_image
@@ -31,11 +31,12 @@ IMAGE = [
     L.Layer([L.directory("d", mode=0o750), L.file("d/f", b"lower" * 100),
              L.directory("d/sub"), L.file("d/sub/deep", b"deep"),
              L.file("h1", b"linked"), L.hardlink("d/h2", "h1"),
-             L.symlink("evil", "/tmp/outside-of-the-image"), L.directory("e")]),
+             L.symlink("evil", "/tmp/outside-of-the-image"), L.directory("e"),
+             L.file("d/" + "L" * 253, b"a long name")]),
     L.Layer([L.file("e/new", b"e"), L.whiteout("d/sub/deep"), L.directory("o"),
              L.opaque("o"), L.file("o/x", b"x")]),
 ]
-NAMES = ("a", "b", "f", "sub", "x", "new")
+NAMES = ("a", "b", "f", "sub", "x", "new", "L" * 253)    # the last: a long whiteout
 
 
 def random_operation(fs, rng: random.Random) -> None:
@@ -104,6 +105,9 @@ def check_upper_directory(upper: str) -> None:
         names = set(dirnames) | set(filenames)
         for name in names:
             kind, target = whiteout.classify(name)
+            if upperformat.is_long_whiteout(name):
+                with open(os.path.join(directory, name), "rb") as stream:
+                    target = upperformat.long_whiteout_target(name, stream.read())
             assert not (kind == whiteout.WHITEOUT and target in names), \
                 f"{directory}/{name} beside its own entry"
 

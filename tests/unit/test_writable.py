@@ -248,3 +248,55 @@ def test_enospc_reports_the_errno_and_leaves_the_upper_loadable(image, tmp_path)
             assert fs.read_bytes("/ok") == b"fine"
     finally:
         subprocess.run(["umount", str(small)], check=True)
+
+
+# -- who creates: layerfs.caller ---------------------------------------------------
+
+def test_the_library_creates_as_the_process_with_its_umask(fs):
+    old = os.umask(0o027)
+    try:
+        fs.mkdir("/m", 0o777)
+        fs.write_bytes("/f", b"")
+        fs.mknod("/fifo", stat.S_IFIFO | 0o666)
+        fs.symlink("target", "/s")
+    finally:
+        os.umask(old)
+    assert fs.stat("/m").st_mode & 0o7777 == 0o750
+    assert fs.stat("/f").st_mode & 0o7777 == 0o640
+    assert fs.lstat("/fifo").st_mode & 0o7777 == 0o640
+    assert fs.lstat("/s").st_mode & 0o7777 == 0o777
+    for path in ("/m", "/f", "/fifo", "/s"):
+        assert (fs.lstat(path).st_uid, fs.lstat(path).st_gid) == (os.geteuid(), os.getegid())
+
+
+def test_a_request_creates_as_its_caller_with_its_umask_applied_once(fs, image, tmp_path):
+    from layerfs.caller import Caller, acting_as
+    old = os.umask(0o077)                 # the daemon's own umask must not matter
+    try:
+        with acting_as(Caller(1234, 5678, umask=0)):
+            fs.mkdir("/m", 0o777)
+            fs.open_handle("/f", os.O_CREAT | os.O_WRONLY, 0o666).close()
+            fs.mknod("/fifo", stat.S_IFIFO | 0o606)
+            fs.symlink("target", "/s")
+            fs.mkdir("/sg/sub", 0o755)
+            fs.write_bytes("/sg/file", b"")
+        with acting_as(Caller(1, 2, umask=0o022)):
+            fs.mkdir("/masked", 0o777)
+    finally:
+        os.umask(old)
+    expected = {"/m": (0o777, 1234, 5678), "/f": (0o666, 1234, 5678),
+                "/fifo": (0o606, 1234, 5678), "/s": (0o777, 1234, 5678),
+                "/sg/sub": (0o2755, 1234, 55), "/sg/file": (0o666, 1234, 55),
+                "/masked": (0o755, 1, 2)}
+
+    def owners(fs):
+        return {path: (fs.lstat(path).st_mode & 0o7777, fs.lstat(path).st_uid,
+                       fs.lstat(path).st_gid) for path in expected}
+
+    assert owners(fs) == expected
+    with reopen(fs, image, tmp_path) as again:        # recorded as the format says
+        assert owners(again) == expected
+        from layerfs.commit import commit
+        commit(again, tmp_path / "committed")
+    with layerfs.open(str(tmp_path / "committed")) as committed:     # and committed
+        assert owners(committed) == expected
