@@ -476,7 +476,7 @@ class FileSystem:
     diff = writable.diff
 
     def makedirs(self, path: PathLike, mode: int = 0o777, exist_ok: bool = False) -> None:
-        path = os.fspath(path)
+        path = os.fsdecode(path)
         parent = os.path.dirname(path.rstrip("/"))
         if parent and parent != path and not self.lexists(parent):
             self.makedirs(parent, mode, exist_ok=True)

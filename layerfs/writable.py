@@ -35,7 +35,7 @@ def writer(fs, path) -> Upper:
 
 
 def existing(fs, path, follow: bool) -> tuple[str, Node]:
-    real, node = fs.tree.resolve(os.fspath(path), follow)
+    real, node = fs.tree.resolve(os.fsdecode(path), follow)
     if node is None:
         raise path_error(errno.ENOENT, os.fspath(path))
     return real, node
@@ -43,7 +43,7 @@ def existing(fs, path, follow: bool) -> tuple[str, Node]:
 
 def free_name(fs, path) -> str:
     """The canonical path for a new entry *path*; it must not exist."""
-    real, node = fs.tree.resolve(os.fspath(path), False)
+    real, node = fs.tree.resolve(os.fsdecode(path), False)
     if node is not None:
         raise path_error(errno.EEXIST, os.fspath(path))
     check_name(real)
@@ -119,7 +119,7 @@ class Handle:
 
 def open_handle(fs, path, flags: int, mode: int = 0o666) -> Handle:
     """``os.open`` for the view."""
-    path = os.fspath(path)
+    path = os.fsdecode(path)
     writing = flags & ACCESS_MODE != os.O_RDONLY or flags & os.O_TRUNC
     if (writing or flags & os.O_CREAT) and fs.readonly:
         raise ReadOnlyError(path)
@@ -189,8 +189,8 @@ def symlink(fs, target: str, path) -> None:
     with upper.lock:
         real = free_name(fs, path)
         node = upper.new_node(S_IFLNK | 0o777, real)
-        node.target = target
-        node.size = len(encode_name(target))
+        node.target = os.fsdecode(target)
+        node.size = len(encode_name(node.target))
         upper.place(real, node)
 
 
@@ -252,8 +252,8 @@ def rename(fs, source, destination) -> None:
     upper = writer(fs, source)
     with upper.lock:
         # rename(2)'s order: both parents, then "/" (busy), then the names.
-        source_real, node = fs.tree.resolve(os.fspath(source), False)
-        destination_real, target = fs.tree.resolve(os.fspath(destination), False)
+        source_real, node = fs.tree.resolve(os.fsdecode(source), False)
+        destination_real, target = fs.tree.resolve(os.fsdecode(destination), False)
         if source_real == "/" or destination_real == "/":
             raise path_error(errno.EBUSY, os.fspath(source))
         if node is None:

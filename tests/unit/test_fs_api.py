@@ -94,3 +94,20 @@ def test_bytes_paths_are_taken_as_os_takes_them(image):
         with pytest.raises(FileNotFoundError) as missing:
             fs.stat(b"/nothing")
         assert os.fsdecode(missing.value.filename) == "/nothing"
+
+
+def test_bytes_paths_for_writes(image, tmp_path):
+    with layerfs.open(image, upper=str(tmp_path / "up")) as fs:
+        fs.makedirs(b"/srv/app")
+        fs.write_bytes(b"/srv/app/f", b"data")
+        with fs.open(b"/srv/app/g", "wb") as stream:
+            stream.write(b"more")
+        fs.symlink(b"app/f", b"/srv/link")
+        fs.rename(b"/srv/app/g", b"/srv/h")
+        fs.chmod(b"/srv/h", 0o600)
+        fs.link(b"/srv/h", b"/srv/h2")
+        fs.unlink(b"/etc/motd")
+        assert sorted(fs.listdir("/srv")) == ["app", "h", "h2", "link"]
+        assert fs.read_bytes("/srv/link") == b"data" and fs.readlink("/srv/link") == "app/f"
+        assert fs.stat("/srv/h").st_mode & 0o777 == 0o600 and fs.stat("/srv/h2").st_nlink == 2
+        assert not fs.exists("/etc/motd")
