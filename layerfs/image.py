@@ -256,10 +256,11 @@ class _DirStore:
 
 
 class _TarStore:
-    """Regular files of an uncompressed tar, read in place."""
+    """Regular files of an uncompressed tar, read in place: ``members``
+    maps a name to its ``(offset, size)`` in the file at ``data_path``."""
 
     def __init__(self, path: str):
-        self.label = path
+        self.label = self.data_path = path
         self.members = _tar_members(path)
 
     def where(self, name: str) -> str:
@@ -271,13 +272,13 @@ class _TarStore:
 
     def read(self, name: str) -> bytes:
         offset, size = self.members[name]
-        with open(self.label, "rb") as f:
+        with open(self.data_path, "rb") as f:
             f.seek(offset)
             return f.read(min(size, MAX_JSON_SIZE + 1))
 
-    def source(self, name: str) -> str | BlobSource:
+    def source(self, name: str) -> BlobSource:
         offset, size = self.members[name]
-        return BlobSource(self.label, offset, size)
+        return BlobSource(self.data_path, offset, size)
 
 
 _COMPRESSED_MAGIC = {
@@ -541,12 +542,12 @@ def _layer_only(layer_args: dict) -> dict:
     return {k: v for k, v in layer_args.items() if k != "read_layers"}
 
 
-class _CompressedTarStore:
+class _CompressedTarStore(_TarStore):
     """The regular files of a gzip- or zstd-compressed tar, read in place
     from its uncompressed copy: a ``docker save | gzip`` archive is indexed
     once like a layer, then its members are byte ranges of that copy."""
 
-    def __init__(self, path: str, outer: Layer):
+    def __init__(self, path: str, outer: Layer):     # members from the index, not a tar walk
         self.label = path
         self.outer = outer
         self.data_path, base = outer.data_location()
@@ -570,23 +571,6 @@ class _CompressedTarStore:
             return False
         return isinstance(entries, list) and bool(entries) and all(
             isinstance(e, dict) and "Config" in e and "Layers" in e for e in entries)
-
-    def where(self, name: str) -> str:
-        return f"{self.label}:{name}"
-
-    def size(self, name: str) -> int | None:
-        member = self.members.get(name)
-        return None if member is None else member[1]
-
-    def read(self, name: str) -> bytes:
-        offset, size = self.members[name]
-        with open(self.data_path, "rb") as f:
-            f.seek(offset)
-            return f.read(min(size, MAX_JSON_SIZE + 1))
-
-    def source(self, name: str) -> BlobSource:
-        offset, size = self.members[name]
-        return BlobSource(self.data_path, offset, size)
 
 
 def _open_remote(ref: Any, platform: str | None, layer_args: dict, options: Any) -> Image:
