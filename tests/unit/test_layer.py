@@ -324,8 +324,8 @@ def test_missing_file(tmp_path):
 
 
 def test_sparse_file_reads_holes_as_zeros(tmp_path):
-    if shutil.which("tar") is None:
-        pytest.skip("GNU tar is not installed")
+    if shutil.which("tar") is None and os.environ.get("CI") != "true":
+        pytest.skip("GNU tar is not installed")      # under CI a missing tool fails
     src = tmp_path / "src"
     src.mkdir()
     sparse = src / "sparse"

@@ -376,8 +376,8 @@ def test_huge_extended_header_refused(tmp_path):
 # ---- sparse files
 
 def _gnu_tar_sparse(tmp_path, args):
-    if shutil.which("tar") is None:
-        pytest.skip("GNU tar is not installed")
+    if shutil.which("tar") is None and os.environ.get("CI") != "true":
+        pytest.skip("GNU tar is not installed")      # under CI a missing tool fails
     src = tmp_path / "src"
     src.mkdir()
     sparse = src / "sparse.bin"
