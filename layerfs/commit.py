@@ -78,8 +78,8 @@ def commit(fs, dest, *, compression: Optional[str] = "gzip", tag: Optional[str] 
         refuse_untagged_beside_others(dest)
     os.makedirs(dest, exist_ok=True)
     temporary = os.path.join(dest, f".layerfs-commit-{os.getpid()}.tmp")
-    created = creation_time()
     epoch = source_date_epoch()
+    created = creation_time(epoch)
     history = {"created": created, "created_by": "layerfs commit"}
     if message:
         history["comment"] = message
@@ -97,26 +97,26 @@ def commit(fs, dest, *, compression: Optional[str] = "gzip", tag: Optional[str] 
     return CommitResult(dest, digest, layer_blob_path(dest, digest))
 
 
-def creation_time() -> str:
-    """Now, or ``$SOURCE_DATE_EPOCH`` where it is set (reproducible builds:
-    the same upper then commits to the same bytes), as an RFC 3339 UTC date."""
-    epoch = os.environ.get("SOURCE_DATE_EPOCH")
-    if epoch:
-        try:
-            moment = datetime.datetime.fromtimestamp(int(epoch), datetime.timezone.utc)
-        except (ValueError, OverflowError, OSError):
-            raise OSError(errno.EINVAL, f"SOURCE_DATE_EPOCH={epoch!r} is not a number of "
-                          "seconds since 1970") from None
-    else:
-        moment = datetime.datetime.now(datetime.timezone.utc)
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def source_date_epoch() -> Optional[int]:
-    """``$SOURCE_DATE_EPOCH`` in seconds, or None where it is unset or empty
-    (:func:`creation_time` has refused a value that is not a number)."""
+    """``$SOURCE_DATE_EPOCH`` in seconds (reproducible builds: the same upper
+    then commits to the same bytes), or None where it is unset or empty."""
     epoch = os.environ.get("SOURCE_DATE_EPOCH")
-    return int(epoch) if epoch else None
+    if not epoch:
+        return None
+    try:
+        seconds = int(epoch)
+        datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)   # in range
+    except (ValueError, OverflowError, OSError):
+        raise OSError(errno.EINVAL, f"SOURCE_DATE_EPOCH={epoch!r} is not a number of "
+                      "seconds since 1970") from None
+    return seconds
+
+
+def creation_time(epoch: Optional[int]) -> str:
+    """*epoch* (seconds), or now where it is None, as an RFC 3339 UTC date."""
+    moment = (datetime.datetime.now(datetime.timezone.utc) if epoch is None
+              else datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc))
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def refuse_untagged_beside_others(dest: str) -> None:
