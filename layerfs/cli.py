@@ -479,10 +479,7 @@ def inspect_remote(args, ref: Reference) -> int:
     if len(report["platforms"]) > 1:
         print("platforms: " + ", ".join(f"{p['platform']}" for p in report["platforms"]))
     print(f"config:    {report['config_digest']}")
-    settings = image.config.get("config") or {}
-    for key in ("Entrypoint", "Cmd", "WorkingDir", "User", "Env"):
-        if settings.get(key):
-            print(f"{key + ':':<11}{json.dumps(settings[key])}")
+    print_settings(image.settings)
     for number, layer in enumerate(report["layers"]):
         size = human_size(layer["size"]) if isinstance(layer["size"], int) else "?"
         print(f"layer {number}:   {layer['digest']} {size} {layer['media_type'] or '-'}")
