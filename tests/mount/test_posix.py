@@ -201,3 +201,20 @@ def test_a_replaced_file_stays_reachable_through_a_held_descriptor(rw_mounted, t
                 os.close(reopened)
         finally:
             os.close(held)
+
+
+# unionmount-testsuite's open-trunc: O_RDONLY | O_TRUNC truncates on Linux
+# (the kernel checks write permission); layerfs answered EINVAL.
+@pytest.mark.parametrize("path", ["etc/passwd", "fresh"])
+@pytest.mark.parametrize("extra", [0, os.O_CREAT])
+def test_read_only_open_with_o_trunc_truncates(rw_mounted, local_copy, path, extra):
+    found = []
+    for root in (rw_mounted, local_copy):
+        with open(f"{root}/{path}", "ab") as existing:
+            existing.write(b"data")
+        fd = os.open(f"{root}/{path}", os.O_RDONLY | os.O_TRUNC | extra, 0o644)
+        try:
+            found.append((os.read(fd, 10), os.fstat(fd).st_size))
+        finally:
+            os.close(fd)
+    assert found == [(b"", 0), (b"", 0)]
