@@ -417,6 +417,17 @@ class Upper:
         os.ftruncate(fd, length)
         self.data_changed(node, fd)
 
+    def allocate_data(self, node: Node, fd: int, mode: int, offset: int, length: int) -> None:
+        """``fallocate(2)`` of the upper file *node* through *fd* (the host
+        filesystem decides which modes it supports: EOPNOTSUPP otherwise)."""
+        log.debug("fallocate inode %d mode %#x at %d, %d bytes", node.ino, mode, offset, length)
+        libc = _libc()
+        libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        if libc.fallocate(fd, mode, offset, length) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+        self.data_changed(node, fd)
+
     def data_changed(self, node: Node, fd: int) -> None:
         """After a write or truncate through *fd*: the host file's size and
         times are the node's."""

@@ -94,6 +94,15 @@ class Handle:
         with self.fs.upper.lock:
             self.fs.upper.truncate_data(self.node, self.fd, length)
 
+    def allocate(self, mode: int, offset: int, length: int) -> None:
+        """``fallocate(2)`` through this handle (*mode* as its flags)."""
+        if not self.writable:
+            raise path_error(errno.EBADF, self.path)
+        if offset < 0 or length <= 0:
+            raise path_error(errno.EINVAL, self.path)
+        with self.fs.upper.lock:
+            self.fs.upper.allocate_data(self.node, self.fd, mode, offset, length)
+
     def fsync(self, datasync: bool = False) -> None:
         """The file's data, and the sidecar records a metadata change of
         it may have left (a metacopy has no host file of its own)."""
