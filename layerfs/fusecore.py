@@ -403,6 +403,11 @@ class Operations:
     def fsync(self, path, datasync, fi):
         self.handle(fi).fsync(bool(datasync))
 
+    def fallocate(self, path, mode, offset, length, fi):
+        # The kernel passes KEEP_SIZE, PUNCH_HOLE and ZERO_RANGE only; it has
+        # checked that the file is open for writing.
+        self.handle(fi).allocate(mode, offset, length)
+
     def release(self, path, fi):
         handle = self.handles.pop(fi.fh, None)
         if handle is not None:

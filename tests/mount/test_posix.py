@@ -218,3 +218,43 @@ def test_read_only_open_with_o_trunc_truncates(rw_mounted, local_copy, path, ext
         finally:
             os.close(fd)
     assert found == [(b"", 0), (b"", 0)]
+
+
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if libc.fallocate(fd, mode, offset, length) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+# fsx found fallocate missing (overlayfs has it): every mode FUSE passes on,
+# on a lower file (copied up by the open) and a new one, as in a local directory.
+@pytest.mark.parametrize("path", ["bin/tool", "fresh"])
+def test_fallocate_modes_match_a_local_directory(rw_mounted, local_copy, path):
+    found = []
+    for root in (rw_mounted, local_copy):
+        fd = os.open(f"{root}/{path}", os.O_RDWR | os.O_CREAT, 0o755)
+        try:
+            os.pwrite(fd, b"x" * 20000, 0)
+            steps = []
+            for mode, offset, length in [(0, 0, 30000), (FALLOC_FL_KEEP_SIZE, 25000, 20000),
+                                         (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 4096, 8192),
+                                         (FALLOC_FL_ZERO_RANGE, 28000, 10000)]:
+                fallocate(fd, mode, offset, length)
+                steps.append((os.fstat(fd).st_size, os.pread(fd, 50000, 0)))
+            found.append(steps)
+        finally:
+            os.close(fd)
+    assert found[0] == found[1]
+    with pytest.raises(OSError) as caught:           # a read-only descriptor
+        fd = os.open(f"{rw_mounted}/{path}", os.O_RDONLY)
+        try:
+            fallocate(fd, 0, 0, 10)
+        finally:
+            os.close(fd)
+    assert caught.value.errno == errno.EBADF
