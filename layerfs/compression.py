@@ -33,10 +33,11 @@ from __future__ import annotations
 import hashlib
 import os
 import zlib
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import zstandard
 
+from layerfs.blobsource import Blob
 from layerfs.errors import InvalidLayerError
 
 NONE = "none"
@@ -82,15 +83,28 @@ def max_layer_size(max_size: Optional[int] = None) -> int:
     return value
 
 
-class _RawInput:
-    """The blob as stored: a byte range of an open file, read in order with
-    ``os.pread`` (no shared file position), hashed as it passes."""
+class _FdBlob:
+    """A byte range of an open descriptor, as a blob source (what callers
+    that hand :class:`BlobStream` a descriptor get)."""
 
-    def __init__(self, fd: int, offset: int, size: int,
-                 progress: Optional[Progress]):
-        self._fd = fd
-        self._offset = offset
-        self.size = size
+    def __init__(self, fd: int, offset: int, size: int, label: str):
+        self._fd, self._offset, self.size, self.label = fd, offset, size, label
+        self.digest = None
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        length = min(length, self.size - offset)
+        if length <= 0:
+            return b""
+        return os.pread(self._fd, length, self._offset + offset)
+
+
+class _RawInput:
+    """The blob as stored, read in order through its blob source's
+    ``read_at`` (no shared file position), hashed as it passes."""
+
+    def __init__(self, blob: Blob, progress: Optional[Progress]):
+        self._blob = blob
+        self.size = blob.size
         self.done = 0
         self.hasher = hashlib.sha256()
         self._progress = progress
@@ -101,7 +115,7 @@ class _RawInput:
         n = min(n, self.size - self.done)
         if n <= 0:
             return b""
-        data = os.pread(self._fd, n, self._offset + self.done)
+        data = self._blob.read_at(self.done, n)
         if not data:
             return b""   # the file shrank under us; the caller reports truncation
         self.done += len(data)
@@ -268,19 +282,23 @@ class _ZstdDecoder:
 class BlobStream:
     """The uncompressed tar stream of a blob, read once from front to back.
 
-    *fd* is an open file; the blob is its *size* bytes from *offset*.  Every
+    *source* is a blob source (:mod:`layerfs.blobsource`), or an open
+    descriptor whose *size* bytes from *offset* are the blob.  Every
     uncompressed chunk is passed to *sink* (if given) as it is produced, and
     *progress(done, total)* (blob bytes) is called every few MiB.  After
     :meth:`drain`, :attr:`digest`, :attr:`diff_id` (hex) and
     :attr:`uncompressed_size` are final.
     """
 
-    def __init__(self, fd: int, *, size: int, offset: int = 0, label: str,
+    def __init__(self, source: Union[int, Blob], *, size: Optional[int] = None,
+                 offset: int = 0, label: Optional[str] = None,
                  max_size: Optional[int] = None, sink: Optional[Sink] = None,
                  progress: Optional[Progress] = None):
-        self.label = label
-        self._raw = _RawInput(fd, offset, size, progress)
-        head = os.pread(fd, min(4, size), offset)
+        if isinstance(source, int):
+            source = _FdBlob(source, offset, size, label or f"fd {source}")
+        self.label = label = label or source.label
+        self._raw = _RawInput(source, progress)
+        head = source.read_at(0, 4)
         self.compression = detect_compression(head)
         if self.compression == GZIP:
             self._next_chunk = _GzipDecoder(self._raw, label)
