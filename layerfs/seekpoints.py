@@ -1,0 +1,179 @@
+"""Seekable spans: random access to a layer's decompressed tar without a
+whole decompressed copy.
+
+Everything about the ``spans/`` cache files lives here.  When a layer's
+whole copy does not fit the cache budget, its decompressed stream is cut
+into spans of ``span`` bytes (default :data:`DEFAULT_SPAN`), each compressed
+as an independent zstd frame (level 1, with a content checksum), so that any
+byte range is read by decompressing the one or two spans that hold it.  The
+same form serves gzip and zstd layers (a single-frame zstd blob has no
+resumable decoder state, so it must be re-framed anyway; a gzip blob could
+instead keep zran checkpoints into the original blob: see docs/cache.md for
+the measurements behind this choice).
+
+File layout::
+
+    frame 0 | frame 1 | ... | trailer (marshal) | trailer length (8, LE) | MAGIC
+
+The trailer is ``{"format", "version", "span", "size", "offsets"}``:
+``offsets[i]`` is where frame *i* starts; ``size`` the uncompressed size.  A
+file whose trailer does not read back is not trusted (it is rebuilt).
+
+:class:`SpanReader` keeps the last few decompressed spans in memory, so a
+forward scan (file after file, in tar order) decompresses every span once:
+the decoder keeps running forward instead of restarting per file.
+"""
+
+from __future__ import annotations
+
+import collections
+import marshal
+import os
+import threading
+from typing import Optional
+
+import zstandard
+
+from .errors import InvalidLayerError
+
+FORMAT = "layerfs-spans"
+VERSION = 1
+MAGIC = b"LFSPANS1"
+DEFAULT_SPAN = 1 << 20
+SPAN_ENV = "LAYERFS_SPAN_SIZE"
+KEEP_SPANS = 4            # decompressed spans a reader keeps in memory
+
+
+def span_size(span: Optional[int] = None) -> int:
+    """*span*, else ``$LAYERFS_SPAN_SIZE`` (bytes, or ``4M``), else 1 MiB."""
+    if span is not None:
+        return span
+    text = os.environ.get(SPAN_ENV, "").strip()
+    if not text:
+        return DEFAULT_SPAN
+    from .cache import parse_size
+    return parse_size(text)
+
+
+class SpanWriter:
+    """Writes the spans of a stream to *file* (binary, positioned at 0).
+    ``write(chunk)`` in stream order; ``finish()`` writes the trailer.
+    *before_write(n)* is called before *n* more bytes go to disk; it may
+    raise to stop (the cache budget)."""
+
+    def __init__(self, file, span: Optional[int] = None, before_write=None):
+        self._file = file
+        self.span = span_size(span)
+        self._compressor = zstandard.ZstdCompressor(level=1, write_checksum=True)
+        self._pending = bytearray()
+        self.offsets: list[int] = []
+        self.written = 0          # compressed bytes so far
+        self.size = 0             # uncompressed bytes so far
+        self._before_write = before_write
+
+    def write(self, chunk) -> None:
+        self._pending += chunk
+        self.size += len(chunk)
+        span = self.span
+        if len(self._pending) >= span:
+            view = memoryview(self._pending)
+            start = 0
+            while len(view) - start >= span:
+                self._emit(view[start:start + span])
+                start += span
+            del view
+            del self._pending[:start]
+
+    def _emit(self, data) -> None:
+        frame = self._compressor.compress(data)
+        if self._before_write is not None:
+            self._before_write(len(frame))
+        self.offsets.append(self.written)
+        self._file.write(frame)
+        self.written += len(frame)
+
+    def finish(self) -> int:
+        """Writes the last span and the trailer; returns the file size."""
+        if self._pending:
+            self._emit(bytes(self._pending))
+            self._pending = bytearray()
+        trailer = marshal.dumps({"format": FORMAT, "version": VERSION, "span": self.span,
+                                 "size": self.size, "offsets": self.offsets})
+        if self._before_write is not None:
+            self._before_write(len(trailer) + 16)
+        self._file.write(trailer + len(trailer).to_bytes(8, "little") + MAGIC)
+        self._file.flush()
+        return self.written + len(trailer) + 16
+
+
+class SpanReader:
+    """Random access to the stream stored in a spans file (open descriptor
+    *fd*, owned by the caller).  Raises :class:`InvalidLayerError` (naming
+    *label*) if the file is not a whole spans file of *size* bytes."""
+
+    def __init__(self, fd: int, size: int, label: str):
+        self._fd = fd
+        self.label = label
+        file_size = os.fstat(fd).st_size
+        tail = os.pread(fd, 16, max(0, file_size - 16))
+        try:
+            if len(tail) != 16 or tail[8:] != MAGIC:
+                raise ValueError("no trailer")
+            length = int.from_bytes(tail[:8], "little")
+            table = marshal.loads(os.pread(fd, length, file_size - 16 - length))
+            if (table["format"] != FORMAT or table["version"] != VERSION
+                    or table["size"] != size):
+                raise ValueError("another format or size")
+            self.span = int(table["span"])
+            self._offsets = list(table["offsets"]) + [file_size - 16 - length]
+            if len(self._offsets) - 1 != -(-size // self.span):
+                raise ValueError("wrong number of spans")
+        except (ValueError, TypeError, KeyError, EOFError) as error:
+            raise InvalidLayerError(f"unusable spans file ({error})", layer=label) from None
+        self.size = size
+        self._decompressor = zstandard.ZstdDecompressor()
+        self._recent: collections.OrderedDict[int, bytes] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self.decompressed = 0     # spans decompressed so far (tests, benchmarks)
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        length = min(length, self.size - offset)
+        if length <= 0 or offset < 0:
+            return b""
+        span = self.span
+        parts = []
+        while length > 0:
+            index, within = divmod(offset, span)
+            data = self._span(index)
+            piece = data[within:within + length]
+            if not piece:
+                raise InvalidLayerError("spans file is shorter than its table",
+                                        layer=self.label)
+            parts.append(piece)
+            offset += len(piece)
+            length -= len(piece)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _span(self, index: int) -> bytes:
+        with self._lock:
+            data = self._recent.get(index)
+            if data is not None:
+                self._recent.move_to_end(index)
+                return data
+        start, end = self._offsets[index], self._offsets[index + 1]
+        frame = os.pread(self._fd, end - start, start)
+        try:
+            data = self._decompressor.decompress(frame)
+        except zstandard.ZstdError as error:
+            raise InvalidLayerError(f"corrupt span {index} in the cache ({error})",
+                                    layer=self.label) from None
+        expected = min(self.span, self.size - index * self.span)
+        if len(data) != expected:
+            raise InvalidLayerError(f"span {index} has {len(data)} bytes, expected "
+                                    f"{expected}", layer=self.label)
+        with self._lock:
+            self.decompressed += 1
+            self._recent[index] = data
+            while len(self._recent) > KEEP_SPANS:
+                self._recent.popitem(last=False)
+        return data
