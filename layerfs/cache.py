@@ -78,6 +78,7 @@ MEMO_VERSION = 2
 MIN_DEFAULT_BUDGET = 1 << 30
 DEFAULT_SHARE = 10          # percent of the cache's filesystem
 TEMP_PREFIX = ".tmp-"
+TEMP_GRACE = 60             # seconds before an unlocked temp file is a leftover
 _COPY_BUFFER = 1 << 20
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -514,6 +515,9 @@ def _temp_in_use(item) -> int:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             return max(os.fstat(fd).st_blocks * 512, 1)
+        st = os.fstat(fd)
+        if time.time() - st.st_mtime < TEMP_GRACE:
+            return max(st.st_blocks * 512, 1)   # maybe just made, not yet locked
         _remove(item.path)          # nobody writes it: a crash's leftover
         return 0
     finally:

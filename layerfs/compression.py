@@ -75,9 +75,10 @@ def max_layer_size(max_size: Optional[int] = None) -> int:
     if not text:
         return DEFAULT_MAX_SIZE
     try:
-        value = int(text)
+        from .cache import parse_size
+        value = parse_size(text)
     except ValueError:
-        raise ValueError(f"{MAX_SIZE_ENV}={text!r} is not a number of bytes") from None
+        raise ValueError(f"{MAX_SIZE_ENV}={text!r} is not a size (bytes, or 500M, 20G)") from None
     if value <= 0:
         raise ValueError(f"{MAX_SIZE_ENV}={text!r} must be positive")
     return value
@@ -335,7 +336,8 @@ class BlobStream:
         if self._diff_hasher is not None:
             if self._produced > self._max_size:
                 raise _invalid(self.label, "uncompressed size exceeds the limit of "
-                               f"{self._max_size} bytes (see {MAX_SIZE_ENV})")
+                               f"{self._max_size} bytes (see --max-layer-size, "
+                               f"{MAX_SIZE_ENV})")
             self._diff_hasher.update(chunk)
         if self._sink is not None:
             self._sink(chunk)
