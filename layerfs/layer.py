@@ -444,6 +444,7 @@ class _DataSink:
         """Whether *n* more bytes fit (asks the cache for room in steps)."""
         if self._written + n <= self._reserved:
             return True
+        self._file.flush()        # the budget counts what is on disk
         step = max(n, RESERVE_STEP)
         if self._cache.reserve(step):
             self._reserved = self._written + step

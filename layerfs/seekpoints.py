@@ -90,6 +90,7 @@ class SpanWriter:
             self._before_write(len(frame))
         self.offsets.append(self.written)
         self._file.write(frame)
+        self._file.flush()        # on disk now: the budget counts what is on disk
         self.written += len(frame)
 
     def finish(self) -> int:
