@@ -357,7 +357,7 @@ def test_two_processes_share_the_cache(tmp_path):
                         out.append(hashlib.sha256(layer.read(e.data, e.size, 0, e.size)).hexdigest())
         print(hashlib.sha256("".join(out).encode()).hexdigest())
     """)
-    env = dict(os.environ, LAYERFS_CACHE_SIZE=str(len(make_tar(files)) * 3 // 2))
+    env = dict(os.environ, LAYERFS_CACHE_SIZE=str(len(make_tar(files)) * 5 // 2))
     children = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
                                  text=True, env=env) for _ in range(2)]
     outputs = [child.communicate(timeout=120)[0].strip() for child in children]
