@@ -16,7 +16,9 @@ may be removed lives here.  Under the root (``$LAYERFS_CACHE_DIR``, else
     blobs/sha256/<hex>.tar   the whole decompressed copy of a compressed blob
     spans/sha256/<hex>.spans the decompressed data re-framed into seekable
                              spans (see :mod:`layerfs.seekpoints`), for a
-                             layer whose whole copy did not fit the budget
+                             zstd layer whose whole copy did not fit the budget
+    spans/sha256/<hex>.gzidx checkpoints into a gzip blob (zran-style, made
+                             by rapidgzip), for a gzip layer likewise
     memo/<key>               "stat memo": the identity of a source file ->
                              (digest, diff_id)
     pins/<hex>.lock          a pin: held with a shared flock by every process
@@ -77,6 +79,7 @@ VIEW_VERSION = 1
 MEMO_VERSION = 2
 MIN_DEFAULT_BUDGET = 1 << 30
 DEFAULT_SHARE = 10          # percent of the cache's filesystem
+EVICTABLE = ("copy", "spans", "checkpoints")
 TEMP_PREFIX = ".tmp-"
 TEMP_GRACE = 60             # seconds before an unlocked temp file is a leftover
 _COPY_BUFFER = 1 << 20
@@ -145,7 +148,7 @@ class CacheEntry:
 
     @property
     def evictable(self) -> bool:
-        return self.kind in ("copy", "spans")
+        return self.kind in EVICTABLE
 
 
 class Pin:
@@ -188,6 +191,9 @@ class IndexCache:
 
     def spans_path(self, hex_digest: str) -> str:
         return os.path.join(self.root, "spans", "sha256", hex_digest + ".spans")
+
+    def checkpoints_path(self, hex_digest: str) -> str:
+        return os.path.join(self.root, "spans", "sha256", hex_digest + ".gzidx")
 
     def pin_path(self, hex_digest: str) -> str:
         return os.path.join(self.root, "pins", hex_digest + ".lock")
@@ -267,9 +273,10 @@ class IndexCache:
     def scan(self) -> Iterator[CacheEntry]:
         """Everything in the cache that takes space; dead temp files (whose
         writer is gone) are removed on the way."""
-        kinds = (("blobs", "copy", ".tar"), ("spans", "spans", ".spans"),
-                 ("index", "index", ".idx"), ("views", "view", ".view"))
-        for folder, kind, suffix in kinds:
+        kinds = (("blobs", {".tar": "copy"}),
+                 ("spans", {".spans": "spans", ".gzidx": "checkpoints"}),
+                 ("index", {".idx": "index"}), ("views", {".view": "view"}))
+        for folder, suffixes in kinds:
             directory = os.path.join(self.root, folder, "sha256")
             for item in _scandir(directory):
                 if item.name.startswith(TEMP_PREFIX):
@@ -277,14 +284,15 @@ class IndexCache:
                     if size:
                         yield CacheEntry("", "temp", item.path, size, time.time(), True)
                     continue
-                if not item.name.endswith(suffix):
+                hex_, dot, suffix = item.name.rpartition(".")
+                kind = suffixes.get(dot + suffix)
+                if kind is None:
                     continue
-                hex_ = item.name[:-len(suffix)]
                 try:
                     st = item.stat()
                 except FileNotFoundError:
                     continue
-                pinned = kind in ("copy", "spans") and self.is_pinned(hex_)
+                pinned = kind in EVICTABLE and self.is_pinned(hex_)
                 yield CacheEntry("sha256:" + hex_, kind, item.path, st.st_blocks * 512,
                                  st.st_mtime, pinned)
         directory = os.path.join(self.root, "registry", "blobs", "sha256")

@@ -144,6 +144,7 @@ class _GzipDecoder:
         self._obj = zlib.decompressobj(31)
         self._pending = b""
         self._done = False
+        self.data_end = raw.size   # where the last member ends (zero padding after it)
 
     def __call__(self) -> bytes:
         while not self._done:
@@ -173,6 +174,7 @@ class _GzipDecoder:
             self._obj = zlib.decompressobj(31)
             self._pending = rest
             return
+        self.data_end = self._raw.done - len(rest)
         while rest:
             if rest.count(0) != len(rest):
                 raise _invalid(self._label, "garbage after the end of the gzip stream")
@@ -410,6 +412,12 @@ class BlobStream:
     def digest(self) -> str:
         """sha256 (hex) of the blob as stored."""
         return self._raw.hasher.hexdigest()
+
+    @property
+    def data_end(self) -> int:
+        """Where the compressed data ends in the blob (before any zero
+        padding after the last gzip member); final after :meth:`drain`."""
+        return getattr(self._next_chunk, "data_end", self._raw.size)
 
     @property
     def diff_id(self) -> str:

@@ -49,7 +49,9 @@ from .cache import temp_file as _temp_file
 from .compression import NONE, BlobStream, detect_compression
 from .errors import (DigestMismatchError, ImageError, InvalidLayerError,
                      UnsupportedImageError, path_error)
-from .seekpoints import SpanReader, SpanWriter
+from .seekpoints import (GzipCheckpointReader, SpanReader, SpanWriter,
+                         estimate_gzip_index, gzip_spacing, has_gzip_checkpoints,
+                         write_gzip_checkpoints)
 from .tarindex import iter_entries
 
 RESERVE_STEP = 64 << 20    # bytes of cache space asked for at a time
@@ -177,6 +179,8 @@ class Layer:
         place), ``"copy"`` (a whole decompressed copy) or ``"spans"``."""
         if self.compression == NONE:
             return "blob"
+        if isinstance(self._data, GzipCheckpointReader):
+            return "checkpoints"
         return "spans" if isinstance(self._data, SpanReader) else "copy"
 
     def data_location(self) -> tuple[str, int]:
@@ -311,7 +315,8 @@ class _Opener:
         data = self.open_cached(cache, header)
         if data is None:
             return None
-        return self.layer(header, None, data, [data.close], cache, release_blob=True)
+        return self.layer(header, None, data, [data.close], cache,
+                          release_blob=not isinstance(data, GzipCheckpointReader))
 
     def open_cached(self, cache: IndexCache, header: dict):
         """The copy or the spans of a blob, if the cache has a usable one."""
@@ -327,19 +332,23 @@ class _Opener:
             copy.close()
         if self.whole:
             return None
-        path = cache.spans_path(hex_)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return None
-        try:
-            reader = _OwnedSpans(fd, size, self.label)
-        except InvalidLayerError:
-            os.close(fd)
-            _remove(path)
-            return None
-        cache.touch(path)
-        return reader
+        for path, kind in ((cache.spans_path(hex_), _OwnedSpans),
+                           (cache.checkpoints_path(hex_), _checkpoints)):
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            try:
+                reader = kind(fd, size, self.label, self.blob)
+            except InvalidLayerError:
+                _remove(path)
+                continue
+            finally:
+                if kind is _checkpoints:
+                    os.close(fd)
+            cache.touch(path)
+            return reader
+        return None
 
     def take_pin(self, cache: IndexCache, hex_: str) -> None:
         if self.pin is None:
@@ -350,8 +359,9 @@ class _Opener:
         """One pass over the blob: hashes, entries and (if compressed) the
         decompressed data, a whole copy or spans, written under a temp name
         and renamed when whole."""
-        compressed = detect_compression(self.blob.read_at(0, 4)) != NONE
-        sink = _DataSink(cache, self.label, self.whole) if compressed else None
+        compression = detect_compression(self.blob.read_at(0, 4))
+        sink = (_DataSink(cache, self.label, self.whole, compression, self.blob)
+                if compression != NONE else None)
         try:
             stream = BlobStream(self.blob, label=self.label, max_size=max_size,
                                 sink=sink.write if sink else None, progress=progress)
@@ -365,7 +375,8 @@ class _Opener:
                       "entry_count": len(entries)}
             if cache is not None:
                 self.take_pin(cache, stream.digest)
-            data = sink.finish(stream.digest, stream.uncompressed_size) if sink else None
+            data = (sink.finish(stream.digest, stream.uncompressed_size, stream.data_end)
+                    if sink else None)
             if cache is not None:
                 cache.store_index(header, entries)
                 if identity is not None:
@@ -376,7 +387,8 @@ class _Opener:
             raise
         if data is None:
             return self.layer(header, entries, self.blob, [], cache)
-        return self.layer(header, entries, data, [data.close], cache, release_blob=True)
+        return self.layer(header, entries, data, [data.close], cache,
+                          release_blob=not isinstance(data, GzipCheckpointReader))
 
     def verify(self, digest_hex: str, diff_id_hex: str) -> None:
         for what, expected, actual in (("digest", self.digest, digest_hex),
@@ -404,25 +416,38 @@ class _Opener:
 class _OwnedSpans(SpanReader):
     """A :class:`SpanReader` that closes its descriptor."""
 
+    def __init__(self, fd: int, size: int, label: str, blob=None):
+        super().__init__(fd, size, label)
+
     def close(self) -> None:
         fd, self._fd = self._fd, -1
         if fd >= 0:
             os.close(fd)
 
 
+def _checkpoints(fd: int, size: int, label: str, blob) -> GzipCheckpointReader:
+    return GzipCheckpointReader(fd, blob, size, label)
+
+
 class _DataSink:
     """Where the decompressed stream goes while a compressed layer is
     indexed: a whole copy while the cache budget has room for it, else
-    spans.  Switching re-reads the partial copy into spans, then goes on
-    with the stream; the partial copy is removed, so at no time does more
-    than the budget sit in the cache (see :meth:`IndexCache.reserve`)."""
+    (zstd) spans or (gzip) checkpoints into the blob.  Switching to spans
+    re-reads the partial copy into spans, then goes on with the stream;
+    switching to checkpoints drops the partial copy and builds them after
+    the pass (a second, faster decompression: rapidgzip).  At no time does
+    more than the budget sit in the cache (see :meth:`IndexCache.reserve`)."""
 
-    def __init__(self, cache: Optional[IndexCache], label: str, whole: bool):
+    def __init__(self, cache: Optional[IndexCache], label: str, whole: bool,
+                 compression: str = "", blob=None):
         self._cache = cache
         self._label = label
         self._whole = whole or cache is None
         self._reserved = 0
         self._spans: Optional[SpanWriter] = None
+        self._checkpoints = False
+        self._blob = blob
+        self._gzip = compression == "gzip" and has_gzip_checkpoints()
         if cache is None:
             self._file, self._temp = tempfile.TemporaryFile(prefix="layerfs-"), None
         else:
@@ -433,7 +458,15 @@ class _DataSink:
         if self._spans is not None:
             self._spans.write(chunk)
             return
+        if self._checkpoints:
+            return
         if not self._whole and not self._room(len(chunk)):
+            if self._gzip:
+                self._file.close()
+                _remove(self._temp)
+                self._file = self._temp = None
+                self._checkpoints = True
+                return
             self._switch_to_spans()
             self._spans.write(chunk)
             return
@@ -478,8 +511,10 @@ class _DataSink:
         old.close()
         _remove(old_temp)
 
-    def finish(self, hex_: str, size: int):
+    def finish(self, hex_: str, size: int, data_end: int):
         """The data as the layer will read it, its file renamed into place."""
+        if self._checkpoints and self._spans is None:
+            return self._finish_checkpoints(hex_, size, data_end)
         if self._spans is not None:
             self._spans.finish()
             self._file.flush()
@@ -509,7 +544,37 @@ class _DataSink:
                 raise
         return FileRange(final, label=self._label)
 
+    def _finish_checkpoints(self, hex_: str, size: int, data_end: int):
+        """Checkpoints cost a 32 KiB window per spacing of output whatever
+        the data; spans cost about the compressed size.  For a layer that
+        compresses 1:128 or better (a bomb), spans are smaller: made by a
+        second decompression pass."""
+        estimate = estimate_gzip_index(size, gzip_spacing())
+        if estimate > self._blob.size:
+            return self._second_pass_spans(hex_, size)
+        self._before_span(estimate)
+        final = self._cache.checkpoints_path(hex_)
+        self._file, self._temp = _temp_file(final)
+        write_gzip_checkpoints(self._blob, data_end, size, self._file)
+        os.replace(self._temp, final)
+        self._temp = None
+        self._file.close()
+        fd = os.open(final, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return GzipCheckpointReader(fd, self._blob, size, self._label)
+        finally:
+            os.close(fd)
+
+    def _second_pass_spans(self, hex_: str, size: int):
+        self._file, self._temp = _temp_file(self._cache.spans_path("x"))
+        self._spans = SpanWriter(self._file, before_write=self._before_span)
+        stream = BlobStream(self._blob, label=self._label, sink=self._spans.write)
+        stream.drain()
+        return self.finish(hex_, size, 0)
+
     def abort(self) -> None:
+        if self._file is None:
+            return
         self._file.close()
         if self._temp is not None:
             _remove(self._temp)

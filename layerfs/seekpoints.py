@@ -27,6 +27,7 @@ the decoder keeps running forward instead of restarting per file.
 from __future__ import annotations
 
 import collections
+import io
 import marshal
 import os
 import threading
@@ -178,3 +179,132 @@ class SpanReader:
             while len(self._recent) > KEEP_SPANS:
                 self._recent.popitem(last=False)
         return data
+
+
+# -- gzip: zran-style checkpoints into the blob itself (rapidgzip) -------------
+
+GZIP_FORMAT = "layerfs-gzip-checkpoints"
+GZIP_VERSION = 1
+GZIP_MAGIC = b"LFGZIDX1"
+DEFAULT_GZIP_SPACING = 4 << 20
+WINDOW = 32 << 10          # what one checkpoint costs on disk, at most
+
+
+def gzip_spacing(spacing: Optional[int] = None) -> int:
+    """*spacing*, else ``$LAYERFS_SPAN_SIZE``, else 4 MiB."""
+    if spacing is None and not os.environ.get(SPAN_ENV, "").strip():
+        return DEFAULT_GZIP_SPACING
+    return span_size(spacing)
+
+
+def has_gzip_checkpoints() -> bool:
+    try:
+        import rapidgzip  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def estimate_gzip_index(size: int, spacing: int) -> int:
+    """An upper bound of the checkpoints' size for *size* uncompressed bytes."""
+    return (size // spacing + 2) * (WINDOW + 64) + 4096
+
+
+class _BlobFile(io.RawIOBase):
+    """The first *end* bytes of a blob source as a read-only seekable file,
+    for rapidgzip (which reads through a Python file object)."""
+
+    def __init__(self, blob, end: int):
+        self._blob = blob
+        self._end = end
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = min(len(buffer), self._end - self._pos)
+        if n <= 0:
+            return 0
+        data = self._blob.read_at(self._pos, n)
+        buffer[:len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = (0, self._pos, self._end)[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
+def write_gzip_checkpoints(blob, data_end: int, size: int, file,
+                           spacing: Optional[int] = None) -> None:
+    """Decompresses the gzip blob once more (rapidgzip, one thread) and
+    writes its checkpoints to *file*, with a trailer naming *size*."""
+    import rapidgzip
+    spacing = gzip_spacing(spacing)
+    reader = rapidgzip.RapidgzipFile(_BlobFile(blob, data_end), parallelization=1,
+                                     chunk_size=spacing)
+    try:
+        reader.seek(0, io.SEEK_END)
+        if reader.tell() != size:
+            raise InvalidLayerError(f"rapidgzip read {reader.tell()} bytes, the "
+                                    f"indexing pass {size}", layer=blob.label)
+        buffer = io.BytesIO()
+        reader.export_index(buffer)
+    finally:
+        reader.close()
+    index = buffer.getvalue()
+    trailer = marshal.dumps({"format": GZIP_FORMAT, "version": GZIP_VERSION,
+                             "size": size, "data_end": data_end, "length": len(index)})
+    file.write(index + trailer + len(trailer).to_bytes(8, "little") + GZIP_MAGIC)
+    file.flush()
+
+
+class GzipCheckpointReader:
+    """Random access to a gzip blob's stream through its checkpoints (file
+    descriptor *fd*, read whole here): a read decompresses from the nearest
+    checkpoint before it; reads that go forward continue the same decoder."""
+
+    def __init__(self, fd: int, blob, size: int, label: str):
+        import rapidgzip
+        self.label = label
+        self.size = size
+        file_size = os.fstat(fd).st_size
+        tail = os.pread(fd, 16, max(0, file_size - 16))
+        try:
+            if len(tail) != 16 or tail[8:] != GZIP_MAGIC:
+                raise ValueError("no trailer")
+            length = int.from_bytes(tail[:8], "little")
+            table = marshal.loads(os.pread(fd, length, file_size - 16 - length))
+            if (table["format"] != GZIP_FORMAT or table["version"] != GZIP_VERSION
+                    or table["size"] != size
+                    or table["length"] != file_size - 16 - length):
+                raise ValueError("another format or size")
+            index = os.pread(fd, table["length"], 0)
+            self._reader = rapidgzip.RapidgzipFile(_BlobFile(blob, table["data_end"]),
+                                                   parallelization=1)
+            self._reader.import_index(io.BytesIO(index))
+        except (ValueError, TypeError, KeyError, EOFError, RuntimeError) as error:
+            raise InvalidLayerError(f"unusable gzip checkpoints ({error})",
+                                    layer=label) from None
+        self._lock = threading.Lock()
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        length = min(length, self.size - offset)
+        if length <= 0 or offset < 0:
+            return b""
+        with self._lock:
+            if self._reader.tell() != offset:
+                self._reader.seek(offset)
+            return self._reader.read(length)
+
+    def close(self) -> None:
+        with self._lock:
+            self._reader.close()
