@@ -38,6 +38,7 @@ is :class:`layerfs.remote.RemoteBlob`.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 from typing import Optional, Protocol, runtime_checkable
@@ -150,6 +151,68 @@ class CountingBlob:
             self.bytes_read += len(data)
             self.calls += 1
         return data
+
+
+class VerifiedBlob:
+    """A blob source whose every read is checked: the blob is read in
+    aligned chunks of *chunk* bytes, each compared with its sha256 in
+    *sums* (recorded while the whole blob was verified, see
+    :attr:`layerfs.compression.BlobStream.chunk_sums`).  A chunk that does
+    not match raises :class:`~layerfs.errors.DigestMismatchError` naming
+    the blob; nothing unverified is returned.  The last few chunks are kept
+    in memory, so reads that go forward fetch each chunk once."""
+
+    KEEP = 8
+
+    def __init__(self, inner: Blob, sums: bytes, chunk: int):
+        self.inner = inner
+        self.size = inner.size
+        self.digest = inner.digest
+        self.label = inner.label
+        self._sums = sums
+        self._chunk = chunk
+        self._recent: dict = {}
+        self._lock = threading.Lock()
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        length = min(length, self.size - offset)
+        if length <= 0 or offset < 0:
+            return b""
+        parts = []
+        while length > 0:
+            index, within = divmod(offset, self._chunk)
+            piece = self._chunk_at(index)[within:within + length]
+            if not piece:
+                break
+            parts.append(piece)
+            offset += len(piece)
+            length -= len(piece)
+        return b"".join(parts)
+
+    def _chunk_at(self, index: int) -> bytes:
+        with self._lock:
+            data = self._recent.pop(index, None)
+            if data is not None:
+                self._recent[index] = data       # most recent last
+                return data
+        start = index * self._chunk
+        data = self.inner.read_at(start, min(self._chunk, self.size - start))
+        expected = self._sums[32 * index:32 * index + 32]
+        if hashlib.sha256(data).digest() != expected:
+            from .errors import DigestMismatchError
+            raise DigestMismatchError(f"bytes {start}-{start + len(data) - 1} do not match "
+                                      f"the checksum recorded when the blob was verified",
+                                      layer=self.label)
+        with self._lock:
+            self._recent[index] = data
+            while len(self._recent) > self.KEEP:
+                self._recent.pop(next(iter(self._recent)))
+        return data
+
+    def close(self) -> None:
+        close = getattr(self.inner, "close", None)
+        if close is not None:
+            close()
 
 
 def read_exact(blob: Blob, offset: int, length: int) -> bytes:

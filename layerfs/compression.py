@@ -51,6 +51,7 @@ DEFAULT_MAX_SIZE = 64 << 30
 MAX_SIZE_ENV = "LAYERFS_MAX_LAYER_SIZE"
 
 CHUNK = 1 << 20            # bytes read or produced per step
+SUM_CHUNK = 1 << 20        # blob bytes per recorded checksum (chunk_sums=True)
 PROGRESS_STEP = 4 << 20    # call progress() about this often (blob bytes)
 
 Progress = Callable[[int, int], None]
@@ -103,9 +104,13 @@ class _RawInput:
     """The blob as stored, read in order through its blob source's
     ``read_at`` (no shared file position), hashed as it passes."""
 
-    def __init__(self, blob: Blob, progress: Optional[Progress]):
+    def __init__(self, blob: Blob, progress: Optional[Progress],
+                 chunk_sums: bool = False):
         self._blob = blob
         self.size = blob.size
+        self.sums = [] if chunk_sums else None    # sha256 of each SUM_CHUNK bytes
+        self._chunk_hasher = hashlib.sha256()
+        self._chunk_left = SUM_CHUNK
         self.done = 0
         self.hasher = hashlib.sha256()
         self._progress = progress
@@ -121,9 +126,23 @@ class _RawInput:
             return b""   # the file shrank under us; the caller reports truncation
         self.done += len(data)
         self.hasher.update(data)
+        if self.sums is not None:
+            self._sum(data)
         if self._progress is not None and self.done >= self._next_report:
             self._report()
         return data
+
+    def _sum(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            piece = view[:self._chunk_left]
+            self._chunk_hasher.update(piece)
+            self._chunk_left -= len(piece)
+            view = view[len(piece):]
+            if self._chunk_left == 0 or self.done == self.size and not view:
+                self.sums.append(self._chunk_hasher.digest())
+                self._chunk_hasher = hashlib.sha256()
+                self._chunk_left = SUM_CHUNK
 
     def _report(self) -> None:
         self._next_report = self.done + PROGRESS_STEP
@@ -296,11 +315,11 @@ class BlobStream:
     def __init__(self, source: Union[int, Blob], *, size: Optional[int] = None,
                  offset: int = 0, label: Optional[str] = None,
                  max_size: Optional[int] = None, sink: Optional[Sink] = None,
-                 progress: Optional[Progress] = None):
+                 progress: Optional[Progress] = None, chunk_sums: bool = False):
         if isinstance(source, int):
             source = _FdBlob(source, offset, size, label or f"fd {source}")
         self.label = label = label or source.label
-        self._raw = _RawInput(source, progress)
+        self._raw = _RawInput(source, progress, chunk_sums)
         head = source.read_at(0, 4)
         self.compression = detect_compression(head)
         if self.compression == GZIP:
@@ -412,6 +431,13 @@ class BlobStream:
     def digest(self) -> str:
         """sha256 (hex) of the blob as stored."""
         return self._raw.hasher.hexdigest()
+
+    @property
+    def chunk_sums(self) -> Optional[bytes]:
+        """With ``chunk_sums=True``, after :meth:`drain`: the sha256 of
+        every :data:`SUM_CHUNK` bytes of the blob, concatenated (the last
+        chunk may be shorter), so that a ranged re-read can be verified."""
+        return None if self._raw.sums is None else b"".join(self._raw.sums)
 
     @property
     def data_end(self) -> int:

@@ -41,12 +41,12 @@ from typing import Callable, Optional, Union
 
 import attrs
 
-from .blobsource import Blob, FileRange, is_blob, read_exact
+from .blobsource import Blob, FileRange, VerifiedBlob, is_blob
 from .cache import (CACHE_ENV, INDEX_FORMAT, INDEX_VERSION, IndexCache,  # noqa: F401
                     cache_root, default_cache_root, file_identity)
 from .cache import _remove
 from .cache import temp_file as _temp_file
-from .compression import NONE, BlobStream, detect_compression
+from .compression import NONE, SUM_CHUNK, BlobStream, detect_compression
 from .errors import (DigestMismatchError, ImageError, InvalidLayerError,
                      UnsupportedImageError, path_error)
 from .seekpoints import (GzipCheckpointReader, SpanReader, SpanWriter,
@@ -309,6 +309,9 @@ class _Opener:
             return None
         if identity is None:
             self.verify(header["digest"], header["diff_id"])
+            if "chunk_sums" not in header:
+                return None      # indexed from a local file: no way to check ranges
+            self.blob = _verified(self.blob, header)
         self.take_pin(cache, hex_)
         if header["compression"] == NONE:
             return self.layer(header, None, self.blob, [], cache)
@@ -363,8 +366,11 @@ class _Opener:
         sink = (_DataSink(cache, self.label, self.whole, compression, self.blob)
                 if compression != NONE else None)
         try:
+            # A blob that is not a local file may be re-read by ranges
+            # later: record a checksum per chunk to verify those reads.
             stream = BlobStream(self.blob, label=self.label, max_size=max_size,
-                                sink=sink.write if sink else None, progress=progress)
+                                sink=sink.write if sink else None, progress=progress,
+                                chunk_sums=identity is None)
             entries = list(iter_entries(stream, self.label))
             stream.drain()
             self.verify(stream.digest, stream.diff_id)
@@ -373,6 +379,12 @@ class _Opener:
                       "compression": stream.compression, "size": self.blob.size,
                       "uncompressed_size": stream.uncompressed_size,
                       "entry_count": len(entries)}
+            if stream.chunk_sums is not None:
+                header["chunk_sums"] = stream.chunk_sums
+                header["sum_chunk"] = SUM_CHUNK
+                self.blob = _verified(self.blob, header)
+                if sink is not None:
+                    sink.blob = self.blob
             if cache is not None:
                 self.take_pin(cache, stream.digest)
             data = (sink.finish(stream.digest, stream.uncompressed_size, stream.data_end)
@@ -425,6 +437,10 @@ class _OwnedSpans(SpanReader):
             os.close(fd)
 
 
+def _verified(blob, header: dict) -> VerifiedBlob:
+    return VerifiedBlob(blob, header["chunk_sums"], header["sum_chunk"])
+
+
 def _checkpoints(fd: int, size: int, label: str, blob) -> GzipCheckpointReader:
     return GzipCheckpointReader(fd, blob, size, label)
 
@@ -446,7 +462,7 @@ class _DataSink:
         self._reserved = 0
         self._spans: Optional[SpanWriter] = None
         self._checkpoints = False
-        self._blob = blob
+        self.blob = blob
         self._gzip = compression == "gzip" and has_gzip_checkpoints()
         if cache is None:
             self._file, self._temp = tempfile.TemporaryFile(prefix="layerfs-"), None
@@ -550,25 +566,25 @@ class _DataSink:
         compresses 1:128 or better (a bomb), spans are smaller: made by a
         second decompression pass."""
         estimate = estimate_gzip_index(size, gzip_spacing())
-        if estimate > self._blob.size:
+        if estimate > self.blob.size:
             return self._second_pass_spans(hex_, size)
         self._before_span(estimate)
         final = self._cache.checkpoints_path(hex_)
         self._file, self._temp = _temp_file(final)
-        write_gzip_checkpoints(self._blob, data_end, size, self._file)
+        write_gzip_checkpoints(self.blob, data_end, size, self._file)
         os.replace(self._temp, final)
         self._temp = None
         self._file.close()
         fd = os.open(final, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            return GzipCheckpointReader(fd, self._blob, size, self._label)
+            return GzipCheckpointReader(fd, self.blob, size, self._label)
         finally:
             os.close(fd)
 
     def _second_pass_spans(self, hex_: str, size: int):
         self._file, self._temp = _temp_file(self._cache.spans_path("x"))
         self._spans = SpanWriter(self._file, before_write=self._before_span)
-        stream = BlobStream(self._blob, label=self._label, sink=self._spans.write)
+        stream = BlobStream(self.blob, label=self._label, sink=self._spans.write)
         stream.drain()
         return self.finish(hex_, size, 0)
 

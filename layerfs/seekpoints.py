@@ -276,6 +276,7 @@ class GzipCheckpointReader:
         import rapidgzip
         self.label = label
         self.size = size
+        self.blob = blob
         file_size = os.fstat(fd).st_size
         tail = os.pread(fd, 16, max(0, file_size - 16))
         try:

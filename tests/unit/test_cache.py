@@ -16,10 +16,10 @@ import pytest
 import zstandard
 
 from layerfs import cachecli, cli
-from layerfs.blobsource import BytesBlob, CountingBlob, FileRange
+from layerfs.blobsource import BytesBlob, CountingBlob, FileRange, VerifiedBlob
 from layerfs.cache import IndexCache, parse_duration, parse_size
 from layerfs.entry import REGULAR
-from layerfs.errors import InvalidLayerError
+from layerfs.errors import DigestMismatchError, InvalidLayerError
 from layerfs.layer import open_layer
 from layerfs.seekpoints import SpanReader, SpanWriter
 
@@ -249,6 +249,31 @@ def test_a_blob_source_that_is_not_a_file(tmp_path):
         assert layer.label == "in-memory"
         assert read_all(layer) == files
     assert blob.size <= counting.bytes_read <= blob.size + 8   # once, and the magic twice
+
+
+class ChangingBlob(BytesBlob):
+    """A blob source whose bytes can change after indexing (a registry
+    whose storage rots, a man in the middle)."""
+
+    def flip(self, offset):
+        data = bytearray(self._data)
+        data[offset] ^= 0xFF
+        self._data = bytes(data)
+
+
+def test_ranged_rereads_of_a_non_local_blob_are_verified(tmp_path, monkeypatch):
+    monkeypatch.setenv("LAYERFS_SPAN_SIZE", str(1 << 20))
+    monkeypatch.setattr(VerifiedBlob, "KEEP", 1)     # nothing stays in memory long
+    rng = random.Random(3)
+    files = {f"f{i}": rng.randbytes(200_000) for i in range(40)}
+    blob = ChangingBlob(compress("gzip", make_tar(files)), label="remote-ish")
+    cache = IndexCache(tmp_path / "c", size=2 << 20)
+    with open_layer(blob, cache=cache) as layer:
+        assert layer.storage == "checkpoints"
+        # (what was read and verified before may stay in memory: flip first)
+        blob.flip(blob.size // 2)
+        with pytest.raises(DigestMismatchError, match="checksum"):
+            read_all(layer)
 
 
 # -- eviction and pins ------------------------------------------------------------
