@@ -132,6 +132,21 @@ class BytesBlob:
         return self._data[offset:offset + length]
 
 
+class RangeBlob:
+    """*size* bytes from *offset* of another blob source."""
+
+    def __init__(self, inner: Blob, offset: int, size: int, label: str,
+                 digest: Optional[str] = None):
+        self.inner, self.offset, self.size = inner, offset, size
+        self.label, self.digest = label, digest
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        length = min(length, self.size - offset)
+        if length <= 0 or offset < 0:
+            return b""
+        return self.inner.read_at(self.offset + offset, length)
+
+
 class CountingBlob:
     """Wraps a blob source and counts the bytes and calls it serves (tests
     and benchmarks use it to show what a lazy read fetched)."""

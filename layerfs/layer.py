@@ -41,7 +41,7 @@ from typing import Callable, Optional, Union
 
 import attrs
 
-from .blobsource import Blob, FileRange, VerifiedBlob, is_blob
+from .blobsource import Blob, FileRange, RangeBlob, VerifiedBlob, is_blob
 from .cache import (CACHE_ENV, INDEX_FORMAT, INDEX_VERSION, IndexCache,  # noqa: F401
                     cache_root, default_cache_root, file_identity)
 from .cache import _remove
@@ -49,7 +49,7 @@ from .cache import temp_file as _temp_file
 from .compression import NONE, SUM_CHUNK, BlobStream, detect_compression
 from .errors import (DigestMismatchError, ImageError, InvalidLayerError,
                      UnsupportedImageError, path_error)
-from .seekpoints import (GzipCheckpointReader, SpanReader, SpanWriter,
+from .seekpoints import (GzipCheckpointReader, SpanReader, SpanWriter, StreamReader,
                          estimate_gzip_index, gzip_spacing, has_gzip_checkpoints,
                          write_gzip_checkpoints)
 from .tarindex import iter_entries
@@ -173,6 +173,17 @@ class Layer:
                                     path=self.path, layer=self.label)
         return data
 
+    def read_data(self, offset: int, length: int) -> bytes:
+        """Up to *length* bytes at *offset* of the layer's uncompressed tar."""
+        if self._closed:
+            raise path_error(errno.EBADF, self.label)
+        return self._data.read_at(offset, length)
+
+    def data_blob(self, offset: int, size: int, label: str) -> RangeBlob:
+        """*size* bytes at *offset* of the uncompressed tar as a blob source
+        (a member of a compressed archive, read as a layer of its own)."""
+        return RangeBlob(self._data, offset, size, label)
+
     @property
     def storage(self) -> str:
         """How the uncompressed tar is read: ``"blob"`` (a plain tar, in
@@ -181,6 +192,8 @@ class Layer:
             return "blob"
         if isinstance(self._data, GzipCheckpointReader):
             return "checkpoints"
+        if isinstance(self._data, StreamReader):
+            return "stream"
         return "spans" if isinstance(self._data, SpanReader) else "copy"
 
     def data_location(self) -> tuple[str, int]:
@@ -319,7 +332,7 @@ class _Opener:
         if data is None:
             return None
         return self.layer(header, None, data, [data.close], cache,
-                          release_blob=not isinstance(data, GzipCheckpointReader))
+                          release_blob=not isinstance(data, _READS_THE_BLOB))
 
     def open_cached(self, cache: IndexCache, header: dict):
         """The copy or the spans of a blob, if the cache has a usable one."""
@@ -351,7 +364,11 @@ class _Opener:
                     os.close(fd)
             cache.touch(path)
             return reader
-        return None
+        # Nothing cached: index again if a lazy form would fit now, else read
+        # from the blob itself (the entries are in the cache already).
+        if cache.reserve(self.blob.size):
+            return None
+        return StreamReader(self.blob, size, self.label)
 
     def take_pin(self, cache: IndexCache, hex_: str) -> None:
         if self.pin is None:
@@ -400,7 +417,7 @@ class _Opener:
         if data is None:
             return self.layer(header, entries, self.blob, [], cache)
         return self.layer(header, entries, data, [data.close], cache,
-                          release_blob=not isinstance(data, GzipCheckpointReader))
+                          release_blob=not isinstance(data, _READS_THE_BLOB))
 
     def verify(self, digest_hex: str, diff_id_hex: str) -> None:
         for what, expected, actual in (("digest", self.digest, digest_hex),
@@ -437,6 +454,9 @@ class _OwnedSpans(SpanReader):
             os.close(fd)
 
 
+_READS_THE_BLOB = (GzipCheckpointReader, StreamReader)
+
+
 def _verified(blob, header: dict) -> VerifiedBlob:
     return VerifiedBlob(blob, header["chunk_sums"], header["sum_chunk"])
 
@@ -462,6 +482,7 @@ class _DataSink:
         self._reserved = 0
         self._spans: Optional[SpanWriter] = None
         self._checkpoints = False
+        self._stream = False
         self.blob = blob
         self._gzip = compression == "gzip" and has_gzip_checkpoints()
         if cache is None:
@@ -471,23 +492,38 @@ class _DataSink:
         self._written = 0
 
     def write(self, chunk: bytes) -> None:
-        if self._spans is not None:
-            self._spans.write(chunk)
+        if self._stream or self._checkpoints and self._spans is None:
             return
-        if self._checkpoints:
-            return
-        if not self._whole and not self._room(len(chunk)):
-            if self._gzip:
-                self._file.close()
-                _remove(self._temp)
-                self._file = self._temp = None
-                self._checkpoints = True
+        try:
+            if self._spans is not None:
+                self._spans.write(chunk)
                 return
-            self._switch_to_spans()
-            self._spans.write(chunk)
+            if not self._whole and not self._room(len(chunk)):
+                if self._gzip:
+                    self._drop_file()
+                    self._checkpoints = True
+                    return
+                self._switch_to_spans()
+                self._spans.write(chunk)
+                return
+        except _NoRoom:
+            self._to_stream()
             return
         self._file.write(chunk)
         self._written += len(chunk)
+
+    def _drop_file(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self._temp is not None:
+            _remove(self._temp)
+        self._file = self._temp = None
+
+    def _to_stream(self) -> None:
+        """Not even spans fit: keep nothing, read from the blob itself."""
+        self._drop_file()
+        self._spans = None
+        self._stream = True
 
     def _room(self, n: int) -> bool:
         """Whether *n* more bytes fit (asks the cache for room in steps)."""
@@ -506,9 +542,7 @@ class _DataSink:
 
     def _before_span(self, n: int) -> None:
         if not self._cache.reserve(n):
-            raise InvalidLayerError(
-                "the cache budget is too small even for this layer's spans "
-                f"(budget {self._cache.budget} bytes; see --cache-size)", layer=self._label)
+            raise _NoRoom()
 
     def _switch_to_spans(self) -> None:
         old, old_temp = self._file, self._temp
@@ -529,10 +563,19 @@ class _DataSink:
 
     def finish(self, hex_: str, size: int, data_end: int):
         """The data as the layer will read it, its file renamed into place."""
-        if self._checkpoints and self._spans is None:
-            return self._finish_checkpoints(hex_, size, data_end)
+        if self._checkpoints and self._spans is None and not self._stream:
+            try:
+                return self._finish_checkpoints(hex_, size, data_end)
+            except _NoRoom:
+                self._to_stream()
+        if self._spans is not None and not self._stream:
+            try:
+                self._spans.finish()
+            except _NoRoom:
+                self._to_stream()
+        if self._stream:
+            return StreamReader(self.blob, size, self._label)
         if self._spans is not None:
-            self._spans.finish()
             self._file.flush()
             final = self._cache.spans_path(hex_)
         else:
@@ -585,7 +628,7 @@ class _DataSink:
         self._file, self._temp = _temp_file(self._cache.spans_path("x"))
         self._spans = SpanWriter(self._file, before_write=self._before_span)
         stream = BlobStream(self.blob, label=self._label, sink=self._spans.write)
-        stream.drain()
+        stream.drain()       # _NoRoom goes to finish()
         return self.finish(hex_, size, 0)
 
     def abort(self) -> None:
@@ -595,6 +638,10 @@ class _DataSink:
         if self._temp is not None:
             _remove(self._temp)
             self._temp = None
+
+
+class _NoRoom(Exception):
+    """The cache budget has no room for what was about to be written."""
 
 
 def _punch_hole(fd: int, offset: int, length: int) -> None:

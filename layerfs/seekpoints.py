@@ -19,9 +19,9 @@ The trailer is ``{"format", "version", "span", "size", "offsets"}``:
 ``offsets[i]`` is where frame *i* starts; ``size`` the uncompressed size.  A
 file whose trailer does not read back is not trusted (it is rebuilt).
 
-:class:`SpanReader` keeps the last few decompressed spans in memory, so a
-forward scan (file after file, in tar order) decompresses every span once:
-the decoder keeps running forward instead of restarting per file.
+:class:`SpanReader` keeps recently decompressed spans in memory (64 MiB
+for the whole process, :class:`_RecentSpans`), so a scan (file after file,
+in walk order) decompresses most spans once instead of once per file.
 """
 
 from __future__ import annotations
@@ -42,7 +42,42 @@ VERSION = 1
 MAGIC = b"LFSPANS1"
 DEFAULT_SPAN = 1 << 20
 SPAN_ENV = "LAYERFS_SPAN_SIZE"
-KEEP_SPANS = 4            # decompressed spans a reader keeps in memory
+MEMORY = 64 << 20         # decompressed spans kept in memory, all readers together
+
+
+class _RecentSpans:
+    """The most recently decompressed spans of every :class:`SpanReader`
+    in the process, least recently used dropped beyond :data:`MEMORY`
+    bytes: a scan whose order differs from the tar's (a walk sorted by
+    name) still finds most spans decompressed, and many open layers share
+    one bound."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._spans: collections.OrderedDict = collections.OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key) -> Optional[bytes]:
+        with self._lock:
+            data = self._spans.get(key)
+            if data is not None:
+                self._spans.move_to_end(key)
+            return data
+
+    def put(self, key, data: bytes) -> None:
+        with self._lock:
+            if key in self._spans:
+                return
+            self._spans[key] = data
+            self._bytes += len(data)
+            while self._bytes > self.limit and self._spans:
+                _, old = self._spans.popitem(last=False)
+                self._bytes -= len(old)
+
+
+_recent = _RecentSpans(MEMORY)
+_next_reader = iter(range(1 << 62))
 
 
 def span_size(span: Optional[int] = None) -> int:
@@ -134,7 +169,7 @@ class SpanReader:
             raise InvalidLayerError(f"unusable spans file ({error})", layer=label) from None
         self.size = size
         self._decompressor = zstandard.ZstdDecompressor()
-        self._recent: collections.OrderedDict[int, bytes] = collections.OrderedDict()
+        self._key = next(_next_reader)
         self._lock = threading.Lock()
         self.decompressed = 0     # spans decompressed so far (tests, benchmarks)
 
@@ -157,11 +192,9 @@ class SpanReader:
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _span(self, index: int) -> bytes:
-        with self._lock:
-            data = self._recent.get(index)
-            if data is not None:
-                self._recent.move_to_end(index)
-                return data
+        data = _recent.get((self._key, index))
+        if data is not None:
+            return data
         start, end = self._offsets[index], self._offsets[index + 1]
         frame = os.pread(self._fd, end - start, start)
         try:
@@ -175,9 +208,7 @@ class SpanReader:
                                     f"{expected}", layer=self.label)
         with self._lock:
             self.decompressed += 1
-            self._recent[index] = data
-            while len(self._recent) > KEEP_SPANS:
-                self._recent.popitem(last=False)
+        _recent.put((self._key, index), data)
         return data
 
 
@@ -309,3 +340,34 @@ class GzipCheckpointReader:
     def close(self) -> None:
         with self._lock:
             self._reader.close()
+
+
+class StreamReader:
+    """The decompressed stream read from the blob itself, with no cache
+    space at all (when not even spans fit the budget): a read at or after
+    the previous one continues the same decoder; a read behind it starts
+    again from the blob's first byte.  Good for a forward scan, slow for
+    random reads; what a budget too small for a layer costs."""
+
+    def __init__(self, blob, size: int, label: str):
+        self.blob = blob
+        self.size = size
+        self.label = label
+        self._stream = None
+        self._lock = threading.Lock()
+        self.restarts = 0
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        from .compression import BlobStream
+        length = min(length, self.size - offset)
+        if length <= 0 or offset < 0:
+            return b""
+        with self._lock:
+            if self._stream is None or offset < self._stream.tell():
+                self._stream = BlobStream(self.blob, label=self.label)
+                self.restarts += 1
+            self._stream.skip(offset - self._stream.tell())
+            return self._stream.read(length)
+
+    def close(self) -> None:
+        self._stream = None
