@@ -156,8 +156,17 @@ class Pin:
 
     def __init__(self, path: str):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        fcntl.flock(self._fd, fcntl.LOCK_SH)
+        while True:
+            self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fcntl.flock(self._fd, fcntl.LOCK_SH)
+            # A prune may have removed the file between the open and the
+            # lock: a lock on a file no longer at *path* pins nothing.
+            try:
+                if os.stat(path).st_ino == os.fstat(self._fd).st_ino:
+                    return
+            except FileNotFoundError:
+                pass
+            os.close(self._fd)
 
     def release(self) -> None:
         fd, self._fd = self._fd, -1
@@ -173,6 +182,7 @@ class IndexCache:
     def __init__(self, root: Union[str, os.PathLike, None] = None,
                  size: Union[int, str, None] = None):
         self.root = os.fspath(root) if root is not None else default_cache_root()
+        self._size: Optional[int] = None
         if size is None and os.environ.get(SIZE_ENV, "").strip():
             size = os.environ[SIZE_ENV]
         if size is not None:
@@ -204,14 +214,28 @@ class IndexCache:
 
     # -- budget -----------------------------------------------------------
     def set_budget(self, size: int) -> None:
-        os.makedirs(self.root, exist_ok=True)
-        write_atomic(os.path.join(self.root, "cache.json"),
-                     json.dumps({"size": size}).encode())
+        """Records *size* as the directory's budget (this object uses it
+        even where the directory cannot be written)."""
+        self._size = size
+        if self._recorded() == size:
+            return
+        try:
+            os.makedirs(self.root, exist_ok=True)
+            write_atomic(os.path.join(self.root, "cache.json"),
+                         json.dumps({"size": size}).encode())
+        except OSError:
+            pass
 
     @property
     def budget(self) -> int:
         """Bytes the cache may hold: recorded in ``cache.json``, else the
         default (a tenth of the filesystem, at least 1 GiB)."""
+        if self._size is not None:
+            return self._size
+        recorded = self._recorded()
+        return recorded if recorded is not None else default_budget(self.root)
+
+    def _recorded(self) -> Optional[int]:
         try:
             with open(os.path.join(self.root, "cache.json"), "rb") as file:
                 size = json.load(file)["size"]
@@ -219,7 +243,7 @@ class IndexCache:
                 return size
         except (OSError, ValueError, KeyError, TypeError):
             pass
-        return default_budget(self.root)
+        return None
 
     def reserve(self, nbytes: int, keep: str = "") -> bool:
         """Room for *nbytes* more of decompressed data: True once what is
@@ -330,6 +354,24 @@ class IndexCache:
         finally:
             os.close(fd)
         return True
+
+    def remove_stale_pins(self) -> int:
+        """Removes pin files nobody holds (one is left per blob ever
+        opened); returns how many."""
+        removed = 0
+        with self._locked():
+            for item in _scandir(os.path.join(self.root, "pins")):
+                fd = os.open(item.path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue
+                else:
+                    _remove(item.path)    # a pinner that opens it now holds the old inode
+                    removed += 1
+                finally:
+                    os.close(fd)
+        return removed
 
     def _locked(self):
         return _FileLock(os.path.join(self.root, "lock"))

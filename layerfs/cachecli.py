@@ -103,6 +103,8 @@ def cmd_prune(args) -> int:
             freed += entry.size
         else:
             kept += 1
+    if args.all:
+        cache.remove_stale_pins()
     print(f"freed {format_size(freed)}" + (f"; {kept} pinned entries kept" if kept else ""))
     return 0
 

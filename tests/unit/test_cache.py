@@ -15,6 +15,7 @@ import textwrap
 import pytest
 import zstandard
 
+import layerfs
 from layerfs import cachecli, cli
 from layerfs.blobsource import BytesBlob, CountingBlob, FileRange, VerifiedBlob
 from layerfs.cache import IndexCache, parse_duration, parse_size
@@ -321,6 +322,40 @@ def test_prune_keeps_pinned_entries_unless_forced(tmp_path, capsys):
         assert read_all(layer) == files          # the open descriptor still reads
     with open_layer(path, cache=cache) as again:    # rebuilt
         assert read_all(again) == files
+
+
+def test_prune_while_a_filesystem_reads(tmp_path):
+    """A running reader (a mount does the same through layerfs.open) keeps
+    its data through a prune, forced or not; stale pins go with --all."""
+    files = corpus(4, 20)
+    path = write(tmp_path, "gzip", files)
+    root = tmp_path / "c"
+    other = write(tmp_path, "zstd", corpus(5, 5), "other")
+    with open_layer(other, cache=IndexCache(root)):
+        pass                                   # leaves an unheld pin file
+    with layerfs.open(str(path), cache=str(root)) as fs:
+        names = sorted(files)
+        for number, name in enumerate(names):
+            if number == 3:
+                assert cli.main(["cache", "--cache-dir", str(root), "prune"]) == 0
+            if number == 6:
+                assert cli.main(["cache", "--cache-dir", str(root), "prune", "--all"]) == 0
+                assert len(list((root / "pins").iterdir())) == 1    # only the held one
+            if number == 9:
+                assert cli.main(["cache", "--cache-dir", str(root), "prune", "--all",
+                                 "--force"]) == 0
+            assert fs.read_bytes("/" + name) == files[name]
+
+
+def test_a_budget_given_is_used_even_where_it_cannot_be_recorded(tmp_path, monkeypatch):
+    from layerfs import cache as cache_module
+
+    def read_only(path, payload):
+        raise PermissionError(13, "Permission denied", path)
+    monkeypatch.setattr(cache_module, "write_atomic", read_only)
+    cache = IndexCache(tmp_path / "ro", size="3M")
+    assert cache.budget == 3 << 20
+    assert not (tmp_path / "ro" / "cache.json").exists()
 
 
 def test_prune_keep_and_older_than(tmp_path):
