@@ -150,6 +150,32 @@ def test_gzip_checkpoints_at_every_boundary(tmp_path, padding, monkeypatch):
         assert again.storage == "checkpoints" and read_all(again) == files
 
 
+FORMS = [("none", None, "blob"), ("gzip", 100, "copy"), ("zstd", 100, "copy"),
+         ("gzip", 0.5, "checkpoints"), ("zstd", 0.7, "spans"),
+         ("gzip", 0.02, "stream"), ("zstd", 0.02, "stream")]
+
+
+@pytest.mark.parametrize("kind,share,form", FORMS)
+def test_byte_exact_reads_at_every_span_boundary_in_every_form(tmp_path, kind, share,
+                                                               form, monkeypatch):
+    spacing = 2 * SPAN if form == "checkpoints" else SPAN
+    monkeypatch.setenv("LAYERFS_SPAN_SIZE", str(spacing))
+    rng = random.Random(9)
+    words = [rng.randbytes(3).hex().encode() for _ in range(50)]
+    files = {f"f{i}": (rng.randbytes(40_000) if form == "checkpoints" else
+                       b" ".join(rng.choices(words, k=8000))[:40_000]) for i in range(40)}
+    tar = make_tar(files)
+    path = write(tmp_path, kind, files)
+    size = None if share is None else int(len(tar) * share)
+    with open_layer(path, cache=IndexCache(tmp_path / "c", size=size)) as layer:
+        assert layer.storage == form
+        for boundary in range(0, len(tar) + 1, spacing):
+            for offset in {max(0, boundary - 5), boundary, min(len(tar) - 1, boundary + 5)}:
+                length = min(11, len(tar) - offset)
+                assert layer._pread(length, offset) == tar[offset:offset + length], offset
+        assert read_all(layer) == files
+
+
 def test_a_truncated_spans_file_is_not_trusted(tmp_path):
     path = tmp_path / "s"
     with open(path, "w+b") as file:
