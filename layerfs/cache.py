@@ -19,6 +19,7 @@ may be removed lives here.  Under the root (``$LAYERFS_CACHE_DIR``, else
                              zstd layer whose whole copy did not fit the budget
     spans/sha256/<hex>.gzidx checkpoints into a gzip blob (zran-style, made
                              by rapidgzip), for a gzip layer likewise
+    spans/sha256/<hex>.frames the frame table of a multi-frame zstd blob
     memo/<key>               "stat memo": the identity of a source file ->
                              (digest, diff_id)
     pins/<hex>.lock          a pin: held with a shared flock by every process
@@ -79,7 +80,7 @@ VIEW_VERSION = 1
 MEMO_VERSION = 2
 MIN_DEFAULT_BUDGET = 1 << 30
 DEFAULT_SHARE = 10          # percent of the cache's filesystem
-EVICTABLE = ("copy", "spans", "checkpoints")
+EVICTABLE = ("copy", "spans", "checkpoints", "frames")
 TEMP_PREFIX = ".tmp-"
 TEMP_GRACE = 60             # seconds before an unlocked temp file is a leftover
 _COPY_BUFFER = 1 << 20
@@ -205,6 +206,9 @@ class IndexCache:
     def checkpoints_path(self, hex_digest: str) -> str:
         return os.path.join(self.root, "spans", "sha256", hex_digest + ".gzidx")
 
+    def frames_path(self, hex_digest: str) -> str:
+        return os.path.join(self.root, "spans", "sha256", hex_digest + ".frames")
+
     def pin_path(self, hex_digest: str) -> str:
         return os.path.join(self.root, "pins", hex_digest + ".lock")
 
@@ -298,7 +302,8 @@ class IndexCache:
         """Everything in the cache that takes space; dead temp files (whose
         writer is gone) are removed on the way."""
         kinds = (("blobs", {".tar": "copy"}),
-                 ("spans", {".spans": "spans", ".gzidx": "checkpoints"}),
+                 ("spans", {".spans": "spans", ".gzidx": "checkpoints",
+                            ".frames": "frames"}),
                  ("index", {".idx": "index"}), ("views", {".view": "view"}))
         for folder, suffixes in kinds:
             directory = os.path.join(self.root, folder, "sha256")

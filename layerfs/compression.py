@@ -203,8 +203,11 @@ class _GzipDecoder:
 
 class _ZstdFrames:
     """Follows zstd frame and block headers over the compressed bytes, to
-    know whether the input stopped on a frame boundary.  It only skips
-    over block contents; decoding and checksums are zstandard's job."""
+    know whether the input stopped on a frame boundary, and where each
+    data frame starts with the content size its header declares
+    (:attr:`frames`: ``[(offset, size or None)]``, the seek points of a
+    multi-frame blob).  It only skips over block contents; decoding and
+    checksums are zstandard's job."""
 
     _SKIPPABLE_MASK = 0xFFFFFFF0
     _SKIPPABLE_MAGIC = 0x184D2A50
@@ -217,6 +220,10 @@ class _ZstdFrames:
         self._step = self._on_magic  # what to do with that field
         self._skip = 0               # content bytes to pass over first
         self._checksum = False
+        self._fed = 0                # compressed bytes seen before this feed
+        self._field_start = 0        # blob offset of the field being gathered
+        self._fhd = 0
+        self.frames: list = []
 
     def feed(self, data: bytes) -> None:
         pos, end = 0, len(data)
@@ -226,12 +233,15 @@ class _ZstdFrames:
                 self._skip -= taken
                 pos += taken
                 continue
+            if not self._pending:
+                self._field_start = self._fed + pos
             want = self._need - len(self._pending)
             self._pending += data[pos:pos + want]
             pos += want
             if len(self._pending) == self._need:
                 field, self._pending = self._pending, b""
                 self._step(field)
+        self._fed += end
 
     def finish(self) -> None:
         at_boundary = (self._step == self._on_magic and not self._pending
@@ -245,6 +255,7 @@ class _ZstdFrames:
     def _on_magic(self, field: bytes) -> None:
         magic = int.from_bytes(field, "little")
         if magic == self._MAGIC:
+            self.frames.append((self._field_start, None))
             self._expect(1, self._on_descriptor)
         elif magic & self._SKIPPABLE_MASK == self._SKIPPABLE_MAGIC:
             self._expect(4, self._on_skippable_size)
@@ -262,7 +273,20 @@ class _ZstdFrames:
         rest = (0 if single_segment else 1)               # window descriptor
         rest += (0, 1, 2, 4)[fhd & 0x03]                   # dictionary id
         rest += (1 if single_segment else 0, 2, 4, 8)[fhd >> 6]  # content size
-        self._skip = rest
+        self._fhd = fhd
+        if rest:
+            self._expect(rest, self._on_header_rest)
+        else:
+            self._expect(3, self._on_block)
+
+    def _on_header_rest(self, field: bytes) -> None:
+        fhd = self._fhd
+        fcs_size = (1 if fhd & 0x20 else 0, 2, 4, 8)[fhd >> 6]
+        if fcs_size:
+            size = int.from_bytes(field[len(field) - fcs_size:], "little")
+            if fcs_size == 2:
+                size += 256
+            self.frames[-1] = (self.frames[-1][0], size)
         self._expect(3, self._on_block)
 
     def _on_block(self, field: bytes) -> None:
@@ -431,6 +455,13 @@ class BlobStream:
     def digest(self) -> str:
         """sha256 (hex) of the blob as stored."""
         return self._raw.hasher.hexdigest()
+
+    @property
+    def zstd_frames(self) -> Optional[list]:
+        """For a zstd blob: ``[(offset in the blob, content size or None)]``
+        of its data frames, as their headers declare them."""
+        frames = getattr(self._next_chunk, "_frames", None)
+        return None if frames is None else frames.frames
 
     @property
     def chunk_sums(self) -> Optional[bytes]:

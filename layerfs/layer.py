@@ -50,6 +50,7 @@ from .compression import NONE, SUM_CHUNK, BlobStream, detect_compression
 from .errors import (DigestMismatchError, ImageError, InvalidLayerError,
                      UnsupportedImageError, path_error)
 from .seekpoints import (GzipCheckpointReader, SpanReader, SpanWriter, StreamReader,
+                         ZstdFrameReader, frame_table, write_frame_table,
                          estimate_gzip_index, gzip_spacing, has_gzip_checkpoints,
                          write_gzip_checkpoints)
 from .tarindex import iter_entries
@@ -194,6 +195,8 @@ class Layer:
             return "checkpoints"
         if isinstance(self._data, StreamReader):
             return "stream"
+        if isinstance(self._data, ZstdFrameReader):
+            return "frames"
         return "spans" if isinstance(self._data, SpanReader) else "copy"
 
     def data_location(self) -> tuple[str, int]:
@@ -349,7 +352,8 @@ class _Opener:
         if self.whole:
             return None
         for path, kind in ((cache.spans_path(hex_), _OwnedSpans),
-                           (cache.checkpoints_path(hex_), _checkpoints)):
+                           (cache.checkpoints_path(hex_), _checkpoints),
+                           (cache.frames_path(hex_), _frames)):
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
@@ -360,7 +364,7 @@ class _Opener:
                 _remove(path)
                 continue
             finally:
-                if kind is _checkpoints:
+                if kind is not _OwnedSpans:
                     os.close(fd)
             cache.touch(path)
             return reader
@@ -388,6 +392,8 @@ class _Opener:
             stream = BlobStream(self.blob, label=self.label, max_size=max_size,
                                 sink=sink.write if sink else None, progress=progress,
                                 chunk_sums=identity is None)
+            if sink is not None:
+                sink.stream = stream
             entries = list(iter_entries(stream, self.label))
             stream.drain()
             self.verify(stream.digest, stream.diff_id)
@@ -454,11 +460,15 @@ class _OwnedSpans(SpanReader):
             os.close(fd)
 
 
-_READS_THE_BLOB = (GzipCheckpointReader, StreamReader)
+_READS_THE_BLOB = (GzipCheckpointReader, StreamReader, ZstdFrameReader)
 
 
 def _verified(blob, header: dict) -> VerifiedBlob:
     return VerifiedBlob(blob, header["chunk_sums"], header["sum_chunk"])
+
+
+def _frames(fd: int, size: int, label: str, blob) -> ZstdFrameReader:
+    return ZstdFrameReader(fd, blob, size, label)
 
 
 def _checkpoints(fd: int, size: int, label: str, blob) -> GzipCheckpointReader:
@@ -483,6 +493,7 @@ class _DataSink:
         self._spans: Optional[SpanWriter] = None
         self._checkpoints = False
         self._stream = False
+        self.stream = None        # the BlobStream being indexed
         self.blob = blob
         self._gzip = compression == "gzip" and has_gzip_checkpoints()
         if cache is None:
@@ -499,8 +510,8 @@ class _DataSink:
                 self._spans.write(chunk)
                 return
             if not self._whole and not self._room(len(chunk)):
-                if self._gzip:
-                    self._drop_file()
+                if self._gzip or self._has_frames():
+                    self._drop_file()     # seek points into the blob, after the pass
                     self._checkpoints = True
                     return
                 self._switch_to_spans()
@@ -511,6 +522,12 @@ class _DataSink:
             return
         self._file.write(chunk)
         self._written += len(chunk)
+
+    def _has_frames(self) -> bool:
+        """A zstd blob already seen to have several frames (each declaring
+        its size so far): its frame boundaries may serve as seek points."""
+        frames = self.stream.zstd_frames if self.stream is not None else None
+        return bool(frames) and len(frames) >= 2 and all(f[1] is not None for f in frames)
 
     def _drop_file(self) -> None:
         if self._file is not None:
@@ -608,6 +625,8 @@ class _DataSink:
         the data; spans cost about the compressed size.  For a layer that
         compresses 1:128 or better (a bomb), spans are smaller: made by a
         second decompression pass."""
+        if not self._gzip:
+            return self._finish_frames(hex_, size)
         estimate = estimate_gzip_index(size, gzip_spacing())
         if estimate > self.blob.size:
             return self._second_pass_spans(hex_, size)
@@ -621,6 +640,25 @@ class _DataSink:
         fd = os.open(final, os.O_RDONLY | os.O_CLOEXEC)
         try:
             return GzipCheckpointReader(fd, self.blob, size, self._label)
+        finally:
+            os.close(fd)
+
+    def _finish_frames(self, hex_: str, size: int):
+        """A multi-frame zstd blob: its frame table, if every frame declared
+        its size; else spans, from a second pass."""
+        table = frame_table(self.stream.zstd_frames, size)
+        if table is None:
+            return self._second_pass_spans(hex_, size)
+        self._before_span(len(table) * 24 + 4096)
+        final = self._cache.frames_path(hex_)
+        self._file, self._temp = _temp_file(final)
+        write_frame_table(self._file, table, size, self.stream.data_end)
+        os.replace(self._temp, final)
+        self._temp = None
+        self._file.close()
+        fd = os.open(final, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return ZstdFrameReader(fd, self.blob, size, self._label)
         finally:
             os.close(fd)
 

@@ -26,6 +26,7 @@ in walk order) decompresses most spans once instead of once per file.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import io
 import marshal
@@ -371,3 +372,93 @@ class StreamReader:
 
     def close(self) -> None:
         self._stream = None
+
+
+# -- zstd: the frame boundaries of a multi-frame blob --------------------------
+
+FRAMES_FORMAT = "layerfs-zstd-frames"
+FRAMES_VERSION = 1
+MAX_FRAME = 64 << 20      # a frame larger than this is no useful seek point
+
+
+def frame_table(frames: Optional[list], size: int) -> Optional[list]:
+    """``[(blob offset, stream offset)]`` of a zstd blob's data frames, if
+    they make seek points: two frames or more, each declaring its content
+    size (at most :data:`MAX_FRAME`), the sizes adding up to *size*."""
+    if not frames or len(frames) < 2:
+        return None
+    table, position = [], 0
+    for offset, content in frames:
+        if content is None or content > MAX_FRAME:
+            return None
+        table.append((offset, position))
+        position += content
+    return table if position == size else None
+
+
+def write_frame_table(file, table: list, size: int, blob_end: int) -> None:
+    payload = marshal.dumps({"format": FRAMES_FORMAT, "version": FRAMES_VERSION,
+                             "size": size, "end": blob_end, "frames": table})
+    file.write(payload)
+    file.flush()
+
+
+class ZstdFrameReader:
+    """Random access to a multi-frame zstd blob through its frame table
+    (file descriptor *fd*): a read fetches and decompresses the frame (or
+    frames) that hold it; decompressed frames share the process's
+    recent-spans memory."""
+
+    def __init__(self, fd: int, blob, size: int, label: str):
+        self.blob = blob
+        self.size = size
+        self.label = label
+        try:
+            table = marshal.loads(os.pread(fd, os.fstat(fd).st_size, 0))
+            if (table["format"] != FRAMES_FORMAT or table["version"] != FRAMES_VERSION
+                    or table["size"] != size or len(table["frames"]) < 2):
+                raise ValueError("another format or size")
+            frames = [tuple(f) for f in table["frames"]]
+            self._starts = [f[1] for f in frames] + [size]
+            self._offsets = [f[0] for f in frames] + [int(table["end"])]
+        except (ValueError, TypeError, KeyError, EOFError) as error:
+            raise InvalidLayerError(f"unusable zstd frame table ({error})",
+                                    layer=label) from None
+        self._key = next(_next_reader)
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        length = min(length, self.size - offset)
+        if length <= 0 or offset < 0:
+            return b""
+        parts = []
+        while length > 0:
+            index = bisect.bisect_right(self._starts, offset) - 1
+            data = self._frame(index)
+            piece = data[offset - self._starts[index]:offset - self._starts[index] + length]
+            if not piece:
+                raise InvalidLayerError("zstd frame shorter than its header said",
+                                        layer=self.label)
+            parts.append(piece)
+            offset += len(piece)
+            length -= len(piece)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _frame(self, index: int) -> bytes:
+        data = _recent.get((self._key, index))
+        if data is not None:
+            return data
+        start, end = self._offsets[index], self._offsets[index + 1]
+        compressed = self.blob.read_at(start, end - start)
+        try:
+            data = zstandard.ZstdDecompressor().decompressobj().decompress(compressed)
+        except zstandard.ZstdError as error:
+            raise InvalidLayerError(f"corrupt zstd frame {index} ({error})",
+                                    layer=self.label) from None
+        if len(data) != self._starts[index + 1] - self._starts[index]:
+            raise InvalidLayerError(f"zstd frame {index} has {len(data)} bytes, its "
+                                    "header said otherwise", layer=self.label)
+        _recent.put((self._key, index), data)
+        return data
+
+    def close(self) -> None:
+        pass

@@ -48,6 +48,10 @@ def compress(kind, data):
         return gzip.compress(data, compresslevel=1)
     if kind == "zstd":
         return zstandard.ZstdCompressor(level=3).compress(data)
+    if kind == "zstd-frames":      # one frame per 100 000 bytes, as some writers do
+        compressor = zstandard.ZstdCompressor(level=3)
+        return b"".join(compressor.compress(data[i:i + 100_000])
+                        for i in range(0, len(data), 100_000))
     return data
 
 
@@ -152,7 +156,8 @@ def test_gzip_checkpoints_at_every_boundary(tmp_path, padding, monkeypatch):
 
 FORMS = [("none", None, "blob"), ("gzip", 100, "copy"), ("zstd", 100, "copy"),
          ("gzip", 0.5, "checkpoints"), ("zstd", 0.7, "spans"),
-         ("gzip", 0.02, "stream"), ("zstd", 0.02, "stream")]
+         ("gzip", 0.02, "stream"), ("zstd", 0.02, "stream"),
+         ("zstd-frames", 0.1, "frames")]
 
 
 @pytest.mark.parametrize("kind,share,form", FORMS)
@@ -212,6 +217,33 @@ def test_layer_beyond_the_budget_is_read_through_spans(tmp_path, kind):
     with open_layer(path, cache=big) as whole:
         assert whole.storage == "copy"
         assert read_all(whole) == files
+
+
+class CountingFile(FileRange):
+    bytes_read = 0
+
+    def read_at(self, offset, length):
+        data = super().read_at(offset, length)
+        self.bytes_read += len(data)
+        return data
+
+
+def test_a_multi_frame_zstd_layer_is_read_through_its_frames(tmp_path):
+    files = corpus(12, 40)
+    tar = make_tar(files)
+    path = write(tmp_path, "zstd-frames", files)
+    cache = IndexCache(tmp_path / "c", size=len(tar) // 10)
+    counting = CountingFile(path)          # a local file: read with no chunk checks
+    with open_layer(counting, cache=cache) as layer:
+        assert layer.storage == "frames"
+        before = counting.bytes_read
+        entry = [e for e in layer.entries if e.path == "/d0/f0"][0]
+        assert layer.read(entry.data, entry.size, 0, entry.size) == files["d0/f0"]
+        assert counting.bytes_read - before <= 2 * 100_000 + 1000    # a frame or two
+        assert read_all(layer) == files
+    assert [e.kind for e in cache.scan() if e.evictable] == ["frames"]
+    with open_layer(path, cache=cache) as again:
+        assert again.storage == "frames" and read_all(again) == files
 
 
 @pytest.mark.parametrize("kind", ["gzip", "zstd"])
