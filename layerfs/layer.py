@@ -261,31 +261,24 @@ def open_layer(source: Union[str, os.PathLike, BlobSource, Blob], *,
         blob = source.open(label) if owned else source
     except ImageError as error:
         raise error.located(path) from None
-    pin = None
+    opener = _Opener(source, blob, owned, label, digest, diff_id, media_type, None, whole)
     try:
         identity = blob.identity() if hasattr(blob, "identity") else None
         known = (digest or getattr(blob, "digest", None) or "").partition(":")[2]
-        if cache:
-            pin = cache.pin(known) if known else None
-        opener = _Opener(source, blob, owned, label, digest, diff_id, media_type,
-                         pin, whole)
         layer = None
         if cache:
+            if known:
+                opener.take_pin(cache, known)     # before anything of it is read
             layer = opener.from_cache(cache, identity, known)
         if layer is None:
             layer = opener.index(cache or None, identity, progress, max_size)
     except ImageError as error:
-        _close_all(blob if owned else None, opener_pin(locals()))
+        _close_all(blob if owned else None, opener.pin)
         raise error.located(path) from None
     except BaseException:
-        _close_all(blob if owned else None, opener_pin(locals()))
+        _close_all(blob if owned else None, opener.pin)
         raise
     return layer
-
-
-def opener_pin(scope: dict):
-    opener = scope.get("opener")
-    return opener.pin if opener is not None else scope.get("pin")
 
 
 def _close_all(blob, pin) -> None:
