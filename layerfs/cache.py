@@ -321,7 +321,7 @@ class IndexCache:
                     st = item.stat()
                 except FileNotFoundError:
                     continue
-                pinned = kind in EVICTABLE and self.is_pinned(hex_)
+                pinned = kind != "view" and self.is_pinned(hex_)
                 yield CacheEntry("sha256:" + hex_, kind, item.path, st.st_blocks * 512,
                                  st.st_mtime, pinned)
         directory = os.path.join(self.root, "registry", "blobs", "sha256")
