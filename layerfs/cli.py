@@ -879,9 +879,12 @@ def build_parser() -> argparse.ArgumentParser:
                                         "(an OCI layout at DEST)", "UPPER DEST",
                   tag_option="--from-tag")
     sub.add_argument("--tag", dest="tag_new", metavar="T", help="tag of the new image")
-    sub.add_argument("--compression", choices=["gzip", "zstd", "none"], default="gzip",
+    sub.add_argument("--compression", choices=["gzip", "zstd", "none", "estargz",
+                                               "zstd:chunked"], default="gzip",
                      type=str.lower, help="of the new layer (default: %(default)s, which "
-                                          "every tool reads)")
+                                          "every tool reads; estargz and zstd:chunked "
+                                          "add a table of contents for lazy reading and "
+                                          "stay valid gzip and zstd)")
     sub.add_argument("-m", "--message", help="a comment for the image history")
 
     sub = commands.add_parser("example", help="write a small example image (an OCI layout)",
