@@ -1,0 +1,313 @@
+"""Layers with a table of contents (eStargz, zstd:chunked): written by
+commit, read back from the TOC alone, equal to every other way of reading
+them; tampering refused.  See docs/toc-layers.md."""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+
+import attrs
+import pytest
+import zstandard
+
+import layerfs
+from layerfs.commit import commit
+from layerfs.errors import DigestMismatchError, InvalidLayerError
+from layerfs.example import build_example
+from layerfs.layer import open_layer
+from layerfs.testing.view import diff_views, snapshot
+from layerfs.toc import TocLayer, open_toc_layer
+
+FORMATS = ["estargz", "zstd:chunked"]
+CHUNK = 4 << 20
+LONG = "n" * 200 + "/" + "l" * 255
+
+
+class BytesBlob:
+    """The blob-source interface (size, digest, label, read_at) over bytes,
+    counting what is read."""
+
+    def __init__(self, data: bytes, digest=None, label="test-blob"):
+        self.data = data
+        self.size = len(data)
+        self.digest = digest
+        self.label = label
+        self.fetched = 0
+        self.reads = []
+
+    def read_at(self, offset, length):
+        piece = self.data[offset:offset + length]
+        self.fetched += len(piece)
+        self.reads.append((offset, len(piece)))
+        return piece
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return build_example(str(tmp_path_factory.mktemp("base") / "image"))
+
+
+def changes(fs):
+    fs.write_bytes("/etc/motd", b"changed in the upper layer\n")
+    fs.unlink("/etc/os-release")                       # a whiteout
+    fs.makedirs("/srv/data")
+    fs.write_bytes("/srv/data/blob", bytes(range(256)) * 40)
+    fs.setxattr("/srv/data/blob", "user.note", b"kept\x00\xff")
+    fs.link("/usr/bin/hello", "/srv/hello-link")       # hardlinks
+    fs.symlink("../etc/motd", "/srv/motd")
+    fs.rename("/var/cache", "/var/moved")              # an opaque directory
+    fs.mkdir("/var/cache")
+    fs.write_bytes("/big", bytes(range(251)) * ((2 * CHUNK + 12345) // 251))  # 3 chunks
+    fs.write_bytes("/exactly-one-chunk", b"\x01" * CHUNK)
+    fs.write_bytes("/empty", b"")
+    fs.makedirs(os.path.dirname("/" + LONG))
+    fs.write_bytes("/" + LONG, b"long name\n")
+    fs.chmod("/README", 0o4755)
+
+
+@pytest.fixture(scope="module")
+def committed(base, tmp_path_factory):
+    """{compression: (CommitResult, expected snapshot)} for one set of changes."""
+    tmp = tmp_path_factory.mktemp("commits")
+    out = {}
+    for compression in FORMATS + ["gzip"]:
+        with layerfs.open(base, upper=tmp / f"up-{compression}") as fs:
+            changes(fs)
+            os.environ["SOURCE_DATE_EPOCH"] = "4000000000"   # after now: nothing clamped
+            try:
+                expected = snapshot(fs)
+                result = commit(fs, tmp / f"out-{compression}".replace(":", "-"),
+                                tag="t", compression=compression)
+            finally:
+                del os.environ["SOURCE_DATE_EPOCH"]
+        out[compression] = (result, expected)
+    return out
+
+
+def top_descriptor(result):
+    def blob(digest):
+        with open(os.path.join(result.dest, "blobs", "sha256", digest.partition(":")[2]),
+                  "rb") as f:
+            return f.read()
+    return json.loads(blob(result.manifest_digest))["layers"][-1]
+
+
+def without_toc_file(view):
+    view = dict(view)
+    view.pop("/stargz.index.json", None)
+    return view
+
+
+@pytest.mark.parametrize("compression", FORMATS)
+def test_round_trip_reads_the_committed_view_from_the_toc(committed, compression):
+    result, expected = committed[compression]
+    with layerfs.open(result.dest, tag="t") as fs:
+        assert isinstance(fs.layers[-1], TocLayer)
+        assert fs.layers[-1].toc_format == compression
+        assert diff_views(expected, without_toc_file(snapshot(fs))) == []
+
+
+def test_views_are_equal_across_gzip_estargz_and_zstd_chunked(committed):
+    views = {}
+    for compression, (result, _) in committed.items():
+        with layerfs.open(result.dest, tag="t") as fs:
+            # the three uppers were changed at different moments: mtimes differ
+            views[compression] = {path: attrs.evolve(node, mtime_ns=0) for path, node
+                                  in without_toc_file(snapshot(fs)).items()}
+    assert diff_views(views["gzip"], views["estargz"]) == []
+    assert diff_views(views["gzip"], views["zstd:chunked"]) == []
+
+
+@pytest.mark.parametrize("compression", FORMATS)
+def test_toc_entries_and_bytes_equal_the_plain_reader(committed, compression, tmp_path):
+    """The same blob read as an ordinary gzip/zstd tar (layerfs's own reader)
+    gives the same entries and the same file bytes as its TOC."""
+    result, _ = committed[compression]
+    desc = top_descriptor(result)
+    plain = open_layer(result.layer_path, digest=desc["digest"], cache=False)
+    toc = open_toc_layer(result.layer_path, digest=desc["digest"],
+                         annotations=desc["annotations"], label="top")
+    with plain, toc:
+        def key(entry):
+            return entry._replace(data=None)
+        assert sorted(map(key, plain.entries)) == sorted(map(key, toc.entries))
+        by_path = {e.path: e for e in toc.entries}
+        for entry in plain.entries:
+            if entry.data is None:
+                continue
+            mine = by_path[entry.path]
+            assert toc.read(mine.data, mine.size, 0, mine.size) == \
+                plain.read(entry.data, entry.size, 0, entry.size), entry.path
+            if entry.size > CHUNK:    # a read across a chunk boundary
+                assert toc.read(mine.data, mine.size, CHUNK - 5, 10) == \
+                    plain.read(entry.data, entry.size, CHUNK - 5, 10)
+
+
+@pytest.mark.parametrize("compression", FORMATS)
+def test_output_is_an_ordinary_compressed_tar(committed, compression):
+    result, _ = committed[compression]
+    if compression == "estargz":
+        with tarfile.open(result.layer_path, "r:gz") as tar:
+            names = tar.getnames()
+        assert names[-1] == "stargz.index.json"
+    else:
+        with open(result.layer_path, "rb") as f:
+            data = zstandard.ZstdDecompressor().stream_reader(
+                f, read_across_frames=True).read()
+        with tarfile.open(fileobj=__import__("io").BytesIO(data)) as tar:
+            names = tar.getnames()
+    assert "big" in names and LONG in names and "var/moved/.wh..wh..opq" in names
+    if shutil.which("tar"):
+        flag = "-z" if compression == "estargz" else "--zstd"
+        listing = subprocess.run(["tar", flag, "-tf", result.layer_path], check=True,
+                                 capture_output=True, text=True).stdout.split("\n")
+        assert LONG in listing
+
+
+@pytest.mark.parametrize("compression", FORMATS)
+def test_descriptor_annotations(committed, compression):
+    result, _ = committed[compression]
+    desc = top_descriptor(result)
+    with open(result.layer_path, "rb") as f:
+        blob = f.read()
+    if compression == "estargz":
+        assert desc["mediaType"].endswith("tar+gzip")
+        toc_offset = int(blob[-51:][16:32], 16)
+        member = __import__("zlib").decompressobj(31).decompress(blob[toc_offset:-51])
+        with tarfile.open(fileobj=__import__("io").BytesIO(member)) as tar:
+            toc = tar.extractfile("stargz.index.json").read()
+        assert desc["annotations"]["containerd.io/snapshot/stargz/toc.digest"] == \
+            "sha256:" + hashlib.sha256(toc).hexdigest()
+    else:
+        assert desc["mediaType"].endswith("tar+zstd")
+        offset, length, size, kind = map(int, desc["annotations"][
+            "io.github.containers.zstd-chunked.manifest-position"].split(":"))
+        manifest = blob[offset:offset + length]
+        assert kind == 1 and blob[offset - 8:offset - 4] == b"\x50\x2a\x4d\x18"
+        assert desc["annotations"]["io.github.containers.zstd-chunked.manifest-checksum"] \
+            == "sha256:" + hashlib.sha256(manifest).hexdigest()
+        assert len(zstandard.ZstdDecompressor().decompress(manifest, max_output_size=size)) \
+            == size
+        assert blob[-8:] == b"GNUlInUx"
+
+
+@pytest.mark.parametrize("compression", FORMATS)
+def test_commit_is_reproducible_under_source_date_epoch(base, tmp_path, monkeypatch,
+                                                        compression):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    layers = []
+    for name in ("a", "b"):
+        with layerfs.open(base, upper=tmp_path / f"up-{name}") as fs:
+            fs.write_bytes("/one", b"1" * 100_000)
+            fs.unlink("/etc/os-release")
+            layers.append(commit(fs, tmp_path / name, tag="t",
+                                 compression=compression).layer_path)
+    with open(layers[0], "rb") as a, open(layers[1], "rb") as b:
+        assert a.read() == b.read()
+
+
+@pytest.mark.parametrize("compression", FORMATS)
+def test_listing_fetches_only_the_footer_and_the_toc(committed, compression):
+    result, _ = committed[compression]
+    desc = top_descriptor(result)
+    with open(result.layer_path, "rb") as f:
+        blob = BytesBlob(f.read(), digest=desc["digest"])
+    layer = open_toc_layer(blob, digest=desc["digest"], annotations=desc["annotations"],
+                           label="top")
+    paths = {e.path for e in layer.entries}
+    assert "/big" in paths and "/" + LONG in paths
+    if compression == "estargz":
+        toc_offset = int(blob.data[-51:][16:32], 16)
+        assert blob.reads == [(blob.size - 51, 51), (toc_offset, blob.size - 51 - toc_offset)]
+    else:
+        offset, length = map(int, desc["annotations"][
+            "io.github.containers.zstd-chunked.manifest-position"].split(":")[:2])
+        assert blob.reads == [(offset, length)]
+    # reading a small file fetches its chunk only
+    before = blob.fetched
+    motd = next(e for e in layer.entries if e.path == "/etc/motd")
+    assert layer.read(motd.data, motd.size, 0, motd.size) == b"changed in the upper layer\n"
+    # eStargz: up to the next chunk's offset, so the headers between come too
+    assert blob.fetched - before < 1024
+    assert len(blob.reads) == (3 if compression == "estargz" else 2)
+
+
+@pytest.mark.parametrize("compression", FORMATS)
+def test_a_tampered_chunk_names_the_layer_digest_and_the_entry(committed, compression):
+    result, _ = committed[compression]
+    desc = top_descriptor(result)
+    with open(result.layer_path, "rb") as f:
+        data = bytearray(f.read())
+    probe = BytesBlob(bytes(data))
+    layer = open_toc_layer(probe, digest=desc["digest"], annotations=desc["annotations"],
+                           label="3")
+    big = next(e for e in layer.entries if e.path == "/big")
+    start, end = layer._chunk_lists[big.data][1][2:4]      # the second chunk's range
+    # Recompress other bytes into the same place: a valid stream, wrong content.
+    if compression == "estargz":
+        fake = __import__("zlib").compressobj(1, 8, 31)
+        member = fake.compress(b"\x00" * CHUNK) + fake.flush()
+    else:
+        member = zstandard.ZstdCompressor().compress(b"\x00" * CHUNK)
+    assert len(member) < end - start
+    data[start:start + len(member)] = member
+    tampered = open_toc_layer(BytesBlob(bytes(data)), digest=desc["digest"],
+                              annotations=desc["annotations"], label="3")
+    assert tampered.read(big.data, big.size, 0, 100) == layer.read(big.data, big.size, 0, 100)
+    with pytest.raises(DigestMismatchError) as caught:
+        tampered.read(big.data, big.size, CHUNK, 100)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert desc["digest"] in message and "'/big'" in message and "chunk" in message
+    # garbage instead of a stream: an invalid layer, also named
+    data[start:end] = b"\x01" * (end - start)
+    broken = open_toc_layer(BytesBlob(bytes(data)), digest=desc["digest"],
+                            annotations=desc["annotations"], label="3")
+    with pytest.raises(InvalidLayerError) as caught:
+        broken.read(big.data, big.size, CHUNK, 100)
+    assert desc["digest"] in str(caught.value) and "'/big'" in str(caught.value)
+
+
+@pytest.mark.parametrize("compression", FORMATS)
+def test_a_tampered_toc_is_refused(committed, compression):
+    result, _ = committed[compression]
+    desc = top_descriptor(result)
+    with open(result.layer_path, "rb") as f:
+        blob = f.read()
+    wrong = dict(desc["annotations"])
+    key = ("containerd.io/snapshot/stargz/toc.digest" if compression == "estargz"
+           else "io.github.containers.zstd-chunked.manifest-checksum")
+    wrong[key] = "sha256:" + "0" * 64
+    with pytest.raises(DigestMismatchError, match="table of contents"):
+        open_toc_layer(BytesBlob(blob), digest=desc["digest"], annotations=wrong, label="3")
+    # without the annotation, a footer alone is trusted only with the whole blob's digest
+    with pytest.raises(DigestMismatchError):
+        open_toc_layer(BytesBlob(blob[:-200] + bytes(200 - 72) + blob[-72:]),
+                       digest=desc["digest"], annotations=None, label="3")
+    sniffed = open_toc_layer(BytesBlob(blob), digest=desc["digest"], label="3")
+    assert sniffed is not None and sniffed.toc_format == compression
+
+
+def test_a_plain_layer_has_no_toc(committed):
+    result, _ = committed["gzip"]
+    desc = top_descriptor(result)
+    assert open_toc_layer(result.layer_path, digest=desc["digest"], label="3") is None
+
+
+def test_committing_on_top_of_a_toc_image_keeps_its_annotations(committed, tmp_path):
+    result, expected = committed["zstd:chunked"]
+    with layerfs.open(result.dest, tag="t", upper=tmp_path / "up") as fs:
+        fs.write_bytes("/more", b"more")
+        second = commit(fs, tmp_path / "out", tag="u", compression="estargz")
+    with open(os.path.join(second.dest, "blobs", "sha256",
+                           second.manifest_digest.partition(":")[2]), "rb") as f:
+        layers = json.load(f)["layers"]
+    assert "io.github.containers.zstd-chunked.manifest-position" in layers[-2]["annotations"]
+    assert "containerd.io/snapshot/stargz/toc.digest" in layers[-1]["annotations"]
+    with layerfs.open(second.dest, tag="u") as fs:
+        assert [type(layer).__name__ for layer in fs.layers[-2:]] == ["TocLayer", "TocLayer"]
+        assert fs.read_bytes("/more") == b"more"
+        assert fs.read_bytes("/etc/motd") == b"changed in the upper layer\n"
