@@ -55,6 +55,8 @@ class LayerTarWriter:
         where ``estargz`` and ``zstd:chunked`` cut files (a multiple of
         16 KiB, tarfile's copy size)."""
         self._clamp_ns = None if clamp_mtime is None else clamp_mtime * 1_000_000_000
+        if compression == "none":        # the CLI's spelling of None
+            compression = None
         if compression not in COMPRESSIONS:
             raise ValueError(f"unknown compression {compression!r}; "
                              f"choose one of none, gzip, zstd, estargz, zstd:chunked")
