@@ -401,9 +401,11 @@ def cmd_inspect(args) -> int:
     print_settings(settings)
     for number, layer in enumerate(report["layers"]):
         print(f"\nlayer {number}: {layer['digest']}")
-        print(f"  media type: {layer['media_type'] or '-'} ({layer['compression']})")
+        print(f"  media type: {layer['media_type'] or '-'} ({layer['compression']}"
+              f"{', ' + layer['toc'] if layer.get('toc') else ''})")
+        unpacked = layer["uncompressed_size"]     # None: a TOC layer, never decompressed
         print(f"  size:       {human_size(layer['size'])} "
-              f"({human_size(layer['uncompressed_size'])} uncompressed)")
+              f"({human_size(unpacked) if unpacked is not None else 'unknown'} uncompressed)")
         print(f"  diff_id:    {layer['diff_id']}")
         print(f"  entries:    {layer['entries']}: {len(layer['added'])} added, "
               f"{len(layer['changed'])} changed, {len(layer['deleted'])} deleted")
@@ -600,6 +602,7 @@ def inspect_report(fs) -> dict:
             "digest": layer.digest, "diff_id": layer.diff_id,
             "media_type": layer.media_type, "compression": layer.compression,
             "size": layer.size, "uncompressed_size": layer.uncompressed_size,
+            "toc": getattr(layer, "toc_format", None),
             "entries": layer.entry_count, "added": changes.added,
             "changed": changes.changed, "deleted": changes.deleted,
             "history": made_by,

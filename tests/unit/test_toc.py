@@ -311,3 +311,40 @@ def test_committing_on_top_of_a_toc_image_keeps_its_annotations(committed, tmp_p
         assert [type(layer).__name__ for layer in fs.layers[-2:]] == ["TocLayer", "TocLayer"]
         assert fs.read_bytes("/more") == b"more"
         assert fs.read_bytes("/etc/motd") == b"changed in the upper layer\n"
+
+
+@pytest.mark.parametrize("compression", FORMATS)
+def test_cli_commit_and_a_one_line_error_for_a_tampered_chunk(base, tmp_path, compression):
+    import sys
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "layerfs.cli", *map(str, args)],
+                              capture_output=True, text=True)
+    with layerfs.open(base, upper=tmp_path / "up") as fs:
+        fs.write_bytes("/data", b"payload " * 1000)
+        fs.unlink("/etc/os-release")
+    out = tmp_path / "out"
+    done = run("commit", "--compression", compression, "--tag", "v2", base, tmp_path / "up",
+               out)
+    assert done.returncode == 0, done.stderr
+    image = f"oci:{out}:v2"
+    assert run("cat", image, "/data").stdout == "payload " * 1000
+    assert "os-release" not in run("ls", image, "/etc").stdout
+    with open(os.path.join(out, "index.json")) as f:
+        manifest_digest = json.load(f)["manifests"][0]["digest"]
+    with open(os.path.join(out, "blobs", "sha256", manifest_digest[7:])) as f:
+        top = json.load(f)["layers"][-1]
+    path = os.path.join(out, "blobs", "sha256", top["digest"][7:])
+    layer = open_toc_layer(path, digest=top["digest"], annotations=top["annotations"],
+                           label="x")
+    data = next(e for e in layer.entries if e.path == "/data")
+    start, end = layer._chunk_lists[data.data][0][2:4]
+    layer.close()
+    with open(path, "r+b") as f:      # the layer's own file: its digest no longer matches
+        f.seek(start)
+        f.write(b"\x00" * (end - start))
+    failed = run("cat", image, "/data")
+    assert failed.returncode != 0 and "Traceback" not in failed.stderr
+    lines = failed.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("layerfs: "), failed.stderr
+    assert top["digest"] in lines[0] and "/data" in lines[0]
