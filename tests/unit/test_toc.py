@@ -348,3 +348,39 @@ def test_cli_commit_and_a_one_line_error_for_a_tampered_chunk(base, tmp_path, co
     lines = failed.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("layerfs: "), failed.stderr
     assert top["digest"] in lines[0] and "/data" in lines[0]
+
+
+@pytest.mark.parametrize("compression", FORMATS)
+def test_an_image_lists_from_footer_and_toc_and_cats_from_chunks(committed, compression,
+                                                                  monkeypatch):
+    """The whole path, layout to facade: what the top layer's blob source is
+    asked for while listing, then while reading one file."""
+    import layerfs.toc as toc_module
+    reads = []
+
+    class CountingFileBlob(toc_module.FileBlob):
+        def read_at(self, offset, length):
+            data = super().read_at(offset, length)
+            reads.append((self.label, offset, len(data)))
+            return data
+    monkeypatch.setattr(toc_module, "FileBlob", CountingFileBlob)
+    result, _ = committed[compression]
+    desc = top_descriptor(result)
+    size = desc["size"]
+    with layerfs.open(result.dest, tag="t") as fs:
+        assert "big" in fs.listdir("/")
+        top = [r for r in reads if r[0] == fs.layers[-1].label]
+        listed = sum(n for _, _, n in top)
+        if compression == "estargz":
+            assert len(top) == 2 and top[0] == (top[0][0], size - 51, 51)
+        else:
+            assert len(top) == 1
+        assert listed < 2000                       # footer + TOC, never the blob
+        reads.clear()
+        assert fs.read_bytes("/srv/data/blob") == bytes(range(256)) * 40
+        assert len(reads) == 1 and reads[0][2] < 1024
+        reads.clear()
+        with fs.open("/big", "rb") as f:
+            f.seek(CHUNK + 10)
+            assert f.read(5) == bytes((CHUNK + 10 + i) % 251 for i in range(5))
+        assert len(reads) == 1                     # the second chunk only
