@@ -30,7 +30,7 @@ import tempfile
 import time
 
 import layerfs
-import layerfs.toc as toc_module
+import layerfs.tocopen as toc_module
 from layerfs.commit import commit
 from layerfs.example import build_example
 

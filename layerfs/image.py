@@ -47,7 +47,7 @@ from .compression import detect_compression
 from .errors import DigestMismatchError, ImageError, UnsupportedImageError
 from .entry import HARDLINK, REGULAR
 from .layer import BlobSource, Layer, cache_root, open_layer
-from .toc import open_toc_layer
+from .tocopen import open_toc_layer
 from .paths import BadMemberName, normalize_member_name
 from .reference import (DOCKER, DOCKER_ARCHIVE, LAYERS, OCI, OCI_ARCHIVE, PATH,
                         as_reference)

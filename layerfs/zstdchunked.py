@@ -81,7 +81,14 @@ def decompress_frames(raw: bytes, limit: int) -> bytes:
     """The zstd frames of *raw*, decompressed (at most *limit* bytes)."""
     try:
         reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-        return reader.read(limit)
+        parts, size = [], 0
+        while size < limit:
+            part = reader.read(limit - size)
+            if not part:
+                break
+            parts.append(part)
+            size += len(part)
+        return b"".join(parts)
     except zstandard.ZstdError as error:
         raise InvalidLayerError(f"corrupt zstd frame ({error})") from None
 

@@ -19,7 +19,8 @@ from layerfs.errors import DigestMismatchError, InvalidLayerError
 from layerfs.example import build_example
 from layerfs.layer import open_layer
 from layerfs.testing.view import diff_views, snapshot
-from layerfs.toc import TocLayer, open_toc_layer
+from layerfs.toc import TocLayer
+from layerfs.tocopen import open_toc_layer
 
 FORMATS = ["estargz", "zstd:chunked"]
 CHUNK = 4 << 20
@@ -355,7 +356,7 @@ def test_an_image_lists_from_footer_and_toc_and_cats_from_chunks(committed, comp
                                                                   monkeypatch):
     """The whole path, layout to facade: what the top layer's blob source is
     asked for while listing, then while reading one file."""
-    import layerfs.toc as toc_module
+    import layerfs.tocopen as toc_module
     reads = []
 
     class CountingFileBlob(toc_module.FileBlob):
