@@ -385,3 +385,100 @@ def test_an_image_lists_from_footer_and_toc_and_cats_from_chunks(committed, comp
             f.seek(CHUNK + 10)
             assert f.read(5) == bytes((CHUNK + 10 + i) % 251 for i in range(5))
         assert len(reads) == 1                     # the second chunk only
+
+
+def test_times_round_trip_and_offsets_are_honoured():
+    from layerfs.toc import format_time, parse_time
+    for ns in (0, 1_700_000_000_123_456_789, 1_700_000_000_000_000_000, -1_000_000_000):
+        assert parse_time(format_time(ns)) == ns
+    assert parse_time("2023-11-14T23:13:20+01:00") == 1_700_000_000 * 10**9
+    assert parse_time("2023-11-14T22:13:20.5Z") == 1_700_000_000_500_000_000
+    with pytest.raises(ValueError):
+        parse_time("yesterday")
+
+
+def foreign_estargz() -> tuple[bytes, dict]:
+    """An eStargz blob shaped as other writers make them: two small files
+    in one gzip member (``innerOffset``), ``./`` names, directories with a
+    trailing slash, a time zone offset."""
+    import io
+    import zlib
+    from layerfs import estargz
+
+    def member(data):
+        c = zlib.compressobj(6, 8, 31)
+        return c.compress(data) + c.flush()
+
+    def header(name, size, kind=tarfile.REGTYPE):
+        info = tarfile.TarInfo(name)
+        info.size, info.type, info.mode = size, kind, 0o755 if kind == tarfile.DIRTYPE else 0o644
+        return info.tobuf(tarfile.PAX_FORMAT)
+    a, b = b"alpha\n", b"bravo!\n"
+    pad = lambda n: bytes(-n % 512)      # noqa: E731
+    out = bytearray(member(header("./etc/", 0, tarfile.DIRTYPE)))
+    shared = header("./etc/a", len(a)) + a + pad(len(a))
+    inner_b = len(shared) + 512
+    shared += header("./etc/b", len(b)) + b + pad(len(b))
+    offset = len(out)
+    out += member(shared)
+    digest = lambda data: "sha256:" + hashlib.sha256(data).hexdigest()   # noqa: E731
+    toc = {"version": 1, "entries": [
+        {"name": "etc/", "type": "dir", "mode": 0o40755, "modtime": "2023-11-14T23:13:20+01:00"},
+        {"name": "etc/a", "type": "reg", "size": len(a), "mode": 0o644, "offset": offset,
+         "innerOffset": 512, "digest": digest(a), "chunkDigest": digest(a)},
+        {"name": "etc/b", "type": "reg", "size": len(b), "mode": 0o644, "offset": offset,
+         "innerOffset": inner_b, "digest": digest(b), "chunkDigest": digest(b)},
+    ]}
+    toc_bytes = json.dumps(toc).encode()
+    toc_offset = len(out)
+    body = header(estargz.TOC_NAME, len(toc_bytes)) + toc_bytes + pad(len(toc_bytes)) + bytes(1024)
+    out += member(body) + estargz.footer(toc_offset)
+    return bytes(out), {estargz.TOC_DIGEST_ANNOTATION: digest(toc_bytes)}
+
+
+def test_a_foreign_estargz_with_shared_members_reads_the_same_as_its_tar():
+    data, annotations = foreign_estargz()
+    with tarfile.open(fileobj=__import__("io").BytesIO(data), mode="r:gz") as tar:
+        assert tar.getnames() == ["./etc", "./etc/a", "./etc/b", "stargz.index.json"]
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    layer = open_toc_layer(BytesBlob(data), digest=digest, annotations=annotations, label="f")
+    by_path = {e.path: e for e in layer.entries}
+    assert by_path["/etc"].mtime_ns == 1_700_000_000 * 10**9 and by_path["/etc"].mode == 0o755
+    for path, content in (("/etc/a", b"alpha\n"), ("/etc/b", b"bravo!\n")):
+        entry = by_path[path]
+        assert layer.read(entry.data, entry.size, 0, 100) == content
+
+
+def test_a_foreign_zstd_chunked_with_a_hole_chunk():
+    """containers/storage marks runs of zeros as ``chunkType: zeros`` (no bytes)."""
+    from layerfs import zstdchunked
+    payload = b"x" * 1000
+    frame = zstandard.ZstdCompressor().compress(payload)
+    prefix = zstandard.ZstdCompressor().compress(b"\0" * 512)   # stands for the headers
+    start = len(prefix)
+    digest = "sha256:" + hashlib.sha256(payload).hexdigest()
+    manifest = json.dumps({"version": 1, "entries": [
+        {"type": "reg", "name": "./sparse", "mode": 0o644, "size": 3000, "uid": 1, "gid": 2,
+         "modtime": "2023-11-14T22:13:20Z", "offset": start, "endOffset": start + len(frame),
+         "chunkSize": 1000, "chunkDigest": digest, "xattrs": {"user.k": "dg=="}},
+        {"type": "chunk", "name": "./sparse", "chunkOffset": 1000, "chunkSize": 2000,
+         "chunkType": "zeros"},
+    ]}).encode()
+    compressed = zstandard.ZstdCompressor().compress(manifest)
+    blob = prefix + frame + zstdchunked.skippable_frame(compressed)
+    offset = len(prefix) + len(frame) + 8
+    blob += zstdchunked.footer(offset, len(compressed), len(manifest))
+    annotations = {
+        zstdchunked.CHECKSUM_ANNOTATION: "sha256:" + hashlib.sha256(compressed).hexdigest(),
+        zstdchunked.POSITION_ANNOTATION: f"{offset}:{len(compressed)}:{len(manifest)}:1"}
+    source = BytesBlob(blob)
+    layer = open_toc_layer(source, digest="sha256:" + hashlib.sha256(blob).hexdigest(),
+                           annotations=annotations, label="z")
+    (entry,) = layer.entries
+    assert (entry.path, entry.uid, entry.gid, entry.xattrs) == ("/sparse", 1, 2, {"user.k": b"v"})
+    assert layer.read(entry.data, entry.size, 990, 20) == b"x" * 10 + bytes(10)
+    assert layer.read(entry.data, entry.size, 1500, 100) == bytes(100)
+    # without the annotations, the footer finds the same manifest
+    again = open_toc_layer(BytesBlob(blob), digest="sha256:" + hashlib.sha256(blob).hexdigest(),
+                           label="z")
+    assert again.entries == layer.entries
