@@ -3,11 +3,14 @@ commit, read back from the TOC alone, equal to every other way of reading
 them; tampering refused.  See docs/toc-layers.md."""
 
 import hashlib
+import io
 import json
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
+import zlib
 
 import attrs
 import pytest
@@ -158,7 +161,7 @@ def test_output_is_an_ordinary_compressed_tar(committed, compression):
         with open(result.layer_path, "rb") as f:
             data = zstandard.ZstdDecompressor().stream_reader(
                 f, read_across_frames=True).read()
-        with tarfile.open(fileobj=__import__("io").BytesIO(data)) as tar:
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
             names = tar.getnames()
     assert "big" in names and LONG in names and "var/moved/.wh..wh..opq" in names
     if shutil.which("tar"):
@@ -177,8 +180,8 @@ def test_descriptor_annotations(committed, compression):
     if compression == "estargz":
         assert desc["mediaType"].endswith("tar+gzip")
         toc_offset = int(blob[-51:][16:32], 16)
-        member = __import__("zlib").decompressobj(31).decompress(blob[toc_offset:-51])
-        with tarfile.open(fileobj=__import__("io").BytesIO(member)) as tar:
+        member = zlib.decompressobj(31).decompress(blob[toc_offset:-51])
+        with tarfile.open(fileobj=io.BytesIO(member)) as tar:
             toc = tar.extractfile("stargz.index.json").read()
         assert desc["annotations"]["containerd.io/snapshot/stargz/toc.digest"] == \
             "sha256:" + hashlib.sha256(toc).hexdigest()
@@ -249,7 +252,7 @@ def test_a_tampered_chunk_names_the_layer_digest_and_the_entry(committed, compre
     start, end = layer._chunk_lists[big.data][1][2:4]      # the second chunk's range
     # Recompress other bytes into the same place: a valid stream, wrong content.
     if compression == "estargz":
-        fake = __import__("zlib").compressobj(1, 8, 31)
+        fake = zlib.compressobj(1, 8, 31)
         member = fake.compress(b"\x00" * CHUNK) + fake.flush()
     else:
         member = zstandard.ZstdCompressor().compress(b"\x00" * CHUNK)
@@ -316,8 +319,6 @@ def test_committing_on_top_of_a_toc_image_keeps_its_annotations(committed, tmp_p
 
 @pytest.mark.parametrize("compression", FORMATS)
 def test_cli_commit_and_a_one_line_error_for_a_tampered_chunk(base, tmp_path, compression):
-    import sys
-
     def run(*args):
         return subprocess.run([sys.executable, "-m", "layerfs.cli", *map(str, args)],
                               capture_output=True, text=True)
@@ -401,8 +402,6 @@ def foreign_estargz() -> tuple[bytes, dict]:
     """An eStargz blob shaped as other writers make them: two small files
     in one gzip member (``innerOffset``), ``./`` names, directories with a
     trailing slash, a time zone offset."""
-    import io
-    import zlib
     from layerfs import estargz
 
     def member(data):
@@ -438,7 +437,7 @@ def foreign_estargz() -> tuple[bytes, dict]:
 
 def test_a_foreign_estargz_with_shared_members_reads_the_same_as_its_tar():
     data, annotations = foreign_estargz()
-    with tarfile.open(fileobj=__import__("io").BytesIO(data), mode="r:gz") as tar:
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
         assert tar.getnames() == ["./etc", "./etc/a", "./etc/b", "stargz.index.json"]
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     layer = open_toc_layer(BytesBlob(data), digest=digest, annotations=annotations, label="f")
