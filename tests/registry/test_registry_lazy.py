@@ -71,9 +71,10 @@ def test_a_lazy_open_keeps_no_blob_and_reads_only_needed_ranges(tmp_path, lazy_i
         indexed = [r.bytes_fetched for r in remotes]
         sizes = [len(b) for b in lazy_image["blobs"]]
         # zstd: one pass; gzip: one more for rapidgzip's checkpoints (which
-        # may go back a chunk or two)
-        assert indexed[1] == sizes[1]
-        assert 2 * sizes[0] <= indexed[0] <= 2 * sizes[0] + (2 << 20)
+        # may go back a chunk or two); both: the look for a TOC footer first
+        # (a few dozen bytes at the end)
+        assert sizes[1] <= indexed[1] <= sizes[1] + 4096
+        assert 2 * sizes[0] <= indexed[0] <= 2 * sizes[0] + (2 << 20) + 4096
         small = [p for p, d in lazy_image["files"].items() if p.startswith("g/")
                  and len(d) == 5000][0]    # near the start: not in memory
         assert fs.read_bytes("/" + small) == lazy_image["files"][small]
@@ -95,6 +96,7 @@ def test_a_lazy_reopen_with_a_whole_copy_needs_no_network(tmp_path, lazy_image, 
     with layerfs.open(digest_ref, cache=cache, registry=Options(lazy=True)) as fs:
         assert [layer.storage for layer in fs.image.layers] == ["copy", "copy"]
     with layerfs.open(digest_ref, cache=cache, registry=Options(lazy=True)) as fs:
-        assert all(r.bytes_fetched == 0 for r in fs.image.layer_sources)
+        # nothing but the TOC hook's look at the last 72 bytes (tocopen's sniff)
+        assert all(r.bytes_fetched <= 72 for r in fs.image.layer_sources)
         for path, data in lazy_image["files"].items():
             assert fs.read_bytes("/" + path) == data
