@@ -182,10 +182,24 @@ def parse_bool(text: str) -> bool:
 
 
 def cache_from(args):
-    if args.cache_dir is None:
+    """The cache of ``--cache-dir`` / ``--cache-size``; with
+    ``--max-layer-size``, the limit for every layer this run opens."""
+    from .cache import parse_size
+    from .compression import MAX_SIZE_ENV
+    sizes = {}
+    for option in ("cache_size", "max_layer_size"):
+        text = getattr(args, option, None)
+        if text is not None:
+            try:
+                sizes[option] = parse_size(text)
+            except ValueError as error:
+                raise UsageError(f"--{option.replace('_', '-')}: {error}") from None
+    if "max_layer_size" in sizes:
+        os.environ[MAX_SIZE_ENV] = str(sizes["max_layer_size"])
+    if args.cache_dir is None and "cache_size" not in sizes:
         return None
-    from .layer import IndexCache
-    return IndexCache(args.cache_dir)
+    from .cache import IndexCache
+    return IndexCache(args.cache_dir, size=sizes.get("cache_size"))
 
 
 # -- commands ----------------------------------------------------------
@@ -401,9 +415,11 @@ def cmd_inspect(args) -> int:
     print_settings(settings)
     for number, layer in enumerate(report["layers"]):
         print(f"\nlayer {number}: {layer['digest']}")
-        print(f"  media type: {layer['media_type'] or '-'} ({layer['compression']})")
+        print(f"  media type: {layer['media_type'] or '-'} ({layer['compression']}"
+              f"{', ' + layer['toc'] if layer.get('toc') else ''})")
+        unpacked = layer["uncompressed_size"]     # None: a TOC layer, never decompressed
         print(f"  size:       {human_size(layer['size'])} "
-              f"({human_size(layer['uncompressed_size'])} uncompressed)")
+              f"({human_size(unpacked) if unpacked is not None else 'unknown'} uncompressed)")
         print(f"  diff_id:    {layer['diff_id']}")
         print(f"  entries:    {layer['entries']}: {len(layer['added'])} added, "
               f"{len(layer['changed'])} changed, {len(layer['deleted'])} deleted")
@@ -600,6 +616,7 @@ def inspect_report(fs) -> dict:
             "digest": layer.digest, "diff_id": layer.diff_id,
             "media_type": layer.media_type, "compression": layer.compression,
             "size": layer.size, "uncompressed_size": layer.uncompressed_size,
+            "toc": getattr(layer, "toc_format", None),
             "entries": layer.entry_count, "added": changes.added,
             "changed": changes.changed, "deleted": changes.deleted,
             "history": made_by,
@@ -715,6 +732,7 @@ def cmd_example(args) -> int:
 def cmd_mount(args) -> int:
     from .mount import mount
     operands = take_image(args, ["MOUNTPOINT"])
+    cache_from(args)     # records --cache-size, passes --max-layer-size on
     progress = ProgressBar("indexing")
     try:
         mount(operands.image, operands.rest[0], upper=args.upper,
@@ -807,6 +825,12 @@ def build_parser() -> argparse.ArgumentParser:
                                             "(default: this machine's)")
         sub.add_argument("--cache-dir", help="index cache directory (default: "
                                              "$LAYERFS_CACHE_DIR or ~/.cache/layerfs)")
+        sub.add_argument("--cache-size", metavar="SIZE",
+                         help="record a budget for the cache directory (500M, 20G; "
+                              "default: $LAYERFS_CACHE_SIZE, else a tenth of its disk)")
+        sub.add_argument("--max-layer-size", metavar="SIZE",
+                         help="refuse a compressed layer that expands beyond SIZE "
+                              "(default: $LAYERFS_MAX_LAYER_SIZE, else 64G)")
         add_registry_options(sub)
         sub.add_argument("--offline", action="store_true",
                          help="docker://: use only what is cached (a tag resolves to the "
@@ -879,9 +903,12 @@ def build_parser() -> argparse.ArgumentParser:
                                         "(an OCI layout at DEST)", "UPPER DEST",
                   tag_option="--from-tag")
     sub.add_argument("--tag", dest="tag_new", metavar="T", help="tag of the new image")
-    sub.add_argument("--compression", choices=["gzip", "zstd", "none"], default="gzip",
+    sub.add_argument("--compression", choices=["gzip", "zstd", "none", "estargz",
+                                               "zstd:chunked"], default="gzip",
                      type=str.lower, help="of the new layer (default: %(default)s, which "
-                                          "every tool reads)")
+                                          "every tool reads; estargz and zstd:chunked "
+                                          "add a table of contents for lazy reading and "
+                                          "stay valid gzip and zstd)")
     sub.add_argument("-m", "--message", help="a comment for the image history")
 
     sub = commands.add_parser("example", help="write a small example image (an OCI layout)",
@@ -944,6 +971,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.set_defaults(function=cmd_mounts)
     sub.add_argument("--every", action="store_true",
                      help="every layerfs mount on the machine, whoever started it")
+
+    from .cachecli import add_parser as add_cache_parser
+    add_cache_parser(commands)
     return parser
 
 

@@ -44,9 +44,10 @@ from typing import Any, Callable, Sequence
 import attrs
 
 from .compression import detect_compression
-from .errors import DigestMismatchError, ImageError, UnsupportedImageError
+from .errors import DigestMismatchError, ImageError, InvalidLayerError, UnsupportedImageError
 from .entry import HARDLINK, REGULAR
 from .layer import BlobSource, Layer, cache_root, open_layer
+from .tocopen import open_toc_layer
 from .paths import BadMemberName, normalize_member_name
 from .reference import (DOCKER, DOCKER_ARCHIVE, LAYERS, OCI, OCI_ARCHIVE, PATH,
                         as_reference)
@@ -550,7 +551,10 @@ class _CompressedTarStore(_TarStore):
     def __init__(self, path: str, outer: Layer):     # members from the index, not a tar walk
         self.label = path
         self.outer = outer
-        self.data_path, base = outer.data_location()
+        try:
+            self.data_path, base = outer.data_location()
+        except InvalidLayerError:     # beyond the cache budget: read through the layer
+            self.data_path, base = None, 0
         files: dict[str, tuple[int, int]] = {}
         for entry in outer.entries:
             if entry.kind == REGULAR and isinstance(entry.data, int):
@@ -559,6 +563,18 @@ class _CompressedTarStore(_TarStore):
             if entry.kind == HARDLINK and entry.linkname[1:] in files:
                 files[entry.path[1:]] = files[entry.linkname[1:]]
         self.members = files
+
+    def read(self, name: str) -> bytes:
+        if self.data_path is not None:
+            return super().read(name)
+        offset, size = self.members[name]
+        return self.outer.read_data(offset, min(size, MAX_JSON_SIZE + 1))
+
+    def source(self, name: str) -> Any:
+        if self.data_path is not None:
+            return super().source(name)
+        offset, size = self.members[name]
+        return self.outer.data_blob(offset, size, f"{self.label}:{name}")
 
     def is_archive(self) -> bool:
         if "index.json" in self.members and "oci-layout" in self.members:
@@ -814,7 +830,7 @@ class _Opener:
         sources = [self.store.source(self.blob(d, f"layer {i}"))
                    for i, d in enumerate(layer_descs)]
         layers = self.open_layers([
-            (src, d["digest"], diff_id, d.get("mediaType"))
+            (src, d["digest"], diff_id, d.get("mediaType"), d.get("annotations"))
             for src, d, diff_id in zip(sources, layer_descs, diff_ids)])
         return Image(layers, config, config_desc["digest"], manifest, digest, ref,
                      _config_platform(config), self.kind, self.store.label, sources)
@@ -890,11 +906,16 @@ class _Opener:
                           for i, s in enumerate(specs)])
 
     def open_layer(self, number: int, source: Any, digest: str | None, diff_id: str,
-                   media_type: str | None) -> Layer:
+                   media_type: str | None, annotations: dict | None = None) -> Layer:
+        label = f"{number} ({(digest or diff_id)[:19]})"
         try:
+            toc_layer = open_toc_layer(source, digest=digest, diff_id=diff_id,
+                                       media_type=media_type, annotations=annotations,
+                                       label=label)
+            if toc_layer is not None:       # eStargz, zstd:chunked: read from the TOC
+                return toc_layer            # type: ignore[return-value]
             return open_layer(source, digest=digest, diff_id=diff_id, media_type=media_type,
-                              label=f"{number} ({(digest or diff_id)[:19]})",
-                              **self.layer_args)
+                              label=label, **self.layer_args)
         except DigestMismatchError as error:
             discard = getattr(self.store, "discard", None)
             if discard is None or digest is None:

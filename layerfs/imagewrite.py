@@ -29,6 +29,7 @@ from .errors import ImageError, UnsupportedImageError
 from .image import (DOCKER_CONFIG, DOCKER_LAYER_TYPES, DOCKER_MANIFEST, OCI_CONFIG,
                     OCI_INDEX, OCI_LAYER_TYPES, OCI_MANIFEST, REF_NAME, Image, blob_name,
                     canonical_json, descriptor, digest_bytes, host_platform)
+from .blobsource import FileRange, is_blob
 from .layer import BlobSource, IndexCache
 
 EPOCH = "1970-01-01T00:00:00Z"
@@ -68,7 +69,8 @@ class _Plan:
 def write_oci_layout(dest_dir: str | os.PathLike, layer_blobs: Sequence[LayerBlob], *,
                      config: dict | None = None, tag: str | None = None,
                      base: Image | None = None, history: Sequence[dict] | None = None,
-                     media_types: str = "oci") -> str:
+                     media_types: str = "oci",
+                     layer_annotations: Sequence[dict | None] | None = None) -> str:
     """Write an image to the OCI layout *dest_dir* and return its manifest digest.
 
     The image is *base*'s layers (if given) then *layer_blobs* (layer tar
@@ -80,10 +82,15 @@ def write_oci_layout(dest_dir: str | os.PathLike, layer_blobs: Sequence[LayerBlo
     ``"docker"``.  An existing layout is added to: its blobs stay, and its
     index keeps every entry but the one tagged *tag*.
 
+    *layer_annotations* (one dict or None per new layer) become the
+    annotations of their descriptors (an eStargz or zstd:chunked layer's
+    TOC digest and position); *base*'s layers keep the annotations its
+    manifest gave them.
+
     Layer blobs are hardlinked into the layout where possible (else copied):
     do not modify the given files afterwards.
     """
-    plan = _plan(layer_blobs, config, base, history, media_types)
+    plan = _plan(layer_blobs, config, base, history, media_types, layer_annotations)
     dest = os.fspath(dest_dir)
     os.makedirs(os.path.join(dest, "blobs", "sha256"), exist_ok=True)
     for blob in plan.layers:
@@ -190,7 +197,8 @@ def write_docker_archive(dest_tar: str | os.PathLike, layer_blobs: Sequence[Laye
 # -- the plan -------------------------------------------------------------------
 
 def _plan(layer_blobs: Sequence[LayerBlob], config: dict | None, base: Image | None,
-          history: Sequence[dict] | None, media_types: str) -> _Plan:
+          history: Sequence[dict] | None, media_types: str,
+          layer_annotations: Sequence[dict | None] | None = None) -> _Plan:
     if media_types not in _MEDIA_TYPES:
         raise ValueError(f"media_types must be one of {sorted(_MEDIA_TYPES)}, not {media_types!r}")
     if history is not None and len(history) != len(layer_blobs):
@@ -208,7 +216,9 @@ def _plan(layer_blobs: Sequence[LayerBlob], config: dict | None, base: Image | N
         "schemaVersion": 2,
         "mediaType": manifest_type,
         "config": descriptor(config_type, digest_bytes(config_bytes), len(config_bytes)),
-        "layers": [descriptor(layer_types[b.compression], b.digest, b.size) for b in layers],
+        "layers": [_layer_descriptor(layer_types[b.compression], b, annotations)
+                   for b, annotations in zip(layers, _annotations(
+                       base, len(base_layers), layer_annotations, len(layer_blobs)))],
     }
     manifest_bytes = canonical_json(manifest)
     platform = {"architecture": cfg["architecture"], "os": cfg["os"]}
@@ -218,6 +228,27 @@ def _plan(layer_blobs: Sequence[LayerBlob], config: dict | None, base: Image | N
     return _Plan(tuple(layers), config_bytes, manifest["config"]["digest"], manifest_bytes,
                  manifest_digest, descriptor(manifest_type, manifest_digest,
                                              len(manifest_bytes), platform=platform))
+
+
+def _layer_descriptor(media_type: str, blob: _Blob, annotations: dict | None) -> dict:
+    if annotations:
+        return descriptor(media_type, blob.digest, blob.size, annotations=dict(annotations))
+    return descriptor(media_type, blob.digest, blob.size)
+
+
+def _annotations(base: Image | None, base_count: int,
+                 new: Sequence[dict | None] | None, new_count: int) -> list:
+    """One annotations dict (or None) per layer, base first."""
+    if new is not None and len(new) != new_count:
+        raise ValueError(f"{len(new)} layer annotations for {new_count} layers")
+    kept = []
+    if base is not None and base_count:
+        descriptors = (base.manifest or {}).get("layers") if isinstance(
+            base.manifest, dict) else None
+        if not isinstance(descriptors, list) or len(descriptors) != base_count:
+            descriptors = [None] * base_count
+        kept = [d.get("annotations") if isinstance(d, dict) else None for d in descriptors]
+    return kept + list(new if new is not None else [None] * new_count)
 
 
 def _config(start: dict, layers: list[_Blob], history: Sequence[dict] | None,
@@ -244,29 +275,50 @@ def _config(start: dict, layers: list[_Blob], history: Sequence[dict] | None,
     return cfg
 
 
-def _as_source(blob: LayerBlob) -> str | BlobSource:
-    return blob if isinstance(blob, BlobSource) else os.fspath(blob)
+def _as_source(blob: LayerBlob) -> Any:
+    return blob if isinstance(blob, BlobSource) or is_blob(blob) else os.fspath(blob)
 
 
-def _hash_blob(source: str | BlobSource) -> _Blob:
+def _hash_blob(source: Any) -> _Blob:
     """Digest, diff_id and compression of a blob, in one pass that also
     checks its compressed stream."""
-    path, offset, size = _extent(source)
-    with open(path, "rb") as f:
-        stream = BlobStream(f.fileno(), size=size, offset=offset, label=path)
+    with _reader(source) as blob:
+        stream = BlobStream(blob)
         stream.drain()
-    return _Blob(source, f"sha256:{stream.digest}", f"sha256:{stream.diff_id}", size,
+    return _Blob(source, f"sha256:{stream.digest}", f"sha256:{stream.diff_id}", blob.size,
                  stream.uncompressed_size, stream.compression)
 
 
-def _extent(source: str | BlobSource) -> tuple[str, int, int]:
-    """(path, offset, size) of the bytes *source* names."""
+@contextlib.contextmanager
+def _reader(source: Any) -> Iterator[Any]:
+    """*source* (a path, a :class:`BlobSource` or any blob source, see
+    :mod:`layerfs.blobsource`) as a blob source; one opened here is closed
+    after the block."""
+    if is_blob(source):
+        yield source
+        return
     if isinstance(source, BlobSource):
-        size = source.size
-        if size is None:
-            size = os.stat(source.path).st_size - source.offset
-        return source.path, source.offset, size
-    return source, 0, os.stat(source).st_size
+        blob = FileRange(source.path, source.offset, source.size)
+    else:
+        blob = FileRange(source)
+    with blob:
+        yield blob
+
+
+class _SequentialReader:
+    """A blob source read front to back as a file (``read(n)``)."""
+
+    def __init__(self, blob: Any):
+        self._blob = blob
+        self._position = 0
+        self.name = blob.label
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            n = self._blob.size - self._position
+        data = self._blob.read_at(self._position, n)
+        self._position += len(data)
+        return data
 
 
 # -- writing files ----------------------------------------------------------------
@@ -330,24 +382,20 @@ def _refresh_memos(blob: _Blob, paths: list[str]) -> None:
 
 
 @contextlib.contextmanager
-def _open_source(source: str | BlobSource) -> Iterator[BinaryIO]:
-    """The blob's file, positioned at its first byte."""
-    path, offset, _ = _extent(source)
-    with open(path, "rb") as f:
-        f.seek(offset)
-        yield f
+def _open_source(source: Any) -> Iterator[Any]:
+    """The blob as a file read from its first byte."""
+    with _reader(source) as blob:
+        yield _SequentialReader(blob)
 
 
 @contextlib.contextmanager
 def _uncompressed(blob: _Blob) -> Iterator[Any]:
     """The uncompressed tar of *blob* as a readable stream."""
-    path, offset, size = _extent(blob.source)
-    with open(path, "rb") as f:
+    with _reader(blob.source) as source:
         if blob.compression == "none":
-            f.seek(offset)
-            yield f
+            yield _SequentialReader(source)
         else:
-            yield BlobStream(f.fileno(), size=size, offset=offset, label=path)
+            yield BlobStream(source)
 
 
 def _copy(src: BinaryIO, dst: BinaryIO, size: int) -> None:
