@@ -20,6 +20,7 @@ from typing import BinaryIO, Iterator, Optional, Sequence, Union
 from .errors import ImageError, path_error
 from .image import Image, open_image
 from .layer import IndexCache
+from .lowerview import LowerView, shared_view
 from .paths import join, order_key
 from .reference import as_reference
 from .tarwrite import LayerTarWriter, write_tree
@@ -73,7 +74,7 @@ def open(source: Source, *, upper: Optional[PathLike] = None, tag: Optional[str]
         image = open_image(source, tag=tag, platform=platform, cache=cache,
                            progress=progress, registry=registry)
         try:
-            fs = FileSystem(image)
+            fs = FileSystem(image, shared=upper is None)
         except BaseException:
             image.close()
             raise
@@ -90,7 +91,7 @@ def open_upper(fs: "FileSystem", directory: str, writable: bool) -> Upper:
     """The upper store over *fs*'s view, given only what it needs: the tree,
     the lower view (what the image shows, path -> mode), a reader of lower
     files' bytes, and the image it belongs to."""
-    lower = {path: node.mode for path, node in fs.tree.nodes.items()}
+    lower = fs.lower
     layers = fs.layers
 
     def read_lower(node: Node, offset: int, length: int) -> bytes:
@@ -100,8 +101,16 @@ def open_upper(fs: "FileSystem", directory: str, writable: bool) -> Upper:
     return Upper(fs.tree, lower, read_lower, directory, binding, writable=writable)
 
 
-def build_tree(image: Image) -> Tree:
-    """Apply every layer of *image*, base first.
+def lower_view(image: Image) -> LowerView:
+    """The process's shared, immutable merged view of *image*'s layers
+    (:mod:`layerfs.lowerview`), built by :func:`build_tree` if no open
+    filesystem of the same ChainID holds one."""
+    return shared_view(image.chain_id(), lambda: build_tree(image))
+
+
+def build_tree(image: Image) -> tuple[Tree, Optional[dict]]:
+    """Apply every layer of *image*, base first; returns the tree and its
+    record (:meth:`Tree.to_record`) where one was made.
 
     The result depends only on the layers' contents, so it is kept in the
     layers' index cache under the stack's ChainID: opening the same stack
@@ -113,7 +122,7 @@ def build_tree(image: Image) -> Tree:
         record = cache.load_view(chain_hex)
         if record is not None:
             try:
-                return Tree.from_record(record)
+                return Tree.from_record(record), record
             except (ValueError, TypeError, KeyError, IndexError, AttributeError):
                 cache.discard_view(chain_hex)
     tree = Tree()
@@ -123,19 +132,29 @@ def build_tree(image: Image) -> Tree:
         except ImageError as error:
             raise error.located(layer.path) from None
         layer.release_entries()     # the tree holds all reads need
+    record = None
     if cache is not None:
+        record = tree.to_record()
         with contextlib.suppress(OSError):    # a full or read-only cache: rebuilt next time
-            cache.store_view(chain_hex, tree.to_record())
-    return tree
+            cache.store_view(chain_hex, record)
+    return tree, record
 
 
 class FileSystem:
     """An image as one filesystem; see :func:`open`."""
 
-    def __init__(self, image: Image, tree: Optional[Tree] = None):
+    def __init__(self, image: Image, tree: Optional[Tree] = None, *, shared: bool = False):
+        """*tree*: the view to serve (default: the image's).  With *shared*
+        (never to be given an upper), the tree is the process's shared
+        lower view itself; otherwise a private copy a writer may change."""
         self.image = image
         self.layers = image.layers
-        self.tree = tree if tree is not None else build_tree(image)
+        # What the image's layers show, shared with every filesystem of the
+        # same image in this process (the upper consults it).
+        self.lower = lower_view(image)
+        if tree is None:
+            tree = self.lower.tree if shared else self.lower.private_tree()
+        self.tree = tree
         self._nodes = self.tree.nodes
         self._upper: Optional[Upper] = None
         # Read-only, a path always stats the same: its answers are kept by
@@ -157,6 +176,9 @@ class FileSystem:
     def upper(self, upper: Optional[Upper]) -> None:
         # A writable view changes under its paths: stats are then answered
         # from the nodes, whose own stat_cache every change resets.
+        if upper is not None and self.tree is self.lower.tree:
+            raise ValueError("this filesystem serves the shared view of its image, "
+                             "which no upper may change: open it with upper=")
         self._upper = upper
         self._stats.clear()
         self._lstats.clear()
@@ -174,6 +196,7 @@ class FileSystem:
             self.upper.close()
             self.upper = None
         self.image.close()
+        self.lower = None       # the shared view lives while a filesystem uses it
         # Every lookup starts in one of these: swapping them costs the hot
         # path nothing and makes each use of a closed filesystem one error.
         self.tree = self._nodes = self._stats = self._lstats = _CLOSED

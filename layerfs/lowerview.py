@@ -1,0 +1,71 @@
+"""The immutable merged view of an image, one per image in a process.
+
+Every filesystem of an image shares its :class:`LowerView`: a read-only
+filesystem looks paths up in its tree directly; a writable one (a
+container) consults it, as overlayfs consults its lower layers, to know
+what the image shows beneath the upper (``path -> st_mode``), and starts
+its own tree from the view's record.  Views are found by ChainID: two
+images with the same layers share one.  Nothing here ever changes a view's
+tree; a view lives as long as a filesystem uses it.
+
+No FUSE, no facade: the tree is built by a callable the caller passes.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Mapping
+from typing import Callable, Iterator, Optional
+
+from .union import Tree
+
+
+class LowerView(Mapping):
+    """What an image's layers show: a mapping of canonical path to
+    ``st_mode``, over a tree that must never be changed (``tree``)."""
+
+    def __init__(self, tree: Tree, record: Optional[dict] = None):
+        self.tree = tree
+        self._nodes = tree.nodes
+        self._record = record
+        self._lock = threading.Lock()
+
+    def __getitem__(self, path: str) -> int:
+        return self._nodes[path].mode
+
+    def __contains__(self, path: object) -> bool:
+        return path in self._nodes
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._nodes)
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def private_tree(self) -> Tree:
+        """A new tree equal to the view, for one writer to change (the
+        view's record is made once, on the first call)."""
+        with self._lock:
+            if self._record is None:
+                self._record = self.tree.to_record()
+            record = self._record
+        return Tree.from_record(record)
+
+
+_views: "weakref.WeakValueDictionary[str, LowerView]" = weakref.WeakValueDictionary()
+_views_lock = threading.Lock()
+
+
+def shared_view(chain_id: Optional[str],
+                build: Callable[[], tuple[Tree, Optional[dict]]]) -> LowerView:
+    """The process's view of the image whose ChainID is *chain_id*, made
+    with ``build() -> (tree, record or None)`` if no filesystem holds one
+    (and always without a ChainID: nothing to share it by)."""
+    with _views_lock:
+        view = _views.get(chain_id) if chain_id else None
+        if view is None:
+            view = LowerView(*build())
+            if chain_id:
+                _views[chain_id] = view
+        return view
