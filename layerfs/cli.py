@@ -944,6 +944,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.set_defaults(function=cmd_mounts)
     sub.add_argument("--every", action="store_true",
                      help="every layerfs mount on the machine, whoever started it")
+
+    from .containercli import add_commands as add_container_commands
+    add_container_commands(commands, add_registry_options)
     return parser
 
 
