@@ -713,8 +713,10 @@ def cmd_example(args) -> int:
 
 
 def cmd_mount(args) -> int:
+    from .containercli import bind_after_mount, parsed_volumes
     from .mount import mount
     operands = take_image(args, ["MOUNTPOINT"])
+    volumes = parsed_volumes(args)
     progress = ProgressBar("indexing")
     try:
         mount(operands.image, operands.rest[0], upper=args.upper,
@@ -724,6 +726,7 @@ def cmd_mount(args) -> int:
               log_file=args.log, log_level=args.log_level)
     finally:
         progress.finish()
+    bind_after_mount(operands.rest[0], volumes)
     return 0
 
 
@@ -898,6 +901,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("-o", dest="options", action="append", default=[],
                      metavar="OPTION[,OPTION...]", help="FUSE mount options (allow_other, ...)")
     sub.add_argument("--upper", metavar="DIR", help="keep changes in DIR (copy-on-write)")
+    from .containercli import add_volume_option
+    add_volume_option(sub)
+    sub.add_argument("--store", metavar="DIR", help="the store of named volumes")
     sub.add_argument("--log", metavar="FILE",
                      help="write the daemon's log to FILE (default: syslog)")
     sub.add_argument("--log-level", default="WARNING", type=str.upper,

@@ -18,7 +18,7 @@ STORE_HELP = ("the store directory (default: $LAYERFS_STORE, else "
 
 
 def store_of(args) -> Store:
-    return Store(args.store)
+    return Store(getattr(args, "store", None))
 
 
 def cache_of(args):
@@ -73,25 +73,42 @@ def cmd_mount(args) -> int:
     if where is not None:
         raise StoreError(errno.EBUSY, f"container {args.name!r} is mounted on {where} "
                                       "already")
+    volumes = parsed_volumes(args)
     progress = ProgressBar("indexing")
     try:
         mount(container.reference, args.mountpoint, upper=container.upper,
               tag=container.tag, platform=container.platform,
               foreground=args.foreground, options=args.options,
               cache_dir=args.cache_dir, registry=registry_options(args),
-              progress=progress, log_file=args.log, log_level=args.log_level,
-              **volume_arguments(args))
+              progress=progress, log_file=args.log, log_level=args.log_level)
     finally:
         progress.finish()
+    bind_after_mount(args.mountpoint, volumes)
     return 0
 
 
-def volume_arguments(args) -> dict:
-    """``volumes=`` for mount, when ``--volume`` was given (resolved in the store)."""
+def parsed_volumes(args) -> list:
+    """The ``--volume`` options of a mount command, checked before mounting
+    (named volumes are looked up in the store)."""
     if not getattr(args, "volumes", None):
-        return {}
+        return []
     from .volume import parse_volume
-    return {"volumes": [parse_volume(text, store_of(args)) for text in args.volumes]}
+    if args.foreground:
+        raise StoreError(errno.EINVAL, "--volume needs a background mount (not -f)")
+    return [parse_volume(text, store_of(args)) for text in args.volumes]
+
+
+def bind_after_mount(mountpoint: str, volumes: list) -> None:
+    """Bind *volumes* into the new mount; if that fails, unmount it."""
+    if not volumes:
+        return
+    from .mount import umount
+    from .volume import bind_volumes
+    try:
+        bind_volumes(mountpoint, volumes)
+    except BaseException:
+        umount(mountpoint)
+        raise
 
 
 def cmd_diff(args) -> int:
