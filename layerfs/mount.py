@@ -148,6 +148,8 @@ def umount(mountpoint, timeout: float = UMOUNT_TIMEOUT) -> None:
     # Opened before unmounting: the server may remove the file once done.
     lock_fd = _open_existing(lock_path(mountpoint))
     try:
+        from .volume import unbind_beneath
+        unbind_beneath(mountpoint)      # volumes bound into the view (layerfs/volume.py)
         _unmount(mountpoint)
         if lock_fd is not None:
             _wait_for_server(lock_fd, mountpoint, timeout)
