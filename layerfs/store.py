@@ -201,6 +201,14 @@ class Store:
                                  f"{container.image} as ChainID {container.chain_id}, "
                                  "which that reference no longer names") from None
             raise
+        image = fs.image
+        if (image.chain_id(), image.manifest_digest) != (container.chain_id,
+                                                         container.manifest_digest):
+            fs.close()
+            raise StoreError(errno.EINVAL, f"container {name!r} was created from "
+                             f"{container.image} as manifest {container.manifest_digest}, "
+                             f"which that reference no longer names (it names "
+                             f"{image.manifest_digest})")
         return fs
 
     def remove(self, name: str, *, force: bool = False) -> None:
