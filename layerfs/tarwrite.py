@@ -41,6 +41,8 @@ class LayerTarWriter:
         """*clamp_mtime* (seconds): write any later mtime as this one, as
         ``tar --clamp-mtime`` does for ``SOURCE_DATE_EPOCH``."""
         self._clamp_ns = None if clamp_mtime is None else clamp_mtime * 1_000_000_000
+        if compression == "none":        # the CLI's spelling of None
+            compression = None
         if compression not in COMPRESSIONS:
             raise ValueError(f"unknown compression {compression!r}; "
                              f"choose one of none, gzip, zstd")
