@@ -4,7 +4,7 @@ Every filesystem of an image shares its :class:`LowerView`: a read-only
 filesystem looks paths up in its tree directly; a writable one (a
 container) consults it, as overlayfs consults its lower layers, to know
 what the image shows beneath the upper (``path -> st_mode``), and starts
-its own tree from the view's record.  Views are found by ChainID: two
+its own tree from it, copied lazily (:mod:`layerfs.lazytree`).  Views are found by ChainID: two
 images with the same layers share one.  Nothing here ever changes a view's
 tree; a view lives as long as a filesystem uses it.
 
@@ -18,6 +18,7 @@ import weakref
 from collections.abc import Mapping
 from typing import Callable, Iterator, Optional
 
+from .lazytree import container_tree
 from .union import Tree
 
 
@@ -28,8 +29,6 @@ class LowerView(Mapping):
     def __init__(self, tree: Tree, record: Optional[dict] = None):
         self.tree = tree
         self._nodes = tree.nodes
-        self._record = record
-        self._lock = threading.Lock()
 
     def __getitem__(self, path: str) -> int:
         return self._nodes[path].mode
@@ -44,13 +43,10 @@ class LowerView(Mapping):
         return len(self._nodes)
 
     def private_tree(self) -> Tree:
-        """A new tree equal to the view, for one writer to change (the
-        view's record is made once, on the first call)."""
-        with self._lock:
-            if self._record is None:
-                self._record = self.tree.to_record()
-            record = self._record
-        return Tree.from_record(record)
+        """A new tree equal to the view, for one writer to change: it copies
+        the view a directory at a time, as it is used
+        (:func:`layerfs.lazytree.container_tree`), so it costs nothing to make."""
+        return container_tree(self.tree)
 
 
 _views: "weakref.WeakValueDictionary[str, LowerView]" = weakref.WeakValueDictionary()
