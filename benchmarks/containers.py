@@ -59,12 +59,49 @@ def heap_of_open(image: str, cache: str, scratch: str, counts: tuple) -> dict:
     return result
 
 
+def pss_of(pid: int) -> int:
+    """Proportional set size of *pid*, bytes (shared pages divided among
+    their sharers)."""
+    with open(f"/proc/{pid}/smaps_rollup") as stream:
+        for line in stream:
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def mounted_pss(image: str, scratch: str, counts: tuple) -> dict:
+    """Total PSS of the daemons serving *count* mounted containers of
+    *image*, after a ``find`` over each mount (root and FUSE needed)."""
+    import subprocess
+    from layerfs import mount as layerfs_mount
+    store = layerfs.Store(os.path.join(scratch, "store"))
+    result = {}
+    for count in counts:
+        points = []
+        try:
+            for number in range(count):
+                name = f"c{count}-{number}"
+                store.create([image], name)
+                point = os.path.join(scratch, name)
+                os.mkdir(point)
+                layerfs_mount.mount([image], point, upper=store.get(name).upper)
+                points.append(point)
+                subprocess.run(["find", point], stdout=subprocess.DEVNULL, check=True)
+            result[count] = sum(pss_of(layerfs_mount.server_pid(p)) for p in points)
+        finally:
+            for point in points:
+                layerfs_mount.umount(point)
+    return result
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--files", type=int, default=100_000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--counts", default="1,10,50")
     parser.add_argument("--results", help="write the results as JSON here")
+    parser.add_argument("--mounted", default="",
+                        help="also the PSS of N mounted containers, e.g. 1,5 (root, FUSE)")
     args = parser.parse_args(argv)
     counts = tuple(int(c) for c in args.counts.split(","))
     with tempfile.TemporaryDirectory() as scratch:
@@ -86,6 +123,12 @@ def main(argv=None) -> int:
             results["heap_bytes"][str(count)] = size
             print(f"{count:3} containers of the {args.files}-entry image open: "
                   f"{size / 2**20:8.1f} MiB of Python heap")
+        if args.mounted:
+            pss = mounted_pss(large, scratch, tuple(int(c) for c in args.mounted.split(",")))
+            results["mounted_pss_bytes"] = {str(count): size for count, size in pss.items()}
+            for count, size in pss.items():
+                print(f"{count:3} mounted containers of the {args.files}-entry image: "
+                      f"{size / 2**20:8.1f} MiB PSS in total (after find)")
     if args.results:
         with open(args.results, "w") as stream:
             json.dump(results, stream, indent=1)

@@ -108,6 +108,8 @@ def test_volumes_are_host_directories_left_out_of_diff_and_commit(env, tmp_path)
     with open(os.path.join(m1, "srv", "data", "x"), "w") as stream:
         stream.write("x")
     assert (tmp_path / "store" / "volumes" / "named" / "x").read_text() == "x"
+    result = run_cli("volume", "rm", "named")
+    assert result.returncode == 1 and "is bound in a mount" in result.stderr
     with pytest.raises(OSError) as caught:
         open(os.path.join(m1, "ro", "y"), "w").close()
     assert caught.value.errno == 30      # EROFS
@@ -122,6 +124,7 @@ def test_volumes_are_host_directories_left_out_of_diff_and_commit(env, tmp_path)
     with layerfs.open(f"oci:{out}:v2") as fs:
         assert sorted(fs.listdir("/etc")) == ["motd", "os-release"]
         assert fs.listdir("/srv/data") == []
+    cli("volume", "rm", "named")
 
 
 def test_a_volume_cannot_be_bound_through_the_images_symlinks(env, tmp_path):
