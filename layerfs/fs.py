@@ -20,7 +20,7 @@ from typing import BinaryIO, Iterator, Optional, Sequence, Union
 from .errors import ImageError, path_error
 from .image import Image, open_image
 from .layer import IndexCache
-from .lowerview import LowerView, shared_view
+from .lowerview import LowerSnapshot, LowerView, shared_view
 from .paths import join, order_key
 from .reference import as_reference
 from .tarwrite import LayerTarWriter, write_tree
@@ -40,7 +40,7 @@ Source = Union[PathLike, Sequence[PathLike]]
 
 def open(source: Source, *, upper: Optional[PathLike] = None, tag: Optional[str] = None,
          platform: Optional[str] = None, cache=None, progress=None,
-         registry=None, readonly: bool = False) -> "FileSystem":
+         registry=None, readonly: bool = False, share_view: bool = True) -> "FileSystem":
     """Open an image as a filesystem.
 
     *source* names the image as :mod:`layerfs.reference` says: a string
@@ -66,6 +66,13 @@ def open(source: Source, *, upper: Optional[PathLike] = None, tag: Optional[str]
     recorded for another image.  With *readonly*, an existing *upper* is
     read as it is (nothing created, changed or locked: it may be mounted
     meanwhile) and every write raises ``OSError(EROFS)``.
+
+    Every filesystem of one image in a process shares one immutable view of
+    it; a writable one copies that view a directory at a time as it uses
+    it, so opening it does not cost the image's size.  With
+    ``share_view=False``, a writable filesystem copies the whole view at
+    open and shares nothing: less memory for a process that serves one
+    container and walks all of it (a mount daemon).
     """
     source = as_reference(source)
     if isinstance(cache, (str, bytes, os.PathLike)):
@@ -74,7 +81,7 @@ def open(source: Source, *, upper: Optional[PathLike] = None, tag: Optional[str]
         image = open_image(source, tag=tag, platform=platform, cache=cache,
                            progress=progress, registry=registry)
         try:
-            fs = FileSystem(image, shared=upper is None)
+            fs = FileSystem(image, shared=upper is None, share_view=share_view)
         except BaseException:
             image.close()
             raise
@@ -143,15 +150,22 @@ def build_tree(image: Image) -> tuple[Tree, Optional[dict]]:
 class FileSystem:
     """An image as one filesystem; see :func:`open`."""
 
-    def __init__(self, image: Image, tree: Optional[Tree] = None, *, shared: bool = False):
+    def __init__(self, image: Image, tree: Optional[Tree] = None, *, shared: bool = False,
+                 share_view: bool = True):
         """*tree*: the view to serve (default: the image's).  With *shared*
         (never to be given an upper), the tree is the process's shared
-        lower view itself; otherwise a private copy a writer may change."""
+        lower view itself; otherwise a copy a writer may change: lazy,
+        over the shared view, or with *share_view* false a whole private
+        copy."""
         self.image = image
         self.layers = image.layers
-        # What the image's layers show, shared with every filesystem of the
-        # same image in this process (the upper consults it).
-        self.lower = lower_view(image)
+        # What the image's layers show (the upper consults it): shared with
+        # every filesystem of the same image in this process, or a snapshot.
+        if tree is None and not shared and not share_view:
+            tree = build_tree(image)[0]
+            self.lower = LowerSnapshot(tree)
+        else:
+            self.lower = lower_view(image)
         if tree is None:
             tree = self.lower.tree if shared else self.lower.private_tree()
         self.tree = tree

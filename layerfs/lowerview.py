@@ -49,6 +49,29 @@ class LowerView(Mapping):
         return container_tree(self.tree)
 
 
+class LowerSnapshot(Mapping):
+    """What an image's layers show (path -> ``st_mode``), for a filesystem
+    that keeps a private tree and shares nothing (``share_view=False``):
+    taken from that tree before any change."""
+
+    tree = None
+
+    def __init__(self, tree: Tree):
+        self._modes = {path: node.mode for path, node in tree.nodes.items()}
+
+    def __getitem__(self, path: str) -> int:
+        return self._modes[path]
+
+    def __contains__(self, path: object) -> bool:
+        return path in self._modes
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._modes)
+
+    def __len__(self) -> int:
+        return len(self._modes)
+
+
 _views: "weakref.WeakValueDictionary[str, LowerView]" = weakref.WeakValueDictionary()
 _views_lock = threading.Lock()
 

@@ -175,3 +175,18 @@ def test_cli_store_option_and_bad_names(capsys, tmp_path, image):
     assert [c.name for c in layerfs.Store(store).list()] == ["c1"]
     code, _, err = run(capsys, "container", "create", "--store", store, image, "a/b")
     assert code == 1 and err.startswith("layerfs: invalid container name 'a/b'")
+
+
+def test_a_filesystem_that_shares_no_view_behaves_the_same(image, tmp_path):
+    from layerfs.lazytree import LazyNodes
+    from layerfs.lowerview import LowerSnapshot
+    results = []
+    for share in (True, False):
+        with layerfs.open(image, upper=tmp_path / f"u{share}", share_view=share) as fs:
+            assert isinstance(fs.tree.nodes, LazyNodes) == share
+            assert isinstance(fs.lower, LowerSnapshot) != share
+            fs.unlink("/README")
+            fs.write_text("/etc/new", "x")
+            fs.rename("/etc", "/etc2")
+            results.append((fs.diff(), sorted(fs.tree.nodes)))
+    assert results[0] == results[1]
