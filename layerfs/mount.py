@@ -636,8 +636,10 @@ def open_fs(progress=None, *, source, upper=None, tag=None, platform=None, cache
     if cache_dir is not None:
         from .layer import IndexCache
         cache = IndexCache(cache_dir)
+    # One container per daemon: a private tree costs less than the shared
+    # view plus lazy copies once a walk has reached everything (docs/benchmarks.md).
     return layerfs_fs.open(source, tag=tag, platform=platform, cache=cache, upper=upper,
-                           registry=registry, progress=progress)
+                           registry=registry, progress=progress, share_view=False)
 
 
 def absolute(path):
