@@ -110,6 +110,12 @@ def main(argv=None) -> int:
         _write_small(small)
         write_image(large, args.files)
         results = {"files": args.files, "open_seconds": {}, "heap_bytes": {}}
+        if args.mounted:     # first: the daemons fork from this process
+            pss = mounted_pss(large, scratch, tuple(int(c) for c in args.mounted.split(",")))
+            results["mounted_pss_bytes"] = {str(count): size for count, size in pss.items()}
+            for count, size in pss.items():
+                print(f"{count:3} mounted containers of the {args.files}-entry image: "
+                      f"{size / 2**20:8.1f} MiB PSS in total (after find)")
         for held in (False, True):
             for label, image in (("15", small), (str(args.files), large)):
                 times = open_times(image, cache, scratch, args.repeats, label, held)
@@ -123,12 +129,6 @@ def main(argv=None) -> int:
             results["heap_bytes"][str(count)] = size
             print(f"{count:3} containers of the {args.files}-entry image open: "
                   f"{size / 2**20:8.1f} MiB of Python heap")
-        if args.mounted:
-            pss = mounted_pss(large, scratch, tuple(int(c) for c in args.mounted.split(",")))
-            results["mounted_pss_bytes"] = {str(count): size for count, size in pss.items()}
-            for count, size in pss.items():
-                print(f"{count:3} mounted containers of the {args.files}-entry image: "
-                      f"{size / 2**20:8.1f} MiB PSS in total (after find)")
     if args.results:
         with open(args.results, "w") as stream:
             json.dump(results, stream, indent=1)
