@@ -401,9 +401,11 @@ def cmd_inspect(args) -> int:
     print_settings(settings)
     for number, layer in enumerate(report["layers"]):
         print(f"\nlayer {number}: {layer['digest']}")
-        print(f"  media type: {layer['media_type'] or '-'} ({layer['compression']})")
+        print(f"  media type: {layer['media_type'] or '-'} ({layer['compression']}"
+              f"{', ' + layer['toc'] if layer.get('toc') else ''})")
+        unpacked = layer["uncompressed_size"]     # None: a TOC layer, never decompressed
         print(f"  size:       {human_size(layer['size'])} "
-              f"({human_size(layer['uncompressed_size'])} uncompressed)")
+              f"({human_size(unpacked) if unpacked is not None else 'unknown'} uncompressed)")
         print(f"  diff_id:    {layer['diff_id']}")
         print(f"  entries:    {layer['entries']}: {len(layer['added'])} added, "
               f"{len(layer['changed'])} changed, {len(layer['deleted'])} deleted")
@@ -600,6 +602,7 @@ def inspect_report(fs) -> dict:
             "digest": layer.digest, "diff_id": layer.diff_id,
             "media_type": layer.media_type, "compression": layer.compression,
             "size": layer.size, "uncompressed_size": layer.uncompressed_size,
+            "toc": getattr(layer, "toc_format", None),
             "entries": layer.entry_count, "added": changes.added,
             "changed": changes.changed, "deleted": changes.deleted,
             "history": made_by,
@@ -882,9 +885,12 @@ def build_parser() -> argparse.ArgumentParser:
                                         "(an OCI layout at DEST)", "UPPER DEST",
                   tag_option="--from-tag")
     sub.add_argument("--tag", dest="tag_new", metavar="T", help="tag of the new image")
-    sub.add_argument("--compression", choices=["gzip", "zstd", "none"], default="gzip",
+    sub.add_argument("--compression", choices=["gzip", "zstd", "none", "estargz",
+                                               "zstd:chunked"], default="gzip",
                      type=str.lower, help="of the new layer (default: %(default)s, which "
-                                          "every tool reads)")
+                                          "every tool reads; estargz and zstd:chunked "
+                                          "add a table of contents for lazy reading and "
+                                          "stay valid gzip and zstd)")
     sub.add_argument("-m", "--message", help="a comment for the image history")
 
     sub = commands.add_parser("example", help="write a small example image (an OCI layout)",

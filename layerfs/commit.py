@@ -47,20 +47,27 @@ def changeset(fs) -> list:
 
 
 def write_layer(fs, stream, compression: Optional[str] = "gzip", progress=None,
-                clamp_mtime: Optional[int] = None) -> None:
+                clamp_mtime: Optional[int] = None) -> dict:
     """Write the upper layer of *fs* as a layer tar to *stream*; mtimes later
-    than *clamp_mtime* (seconds) are written as it."""
+    than *clamp_mtime* (seconds) are written as it.  Returns the annotations
+    the layer's descriptor must carry (an eStargz or zstd:chunked layer's
+    TOC digest or position; none for the other compressions)."""
     items = changeset(fs)
     total = sum(node.size for _, node in items if node is not None and node.children is None)
     writer = LayerTarWriter(stream, compression, clamp_mtime=clamp_mtime)
     write_tree(writer, items, fs.read_node, progress, total)
     writer.close()
+    return writer.annotations
 
 
 def commit(fs, dest, *, compression: Optional[str] = "gzip", tag: Optional[str] = None,
            message: Optional[str] = None, progress=None) -> CommitResult:
     """Write the upper layer of *fs* as a new layer on top of its image,
     into the OCI layout *dest* (created, or added to), tagged *tag*.
+
+    *compression*: ``"gzip"``, ``"zstd"``, None (a plain tar), or
+    ``"estargz"`` / ``"zstd:chunked"`` (a layer with a table of contents,
+    readable lazily; see docs/toc-layers.md).
 
     With ``$SOURCE_DATE_EPOCH`` set, the config's ``created`` is that date and
     later mtimes in the layer are written as it (``tar --clamp-mtime``), so
@@ -85,12 +92,13 @@ def commit(fs, dest, *, compression: Optional[str] = "gzip", tag: Optional[str] 
         history["comment"] = message
     try:
         with fs.upper.lock, open(temporary, "wb") as stream:
-            write_layer(fs, stream, compression, progress, clamp_mtime=epoch)
+            annotations = write_layer(fs, stream, compression, progress, clamp_mtime=epoch)
             stream.flush()
             os.fsync(stream.fileno())
         digest = write_oci_layout(dest, [temporary], base=fs.image, tag=tag,
                                   config=dict(fs.image.config, created=created),
-                                  history=[history])
+                                  history=[history],
+                                  layer_annotations=[annotations or None])
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)

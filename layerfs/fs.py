@@ -124,6 +124,8 @@ def build_tree(image: Image) -> tuple[Tree, Optional[dict]]:
     again restores it from one record, without reading any layer's entries.
     """
     cache = image.layers[0].cache if image.layers else None
+    if any(layer.cache is None for layer in image.layers):
+        cache = None    # a TOC layer's entries point at chunks, not tar offsets
     chain_hex = (image.chain_id() or "").partition(":")[2]
     if cache is not None:
         record = cache.load_view(chain_hex)

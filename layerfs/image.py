@@ -47,6 +47,7 @@ from .compression import detect_compression
 from .errors import DigestMismatchError, ImageError, UnsupportedImageError
 from .entry import HARDLINK, REGULAR
 from .layer import BlobSource, Layer, cache_root, open_layer
+from .tocopen import open_toc_layer
 from .paths import BadMemberName, normalize_member_name
 from .reference import (DOCKER, DOCKER_ARCHIVE, LAYERS, OCI, OCI_ARCHIVE, PATH,
                         as_reference)
@@ -814,7 +815,7 @@ class _Opener:
         sources = [self.store.source(self.blob(d, f"layer {i}"))
                    for i, d in enumerate(layer_descs)]
         layers = self.open_layers([
-            (src, d["digest"], diff_id, d.get("mediaType"))
+            (src, d["digest"], diff_id, d.get("mediaType"), d.get("annotations"))
             for src, d, diff_id in zip(sources, layer_descs, diff_ids)])
         return Image(layers, config, config_desc["digest"], manifest, digest, ref,
                      _config_platform(config), self.kind, self.store.label, sources)
@@ -890,11 +891,16 @@ class _Opener:
                           for i, s in enumerate(specs)])
 
     def open_layer(self, number: int, source: Any, digest: str | None, diff_id: str,
-                   media_type: str | None) -> Layer:
+                   media_type: str | None, annotations: dict | None = None) -> Layer:
+        label = f"{number} ({(digest or diff_id)[:19]})"
         try:
+            toc_layer = open_toc_layer(source, digest=digest, diff_id=diff_id,
+                                       media_type=media_type, annotations=annotations,
+                                       label=label)
+            if toc_layer is not None:       # eStargz, zstd:chunked: read from the TOC
+                return toc_layer            # type: ignore[return-value]
             return open_layer(source, digest=digest, diff_id=diff_id, media_type=media_type,
-                              label=f"{number} ({(digest or diff_id)[:19]})",
-                              **self.layer_args)
+                              label=label, **self.layer_args)
         except DigestMismatchError as error:
             discard = getattr(self.store, "discard", None)
             if discard is None or digest is None:

@@ -68,7 +68,8 @@ class _Plan:
 def write_oci_layout(dest_dir: str | os.PathLike, layer_blobs: Sequence[LayerBlob], *,
                      config: dict | None = None, tag: str | None = None,
                      base: Image | None = None, history: Sequence[dict] | None = None,
-                     media_types: str = "oci") -> str:
+                     media_types: str = "oci",
+                     layer_annotations: Sequence[dict | None] | None = None) -> str:
     """Write an image to the OCI layout *dest_dir* and return its manifest digest.
 
     The image is *base*'s layers (if given) then *layer_blobs* (layer tar
@@ -80,10 +81,15 @@ def write_oci_layout(dest_dir: str | os.PathLike, layer_blobs: Sequence[LayerBlo
     ``"docker"``.  An existing layout is added to: its blobs stay, and its
     index keeps every entry but the one tagged *tag*.
 
+    *layer_annotations* (one dict or None per new layer) become the
+    annotations of their descriptors (an eStargz or zstd:chunked layer's
+    TOC digest and position); *base*'s layers keep the annotations its
+    manifest gave them.
+
     Layer blobs are hardlinked into the layout where possible (else copied):
     do not modify the given files afterwards.
     """
-    plan = _plan(layer_blobs, config, base, history, media_types)
+    plan = _plan(layer_blobs, config, base, history, media_types, layer_annotations)
     dest = os.fspath(dest_dir)
     os.makedirs(os.path.join(dest, "blobs", "sha256"), exist_ok=True)
     for blob in plan.layers:
@@ -190,7 +196,8 @@ def write_docker_archive(dest_tar: str | os.PathLike, layer_blobs: Sequence[Laye
 # -- the plan -------------------------------------------------------------------
 
 def _plan(layer_blobs: Sequence[LayerBlob], config: dict | None, base: Image | None,
-          history: Sequence[dict] | None, media_types: str) -> _Plan:
+          history: Sequence[dict] | None, media_types: str,
+          layer_annotations: Sequence[dict | None] | None = None) -> _Plan:
     if media_types not in _MEDIA_TYPES:
         raise ValueError(f"media_types must be one of {sorted(_MEDIA_TYPES)}, not {media_types!r}")
     if history is not None and len(history) != len(layer_blobs):
@@ -208,7 +215,9 @@ def _plan(layer_blobs: Sequence[LayerBlob], config: dict | None, base: Image | N
         "schemaVersion": 2,
         "mediaType": manifest_type,
         "config": descriptor(config_type, digest_bytes(config_bytes), len(config_bytes)),
-        "layers": [descriptor(layer_types[b.compression], b.digest, b.size) for b in layers],
+        "layers": [_layer_descriptor(layer_types[b.compression], b, annotations)
+                   for b, annotations in zip(layers, _annotations(
+                       base, len(base_layers), layer_annotations, len(layer_blobs)))],
     }
     manifest_bytes = canonical_json(manifest)
     platform = {"architecture": cfg["architecture"], "os": cfg["os"]}
@@ -218,6 +227,27 @@ def _plan(layer_blobs: Sequence[LayerBlob], config: dict | None, base: Image | N
     return _Plan(tuple(layers), config_bytes, manifest["config"]["digest"], manifest_bytes,
                  manifest_digest, descriptor(manifest_type, manifest_digest,
                                              len(manifest_bytes), platform=platform))
+
+
+def _layer_descriptor(media_type: str, blob: _Blob, annotations: dict | None) -> dict:
+    if annotations:
+        return descriptor(media_type, blob.digest, blob.size, annotations=dict(annotations))
+    return descriptor(media_type, blob.digest, blob.size)
+
+
+def _annotations(base: Image | None, base_count: int,
+                 new: Sequence[dict | None] | None, new_count: int) -> list:
+    """One annotations dict (or None) per layer, base first."""
+    if new is not None and len(new) != new_count:
+        raise ValueError(f"{len(new)} layer annotations for {new_count} layers")
+    kept = []
+    if base is not None and base_count:
+        descriptors = (base.manifest or {}).get("layers") if isinstance(
+            base.manifest, dict) else None
+        if not isinstance(descriptors, list) or len(descriptors) != base_count:
+            descriptors = [None] * base_count
+        kept = [d.get("annotations") if isinstance(d, dict) else None for d in descriptors]
+    return kept + list(new if new is not None else [None] * new_count)
 
 
 def _config(start: dict, layers: list[_Blob], history: Sequence[dict] | None,

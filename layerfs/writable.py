@@ -163,7 +163,9 @@ def _open(fs, path: str, flags: int, mode: int) -> Handle:
     fd = upper.open_data(node)
     handle = Handle(fs, node, real, flags, fd)
     if flags & os.O_TRUNC and node.size:
-        handle.truncate(0)
+        # Also for O_RDONLY | O_TRUNC, which truncates on Linux (the kernel
+        # has checked write permission): not through the read-only handle.
+        upper.truncate_data(node, fd, 0)
     return handle
 
 

@@ -1,0 +1,225 @@
+"""Opening a layer from its table of contents: where the TOC is, and
+whether to trust it (see :mod:`layerfs.toc` for the model, and
+docs/toc-layers.md).
+
+:func:`open_toc_layer` looks at a layer descriptor's annotations first and
+at the blob's last bytes second; it fetches only the footer and the TOC
+through the blob source's ``read_at``, checks the TOC against the digest the
+annotation gives (or, with no annotation, the whole blob against the layer
+digest) and returns a :class:`~layerfs.toc.TocLayer`, or None for a layer
+without a TOC, which the caller reads as a plain layer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any, Optional
+
+from . import estargz, zstdchunked
+from .entry import REGULAR, Entry
+from .errors import DigestMismatchError, InvalidLayerError
+from .toc import MAX_TOC_SIZE, Chunk, TocLayer, build_entries, sha256_digest
+
+
+class FileBlob:
+    """A blob source over a local file range (``size``, ``digest``,
+    ``label``, ``read_at``), for callers that hand a path or a
+    :class:`layerfs.layer.BlobSource`."""
+
+    def __init__(self, path: str, offset: int = 0, size: Optional[int] = None,
+                 digest: Optional[str] = None, label: Optional[str] = None):
+        self.path = path
+        self.offset = offset
+        self.digest = digest
+        self.label = label or path
+        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self.size = size if size is not None else os.fstat(self._fd).st_size - offset
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        length = min(length, self.size - offset)
+        if length <= 0:
+            return b""
+        parts = []
+        while length > 0:
+            data = os.pread(self._fd, length, self.offset + offset)
+            if not data:
+                break
+            parts.append(data)
+            offset += len(data)
+            length -= len(data)
+        return b"".join(parts)
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
+def toc_format_of(annotations: Optional[dict]) -> Optional[str]:
+    """``"estargz"`` or ``"zstd:chunked"`` where a layer descriptor's
+    annotations say so, else None."""
+    annotations = annotations if isinstance(annotations, dict) else {}
+    if zstdchunked.POSITION_ANNOTATION in annotations and \
+            zstdchunked.CHECKSUM_ANNOTATION in annotations:
+        return "zstd:chunked"
+    if estargz.TOC_DIGEST_ANNOTATION in annotations:
+        return "estargz"
+    return None
+
+
+def open_toc_layer(source, *, digest: Optional[str], diff_id: Optional[str] = None,
+                   media_type: Optional[str] = None, annotations: Optional[dict] = None,
+                   label: Optional[str] = None, sniff: bool = True) -> Optional[TocLayer]:
+    """The layer of *source* (a blob source, a path or a
+    :class:`layerfs.layer.BlobSource`) read from its table of contents, or
+    None where it has none (the caller then reads it as a plain layer).
+
+    With the descriptor's annotation, only the TOC is fetched (and, for
+    eStargz, the 51-byte footer) and checked against the annotation's digest.
+    Without it (*sniff*), the blob's last 72 bytes are looked at; where they
+    are an eStargz or zstd:chunked footer, the whole blob is read once and
+    checked against *digest* (no digest: None, a plain read)."""
+    blob, closers = _as_blob(source, digest, label)
+    label = label or blob.label
+    try:
+        fmt = toc_format_of(annotations)
+        if fmt is None and sniff and digest:
+            fmt = _sniff(blob)
+            if fmt is not None:
+                _verify_whole(blob, digest, label)
+                annotations = {}
+        if fmt is None:
+            for close in closers:
+                close()
+            return None
+        annotations = annotations or {}
+        if fmt == "estargz":
+            entries, chunk_lists, decompress = _read_estargz(blob, annotations, label)
+            compression = "gzip"
+        else:
+            entries, chunk_lists, decompress = _read_zstd_chunked(blob, annotations, label)
+            compression = "zstd"
+    except BaseException:
+        for close in closers:
+            close()
+        raise
+    return TocLayer(blob=blob, label=label, digest=digest or blob.digest or "", diff_id=diff_id,
+                    media_type=media_type, compression=compression, toc_format=fmt,
+                    entries=entries, chunk_lists=chunk_lists, decompress=decompress,
+                    closers=closers)
+
+
+def _as_blob(source, digest: Optional[str], label: Optional[str]) -> tuple[Any, list]:
+    if hasattr(source, "read_at"):
+        return source, []
+    path = getattr(source, "path", None)
+    if path is not None:
+        blob = FileBlob(path, source.offset, source.size, digest, label)
+    else:
+        blob = FileBlob(os.fspath(source), digest=digest, label=label)
+    return blob, [blob.close]
+
+
+def _sniff(blob) -> Optional[str]:
+    if blob.size < zstdchunked.FOOTER_SIZE:
+        return None
+    tail = blob.read_at(blob.size - zstdchunked.FOOTER_SIZE, zstdchunked.FOOTER_SIZE)
+    if zstdchunked.parse_footer(tail) is not None:
+        return "zstd:chunked"
+    if estargz.parse_footer(tail[-estargz.FOOTER_SIZE:]) is not None:
+        return "estargz"
+    return None
+
+
+def _verify_whole(blob, digest: str, label: str) -> None:
+    """The TOC is trusted because the whole blob matches *digest*."""
+    algorithm, _, expected = digest.partition(":")
+    if algorithm != "sha256":
+        raise InvalidLayerError(f"digest {digest!r}: only sha256 is supported", layer=label)
+    hasher = hashlib.sha256()
+    position = 0
+    while position < blob.size:
+        data = blob.read_at(position, min(1 << 20, blob.size - position))
+        if not data:
+            raise InvalidLayerError(f"blob ends at {position} of {blob.size} bytes",
+                                    layer=label)
+        hasher.update(data)
+        position += len(data)
+    if hasher.hexdigest() != expected:
+        raise DigestMismatchError(f"blob is sha256:{hasher.hexdigest()}, not {digest}",
+                                  layer=label)
+
+
+def _fetch(blob, offset: int, length: int, what: str, label: str) -> bytes:
+    if offset < 0 or length < 0 or offset + length > blob.size:
+        raise InvalidLayerError(f"{what} at {offset} (+{length}) lies outside the "
+                                f"{blob.size}-byte blob", layer=label)
+    data = blob.read_at(offset, length)
+    if len(data) != length:
+        raise InvalidLayerError(f"blob ends inside the {what}", layer=label)
+    return data
+
+
+def _read_estargz(blob, annotations: dict, label: str):
+    if blob.size < estargz.FOOTER_SIZE:
+        raise InvalidLayerError("blob is too short for an eStargz footer", layer=label)
+    toc_end = blob.size - estargz.FOOTER_SIZE
+    toc_offset = estargz.parse_footer(_fetch(blob, toc_end, estargz.FOOTER_SIZE,
+                                             "footer", label))
+    if toc_offset is None or toc_offset >= toc_end:
+        raise InvalidLayerError("the descriptor says eStargz but the blob ends with no "
+                                "eStargz footer", layer=label)
+    raw = _fetch(blob, toc_offset, toc_end - toc_offset, "TOC", label)
+    try:
+        member = estargz.decompress_member(raw, MAX_TOC_SIZE + (1 << 20))
+    except InvalidLayerError as error:
+        raise InvalidLayerError(f"TOC: {error.reason}", layer=label) from None
+    data, info = estargz.read_toc_member(member, label)
+    expected = annotations.get(estargz.TOC_DIGEST_ANNOTATION)
+    if expected is not None and sha256_digest(data) != expected:
+        raise DigestMismatchError(f"the table of contents is {sha256_digest(data)}, not "
+                                  f"{expected} as the descriptor's "
+                                  f"{estargz.TOC_DIGEST_ANNOTATION} says", layer=label)
+    toc = estargz.parse_toc(data, label)
+    entries, chunk_lists = build_entries(toc, label, estargz.chunk_ranges(toc, toc_offset))
+    # The TOC is the tar's last member: shown as any reader of the tar shows it.
+    mtime = info.pax_headers.get("mtime")
+    mtime_ns = _pax_mtime_ns(mtime) if mtime else int(info.mtime) * 1_000_000_000
+    entries.append(Entry("/" + estargz.TOC_NAME, REGULAR, info.mode & 0o7777, info.uid,
+                         info.gid, mtime_ns, len(data), "", 0, None, len(chunk_lists)))
+    chunk_lists.append((Chunk((0, len(data), toc_offset, toc_end, info.offset_data,
+                               sha256_digest(data), False)),) if data else ())
+    return entries, chunk_lists, estargz.decompress_member
+
+
+def _pax_mtime_ns(text: str) -> int:
+    seconds, _, fraction = text.partition(".")
+    return int(seconds) * 1_000_000_000 + int((fraction[:9] or "0").ljust(9, "0"))
+
+
+def _read_zstd_chunked(blob, annotations: dict, label: str):
+    position = annotations.get(zstdchunked.POSITION_ANNOTATION)
+    if position is not None:
+        offset, length, uncompressed, kind = zstdchunked.parse_position(position, label)
+    else:
+        if blob.size < zstdchunked.FOOTER_SIZE:
+            raise InvalidLayerError("blob is too short for a zstd:chunked footer", layer=label)
+        found = zstdchunked.parse_footer(_fetch(
+            blob, blob.size - zstdchunked.FOOTER_SIZE, zstdchunked.FOOTER_SIZE,
+            "footer", label))
+        if found is None:
+            raise InvalidLayerError("no zstd:chunked footer", layer=label)
+        offset, length, uncompressed, kind = found
+    if kind != zstdchunked.MANIFEST_TYPE_CRFS:
+        raise InvalidLayerError(f"zstd:chunked manifest type {kind} is not 1 (CRFS)",
+                                layer=label)
+    raw = _fetch(blob, offset, length, "manifest", label)
+    expected = annotations.get(zstdchunked.CHECKSUM_ANNOTATION)
+    if expected is not None and sha256_digest(raw) != expected:
+        raise DigestMismatchError(f"the table of contents is {sha256_digest(raw)}, not "
+                                  f"{expected} as the descriptor's "
+                                  f"{zstdchunked.CHECKSUM_ANNOTATION} says", layer=label)
+    manifest = zstdchunked.read_manifest(raw, uncompressed, label)
+    entries, chunk_lists = build_entries(manifest, label, zstdchunked.chunk_ranges)
+    return entries, chunk_lists, zstdchunked.decompress_frames
