@@ -112,7 +112,19 @@ def lower_view(image: Image) -> LowerView:
     """The process's shared, immutable merged view of *image*'s layers
     (:mod:`layerfs.lowerview`), built by :func:`build_tree` if no open
     filesystem of the same ChainID holds one."""
-    return shared_view(image.chain_id(), lambda: build_tree(image))
+    return shared_view(view_key(image), lambda: build_tree(image))
+
+
+def view_key(image: Image) -> Optional[str]:
+    """What two images must have in common to share a view: the ChainID
+    (the same uncompressed layers), and the blob digest of each layer read
+    through a table of contents (with no index cache), whose entries point
+    at the blob's own chunks rather than at offsets of the layer's tar."""
+    chain_id = image.chain_id()
+    if not chain_id:
+        return None
+    blobs = [layer.digest or "?" for layer in image.layers if layer.cache is None]
+    return " ".join([chain_id, *blobs])
 
 
 def build_tree(image: Image) -> tuple[Tree, Optional[dict]]:

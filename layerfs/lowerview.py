@@ -4,7 +4,9 @@ Every filesystem of an image shares its :class:`LowerView`: a read-only
 filesystem looks paths up in its tree directly; a writable one (a
 container) consults it, as overlayfs consults its lower layers, to know
 what the image shows beneath the upper (``path -> st_mode``), and starts
-its own tree from it, copied lazily (:mod:`layerfs.lazytree`).  Views are found by ChainID: two
+its own tree from it, copied lazily (:mod:`layerfs.lazytree`).  Views are
+found by a key naming what decides their nodes (``layerfs.fs.view_key``: the
+ChainID, and the blob of each layer read through a table of contents): two
 images with the same layers share one.  Nothing here ever changes a view's
 tree; a view lives as long as a filesystem uses it.
 
@@ -76,15 +78,16 @@ _views: "weakref.WeakValueDictionary[str, LowerView]" = weakref.WeakValueDiction
 _views_lock = threading.Lock()
 
 
-def shared_view(chain_id: Optional[str],
+def shared_view(key: Optional[str],
                 build: Callable[[], tuple[Tree, Optional[dict]]]) -> LowerView:
-    """The process's view of the image whose ChainID is *chain_id*, made
-    with ``build() -> (tree, record or None)`` if no filesystem holds one
-    (and always without a ChainID: nothing to share it by)."""
+    """The process's view of the image *key* names (its ChainID, and what
+    else decides the nodes' data references: ``layerfs.fs.view_key``),
+    made with ``build() -> (tree, record or None)`` if no filesystem holds
+    one (and always without a key: nothing to share it by)."""
     with _views_lock:
-        view = _views.get(chain_id) if chain_id else None
+        view = _views.get(key) if key else None
         if view is None:
             view = LowerView(*build())
-            if chain_id:
-                _views[chain_id] = view
+            if key:
+                _views[key] = view
         return view

@@ -97,3 +97,21 @@ def test_concurrent_lookups_make_one_copy_of_each_node():
         assert all(a is b for a, b in zip(found, seen[0], strict=True))
     assert all(tree.root.children["big"].children[f"f{n}"] is node
                for n, node in zip(range(0, 2000, 7), seen[0]))
+
+
+def test_images_share_a_view_only_where_their_nodes_would_be_equal():
+    """The same ChainID is not enough when a layer is read through its table
+    of contents: its nodes point at the blob's chunks, so the blob counts."""
+    from types import SimpleNamespace as Fake
+    from layerfs.fs import view_key
+    plain = Fake(cache=object(), digest="sha256:gzip")
+    toc = Fake(cache=None, digest="sha256:chunked")
+    other_toc = Fake(cache=None, digest="sha256:chunked2")
+
+    def image(*layers):
+        return Fake(chain_id=lambda: "sha256:c", layers=list(layers))
+
+    assert view_key(image(plain)) == view_key(image(Fake(cache=object(), digest="sha256:z")))
+    assert len({view_key(image(plain)), view_key(image(toc)),
+                view_key(image(other_toc))}) == 3
+    assert view_key(Fake(chain_id=lambda: None, layers=[])) is None
