@@ -19,7 +19,9 @@ tree as a plain, mutable tree.
 * :class:`LazyChildren` is a directory's ``children`` dict, filled with
   copies of the base directory's children on first use of any method;
 * :class:`LazyNodes` is the tree's ``path -> node`` dict: a miss fills the
-  directories on the way to the path, then looks again.
+  directories on the way to the path, then looks again; the names of a
+  hardlinked inode are found from its base node's names, not by copying
+  everything.
 
 Filling happens under one lock per tree (two threads must not make two
 copies of one node); a filled dict answers without it.  Whole-tree walks
@@ -45,12 +47,14 @@ class _Copier:
     """What the lazy dicts of one container share: the copies made so far
     of base nodes with several names, the tree's ``nodes``, the lock."""
 
-    __slots__ = ("nodes", "lock", "shared")
+    __slots__ = ("nodes", "lock", "shared", "base_of", "base_tree")
 
-    def __init__(self) -> None:
+    def __init__(self, base_tree: Tree) -> None:
         self.nodes: "LazyNodes" = None      # set by container_tree
         self.lock = threading.RLock()
+        self.base_tree = base_tree
         self.shared: dict[int, Node] = {}   # id(base node) -> its copy, nlink > 1 only
+        self.base_of: dict[int, Node] = {}  # the reverse, id(copy) -> base node
 
     def copy(self, base: Node, path: str) -> Node:
         if base.children is None and base.nlink > 1:
@@ -81,6 +85,7 @@ class _Copier:
             node.children = None
             if base.nlink > 1:
                 self.shared[id(base)] = node
+                self.base_of[id(node)] = base
         return node
 
 
@@ -233,6 +238,18 @@ class LazyNodes(dict):
                                  if child.children is not None)
             self._complete = True
 
+    def names_of(self, node: Node) -> list[str]:
+        """Every path naming *node* (:meth:`Tree.names_of`), without copying
+        the whole view: the names its base node had are copied (so they
+        are all here, unless removed), then the copied paths are scanned."""
+        copier = self._copier
+        base = copier.base_of.get(id(node))
+        if base is not None:
+            for path, candidate in copier.base_tree.nodes.items():
+                if candidate is base:
+                    self.get(path)
+        return sorted(path for path, candidate in dict.items(self) if candidate is node)
+
     def get(self, path, default=None):
         node = _dict_get(self, path)
         if node is None:
@@ -282,7 +299,7 @@ for _name in ("keys", "values", "items", "copy"):
 def container_tree(base: Tree) -> Tree:
     """A tree equal to *base* that copies it lazily (see the module's
     docstring); *base* is never changed through it."""
-    copier = _Copier()
+    copier = _Copier(base)
     tree = Tree.__new__(Tree)
     base_root = base.root
     root = Node.__new__(Node)

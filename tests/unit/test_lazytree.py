@@ -115,3 +115,18 @@ def test_images_share_a_view_only_where_their_nodes_would_be_equal():
     assert len({view_key(image(plain)), view_key(image(toc)),
                 view_key(image(other_toc))}) == 3
     assert view_key(Fake(chain_id=lambda: None, layers=[])) is None
+
+
+def test_the_names_of_a_hardlinked_inode_are_found_without_copying_everything():
+    base = Tree()
+    base.apply_layer([d("/a"), f("/a/x"), d("/b"), d("/far")]
+                     + [f(f"/far/f{n}") for n in range(500)]
+                     + [Entry("/b/y", HARDLINK, 0o644, 0, 0, 0, linkname="/a/x")], 0, "base")
+    tree = container_tree(base)
+    node = tree.nodes["/a/x"]
+    assert tree.names_of(node) == ["/a/x", "/b/y"]
+    assert "/far/f1" not in dict.keys(tree.nodes)
+    tree.insert("/c", node)
+    tree.remove("/a/x")
+    assert tree.names_of(node) == ["/b/y", "/c"] and node.nlink == 2
+    assert dict.__len__(tree.nodes) < 20
