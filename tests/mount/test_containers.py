@@ -186,3 +186,22 @@ def read_in_chroot(root: str, path: str) -> str:
         data = stream.read()
     os.waitpid(pid, 0)
     return data.decode()
+
+
+def test_mount_with_an_upper_takes_volumes_too(env, tmp_path):
+    image, mountpoint = env
+    host = tmp_path / "host"
+    host.mkdir()
+    m1 = mountpoint("m1")
+    cli("mount", "--upper", str(tmp_path / "upper"), image, m1, "-v", f"{host}:/data:ro",
+        "-v", f"{host}:/rw")
+    with open(os.path.join(m1, "rw", "f"), "w") as stream:
+        stream.write("through the volume\n")
+    with open(os.path.join(m1, "data", "f")) as stream:
+        assert stream.read() == "through the volume\n"
+    with pytest.raises(OSError) as caught:
+        os.unlink(os.path.join(m1, "data", "f"))
+    assert caught.value.errno == 30      # EROFS
+    cli("umount", m1)
+    assert not is_mounted(m1) and (host / "f").exists()
+    assert not any(str(host) in line for line in open("/proc/self/mountinfo"))
