@@ -182,10 +182,24 @@ def parse_bool(text: str) -> bool:
 
 
 def cache_from(args):
-    if args.cache_dir is None:
+    """The cache of ``--cache-dir`` / ``--cache-size``; with
+    ``--max-layer-size``, the limit for every layer this run opens."""
+    from .cache import parse_size
+    from .compression import MAX_SIZE_ENV
+    sizes = {}
+    for option in ("cache_size", "max_layer_size"):
+        text = getattr(args, option, None)
+        if text is not None:
+            try:
+                sizes[option] = parse_size(text)
+            except ValueError as error:
+                raise UsageError(f"--{option.replace('_', '-')}: {error}") from None
+    if "max_layer_size" in sizes:
+        os.environ[MAX_SIZE_ENV] = str(sizes["max_layer_size"])
+    if args.cache_dir is None and "cache_size" not in sizes:
         return None
-    from .layer import IndexCache
-    return IndexCache(args.cache_dir)
+    from .cache import IndexCache
+    return IndexCache(args.cache_dir, size=sizes.get("cache_size"))
 
 
 # -- commands ----------------------------------------------------------
@@ -720,6 +734,7 @@ def cmd_mount(args) -> int:
     from .mount import mount
     operands = take_image(args, ["MOUNTPOINT"])
     volumes = parsed_volumes(args)
+    cache_from(args)     # records --cache-size, passes --max-layer-size on
     progress = ProgressBar("indexing")
     try:
         mount(operands.image, operands.rest[0], upper=args.upper,
@@ -813,6 +828,12 @@ def build_parser() -> argparse.ArgumentParser:
                                             "(default: this machine's)")
         sub.add_argument("--cache-dir", help="index cache directory (default: "
                                              "$LAYERFS_CACHE_DIR or ~/.cache/layerfs)")
+        sub.add_argument("--cache-size", metavar="SIZE",
+                         help="record a budget for the cache directory (500M, 20G; "
+                              "default: $LAYERFS_CACHE_SIZE, else a tenth of its disk)")
+        sub.add_argument("--max-layer-size", metavar="SIZE",
+                         help="refuse a compressed layer that expands beyond SIZE "
+                              "(default: $LAYERFS_MAX_LAYER_SIZE, else 64G)")
         add_registry_options(sub)
         sub.add_argument("--offline", action="store_true",
                          help="docker://: use only what is cached (a tag resolves to the "
@@ -957,6 +978,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--every", action="store_true",
                      help="every layerfs mount on the machine, whoever started it")
 
+    from .cachecli import add_parser as add_cache_parser
+    add_cache_parser(commands)
     from .containercli import add_commands as add_container_commands
     add_container_commands(commands, add_registry_options)
     return parser

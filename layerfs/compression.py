@@ -33,10 +33,11 @@ from __future__ import annotations
 import hashlib
 import os
 import zlib
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import zstandard
 
+from layerfs.blobsource import Blob
 from layerfs.errors import InvalidLayerError
 
 NONE = "none"
@@ -50,6 +51,7 @@ DEFAULT_MAX_SIZE = 64 << 30
 MAX_SIZE_ENV = "LAYERFS_MAX_LAYER_SIZE"
 
 CHUNK = 1 << 20            # bytes read or produced per step
+SUM_CHUNK = 1 << 20        # blob bytes per recorded checksum (chunk_sums=True)
 PROGRESS_STEP = 4 << 20    # call progress() about this often (blob bytes)
 
 Progress = Callable[[int, int], None]
@@ -74,23 +76,41 @@ def max_layer_size(max_size: Optional[int] = None) -> int:
     if not text:
         return DEFAULT_MAX_SIZE
     try:
-        value = int(text)
+        from .cache import parse_size
+        value = parse_size(text)
     except ValueError:
-        raise ValueError(f"{MAX_SIZE_ENV}={text!r} is not a number of bytes") from None
+        raise ValueError(f"{MAX_SIZE_ENV}={text!r} is not a size (bytes, or 500M, 20G)") from None
     if value <= 0:
         raise ValueError(f"{MAX_SIZE_ENV}={text!r} must be positive")
     return value
 
 
-class _RawInput:
-    """The blob as stored: a byte range of an open file, read in order with
-    ``os.pread`` (no shared file position), hashed as it passes."""
+class _FdBlob:
+    """A byte range of an open descriptor, as a blob source (what callers
+    that hand :class:`BlobStream` a descriptor get)."""
 
-    def __init__(self, fd: int, offset: int, size: int,
-                 progress: Optional[Progress]):
-        self._fd = fd
-        self._offset = offset
-        self.size = size
+    def __init__(self, fd: int, offset: int, size: int, label: str):
+        self._fd, self._offset, self.size, self.label = fd, offset, size, label
+        self.digest = None
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        length = min(length, self.size - offset)
+        if length <= 0:
+            return b""
+        return os.pread(self._fd, length, self._offset + offset)
+
+
+class _RawInput:
+    """The blob as stored, read in order through its blob source's
+    ``read_at`` (no shared file position), hashed as it passes."""
+
+    def __init__(self, blob: Blob, progress: Optional[Progress],
+                 chunk_sums: bool = False):
+        self._blob = blob
+        self.size = blob.size
+        self.sums = [] if chunk_sums else None    # sha256 of each SUM_CHUNK bytes
+        self._chunk_hasher = hashlib.sha256()
+        self._chunk_left = SUM_CHUNK
         self.done = 0
         self.hasher = hashlib.sha256()
         self._progress = progress
@@ -101,14 +121,28 @@ class _RawInput:
         n = min(n, self.size - self.done)
         if n <= 0:
             return b""
-        data = os.pread(self._fd, n, self._offset + self.done)
+        data = self._blob.read_at(self.done, n)
         if not data:
             return b""   # the file shrank under us; the caller reports truncation
         self.done += len(data)
         self.hasher.update(data)
+        if self.sums is not None:
+            self._sum(data)
         if self._progress is not None and self.done >= self._next_report:
             self._report()
         return data
+
+    def _sum(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            piece = view[:self._chunk_left]
+            self._chunk_hasher.update(piece)
+            self._chunk_left -= len(piece)
+            view = view[len(piece):]
+            if self._chunk_left == 0 or self.done == self.size and not view:
+                self.sums.append(self._chunk_hasher.digest())
+                self._chunk_hasher = hashlib.sha256()
+                self._chunk_left = SUM_CHUNK
 
     def _report(self) -> None:
         self._next_report = self.done + PROGRESS_STEP
@@ -129,6 +163,7 @@ class _GzipDecoder:
         self._obj = zlib.decompressobj(31)
         self._pending = b""
         self._done = False
+        self.data_end = raw.size   # where the last member ends (zero padding after it)
 
     def __call__(self) -> bytes:
         while not self._done:
@@ -158,6 +193,7 @@ class _GzipDecoder:
             self._obj = zlib.decompressobj(31)
             self._pending = rest
             return
+        self.data_end = self._raw.done - len(rest)
         while rest:
             if rest.count(0) != len(rest):
                 raise _invalid(self._label, "garbage after the end of the gzip stream")
@@ -167,8 +203,11 @@ class _GzipDecoder:
 
 class _ZstdFrames:
     """Follows zstd frame and block headers over the compressed bytes, to
-    know whether the input stopped on a frame boundary.  It only skips
-    over block contents; decoding and checksums are zstandard's job."""
+    know whether the input stopped on a frame boundary, and where each
+    data frame starts with the content size its header declares
+    (:attr:`frames`: ``[(offset, size or None)]``, the seek points of a
+    multi-frame blob).  It only skips over block contents; decoding and
+    checksums are zstandard's job."""
 
     _SKIPPABLE_MASK = 0xFFFFFFF0
     _SKIPPABLE_MAGIC = 0x184D2A50
@@ -181,6 +220,10 @@ class _ZstdFrames:
         self._step = self._on_magic  # what to do with that field
         self._skip = 0               # content bytes to pass over first
         self._checksum = False
+        self._fed = 0                # compressed bytes seen before this feed
+        self._field_start = 0        # blob offset of the field being gathered
+        self._fhd = 0
+        self.frames: list = []
 
     def feed(self, data: bytes) -> None:
         pos, end = 0, len(data)
@@ -190,12 +233,15 @@ class _ZstdFrames:
                 self._skip -= taken
                 pos += taken
                 continue
+            if not self._pending:
+                self._field_start = self._fed + pos
             want = self._need - len(self._pending)
             self._pending += data[pos:pos + want]
             pos += want
             if len(self._pending) == self._need:
                 field, self._pending = self._pending, b""
                 self._step(field)
+        self._fed += end
 
     def finish(self) -> None:
         at_boundary = (self._step == self._on_magic and not self._pending
@@ -209,6 +255,7 @@ class _ZstdFrames:
     def _on_magic(self, field: bytes) -> None:
         magic = int.from_bytes(field, "little")
         if magic == self._MAGIC:
+            self.frames.append((self._field_start, None))
             self._expect(1, self._on_descriptor)
         elif magic & self._SKIPPABLE_MASK == self._SKIPPABLE_MAGIC:
             self._expect(4, self._on_skippable_size)
@@ -226,7 +273,20 @@ class _ZstdFrames:
         rest = (0 if single_segment else 1)               # window descriptor
         rest += (0, 1, 2, 4)[fhd & 0x03]                   # dictionary id
         rest += (1 if single_segment else 0, 2, 4, 8)[fhd >> 6]  # content size
-        self._skip = rest
+        self._fhd = fhd
+        if rest:
+            self._expect(rest, self._on_header_rest)
+        else:
+            self._expect(3, self._on_block)
+
+    def _on_header_rest(self, field: bytes) -> None:
+        fhd = self._fhd
+        fcs_size = (1 if fhd & 0x20 else 0, 2, 4, 8)[fhd >> 6]
+        if fcs_size:
+            size = int.from_bytes(field[len(field) - fcs_size:], "little")
+            if fcs_size == 2:
+                size += 256
+            self.frames[-1] = (self.frames[-1][0], size)
         self._expect(3, self._on_block)
 
     def _on_block(self, field: bytes) -> None:
@@ -268,19 +328,23 @@ class _ZstdDecoder:
 class BlobStream:
     """The uncompressed tar stream of a blob, read once from front to back.
 
-    *fd* is an open file; the blob is its *size* bytes from *offset*.  Every
+    *source* is a blob source (:mod:`layerfs.blobsource`), or an open
+    descriptor whose *size* bytes from *offset* are the blob.  Every
     uncompressed chunk is passed to *sink* (if given) as it is produced, and
     *progress(done, total)* (blob bytes) is called every few MiB.  After
     :meth:`drain`, :attr:`digest`, :attr:`diff_id` (hex) and
     :attr:`uncompressed_size` are final.
     """
 
-    def __init__(self, fd: int, *, size: int, offset: int = 0, label: str,
+    def __init__(self, source: Union[int, Blob], *, size: Optional[int] = None,
+                 offset: int = 0, label: Optional[str] = None,
                  max_size: Optional[int] = None, sink: Optional[Sink] = None,
-                 progress: Optional[Progress] = None):
-        self.label = label
-        self._raw = _RawInput(fd, offset, size, progress)
-        head = os.pread(fd, min(4, size), offset)
+                 progress: Optional[Progress] = None, chunk_sums: bool = False):
+        if isinstance(source, int):
+            source = _FdBlob(source, offset, size, label or f"fd {source}")
+        self.label = label = label or source.label
+        self._raw = _RawInput(source, progress, chunk_sums)
+        head = source.read_at(0, 4)
         self.compression = detect_compression(head)
         if self.compression == GZIP:
             self._next_chunk = _GzipDecoder(self._raw, label)
@@ -317,7 +381,8 @@ class BlobStream:
         if self._diff_hasher is not None:
             if self._produced > self._max_size:
                 raise _invalid(self.label, "uncompressed size exceeds the limit of "
-                               f"{self._max_size} bytes (see {MAX_SIZE_ENV})")
+                               f"{self._max_size} bytes (see --max-layer-size, "
+                               f"{MAX_SIZE_ENV})")
             self._diff_hasher.update(chunk)
         if self._sink is not None:
             self._sink(chunk)
@@ -390,6 +455,26 @@ class BlobStream:
     def digest(self) -> str:
         """sha256 (hex) of the blob as stored."""
         return self._raw.hasher.hexdigest()
+
+    @property
+    def zstd_frames(self) -> Optional[list]:
+        """For a zstd blob: ``[(offset in the blob, content size or None)]``
+        of its data frames, as their headers declare them."""
+        frames = getattr(self._next_chunk, "_frames", None)
+        return None if frames is None else frames.frames
+
+    @property
+    def chunk_sums(self) -> Optional[bytes]:
+        """With ``chunk_sums=True``, after :meth:`drain`: the sha256 of
+        every :data:`SUM_CHUNK` bytes of the blob, concatenated (the last
+        chunk may be shorter), so that a ranged re-read can be verified."""
+        return None if self._raw.sums is None else b"".join(self._raw.sums)
+
+    @property
+    def data_end(self) -> int:
+        """Where the compressed data ends in the blob (before any zero
+        padding after the last gzip member); final after :meth:`drain`."""
+        return getattr(self._next_chunk, "data_end", self._raw.size)
 
     @property
     def diff_id(self) -> str:

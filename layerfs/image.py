@@ -44,7 +44,7 @@ from typing import Any, Callable, Sequence
 import attrs
 
 from .compression import detect_compression
-from .errors import DigestMismatchError, ImageError, UnsupportedImageError
+from .errors import DigestMismatchError, ImageError, InvalidLayerError, UnsupportedImageError
 from .entry import HARDLINK, REGULAR
 from .layer import BlobSource, Layer, cache_root, open_layer
 from .tocopen import open_toc_layer
@@ -551,7 +551,10 @@ class _CompressedTarStore(_TarStore):
     def __init__(self, path: str, outer: Layer):     # members from the index, not a tar walk
         self.label = path
         self.outer = outer
-        self.data_path, base = outer.data_location()
+        try:
+            self.data_path, base = outer.data_location()
+        except InvalidLayerError:     # beyond the cache budget: read through the layer
+            self.data_path, base = None, 0
         files: dict[str, tuple[int, int]] = {}
         for entry in outer.entries:
             if entry.kind == REGULAR and isinstance(entry.data, int):
@@ -560,6 +563,18 @@ class _CompressedTarStore(_TarStore):
             if entry.kind == HARDLINK and entry.linkname[1:] in files:
                 files[entry.path[1:]] = files[entry.linkname[1:]]
         self.members = files
+
+    def read(self, name: str) -> bytes:
+        if self.data_path is not None:
+            return super().read(name)
+        offset, size = self.members[name]
+        return self.outer.read_data(offset, min(size, MAX_JSON_SIZE + 1))
+
+    def source(self, name: str) -> Any:
+        if self.data_path is not None:
+            return super().source(name)
+        offset, size = self.members[name]
+        return self.outer.data_blob(offset, size, f"{self.label}:{name}")
 
     def is_archive(self) -> bool:
         if "index.json" in self.members and "oci-layout" in self.members:

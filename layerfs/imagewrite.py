@@ -29,6 +29,7 @@ from .errors import ImageError, UnsupportedImageError
 from .image import (DOCKER_CONFIG, DOCKER_LAYER_TYPES, DOCKER_MANIFEST, OCI_CONFIG,
                     OCI_INDEX, OCI_LAYER_TYPES, OCI_MANIFEST, REF_NAME, Image, blob_name,
                     canonical_json, descriptor, digest_bytes, host_platform)
+from .blobsource import FileRange, is_blob
 from .layer import BlobSource, IndexCache
 
 EPOCH = "1970-01-01T00:00:00Z"
@@ -274,29 +275,50 @@ def _config(start: dict, layers: list[_Blob], history: Sequence[dict] | None,
     return cfg
 
 
-def _as_source(blob: LayerBlob) -> str | BlobSource:
-    return blob if isinstance(blob, BlobSource) else os.fspath(blob)
+def _as_source(blob: LayerBlob) -> Any:
+    return blob if isinstance(blob, BlobSource) or is_blob(blob) else os.fspath(blob)
 
 
-def _hash_blob(source: str | BlobSource) -> _Blob:
+def _hash_blob(source: Any) -> _Blob:
     """Digest, diff_id and compression of a blob, in one pass that also
     checks its compressed stream."""
-    path, offset, size = _extent(source)
-    with open(path, "rb") as f:
-        stream = BlobStream(f.fileno(), size=size, offset=offset, label=path)
+    with _reader(source) as blob:
+        stream = BlobStream(blob)
         stream.drain()
-    return _Blob(source, f"sha256:{stream.digest}", f"sha256:{stream.diff_id}", size,
+    return _Blob(source, f"sha256:{stream.digest}", f"sha256:{stream.diff_id}", blob.size,
                  stream.uncompressed_size, stream.compression)
 
 
-def _extent(source: str | BlobSource) -> tuple[str, int, int]:
-    """(path, offset, size) of the bytes *source* names."""
+@contextlib.contextmanager
+def _reader(source: Any) -> Iterator[Any]:
+    """*source* (a path, a :class:`BlobSource` or any blob source, see
+    :mod:`layerfs.blobsource`) as a blob source; one opened here is closed
+    after the block."""
+    if is_blob(source):
+        yield source
+        return
     if isinstance(source, BlobSource):
-        size = source.size
-        if size is None:
-            size = os.stat(source.path).st_size - source.offset
-        return source.path, source.offset, size
-    return source, 0, os.stat(source).st_size
+        blob = FileRange(source.path, source.offset, source.size)
+    else:
+        blob = FileRange(source)
+    with blob:
+        yield blob
+
+
+class _SequentialReader:
+    """A blob source read front to back as a file (``read(n)``)."""
+
+    def __init__(self, blob: Any):
+        self._blob = blob
+        self._position = 0
+        self.name = blob.label
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            n = self._blob.size - self._position
+        data = self._blob.read_at(self._position, n)
+        self._position += len(data)
+        return data
 
 
 # -- writing files ----------------------------------------------------------------
@@ -360,24 +382,20 @@ def _refresh_memos(blob: _Blob, paths: list[str]) -> None:
 
 
 @contextlib.contextmanager
-def _open_source(source: str | BlobSource) -> Iterator[BinaryIO]:
-    """The blob's file, positioned at its first byte."""
-    path, offset, _ = _extent(source)
-    with open(path, "rb") as f:
-        f.seek(offset)
-        yield f
+def _open_source(source: Any) -> Iterator[Any]:
+    """The blob as a file read from its first byte."""
+    with _reader(source) as blob:
+        yield _SequentialReader(blob)
 
 
 @contextlib.contextmanager
 def _uncompressed(blob: _Blob) -> Iterator[Any]:
     """The uncompressed tar of *blob* as a readable stream."""
-    path, offset, size = _extent(blob.source)
-    with open(path, "rb") as f:
+    with _reader(blob.source) as source:
         if blob.compression == "none":
-            f.seek(offset)
-            yield f
+            yield _SequentialReader(source)
         else:
-            yield BlobStream(f.fileno(), size=size, offset=offset, label=path)
+            yield BlobStream(source)
 
 
 def _copy(src: BinaryIO, dst: BinaryIO, size: int) -> None:

@@ -1,44 +1,28 @@
 """One layer blob, opened: its entries, and random access to file contents.
 
-:func:`open_layer` reads a blob once, front to back: it hashes it (digest of
-the blob as stored, diff_id of the tar inside), checks both against what the
-caller expects, lists its members (:mod:`layerfs.tarindex`) and, if the blob
-is compressed, writes the uncompressed tar to a copy on disk.  File contents
-are then read with ``os.pread`` at the offsets the entries record: a plain
-tar in place (even when the blob is a byte range of a larger file, a
-:class:`BlobSource`), a compressed one from its copy.
+:func:`open_layer` reads a blob once, front to back, through its blob source
+(:mod:`layerfs.blobsource`: a local file, a byte range of one, a remote
+blob): it hashes it (digest of the blob as stored, diff_id of the tar
+inside), checks both against what the caller expects, lists its members
+(:mod:`layerfs.tarindex`) and, if the blob is compressed, keeps its
+decompressed tar in the cache (:mod:`layerfs.cache`) in one of two forms:
 
-Cost of this design, on purpose:
+* a **whole copy**, while it fits the cache budget: a read is one
+  ``pread`` (and the FUSE adapter lets libfuse read it in C);
+* **spans** (:mod:`layerfs.seekpoints`) when it does not: the stream cut
+  into independently compressed 1 MiB spans, a read decompresses the span
+  that holds it.  A decompression bomb or a layer larger than the budget
+  costs about its compressed size, never more than the budget.
 
-* disk: a compressed layer costs its *uncompressed size* in the cache (the
-  copy); a plain tar costs nothing but its index.  In exchange a read is one
-  ``pread``, with no seek points to keep and no decompression after opening.
-* memory: the entries only (one small tuple per member); contents are never
-  held, and indexing holds about one 1 MiB chunk at a time.
+A plain tar is read in place, at the offsets its entries record.
 
-The index cache (:class:`IndexCache`, under ``$LAYERFS_CACHE_DIR``, else
-``$XDG_CACHE_HOME/layerfs``, else ``~/.cache/layerfs``)::
+While a layer is open it *pins* its blob in the cache (a shared flock on
+``pins/<hex>.lock``): its copy or spans are never evicted under it.  An
+evicted copy is rebuilt (one more pass over the blob) the next time the
+layer is opened; the index (entries) is kept.
 
-    index/sha256/<hex>.idx   marshal of (header, marshal of [entry tuples]),
-                             keyed by the blob digest; the header holds a
-                             format name and version, both digests, sizes
-                             and the entry count
-    views/sha256/<hex>.view  marshal of (header, tree record): the union of a
-                             stack of layers, keyed by the stack's ChainID
-                             (see ``layerfs.fs.build_tree``)
-    blobs/sha256/<hex>.tar   the uncompressed copy of a compressed blob
-    memo/<key>               "stat memo": the identity of a source file
-                             (realpath, offset, size, st_dev, st_ino, st_size,
-                             st_mtime_ns, st_ctime_ns) -> (digest, diff_id)
-
-Every file is written to a temp file in its final directory and renamed into
-place, so readers never see half a file; temp files are removed on any error
-(a full disk included).  A second open of an unchanged file finds its digest
-in the memo and its entries in the index: it neither hashes the blob nor
-parses a tar header; and an image whose stack was opened before loads its
-union from ``views/`` without reading the layers' entries.  An index or view
-file that cannot be read back (corrupt, from another version) is discarded
-and rebuilt.
+Memory: the entries only (one small tuple per member); contents are never
+held, indexing holds about one 1 MiB chunk at a time.
 
 ``cache=False`` turns caching off: nothing is written to the cache
 directory, the index lives in memory and the copy of a compressed blob goes
@@ -49,150 +33,43 @@ to an anonymous temporary file (:func:`tempfile.TemporaryFile`, in
 from __future__ import annotations
 
 import bisect
+import ctypes
 import errno
-import hashlib
-import marshal
 import os
 import tempfile
 from typing import Callable, Optional, Union
 
 import attrs
 
-from layerfs.compression import NONE, BlobStream, detect_compression
-from layerfs.entry import Entry
-from layerfs.errors import (DigestMismatchError, ImageError, InvalidLayerError,
-                            UnsupportedImageError, path_error)
-from layerfs.tarindex import iter_entries
+from .blobsource import Blob, FileRange, RangeBlob, VerifiedBlob, is_blob
+from .cache import (CACHE_ENV, INDEX_FORMAT, INDEX_VERSION, IndexCache,  # noqa: F401
+                    cache_root, default_cache_root, file_identity)
+from .cache import _remove
+from .cache import temp_file as _temp_file
+from .compression import NONE, SUM_CHUNK, BlobStream, detect_compression
+from .errors import (DigestMismatchError, ImageError, InvalidLayerError,
+                     UnsupportedImageError, path_error)
+from .seekpoints import (GzipCheckpointReader, SpanReader, SpanWriter, StreamReader,
+                         ZstdFrameReader, frame_table, write_frame_table,
+                         estimate_gzip_index, gzip_spacing, has_gzip_checkpoints,
+                         write_gzip_checkpoints)
+from .tarindex import iter_entries
 
-CACHE_ENV = "LAYERFS_CACHE_DIR"
-INDEX_FORMAT = "layerfs-index"
-INDEX_VERSION = 2
-VIEW_FORMAT = "layerfs-view"
-VIEW_VERSION = 1
-MEMO_VERSION = 2
-_COPY_BUFFER = 1 << 20
+RESERVE_STEP = 64 << 20    # bytes of cache space asked for at a time
 
 
 @attrs.frozen
 class BlobSource:
     """A blob that is a byte range of a file: *size* bytes (default: up to
     the end) from *offset*, e.g. a layer stored inside an uncompressed
-    OCI-layout or ``docker save`` tar."""
+    OCI-layout or ``docker save`` tar.  (A description; :func:`open_layer`
+    reads it through a :class:`layerfs.blobsource.FileRange`.)"""
     path: str
     offset: int = 0
     size: Optional[int] = None
 
-
-def default_cache_root() -> str:
-    """``$LAYERFS_CACHE_DIR``, else ``$XDG_CACHE_HOME/layerfs``, else
-    ``~/.cache/layerfs``."""
-    root = os.environ.get(CACHE_ENV)
-    if root:
-        return root
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    if xdg:
-        return os.path.join(xdg, "layerfs")
-    return os.path.join(os.path.expanduser("~"), ".cache", "layerfs")
-
-
-def cache_root(cache) -> Optional[str]:
-    """The directory of a ``cache=`` argument: an :class:`IndexCache`'s
-    root, the default one for None, None for ``False`` (no cache)."""
-    if cache is False:
-        return None
-    root = getattr(cache, "root", None)
-    return root if root is not None else default_cache_root()
-
-
-class IndexCache:
-    """The on-disk cache of layer indexes and uncompressed copies (the
-    layout is in the module docstring).  *root* defaults to
-    :func:`default_cache_root`."""
-
-    def __init__(self, root: Union[str, os.PathLike, None] = None):
-        self.root = os.fspath(root) if root is not None else default_cache_root()
-
-    def index_path(self, hex_digest: str) -> str:
-        return os.path.join(self.root, "index", "sha256", hex_digest + ".idx")
-
-    def view_path(self, chain_hex: str) -> str:
-        return os.path.join(self.root, "views", "sha256", chain_hex + ".view")
-
-    def blob_path(self, hex_digest: str) -> str:
-        return os.path.join(self.root, "blobs", "sha256", hex_digest + ".tar")
-
-    def memo_path(self, identity: tuple) -> str:
-        key = hashlib.sha256(repr(identity).encode("utf-8", "surrogateescape"))
-        return os.path.join(self.root, "memo", key.hexdigest()[:40])
-
-    def lookup_memo(self, identity: tuple) -> Optional[tuple]:
-        """(digest hex, diff_id hex) remembered for an unchanged source."""
-        value = _load_marshal(self.memo_path(identity))
-        if (isinstance(value, dict) and value.get("version") == MEMO_VERSION
-                and value.get("identity") == identity):
-            return value.get("digest"), value.get("diff_id")
-        return None
-
-    def store_memo(self, identity: tuple, digest: str, diff_id: str) -> None:
-        record = {"version": MEMO_VERSION, "identity": identity,
-                  "digest": digest, "diff_id": diff_id}
-        _write_atomic(self.memo_path(identity), marshal.dumps(record))
-
-    def refresh_memo(self, path: str, digest: str, diff_id: str) -> None:
-        """Remember *path* (a whole blob) again after layerfs itself changed
-        its inode's ctime (hardlinking it into a layout), so that the next
-        open trusts it without hashing it again.  Only for a file whose
-        digest is known to be *digest*."""
-        st = os.stat(path)
-        self.store_memo(file_identity(path, 0, st.st_size, st),
-                        digest.partition(":")[2], diff_id.partition(":")[2])
-
-    def load_header(self, hex_digest: str) -> Optional[dict]:
-        """The header of a blob's index, or None (see :meth:`load_index`)."""
-        loaded = self._load_index_file(hex_digest)
-        return loaded[0] if loaded is not None else None
-
-    def load_index(self, hex_digest: str) -> Optional[tuple]:
-        """(header, entries) of a blob, or None; a file that does not read
-        back as an index of this version and blob is removed."""
-        loaded = self._load_index_file(hex_digest)
-        if loaded is None:
-            return None
-        header, payload = loaded
-        try:
-            rows = marshal.loads(payload)
-            if len(rows) != header["entry_count"]:
-                raise ValueError("wrong number of entries")
-            make = Entry._make
-            entries = [make(row) for row in rows]
-        except (ValueError, TypeError, EOFError):
-            _remove(self.index_path(hex_digest))
-            return None
-        return header, entries
-
-    def _load_index_file(self, hex_digest: str) -> Optional[tuple]:
-        """(header, marshalled entries): the entries are a payload of their
-        own, so that an open which needs only the header does not build them."""
-        return _load_headed(self.index_path(hex_digest), INDEX_FORMAT, INDEX_VERSION,
-                            ("digest", hex_digest), bytes)
-
-    def store_index(self, header: dict, entries: list) -> None:
-        payload = marshal.dumps([tuple(e) for e in entries])
-        _write_atomic(self.index_path(header["digest"]), marshal.dumps((header, payload)))
-
-    def load_view(self, chain_hex: str) -> Optional[dict]:
-        """The tree record (:meth:`layerfs.union.Tree.to_record`) stored for
-        the stack of layers whose ChainID is *chain_hex*, or None."""
-        loaded = _load_headed(self.view_path(chain_hex), VIEW_FORMAT, VIEW_VERSION,
-                              ("chain_id", chain_hex), dict)
-        return loaded[1] if loaded is not None else None
-
-    def store_view(self, chain_hex: str, record: dict) -> None:
-        header = {"format": VIEW_FORMAT, "version": VIEW_VERSION, "chain_id": chain_hex}
-        _write_atomic(self.view_path(chain_hex), marshal.dumps((header, record)))
-
-    def discard_view(self, chain_hex: str) -> None:
-        _remove(self.view_path(chain_hex))
+    def open(self, label: Optional[str] = None) -> FileRange:
+        return FileRange(self.path, self.offset, self.size, label=label)
 
 
 class Layer:
@@ -204,11 +81,11 @@ class Layer:
     ``entry_count``; ``cache`` is the :class:`IndexCache` it came from, or
     None."""
 
-    def __init__(self, *, source: BlobSource, label: str, header: dict,
-                 entries: Optional[list], media_type: Optional[str], data_fd: int,
-                 base: int, closers: list, cache: Optional[IndexCache] = None):
+    def __init__(self, *, source, label: str, header: dict,
+                 entries: Optional[list], media_type: Optional[str], data: Blob,
+                 closers: list, cache: Optional[IndexCache] = None):
         self.source = source
-        self.path = source.path
+        self.path = getattr(source, "path", label)
         self.label = label
         self.digest = "sha256:" + header["digest"]
         self.diff_id = "sha256:" + header["diff_id"]
@@ -219,9 +96,10 @@ class Layer:
         self._entries = entries
         self._entry_count = header["entry_count"]
         self.cache = cache
-        self._data_fd = data_fd
-        self._base = base
+        self._data = data       # the uncompressed tar: the blob, a copy or spans
+        self._extent = getattr(data, "extent", None)
         self._closers = closers
+        self._closed = False
 
     @property
     def entry_count(self) -> int:
@@ -238,8 +116,7 @@ class Layer:
             return loaded[1]
         # The index went away (or rotted) since the header was read: list
         # the tar again, from the uncompressed data this layer reads from.
-        stream = BlobStream(self._data_fd, size=self.uncompressed_size,
-                            offset=self._base, label=self.label)
+        stream = BlobStream(self._data, label=self.label)
         self._entries = list(iter_entries(stream, self.label))
         return self._entries
 
@@ -253,26 +130,27 @@ class Layer:
     def read(self, data, size: int, offset: int, length: int) -> bytes:
         """Up to *length* bytes at *offset* of the regular file whose entry
         has *data* and *size*; holes of sparse files read as zeros."""
-        if self._data_fd < 0:
+        if self._closed:
             raise path_error(errno.EBADF, self.label)
         if length <= 0 or offset >= size:
             return b""
         length = min(length, size - offset)
         if isinstance(data, int):
-            return self._pread(length, self._base + data + offset)
+            return self._pread(length, data + offset)
         return self._read_sparse(data, offset, length)
 
     def extent(self, data, size: int, offset: int, length: int) -> Optional[tuple]:
         """Where :meth:`read` would read: ``(fd, position, length)`` in this
         layer's uncompressed data (the blob, or its uncompressed copy), for
         a caller that reads the bytes itself (the FUSE adapter lets libfuse
-        do it); None for a sparse file, whose holes exist in no file."""
-        if self._data_fd < 0:
+        do it); None for a sparse file, whose holes exist in no file, and
+        where the data is in no local file (spans, a remote blob)."""
+        if self._closed:
             raise path_error(errno.EBADF, self.label)
-        if not isinstance(data, int):
+        if not isinstance(data, int) or self._extent is None:
             return None
         length = max(0, min(length, size - offset))
-        return self._data_fd, self._base + data + offset, length
+        return self._extent(data + offset, length)
 
     def _read_sparse(self, segments: tuple, offset: int, length: int) -> bytes:
         out = bytearray(length)
@@ -285,19 +163,41 @@ class Layer:
             high = min(start + seg_length, end)
             if low < high:
                 out[low - offset:high - offset] = self._pread(
-                    high - low, self._base + tar_offset + low - start)
+                    high - low, tar_offset + low - start)
         return bytes(out)
 
     def _pread(self, n: int, position: int) -> bytes:
-        data = os.pread(self._data_fd, n, position)
-        while len(data) < n:
-            more = os.pread(self._data_fd, n - len(data), position + len(data))
-            if not more:
-                raise InvalidLayerError("blob is shorter than its index says "
-                                        "(changed since it was indexed?)",
-                                        path=self.path, layer=self.label)
-            data += more
+        data = self._data.read_at(position, n)
+        if len(data) != n:
+            raise InvalidLayerError("blob is shorter than its index says "
+                                    "(changed since it was indexed?)",
+                                    path=self.path, layer=self.label)
         return data
+
+    def read_data(self, offset: int, length: int) -> bytes:
+        """Up to *length* bytes at *offset* of the layer's uncompressed tar."""
+        if self._closed:
+            raise path_error(errno.EBADF, self.label)
+        return self._data.read_at(offset, length)
+
+    def data_blob(self, offset: int, size: int, label: str) -> RangeBlob:
+        """*size* bytes at *offset* of the uncompressed tar as a blob source
+        (a member of a compressed archive, read as a layer of its own)."""
+        return RangeBlob(self._data, offset, size, label)
+
+    @property
+    def storage(self) -> str:
+        """How the uncompressed tar is read: ``"blob"`` (a plain tar, in
+        place), ``"copy"`` (a whole decompressed copy) or ``"spans"``."""
+        if self.compression == NONE:
+            return "blob"
+        if isinstance(self._data, GzipCheckpointReader):
+            return "checkpoints"
+        if isinstance(self._data, StreamReader):
+            return "stream"
+        if isinstance(self._data, ZstdFrameReader):
+            return "frames"
+        return "spans" if isinstance(self._data, SpanReader) else "copy"
 
     def data_location(self) -> tuple[str, int]:
         """A path the layer's uncompressed tar can be opened at, and the
@@ -305,14 +205,13 @@ class Layer:
         plain tar, else its uncompressed copy (in the cache, or the
         anonymous one through ``/proc/self/fd`` while this layer is open).
         Lets a compressed archive be read as the image it holds."""
-        if self.compression == NONE:
-            return self.source.path, self.source.offset
-        if self.cache is not None:
-            return self.cache.blob_path(self.digest.partition(":")[2]), 0
-        return f"/proc/self/fd/{self._data_fd}", 0
+        if isinstance(self._data, FileRange):
+            return self._data.path, self._data.offset
+        raise InvalidLayerError("the decompressed data is not in one file (the cache "
+                                "budget is too small to keep it whole)", layer=self.label)
 
     def close(self) -> None:
-        self._data_fd = -1
+        self._closed = True
         closers, self._closers = self._closers, []
         for close in closers:
             close()
@@ -326,126 +225,198 @@ class Layer:
     def __repr__(self) -> str:
         return f"<Layer {self.label} {self.digest} {self.entry_count} entries>"
 
-
-def open_layer(source: Union[str, os.PathLike, BlobSource], *,
+def open_layer(source: Union[str, os.PathLike, BlobSource, Blob], *,
                digest: Optional[str] = None, diff_id: Optional[str] = None,
                media_type: Optional[str] = None,
                cache: Union[IndexCache, None, bool] = None,
                label: Optional[str] = None,
                progress: Optional[Callable[[int, int], None]] = None,
-               max_size: Optional[int] = None) -> Layer:
-    """Opens a layer blob (a path or a :class:`BlobSource`).
+               max_size: Optional[int] = None, whole: bool = False) -> Layer:
+    """Opens a layer blob: a path, a :class:`BlobSource` or any blob source
+    (:mod:`layerfs.blobsource`; it stays the caller's to close).
 
     *digest* / *diff_id*, if given, must match (else
     :class:`DigestMismatchError`).  *cache*: an :class:`IndexCache`, None for
     the default one, False for none.  *progress(done, total)* is called every
     few MiB while indexing.  *max_size* bounds the uncompressed size of a
-    compressed blob (see :mod:`layerfs.compression`).
+    compressed blob (see :mod:`layerfs.compression`).  *whole* keeps a
+    whole decompressed copy even beyond the cache budget (for a compressed
+    archive whose members are read as files: :meth:`Layer.data_location`).
     """
-    if not isinstance(source, BlobSource):
-        source = BlobSource(os.fspath(source))
-    label = label or source.path
+    owned = not is_blob(source)
+    if owned:
+        if not isinstance(source, BlobSource):
+            source = BlobSource(os.fspath(source))
+        label = label or source.path
+    else:
+        label = label or source.label
+    path = getattr(source, "path", label)
     for expected in (digest, diff_id):
         if expected is not None and not expected.startswith("sha256:"):
             raise UnsupportedImageError(f"digest {expected!r}: only sha256 "
-                                        "is supported", path=source.path, layer=label)
+                                        "is supported", path=path, layer=label)
     if cache is None or cache is True:
         cache = IndexCache()
-    fd = os.open(source.path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        st = os.fstat(fd)
-        size = _blob_size(source, st.st_size, label)
-        identity = file_identity(source.path, source.offset, size, st)
-        opener = _Opener(source, label, fd, size, digest, diff_id, media_type)
+        blob = source.open(label) if owned else source
+    except ImageError as error:
+        raise error.located(path) from None
+    opener = _Opener(source, blob, owned, label, digest, diff_id, media_type, None, whole)
+    try:
+        identity = blob.identity() if hasattr(blob, "identity") else None
+        known = (digest or getattr(blob, "digest", None) or "").partition(":")[2]
         layer = None
         if cache:
-            layer = opener.from_cache(cache, identity)
+            if known:
+                opener.take_pin(cache, known)     # before anything of it is read
+            layer = opener.from_cache(cache, identity, known)
         if layer is None:
             layer = opener.index(cache or None, identity, progress, max_size)
     except ImageError as error:
-        os.close(fd)
-        raise error.located(source.path) from None
+        _close_all(blob if owned else None, opener.pin)
+        raise error.located(path) from None
     except BaseException:
-        os.close(fd)
+        _close_all(blob if owned else None, opener.pin)
         raise
     return layer
+
+
+def _close_all(blob, pin) -> None:
+    if blob is not None:
+        blob.close()
+    if pin is not None:
+        pin.release()
 
 
 @attrs.define
 class _Opener:
     """The two ways to open a layer: from the cache, or by indexing it."""
-    source: BlobSource
+    source: object
+    blob: Blob
+    owned: bool
     label: str
-    fd: int
-    size: int
     digest: Optional[str]
     diff_id: Optional[str]
     media_type: Optional[str]
+    pin: object
+    whole: bool
 
-    def from_cache(self, cache: IndexCache, identity: tuple) -> Optional[Layer]:
-        memo = cache.lookup_memo(identity)
-        if memo is None:
+    def from_cache(self, cache: IndexCache, identity: Optional[tuple],
+                   known: str) -> Optional[Layer]:
+        if identity is not None:
+            memo = cache.lookup_memo(identity)
+            if memo is None:
+                return None
+            self.verify(*memo)
+            hex_ = memo[0]
+        elif known:
+            hex_ = known
+        else:
             return None
-        self.verify(*memo)
-        header = cache.load_header(memo[0])
+        header = cache.load_header(hex_)
         if header is None:
             return None
+        if identity is None:
+            self.verify(header["digest"], header["diff_id"])
+            if "chunk_sums" not in header:
+                return None      # indexed from a local file: no way to check ranges
+            self.blob = _verified(self.blob, header)
+        self.take_pin(cache, hex_)
         if header["compression"] == NONE:
-            return self.layer(header, None, self.fd, self.source.offset,
-                              [lambda: os.close(self.fd)], cache)
-        try:
-            copy_fd = os.open(cache.blob_path(header["digest"]),
-                              os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
+            return self.layer(header, None, self.blob, [], cache)
+        data = self.open_cached(cache, header)
+        if data is None:
             return None
-        if os.fstat(copy_fd).st_size != header["uncompressed_size"]:
-            os.close(copy_fd)
-            return None
-        os.close(self.fd)
-        return self.layer(header, None, copy_fd, 0, [lambda: os.close(copy_fd)], cache)
+        return self.layer(header, None, data, [data.close], cache,
+                          release_blob=not isinstance(data, _READS_THE_BLOB))
 
-    def index(self, cache: Optional[IndexCache], identity: tuple,
+    def open_cached(self, cache: IndexCache, header: dict):
+        """The copy or the spans of a blob, if the cache has a usable one."""
+        hex_, size = header["digest"], header["uncompressed_size"]
+        try:
+            copy = FileRange(cache.blob_path(hex_), label=self.label)
+        except (FileNotFoundError, InvalidLayerError):
+            copy = None
+        if copy is not None:
+            if copy.size == size:
+                cache.touch(copy.path)
+                return copy
+            copy.close()
+        if self.whole:
+            return None
+        for path, kind in ((cache.spans_path(hex_), _OwnedSpans),
+                           (cache.checkpoints_path(hex_), _checkpoints),
+                           (cache.frames_path(hex_), _frames)):
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            try:
+                reader = kind(fd, size, self.label, self.blob)
+            except InvalidLayerError:
+                _remove(path)
+                continue
+            finally:
+                if kind is not _OwnedSpans:
+                    os.close(fd)
+            cache.touch(path)
+            return reader
+        # Nothing cached: index again if a lazy form would fit now, else read
+        # from the blob itself (the entries are in the cache already).
+        if cache.reserve(self.blob.size):
+            return None
+        return StreamReader(self.blob, size, self.label)
+
+    def take_pin(self, cache: IndexCache, hex_: str) -> None:
+        if self.pin is None:
+            self.pin = cache.pin(hex_)
+
+    def index(self, cache: Optional[IndexCache], identity: Optional[tuple],
               progress, max_size) -> Layer:
         """One pass over the blob: hashes, entries and (if compressed) the
-        uncompressed copy, written under a temp name and renamed when whole."""
-        head = os.pread(self.fd, min(4, self.size), self.source.offset)
-        copy = temp_path = None
-        if detect_compression(head) != NONE:
-            if cache is None:
-                copy = tempfile.TemporaryFile(prefix="layerfs-")
-            else:
-                copy, temp_path = _temp_file(cache.blob_path("x"))
+        decompressed data, a whole copy or spans, written under a temp name
+        and renamed when whole."""
+        compression = detect_compression(self.blob.read_at(0, 4))
+        sink = (_DataSink(cache, self.label, self.whole, compression, self.blob)
+                if compression != NONE else None)
         try:
-            stream = BlobStream(self.fd, size=self.size, offset=self.source.offset,
-                                label=self.label, max_size=max_size,
-                                sink=copy.write if copy else None, progress=progress)
+            # A blob that is not a local file may be re-read by ranges
+            # later: record a checksum per chunk to verify those reads.
+            stream = BlobStream(self.blob, label=self.label, max_size=max_size,
+                                sink=sink.write if sink else None, progress=progress,
+                                chunk_sums=identity is None)
+            if sink is not None:
+                sink.stream = stream
             entries = list(iter_entries(stream, self.label))
             stream.drain()
             self.verify(stream.digest, stream.diff_id)
             header = {"format": INDEX_FORMAT, "version": INDEX_VERSION,
                       "digest": stream.digest, "diff_id": stream.diff_id,
-                      "compression": stream.compression, "size": self.size,
+                      "compression": stream.compression, "size": self.blob.size,
                       "uncompressed_size": stream.uncompressed_size,
                       "entry_count": len(entries)}
-            if copy is not None:
-                copy.flush()
-            if temp_path is not None:
-                os.replace(temp_path, cache.blob_path(stream.digest))
-                temp_path = None
+            if stream.chunk_sums is not None:
+                header["chunk_sums"] = stream.chunk_sums
+                header["sum_chunk"] = SUM_CHUNK
+                self.blob = _verified(self.blob, header)
+                if sink is not None:
+                    sink.blob = self.blob
+            if cache is not None:
+                self.take_pin(cache, stream.digest)
+            data = (sink.finish(stream.digest, stream.uncompressed_size, stream.data_end)
+                    if sink else None)
             if cache is not None:
                 cache.store_index(header, entries)
-                cache.store_memo(identity, stream.digest, stream.diff_id)
+                if identity is not None:
+                    cache.store_memo(identity, stream.digest, stream.diff_id)
         except BaseException:
-            if copy is not None:
-                copy.close()
-            if temp_path is not None:
-                _remove(temp_path)
+            if sink is not None:
+                sink.abort()
             raise
-        if copy is None:
-            return self.layer(header, entries, self.fd, self.source.offset,
-                              [lambda: os.close(self.fd)], cache)
-        os.close(self.fd)
-        return self.layer(header, entries, copy.fileno(), 0, [copy.close], cache)
+        if data is None:
+            return self.layer(header, entries, self.blob, [], cache)
+        return self.layer(header, entries, data, [data.close], cache,
+                          release_blob=not isinstance(data, _READS_THE_BLOB))
 
     def verify(self, digest_hex: str, diff_id_hex: str) -> None:
         for what, expected, actual in (("digest", self.digest, digest_hex),
@@ -453,99 +424,275 @@ class _Opener:
             if expected is not None and expected != "sha256:" + actual:
                 raise DigestMismatchError(
                     f"{what} is sha256:{actual}, expected {expected}",
-                    path=self.source.path, layer=self.label)
+                    path=getattr(self.source, "path", self.label), layer=self.label)
 
-    def layer(self, header, entries, data_fd, base, closers, cache=None) -> Layer:
+    def layer(self, header, entries, data, closers, cache=None,
+              release_blob=False) -> Layer:
+        closers = list(closers)
+        if self.owned:
+            if release_blob:          # the data is elsewhere: the blob is not needed
+                self.blob.close()
+            else:
+                closers.append(self.blob.close)
+        if self.pin is not None:
+            closers.append(self.pin.release)
         return Layer(source=self.source, label=self.label, header=header,
                      entries=entries, media_type=self.media_type,
-                     data_fd=data_fd, base=base, closers=closers, cache=cache)
+                     data=data, closers=closers, cache=cache)
 
 
-def file_identity(path: str, offset: int, size: int, st: os.stat_result) -> tuple:
-    """What the stat memo is keyed on: everything an in-place edit of the
-    file changes.  Editing keeps the inode and may put the size and mtime
-    back (``touch -r``), but never the ctime."""
-    return (os.path.realpath(path), offset, size, st.st_dev, st.st_ino, st.st_size,
-            st.st_mtime_ns, st.st_ctime_ns)
+class _OwnedSpans(SpanReader):
+    """A :class:`SpanReader` that closes its descriptor."""
+
+    def __init__(self, fd: int, size: int, label: str, blob=None):
+        super().__init__(fd, size, label)
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
 
 
-def _blob_size(source: BlobSource, file_size: int, label: str) -> int:
-    if source.offset < 0 or source.offset > file_size:
-        raise InvalidLayerError(f"blob offset {source.offset} is outside the file "
-                                f"({file_size} bytes)", path=source.path, layer=label)
-    if source.size is None:
-        return file_size - source.offset
-    if source.size < 0 or source.offset + source.size > file_size:
-        raise InvalidLayerError(f"blob of {source.size} bytes at {source.offset} "
-                                f"runs past the end of the file ({file_size} bytes)",
-                                path=source.path, layer=label)
-    return source.size
+_READS_THE_BLOB = (GzipCheckpointReader, StreamReader, ZstdFrameReader)
+
+
+def _verified(blob, header: dict) -> VerifiedBlob:
+    return VerifiedBlob(blob, header["chunk_sums"], header["sum_chunk"])
+
+
+def _frames(fd: int, size: int, label: str, blob) -> ZstdFrameReader:
+    return ZstdFrameReader(fd, blob, size, label)
+
+
+def _checkpoints(fd: int, size: int, label: str, blob) -> GzipCheckpointReader:
+    return GzipCheckpointReader(fd, blob, size, label)
+
+
+class _DataSink:
+    """Where the decompressed stream goes while a compressed layer is
+    indexed: a whole copy while the cache budget has room for it, else
+    (zstd) spans or (gzip) checkpoints into the blob.  Switching to spans
+    re-reads the partial copy into spans, then goes on with the stream;
+    switching to checkpoints drops the partial copy and builds them after
+    the pass (a second, faster decompression: rapidgzip).  At no time does
+    more than the budget sit in the cache (see :meth:`IndexCache.reserve`)."""
+
+    def __init__(self, cache: Optional[IndexCache], label: str, whole: bool,
+                 compression: str = "", blob=None):
+        self._cache = cache
+        self._label = label
+        self._whole = whole or cache is None
+        self._reserved = 0
+        self._spans: Optional[SpanWriter] = None
+        self._checkpoints = False
+        self._stream = False
+        self.stream = None        # the BlobStream being indexed
+        self.blob = blob
+        self._gzip = compression == "gzip" and has_gzip_checkpoints()
+        if cache is None:
+            self._file, self._temp = tempfile.TemporaryFile(prefix="layerfs-"), None
+        else:
+            self._file, self._temp = _temp_file(cache.blob_path("x"))
+        self._written = 0
+
+    def write(self, chunk: bytes) -> None:
+        if self._stream or self._checkpoints and self._spans is None:
+            return
+        try:
+            if self._spans is not None:
+                self._spans.write(chunk)
+                return
+            if not self._whole and not self._room(len(chunk)):
+                if self._gzip or self._has_frames():
+                    self._drop_file()     # seek points into the blob, after the pass
+                    self._checkpoints = True
+                    return
+                self._switch_to_spans()
+                self._spans.write(chunk)
+                return
+        except _NoRoom:
+            self._to_stream()
+            return
+        self._file.write(chunk)
+        self._written += len(chunk)
+
+    def _has_frames(self) -> bool:
+        """A zstd blob already seen to have several frames (each declaring
+        its size so far): its frame boundaries may serve as seek points."""
+        frames = self.stream.zstd_frames if self.stream is not None else None
+        return bool(frames) and len(frames) >= 2 and all(f[1] is not None for f in frames)
+
+    def _drop_file(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self._temp is not None:
+            _remove(self._temp)
+        self._file = self._temp = None
+
+    def _to_stream(self) -> None:
+        """Not even spans fit: keep nothing, read from the blob itself."""
+        self._drop_file()
+        self._spans = None
+        self._stream = True
+
+    def _room(self, n: int) -> bool:
+        """Whether *n* more bytes fit (asks the cache for room in steps)."""
+        if self._written + n <= self._reserved:
+            return True
+        self._file.flush()        # the budget counts what is on disk
+        step = max(n, RESERVE_STEP)
+        if self._cache.reserve(step):
+            self._reserved = self._written + step
+            return True
+        # Not a whole step: try for just these bytes.
+        if self._cache.reserve(n):
+            self._reserved = self._written + n
+            return True
+        return False
+
+    def _before_span(self, n: int) -> None:
+        if not self._cache.reserve(n):
+            raise _NoRoom()
+
+    def _switch_to_spans(self) -> None:
+        old, old_temp = self._file, self._temp
+        old.flush()
+        self._file, self._temp = _temp_file(self._cache.spans_path("x"))
+        self._spans = SpanWriter(self._file, before_write=self._before_span)
+        done = 0
+        fd = old.fileno()
+        while done < self._written:
+            chunk = os.pread(fd, min(1 << 20, self._written - done), done)
+            if not chunk:
+                break
+            _punch_hole(fd, done, len(chunk))   # give the copy's space back first
+            self._spans.write(chunk)
+            done += len(chunk)
+        old.close()
+        _remove(old_temp)
+
+    def finish(self, hex_: str, size: int, data_end: int):
+        """The data as the layer will read it, its file renamed into place."""
+        if self._checkpoints and self._spans is None and not self._stream:
+            try:
+                return self._finish_checkpoints(hex_, size, data_end)
+            except _NoRoom:
+                self._to_stream()
+        if self._spans is not None and not self._stream:
+            try:
+                self._spans.finish()
+            except _NoRoom:
+                self._to_stream()
+        if self._stream:
+            return StreamReader(self.blob, size, self._label)
+        if self._spans is not None:
+            self._file.flush()
+            final = self._cache.spans_path(hex_)
+        else:
+            self._file.flush()
+            if self._temp is None:            # no cache: the anonymous file
+                file = self._file
+                data = FileRange(f"/proc/self/fd/{file.fileno()}", label=self._label)
+                close = data.close
+
+                def close_both() -> None:
+                    close()
+                    file.close()
+                data.close = close_both
+                return data
+            final = self._cache.blob_path(hex_)
+        os.replace(self._temp, final)
+        self._temp = None
+        self._file.close()
+        if self._spans is not None:
+            fd = os.open(final, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                return _OwnedSpans(fd, size, self._label)
+            except BaseException:
+                os.close(fd)
+                raise
+        return FileRange(final, label=self._label)
+
+    def _finish_checkpoints(self, hex_: str, size: int, data_end: int):
+        """Checkpoints cost a 32 KiB window per spacing of output whatever
+        the data; spans cost about the compressed size.  For a layer that
+        compresses 1:128 or better (a bomb), spans are smaller: made by a
+        second decompression pass."""
+        if not self._gzip:
+            return self._finish_frames(hex_, size)
+        estimate = estimate_gzip_index(size, gzip_spacing())
+        if estimate > self.blob.size:
+            return self._second_pass_spans(hex_, size)
+        self._before_span(estimate)
+        final = self._cache.checkpoints_path(hex_)
+        self._file, self._temp = _temp_file(final)
+        write_gzip_checkpoints(self.blob, data_end, size, self._file)
+        os.replace(self._temp, final)
+        self._temp = None
+        self._file.close()
+        fd = os.open(final, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return GzipCheckpointReader(fd, self.blob, size, self._label)
+        finally:
+            os.close(fd)
+
+    def _finish_frames(self, hex_: str, size: int):
+        """A multi-frame zstd blob: its frame table, if every frame declared
+        its size; else spans, from a second pass."""
+        table = frame_table(self.stream.zstd_frames, size)
+        if table is None:
+            return self._second_pass_spans(hex_, size)
+        self._before_span(len(table) * 24 + 4096)
+        final = self._cache.frames_path(hex_)
+        self._file, self._temp = _temp_file(final)
+        write_frame_table(self._file, table, size, self.stream.data_end)
+        os.replace(self._temp, final)
+        self._temp = None
+        self._file.close()
+        fd = os.open(final, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return ZstdFrameReader(fd, self.blob, size, self._label)
+        finally:
+            os.close(fd)
+
+    def _second_pass_spans(self, hex_: str, size: int):
+        self._file, self._temp = _temp_file(self._cache.spans_path("x"))
+        self._spans = SpanWriter(self._file, before_write=self._before_span)
+        stream = BlobStream(self.blob, label=self._label, sink=self._spans.write)
+        stream.drain()       # _NoRoom goes to finish()
+        return self.finish(hex_, size, 0)
+
+    def abort(self) -> None:
+        if self._file is None:
+            return
+        self._file.close()
+        if self._temp is not None:
+            _remove(self._temp)
+            self._temp = None
+
+
+class _NoRoom(Exception):
+    """The cache budget has no room for what was about to be written."""
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> None:
+    """Frees the disk blocks of a byte range of a file (Linux
+    ``fallocate(FALLOC_FL_PUNCH_HOLE)``); does nothing where unsupported."""
+    global _fallocate
+    if _fallocate is None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            _fallocate = libc.fallocate
+            _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64,
+                                   ctypes.c_int64]
+        except (OSError, AttributeError):
+            _fallocate = False
+    if _fallocate:
+        _fallocate(fd, 0x01 | 0x02, offset, length)   # KEEP_SIZE | PUNCH_HOLE
+
+
+_fallocate = None
 
 
 def _segment_start(segment: tuple) -> int:
     return segment[0]
-
-
-def _temp_file(final_path: str):
-    """An open binary file in *final_path*'s directory, and its name."""
-    directory = os.path.dirname(final_path)
-    os.makedirs(directory, exist_ok=True)
-    fd, temp_path = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    try:
-        return os.fdopen(fd, "w+b", buffering=_COPY_BUFFER), temp_path
-    except BaseException:
-        os.close(fd)
-        _remove(temp_path)
-        raise
-
-
-def _write_atomic(path: str, payload: bytes) -> None:
-    file, temp_path = _temp_file(path)
-    try:
-        with file:
-            file.write(payload)
-        os.replace(temp_path, path)
-    except BaseException:
-        _remove(temp_path)
-        raise
-
-
-def _load_marshal(path: str):
-    """The marshalled value in *path*, None if absent; an unreadable file
-    is removed (it will be rebuilt)."""
-    try:
-        with open(path, "rb") as file:
-            payload = file.read()
-    except FileNotFoundError:
-        return None
-    try:
-        return marshal.loads(payload)
-    except (ValueError, EOFError, TypeError):
-        _remove(path)
-        return None
-
-
-def _load_headed(path: str, format_name: str, version: int, key: tuple,
-                 body_type: type) -> Optional[tuple]:
-    """(header, body) of a cache file holding the marshal of that pair, if
-    the header names *format_name*, *version* and *key* (a (field, value)
-    pair) and the body is a *body_type*; else None, and the file is removed."""
-    value = _load_marshal(path)
-    if value is None:
-        return None
-    try:
-        header, body = value
-        if (header["format"] != format_name or header["version"] != version
-                or header[key[0]] != key[1] or not isinstance(body, body_type)):
-            raise ValueError("not the expected cache file")
-    except (ValueError, TypeError, KeyError):
-        _remove(path)
-        return None
-    return header, body
-
-
-def _remove(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass

@@ -67,6 +67,7 @@ MAX_MANIFEST_SIZE = 4 << 20
 # a resume restarts from the last whole chunk: this bounds what is fetched twice.
 CHUNK_SIZE = 256 << 10
 RETRIES = 3
+LAZY_ENV = "LAYERFS_LAZY"
 PARALLEL_DOWNLOADS = 3
 TIMEOUT = (15, 60)          # connect, read (seconds between bytes)
 USER_AGENT = "layerfs"
@@ -82,12 +83,15 @@ class Options:
     directory of ``*.crt`` CA certificates and ``*.cert``/``*.key`` client
     pairs for every registry; default: ``certs.d/HOST[:PORT]`` of
     :data:`layerfs.registryconf.CERTS_D`), ``registries_conf`` (mirrors, locations, insecure and
-    blocked registries; default: see :mod:`layerfs.registryconf`)."""
+    blocked registries; default: see :mod:`layerfs.registryconf`), ``lazy``
+    (read layers from the registry as they are needed instead of fetching
+    them whole first; default: ``$LAYERFS_LAZY=1``; see docs/cache.md)."""
     authfile: Optional[str] = None
     tls_verify: bool = True
     offline: bool = False
     cert_dir: Optional[str] = None
     registries_conf: Optional[str] = None
+    lazy: bool = attrs.field(factory=lambda: os.environ.get(LAZY_ENV, "") == "1")
 
 
 # -- the client ----------------------------------------------------------------

@@ -33,8 +33,9 @@ import attrs
 
 from .errors import RegistryError, UnsupportedImageError
 from .reference import Reference, is_digest
-from .registry import (DOCKER_LIST, DOCKER_MANIFEST, MAX_MANIFEST_SIZE, OCI_INDEX,
-                       OCI_MANIFEST, PARALLEL_DOWNLOADS, Client, Options)
+from .registry import (CHUNK_SIZE, DOCKER_LIST, DOCKER_MANIFEST, MAX_MANIFEST_SIZE,
+                       OCI_INDEX, OCI_MANIFEST, PARALLEL_DOWNLOADS, RETRIES, Client,
+                       Options, _Dropped)
 
 
 class BlobCache:
@@ -112,6 +113,7 @@ class RemoteStore:
         self.progress = progress
         self._client: Optional[Client] = None
         self._lock = threading.Lock()
+        self._sizes: dict = {}     # layer digest -> size, from the manifest
 
     @property
     def client(self) -> Client:
@@ -155,6 +157,9 @@ class RemoteStore:
         return self.cache.blob_path(digest)
 
     def size(self, name: str) -> Optional[int]:
+        digest = _digest_of(name)
+        if self.options.lazy and digest in self._sizes and not self.cache.has(digest):
+            return self._sizes[digest]   # checked when the layer is read (its digest)
         try:
             return os.path.getsize(self.path(name))
         except RegistryError as error:
@@ -166,7 +171,16 @@ class RemoteStore:
         with open(self.path(name), "rb") as handle:
             return handle.read(MAX_MANIFEST_SIZE + 1)
 
-    def source(self, name: str) -> str:
+    def source(self, name: str):
+        """Where a layer blob is read from: its file in the cache if it was
+        fetched before; else, with ``lazy``, the blob in the registry itself
+        (a :class:`RemoteBlob`: the layer reader fetches what it needs);
+        else the file, fetched now."""
+        digest = _digest_of(name)
+        size = self._sizes.get(digest)
+        if (self.options.lazy and size is not None and not self.options.offline
+                and not self.cache.has(digest)):
+            return RemoteBlob(self.client, digest, size, self.where(name))
         return self.path(name)
 
     def discard(self, digest: str) -> None:
@@ -181,7 +195,8 @@ class RemoteStore:
                    if isinstance(d, dict) and isinstance(d.get("digest"), str)
                    and not self.cache.has(d["digest"])]
         missing = list(dict.fromkeys(missing))
-        if not missing or self.options.offline:
+        self._sizes.update((d, size) for d, size in missing if size is not None)
+        if not missing or self.options.offline or self.options.lazy:
             return
         total = sum(size or 0 for _, size in missing)
         done = [0]
@@ -270,6 +285,101 @@ class RemoteStore:
             raise type(failures[-1])(f"{failures[-1].reason} (tried {tried})",
                                      path=failures[-1].path)
         raise failures[-1]
+
+
+class RemoteBlob:
+    """A blob in a registry as a blob source (:mod:`layerfs.blobsource`):
+    ``read_at`` fetches with HTTP ``Range`` (kept across redirects to blob
+    storage; credentials are not).  A read that continues where the last
+    one ended goes on with the same response, so a front-to-back pass is
+    one request per :data:`READ_AHEAD` bytes; a dropped connection is
+    resumed.  Nothing is verified here: the layer reader checks the digest
+    of a whole pass, and each span of a ranged read against the checksums
+    it recorded then (:class:`layerfs.blobsource.VerifiedBlob`).
+    ``bytes_fetched`` and ``requests`` count what went over the network."""
+
+    READ_AHEAD = 8 << 20
+    KEEP_BEHIND = 64 << 10     # bytes kept before the last read (a re-read of a head)
+
+    def __init__(self, client: Client, digest: str, size: int, label: str):
+        self.client = client
+        self.digest = digest
+        self.size = size
+        self.label = label
+        self.bytes_fetched = 0
+        self.requests = 0
+        self._lock = threading.Lock()
+        self._response = None
+        self._chunks = None
+        self._pending = b""
+        self._position = -1      # blob offset of _pending[0]
+        self._end = -1           # end of the range the response serves
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        length = min(length, self.size - offset)
+        if length <= 0 or offset < 0:
+            return b""
+        with self._lock:
+            for attempt in range(RETRIES + 1):
+                try:
+                    if not (self._position <= offset and offset + length <= self._end):
+                        self._open(offset, length)
+                    return self._take(offset, length)
+                except (_Dropped, OSError) as error:
+                    self._close()
+                    if attempt == RETRIES:
+                        raise RegistryError(f"reading bytes {offset}+{length} failed: "
+                                            f"{error}", path=self.label) from None
+        return b""   # not reached
+
+    def _open(self, offset: int, length: int) -> None:
+        self._close()
+        end = min(self.size, offset + max(length, self.READ_AHEAD))
+        response = self.client.request(
+            "GET", f"{self.client.ref.repository}/blobs/{self.digest}",
+            headers={"Range": f"bytes={offset}-{end - 1}"}, stream=True)
+        self.requests += 1
+        if response.status_code == 200:       # Range ignored: the whole blob
+            start = 0
+            end = self.size
+        elif response.status_code == 206:
+            start = offset
+        else:
+            status = response.status_code
+            response.close()
+            raise RegistryError(f"ranged read answered {status}", path=self.label)
+        self._response = response
+        self._chunks = response.iter_content(CHUNK_SIZE)
+        self._pending, self._position, self._end = b"", start, end
+
+    def _take(self, offset: int, length: int) -> bytes:
+        want_end = offset + length
+        requests = self.client.requests
+        while self._position + len(self._pending) < want_end:
+            try:
+                chunk = next(self._chunks, b"")
+            except requests.exceptions.RequestException as error:
+                raise _Dropped(error) from None
+            if not chunk:
+                raise _Dropped(None, "the response ended early")
+            self.bytes_fetched += len(chunk)
+            self._pending += chunk
+        skip = offset - self._position
+        data = self._pending[skip:skip + length]
+        drop = max(0, skip + length - self.KEEP_BEHIND)   # keep a little behind
+        self._pending = self._pending[drop:]
+        self._position += drop
+        return data
+
+    def _close(self) -> None:
+        if self._response is not None:
+            self._response.close()
+        self._response = self._chunks = None
+        self._pending, self._position, self._end = b"", -1, -1
+
+    def close(self) -> None:
+        with self._lock:
+            self._close()
 
 
 class _Stopped(Exception):

@@ -107,6 +107,21 @@ def test_the_upper_benchmark_runs_and_reports_its_sidecar():
                                          "rename upper file", "unlink lower file"}
 
 
+def test_cache_benchmark_runs_and_reports(tmp_path):
+    """The cache benchmark on tiny corpora (no timing asserted)."""
+    from benchmarks import cache as cache_benchmark
+    out = tmp_path / "cache.json"
+    assert cache_benchmark.main(["--mib", "1", "--files", "200", "--reps", "1",
+                                 "--corpus-dir", str(tmp_path / "corpus"),
+                                 "--results", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert [r["corpus"] for r in results] == ["mixed.gzip", "mixed.zstd",
+                                              "tree.gzip", "tree.zstd"]
+    for r in results:
+        assert r["tenth"]["cache_bytes"] <= r["uncompressed"] // 10 + (64 << 10)
+        assert r["unbounded"]["storage"] == "copy"
+
+
 def test_toc_benchmark_counts_footer_and_toc_only(tmp_path):
     """benchmarks/toc.py on a 1 MB corpus: the TOC formats list from far
     fewer bytes than the gzip blob (no timing asserted)."""
