@@ -241,9 +241,11 @@ class Store:
 
 def pin_image(container: Container) -> None:
     """The one place a container pins its image's blobs and indexes in the
-    cache while it uses them.  The cache has no pinning API yet (it is
-    being added): until then this does nothing, and a cache cleanup may
-    drop an index a container will need (it is then rebuilt on open)."""
+    cache beyond what opening does.  An open container's layers pin
+    themselves (``layerfs.cache.Pin``, held while a layer is open), so a
+    container in use keeps its image; a container that exists but is not
+    open pins nothing, and a cache prune may drop its indexes (rebuilt on
+    the next open).  A pin that outlives the process would be taken here."""
 
 
 def unpin_image(container: Container) -> None:
