@@ -9,14 +9,15 @@ The public API is what this module names; everything else is private.
 
 from .errors import (DigestMismatchError, ImageError, InvalidLayerError,
                      InvalidReferenceError, MountError, ReadOnlyError,
-                     UnsupportedImageError, UpperError)
+                     StoreError, UnsupportedImageError, UpperError)
 from .fs import DirEntry, FileSystem, open
+from .store import Container, Store
 
 __all__ = [
     "open", "FileSystem", "DirEntry",
     "ImageError", "InvalidLayerError", "DigestMismatchError",
     "UnsupportedImageError", "InvalidReferenceError", "ReadOnlyError", "MountError",
-    "UpperError",
+    "UpperError", "StoreError", "Store", "Container",
 ]
 
 __version__ = "0.1.0"

@@ -730,8 +730,10 @@ def cmd_example(args) -> int:
 
 
 def cmd_mount(args) -> int:
+    from .containercli import bind_after_mount, parsed_volumes
     from .mount import mount
     operands = take_image(args, ["MOUNTPOINT"])
+    volumes = parsed_volumes(args)
     cache_from(args)     # records --cache-size, passes --max-layer-size on
     progress = ProgressBar("indexing")
     try:
@@ -742,6 +744,7 @@ def cmd_mount(args) -> int:
               log_file=args.log, log_level=args.log_level)
     finally:
         progress.finish()
+    bind_after_mount(operands.rest[0], volumes)
     return 0
 
 
@@ -925,6 +928,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("-o", dest="options", action="append", default=[],
                      metavar="OPTION[,OPTION...]", help="FUSE mount options (allow_other, ...)")
     sub.add_argument("--upper", metavar="DIR", help="keep changes in DIR (copy-on-write)")
+    from .containercli import add_volume_option
+    add_volume_option(sub)
+    sub.add_argument("--store", metavar="DIR", help="the store of named volumes")
     sub.add_argument("--log", metavar="FILE",
                      help="write the daemon's log to FILE (default: syslog)")
     sub.add_argument("--log-level", default="WARNING", type=str.upper,
@@ -974,6 +980,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .cachecli import add_parser as add_cache_parser
     add_cache_parser(commands)
+    from .containercli import add_commands as add_container_commands
+    add_container_commands(commands, add_registry_options)
     return parser
 
 

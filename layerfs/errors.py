@@ -130,3 +130,11 @@ class UpperError(OSError):
 
     def __str__(self) -> str:
         return self.args[1]
+
+
+class StoreError(UpperError):
+    """A container or volume of a store cannot be used as asked: no such
+    name (``ENOENT``), the name is taken (``EEXIST``) or invalid
+    (``EINVAL``), it is in use (``EBUSY``: unmount it, or remove it with
+    ``force``), or its image reference no longer names the image it was
+    created from.  The message is one line naming it."""

@@ -20,6 +20,7 @@ from typing import BinaryIO, Iterator, Optional, Sequence, Union
 from .errors import ImageError, path_error
 from .image import Image, open_image
 from .layer import IndexCache
+from .lowerview import LowerSnapshot, LowerView, shared_view
 from .paths import join, order_key
 from .reference import as_reference
 from .tarwrite import LayerTarWriter, write_tree
@@ -39,7 +40,7 @@ Source = Union[PathLike, Sequence[PathLike]]
 
 def open(source: Source, *, upper: Optional[PathLike] = None, tag: Optional[str] = None,
          platform: Optional[str] = None, cache=None, progress=None,
-         registry=None, readonly: bool = False) -> "FileSystem":
+         registry=None, readonly: bool = False, share_view: bool = True) -> "FileSystem":
     """Open an image as a filesystem.
 
     *source* names the image as :mod:`layerfs.reference` says: a string
@@ -65,6 +66,13 @@ def open(source: Source, *, upper: Optional[PathLike] = None, tag: Optional[str]
     recorded for another image.  With *readonly*, an existing *upper* is
     read as it is (nothing created, changed or locked: it may be mounted
     meanwhile) and every write raises ``OSError(EROFS)``.
+
+    Every filesystem of one image in a process shares one immutable view of
+    it; a writable one copies that view a directory at a time as it uses
+    it, so opening it does not cost the image's size.  With
+    ``share_view=False``, a writable filesystem copies the whole view at
+    open and shares nothing: less memory for a process that serves one
+    container and walks all of it (a mount daemon).
     """
     source = as_reference(source)
     if isinstance(cache, (str, bytes, os.PathLike)):
@@ -73,7 +81,7 @@ def open(source: Source, *, upper: Optional[PathLike] = None, tag: Optional[str]
         image = open_image(source, tag=tag, platform=platform, cache=cache,
                            progress=progress, registry=registry)
         try:
-            fs = FileSystem(image)
+            fs = FileSystem(image, shared=upper is None, share_view=share_view)
         except BaseException:
             image.close()
             raise
@@ -90,7 +98,7 @@ def open_upper(fs: "FileSystem", directory: str, writable: bool) -> Upper:
     """The upper store over *fs*'s view, given only what it needs: the tree,
     the lower view (what the image shows, path -> mode), a reader of lower
     files' bytes, and the image it belongs to."""
-    lower = {path: node.mode for path, node in fs.tree.nodes.items()}
+    lower = fs.lower
     layers = fs.layers
 
     def read_lower(node: Node, offset: int, length: int) -> bytes:
@@ -100,8 +108,28 @@ def open_upper(fs: "FileSystem", directory: str, writable: bool) -> Upper:
     return Upper(fs.tree, lower, read_lower, directory, binding, writable=writable)
 
 
-def build_tree(image: Image) -> Tree:
-    """Apply every layer of *image*, base first.
+def lower_view(image: Image) -> LowerView:
+    """The process's shared, immutable merged view of *image*'s layers
+    (:mod:`layerfs.lowerview`), built by :func:`build_tree` if no open
+    filesystem of the same ChainID holds one."""
+    return shared_view(view_key(image), lambda: build_tree(image))
+
+
+def view_key(image: Image) -> Optional[str]:
+    """What two images must have in common to share a view: the ChainID
+    (the same uncompressed layers), and the blob digest of each layer read
+    through a table of contents (with no index cache), whose entries point
+    at the blob's own chunks rather than at offsets of the layer's tar."""
+    chain_id = image.chain_id()
+    if not chain_id:
+        return None
+    blobs = [layer.digest or "?" for layer in image.layers if layer.cache is None]
+    return " ".join([chain_id, *blobs])
+
+
+def build_tree(image: Image) -> tuple[Tree, Optional[dict]]:
+    """Apply every layer of *image*, base first; returns the tree and its
+    record (:meth:`Tree.to_record`) where one was made.
 
     The result depends only on the layers' contents, so it is kept in the
     layers' index cache under the stack's ChainID: opening the same stack
@@ -115,7 +143,7 @@ def build_tree(image: Image) -> Tree:
         record = cache.load_view(chain_hex)
         if record is not None:
             try:
-                return Tree.from_record(record)
+                return Tree.from_record(record), record
             except (ValueError, TypeError, KeyError, IndexError, AttributeError):
                 cache.discard_view(chain_hex)
     tree = Tree()
@@ -125,19 +153,36 @@ def build_tree(image: Image) -> Tree:
         except ImageError as error:
             raise error.located(layer.path) from None
         layer.release_entries()     # the tree holds all reads need
+    record = None
     if cache is not None:
+        record = tree.to_record()
         with contextlib.suppress(OSError):    # a full or read-only cache: rebuilt next time
-            cache.store_view(chain_hex, tree.to_record())
-    return tree
+            cache.store_view(chain_hex, record)
+    return tree, record
 
 
 class FileSystem:
     """An image as one filesystem; see :func:`open`."""
 
-    def __init__(self, image: Image, tree: Optional[Tree] = None):
+    def __init__(self, image: Image, tree: Optional[Tree] = None, *, shared: bool = False,
+                 share_view: bool = True):
+        """*tree*: the view to serve (default: the image's).  With *shared*
+        (never to be given an upper), the tree is the process's shared
+        lower view itself; otherwise a copy a writer may change: lazy,
+        over the shared view, or with *share_view* false a whole private
+        copy."""
         self.image = image
         self.layers = image.layers
-        self.tree = tree if tree is not None else build_tree(image)
+        # What the image's layers show (the upper consults it): shared with
+        # every filesystem of the same image in this process, or a snapshot.
+        if tree is None and not shared and not share_view:
+            tree = build_tree(image)[0]
+            self.lower = LowerSnapshot(tree)
+        else:
+            self.lower = lower_view(image)
+        if tree is None:
+            tree = self.lower.tree if shared else self.lower.private_tree()
+        self.tree = tree
         self._nodes = self.tree.nodes
         self._upper: Optional[Upper] = None
         # Read-only, a path always stats the same: its answers are kept by
@@ -159,6 +204,9 @@ class FileSystem:
     def upper(self, upper: Optional[Upper]) -> None:
         # A writable view changes under its paths: stats are then answered
         # from the nodes, whose own stat_cache every change resets.
+        if upper is not None and self.tree is self.lower.tree:
+            raise ValueError("this filesystem serves the shared view of its image, "
+                             "which no upper may change: open it with upper=")
         self._upper = upper
         self._stats.clear()
         self._lstats.clear()
@@ -176,6 +224,7 @@ class FileSystem:
             self.upper.close()
             self.upper = None
         self.image.close()
+        self.lower = None       # the shared view lives while a filesystem uses it
         # Every lookup starts in one of these: swapping them costs the hot
         # path nothing and makes each use of a closed filesystem one error.
         self.tree = self._nodes = self._stats = self._lstats = _CLOSED

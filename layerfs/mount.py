@@ -148,6 +148,8 @@ def umount(mountpoint, timeout: float = UMOUNT_TIMEOUT) -> None:
     # Opened before unmounting: the server may remove the file once done.
     lock_fd = _open_existing(lock_path(mountpoint))
     try:
+        from .volume import unbind_beneath
+        unbind_beneath(mountpoint)      # volumes bound into the view (layerfs/volume.py)
         _unmount(mountpoint)
         if lock_fd is not None:
             _wait_for_server(lock_fd, mountpoint, timeout)
@@ -634,8 +636,10 @@ def open_fs(progress=None, *, source, upper=None, tag=None, platform=None, cache
     if cache_dir is not None:
         from .layer import IndexCache
         cache = IndexCache(cache_dir)
+    # One container per daemon: a private tree costs less than the shared
+    # view plus lazy copies once a walk has reached everything (docs/benchmarks.md).
     return layerfs_fs.open(source, tag=tag, platform=platform, cache=cache, upper=upper,
-                           registry=registry, progress=progress)
+                           registry=registry, progress=progress, share_view=False)
 
 
 def absolute(path):

@@ -532,6 +532,9 @@ class Tree:
     def names_of(self, node: Node) -> list[str]:
         """Every path naming *node*.  A scan of the whole view: callers use
         it only for files with several names."""
+        lazy = getattr(self.nodes, "names_of", None)      # a container's tree (lazytree)
+        if lazy is not None:
+            return lazy(node)
         return sorted(path for path, candidate in self.nodes.items() if candidate is node)
 
     # ------------------------------------------------------------------

@@ -153,7 +153,7 @@ class Upper:
         self.tree = tree
         # What the image's layers show, path -> st_mode, before any change:
         # decides whether a deletion needs a whiteout.
-        self.lower_paths = lower
+        self.lower_paths = lower       # shared by every filesystem of the image
         self.read_lower = read_lower
         self.directory = os.path.abspath(directory)
         self.writable = writable

@@ -308,3 +308,27 @@ def lock_holder(directory: str) -> Optional[str]:
         return None
     finally:
         os.close(fd)
+
+
+def lock_holder_pid(directory: str) -> Optional[int]:
+    """The pid of the process holding the writer's lock of *directory*
+    (on this host), or None if nobody does."""
+    try:
+        fd = os.open(os.path.join(directory, LOCK_FILE), os.O_RDONLY | os.O_NOFOLLOW
+                     | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = json.loads(os.pread(fd, 4096, 0))
+            except ValueError:
+                return None
+            if holder.get("host") != socket.gethostname():
+                return None
+            return holder.get("pid") if isinstance(holder.get("pid"), int) else None
+        return None
+    finally:
+        os.close(fd)

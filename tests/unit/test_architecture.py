@@ -7,6 +7,7 @@ import sys
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "layerfs"
 CORE = {"union", "whiteout", "entry", "errors", "paths"}
+CORE_TREES = CORE | {"lazytree"}
 
 
 def imported_modules(module: str) -> set[str]:
@@ -103,6 +104,38 @@ def test_only_the_upper_store_calls_the_host():
     """Every change to an upper goes through layerfs.upper's family of
     operations: nothing outside the store touches HostDir."""
     for path in PACKAGE.glob("*.py"):
-        if path.stem in UPPER_STORE:
+        # volume.py walks a mount point with HostDir's no-follow opens to
+        # find where to bind a volume; it never touches an upper.
+        if path.stem in UPPER_STORE or path.stem == "volume":
             continue
         assert "hostdir" not in imported_modules(path.stem), path.name
+
+
+FUSE_MODULES = {"fuse", "fusell", "fusecore", "mount", "mfusepy"}
+
+
+def test_the_shared_lower_view_is_core_only():
+    assert project_imports("lowerview") <= CORE_TREES
+    assert project_imports("lazytree") <= CORE
+
+
+def top_level_imports(module: str) -> set[str]:
+    """The project modules *module* imports when it is imported (not those
+    imported inside functions)."""
+    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+    names = set()
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.level:
+            names.update([node.module] if node.module else [a.name for a in node.names])
+    return names
+
+
+def test_the_store_loads_no_fuse_module_when_imported():
+    for module in ("store", "volume", "containercli"):
+        assert not top_level_imports(module) & (FUSE_MODULES | {"fs", "cli"}), module
+    code = ("import sys, layerfs.store, layerfs.volume, layerfs.containercli; "
+            "print(sorted(m for m in sys.modules if m.split('.')[-1] in "
+            f"{sorted(FUSE_MODULES)!r}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]"
