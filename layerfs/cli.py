@@ -681,33 +681,44 @@ def open_upper_fs(args, image: Reference, upper: str, readonly: bool = False):
 def cmd_diff(args) -> int:
     operands = take_image(args, ["UPPER"])
     with open_upper_fs(args, operands.image, operands.rest[0], readonly=True) as fs:
-        changes = fs.diff()
-    if args.json:
-        print(json.dumps([attrs.asdict(change) for change in changes], indent=2))
-        return 0
-    letters = {"added": "A", "modified": "C", "deleted": "D"}
-    for change in changes:
-        print(f"{letters[change.change]} {change.path}")
+        print_changes(fs.diff(), args.json)
     return 0
 
 
+def print_changes(changes, as_json: bool) -> None:
+    """``diff``'s output: a JSON list, or one ``A|C|D PATH`` line per change."""
+    if as_json:
+        print(json.dumps([attrs.asdict(change) for change in changes], indent=2))
+        return
+    letters = {"added": "A", "modified": "C", "deleted": "D"}
+    for change in changes:
+        print(f"{letters[change.change]} {change.path}")
+
+
 def cmd_commit(args) -> int:
-    from .commit import commit
-    from .errors import UpperError
     operands = take_image(args, ["UPPER", "DEST"])
     upper, dest = operands.rest
+    return commit_writable(lambda: open_upper_fs(args, operands.image, upper), dest, args,
+                           tag=args.tag_new)
+
+
+def commit_writable(open_writable, dest: str, args, tag: Optional[str]) -> int:
+    """Commit the filesystem *open_writable()* opens (for writing: commit
+    holds the writer's lock, docs/upper-format.md) to *dest*; print the
+    new manifest's digest."""
+    from .commit import commit
+    from .errors import UpperError
     try:
-        fs = open_upper_fs(args, operands.image, upper)
+        fs = open_writable()
     except UpperError as error:
         if error.errno != errno.EBUSY:
             raise
-        # Policy: commit holds the writer's lock (docs/upper-format.md).
         raise UpperError(error.errno, f"{error}; unmount it before committing") from None
     with fs:
         progress = ProgressBar("committing")
         try:
             compression = None if args.compression == "none" else args.compression
-            result = commit(fs, dest, compression=compression, tag=args.tag_new,
+            result = commit(fs, dest, compression=compression, tag=tag,
                             message=args.message, progress=progress)
         finally:
             progress.finish()

@@ -10,7 +10,7 @@ import errno
 import json
 import sys
 
-from .errors import StoreError, UpperError
+from .errors import StoreError
 from .store import Store, mounted_at
 
 STORE_HELP = ("the store directory (default: $LAYERFS_STORE, else "
@@ -112,38 +112,16 @@ def bind_after_mount(mountpoint: str, volumes: list) -> None:
 
 
 def cmd_diff(args) -> int:
+    from .cli import print_changes
     with store_of(args).open(args.name, readonly=True, cache=cache_of(args)) as fs:
-        changes = fs.diff()
-    if args.json:
-        import attrs
-        print(json.dumps([attrs.asdict(change) for change in changes], indent=2))
-        return 0
-    letters = {"added": "A", "modified": "C", "deleted": "D"}
-    for change in changes:
-        print(f"{letters[change.change]} {change.path}")
+        print_changes(fs.diff(), args.json)
     return 0
 
 
 def cmd_commit(args) -> int:
-    from .cli import ProgressBar
-    from .commit import commit
-    try:
-        fs = store_of(args).open(args.name, cache=cache_of(args))
-    except UpperError as error:
-        if error.errno != errno.EBUSY:
-            raise
-        # As `layerfs commit`: commit holds the writer's lock (docs/upper-format.md).
-        raise StoreError(error.errno, f"{error}; unmount it before committing") from None
-    with fs:
-        progress = ProgressBar("committing")
-        try:
-            compression = None if args.compression == "none" else args.compression
-            result = commit(fs, args.dest, compression=compression, tag=args.tag,
-                            message=args.message, progress=progress)
-        finally:
-            progress.finish()
-    print(result.manifest_digest)
-    return 0
+    from .cli import commit_writable
+    return commit_writable(lambda: store_of(args).open(args.name, cache=cache_of(args)),
+                           args.dest, args, tag=args.tag)
 
 
 def cmd_rm(args) -> int:
