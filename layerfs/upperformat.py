@@ -293,8 +293,9 @@ def take_lock(host: HostDir, directory: str) -> int:
     return fd
 
 
-def lock_holder(directory: str) -> Optional[str]:
-    """Who holds the writer's lock of *directory*, or None if nobody does."""
+def _held_lock_record(directory: str) -> Optional[bytes]:
+    """The record in the writer's lock of *directory* while a writer holds
+    it; None if nobody does."""
     try:
         fd = os.open(os.path.join(directory, LOCK_FILE), os.O_RDONLY | os.O_NOFOLLOW
                      | os.O_CLOEXEC)
@@ -304,31 +305,28 @@ def lock_holder(directory: str) -> Optional[str]:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            return describe_holder(os.pread(fd, 4096, 0))
+            return os.pread(fd, 4096, 0)
         return None
     finally:
         os.close(fd)
+
+
+def lock_holder(directory: str) -> Optional[str]:
+    """Who holds the writer's lock of *directory*, or None if nobody does."""
+    record = _held_lock_record(directory)
+    return None if record is None else describe_holder(record)
 
 
 def lock_holder_pid(directory: str) -> Optional[int]:
     """The pid of the process holding the writer's lock of *directory*
     (on this host), or None if nobody does."""
-    try:
-        fd = os.open(os.path.join(directory, LOCK_FILE), os.O_RDONLY | os.O_NOFOLLOW
-                     | os.O_CLOEXEC)
-    except FileNotFoundError:
+    record = _held_lock_record(directory)
+    if record is None:
         return None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            try:
-                holder = json.loads(os.pread(fd, 4096, 0))
-            except ValueError:
-                return None
-            if holder.get("host") != socket.gethostname():
-                return None
-            return holder.get("pid") if isinstance(holder.get("pid"), int) else None
+        holder = json.loads(record)
+    except ValueError:
         return None
-    finally:
-        os.close(fd)
+    if not isinstance(holder, dict) or holder.get("host") != socket.gethostname():
+        return None
+    return holder.get("pid") if isinstance(holder.get("pid"), int) else None
