@@ -127,9 +127,8 @@ def view_key(image: Image) -> Optional[str]:
     return " ".join([chain_id, *blobs])
 
 
-def build_tree(image: Image) -> tuple[Tree, Optional[dict]]:
-    """Apply every layer of *image*, base first; returns the tree and its
-    record (:meth:`Tree.to_record`) where one was made.
+def build_tree(image: Image) -> Tree:
+    """Apply every layer of *image*, base first.
 
     The result depends only on the layers' contents, so it is kept in the
     layers' index cache under the stack's ChainID: opening the same stack
@@ -143,7 +142,7 @@ def build_tree(image: Image) -> tuple[Tree, Optional[dict]]:
         record = cache.load_view(chain_hex)
         if record is not None:
             try:
-                return Tree.from_record(record), record
+                return Tree.from_record(record)
             except (ValueError, TypeError, KeyError, IndexError, AttributeError):
                 cache.discard_view(chain_hex)
     tree = Tree()
@@ -153,12 +152,10 @@ def build_tree(image: Image) -> tuple[Tree, Optional[dict]]:
         except ImageError as error:
             raise error.located(layer.path) from None
         layer.release_entries()     # the tree holds all reads need
-    record = None
     if cache is not None:
-        record = tree.to_record()
         with contextlib.suppress(OSError):    # a full or read-only cache: rebuilt next time
-            cache.store_view(chain_hex, record)
-    return tree, record
+            cache.store_view(chain_hex, tree.to_record())
+    return tree
 
 
 class FileSystem:
@@ -176,7 +173,7 @@ class FileSystem:
         # What the image's layers show (the upper consults it): shared with
         # every filesystem of the same image in this process, or a snapshot.
         if tree is None and not shared and not share_view:
-            tree = build_tree(image)[0]
+            tree = build_tree(image)
             self.lower = LowerSnapshot(tree)
         else:
             self.lower = lower_view(image)

@@ -28,7 +28,7 @@ class LowerView(Mapping):
     """What an image's layers show: a mapping of canonical path to
     ``st_mode``, over a tree that must never be changed (``tree``)."""
 
-    def __init__(self, tree: Tree, record: Optional[dict] = None):
+    def __init__(self, tree: Tree):
         self.tree = tree
         self._nodes = tree.nodes
 
@@ -79,15 +79,15 @@ _views_lock = threading.Lock()
 
 
 def shared_view(key: Optional[str],
-                build: Callable[[], tuple[Tree, Optional[dict]]]) -> LowerView:
+                build: Callable[[], Tree]) -> LowerView:
     """The process's view of the image *key* names (its ChainID, and what
     else decides the nodes' data references: ``layerfs.fs.view_key``),
-    made with ``build() -> (tree, record or None)`` if no filesystem holds
+    made with ``build() -> tree`` if no filesystem holds
     one (and always without a key: nothing to share it by)."""
     with _views_lock:
         view = _views.get(key) if key else None
         if view is None:
-            view = LowerView(*build())
+            view = LowerView(build())
             if key:
                 _views[key] = view
         return view
