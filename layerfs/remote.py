@@ -308,6 +308,9 @@ class RemoteBlob:
         self.label = label
         self.bytes_fetched = 0
         self.requests = 0
+        # what a request asks for beyond the read: a front-to-back pass wants
+        # much; a layer read from its TOC (random chunks) sets it to 0
+        self.read_ahead = self.READ_AHEAD
         self._lock = threading.Lock()
         self._response = None
         self._chunks = None
@@ -334,7 +337,7 @@ class RemoteBlob:
 
     def _open(self, offset: int, length: int) -> None:
         self._close()
-        end = min(self.size, offset + max(length, self.READ_AHEAD))
+        end = min(self.size, offset + max(length, self.read_ahead))
         response = self.client.request(
             "GET", f"{self.client.ref.repository}/blobs/{self.digest}",
             headers={"Range": f"bytes={offset}-{end - 1}"}, stream=True)
