@@ -911,7 +911,8 @@ class _Opener:
         zstd:chunked footer: not when its media type is an uncompressed tar
         (no footer there), nor when the index cache already holds its index
         (it was read as a plain layer before: the cache answers first)."""
-        if media_type in _UNCOMPRESSED_TYPES:
+        from .remote import UNCOMPRESSED_LAYER_TYPES
+        if media_type in UNCOMPRESSED_LAYER_TYPES:
             return False
         cache = self.layer_args.get("cache")
         hex_ = (digest or "").partition(":")[2]
@@ -947,10 +948,6 @@ class _Opener:
             discard(digest)
             raise DigestMismatchError(error.reason, path=self.store.where(blob_name(digest)),
                                       layer=error.layer, entry=error.entry) from None
-
-
-_UNCOMPRESSED_TYPES = frozenset({"application/vnd.oci.image.layer.v1.tar",
-                                 "application/vnd.docker.image.rootfs.diff.tar"})
 
 
 def _open_all(openers: list[Callable[[], Layer]]) -> list[Layer]:
