@@ -1,9 +1,8 @@
 """eStargz and zstd:chunked images pulled from a real registry on loopback
 open through their tables of contents, with the same view as the layout
-they were pushed from.  (Until the remote blob source is on main, a
-docker:// layer is downloaded before it is opened: what the TOC path saves
-over the network is shown with a counting blob source in
-tests/unit/test_toc.py.)"""
+they were pushed from; read lazily (the default), listing one fetches
+only the footer and the TOC, and a cat only the chunks it needs, counted
+from the Range headers the client sends."""
 
 from __future__ import annotations
 
