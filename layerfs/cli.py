@@ -169,7 +169,8 @@ def registry_options(args):
                    tls_verify=getattr(args, "tls_verify", True),
                    offline=getattr(args, "offline", False),
                    cert_dir=getattr(args, "cert_dir", None),
-                   registries_conf=getattr(args, "registries_conf", None))
+                   registries_conf=getattr(args, "registries_conf", None),
+                   **({"lazy": False} if getattr(args, "whole_blobs", False) else {}))
 
 
 def parse_bool(text: str) -> bool:
@@ -510,6 +511,7 @@ def image_chain_id(image) -> str | None:
 
 def cmd_pull(args) -> int:
     operands = take_image(args, [])
+    args.whole_blobs = True       # pull is what fetches every blob into the cache
     with open_image_fs(args, operands.image) as fs:
         print(fs.image.manifest_digest)
     return 0
@@ -532,6 +534,7 @@ def cmd_copy(args) -> int:
     if dest.transport != "oci" or dest.digest is not None:
         raise UsageError(f"copy: DEST must be oci:DIR[:TAG], not {operands.rest[0]!r}")
     tag = dest.tag if dest.tag is not None else operands.image.tag
+    args.whole_blobs = True       # the layout gets every blob, byte for byte
     cache = BlobCache(cache_root(cache_from(args)))
     with open_image_fs(args, operands.image) as fs:
         image = fs.image

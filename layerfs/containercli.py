@@ -32,6 +32,7 @@ def cache_of(args):
 
 def cmd_create(args) -> int:
     from .cli import registry_options
+    args.whole_blobs = True       # a container outlives the network: its blobs are kept
     container = store_of(args).create(args.image, args.name, tag=args.tag,
                                       platform=args.platform, cache=cache_of(args),
                                       registry=registry_options(args))

@@ -905,13 +905,36 @@ class _Opener:
         return _open_all([lambda i=i, s=s: self.open_layer(i, *s)
                           for i, s in enumerate(specs)])
 
+    def needs_sniff(self, digest: str | None, media_type: str | None) -> bool:
+        """Whether a layer without TOC annotations must be looked at (its
+        last 72 bytes: one request for a registry blob) for an eStargz or
+        zstd:chunked footer: not when its media type is an uncompressed tar
+        (no footer there), nor when the index cache already holds its index
+        (it was read as a plain layer before: the cache answers first)."""
+        from .remote import UNCOMPRESSED_LAYER_TYPES
+        if media_type in UNCOMPRESSED_LAYER_TYPES:
+            return False
+        cache = self.layer_args.get("cache")
+        hex_ = (digest or "").partition(":")[2]
+        if cache is False or not hex_ or not (digest or "").startswith("sha256:"):
+            return True
+        if cache is None or cache is True:
+            from .cache import IndexCache
+            cache = IndexCache()
+        if not hasattr(cache, "load_header"):
+            return True
+        try:
+            return cache.load_header(hex_) is None
+        except (OSError, ValueError):
+            return True
+
     def open_layer(self, number: int, source: Any, digest: str | None, diff_id: str,
                    media_type: str | None, annotations: dict | None = None) -> Layer:
         label = f"{number} ({(digest or diff_id)[:19]})"
         try:
             toc_layer = open_toc_layer(source, digest=digest, diff_id=diff_id,
                                        media_type=media_type, annotations=annotations,
-                                       label=label)
+                                       label=label, sniff=self.needs_sniff(digest, media_type))
             if toc_layer is not None:       # eStargz, zstd:chunked: read from the TOC
                 return toc_layer            # type: ignore[return-value]
             return open_layer(source, digest=digest, diff_id=diff_id, media_type=media_type,

@@ -85,13 +85,19 @@ class Options:
     :data:`layerfs.registryconf.CERTS_D`), ``registries_conf`` (mirrors, locations, insecure and
     blocked registries; default: see :mod:`layerfs.registryconf`), ``lazy``
     (read layers from the registry as they are needed instead of fetching
-    them whole first; default: ``$LAYERFS_LAZY=1``; see docs/cache.md)."""
+    them whole first; default: on, unless ``$LAYERFS_LAZY=0``; ``layerfs
+    pull`` and ``copy`` always fetch whole blobs; see docs/cache.md)."""
     authfile: Optional[str] = None
     tls_verify: bool = True
     offline: bool = False
     cert_dir: Optional[str] = None
     registries_conf: Optional[str] = None
-    lazy: bool = attrs.field(factory=lambda: os.environ.get(LAZY_ENV, "") == "1")
+    lazy: bool = attrs.field(factory=lambda: lazy_default())
+
+
+def lazy_default() -> bool:
+    """Lazy reading, unless ``$LAYERFS_LAZY`` is ``0`` (or ``false``, ``no``)."""
+    return os.environ.get(LAZY_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 # -- the client ----------------------------------------------------------------

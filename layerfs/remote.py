@@ -99,6 +99,10 @@ class BlobCache:
 
 # -- a registry as a blob store for layerfs.image ----------------------------------
 
+UNCOMPRESSED_LAYER_TYPES = frozenset({"application/vnd.oci.image.layer.v1.tar",
+                                      "application/vnd.docker.image.rootfs.diff.tar"})
+
+
 class RemoteStore:
     """What :class:`layerfs.image._Opener` reads blobs from, for an image in
     a registry: ``blobs/<alg>/<hex>`` names, fetched (and verified) into the
@@ -114,6 +118,7 @@ class RemoteStore:
         self._client: Optional[Client] = None
         self._lock = threading.Lock()
         self._sizes: dict = {}     # layer digest -> size, from the manifest
+        self._whole: set = set()   # uncompressed layers: fetched whole even when lazy
 
     @property
     def client(self) -> Client:
@@ -178,8 +183,12 @@ class RemoteStore:
         else the file, fetched now."""
         digest = _digest_of(name)
         size = self._sizes.get(digest)
-        if (self.options.lazy and size is not None and not self.options.offline
+        if (self.options.lazy and size is not None and digest not in self._whole
                 and not self.cache.has(digest)):
+            if self.options.offline:
+                # read before without the whole blob: what the index cache
+                # holds (a copy, spans) serves; a ranged read is refused
+                return OfflineBlob(digest, size, self.where(name))
             return RemoteBlob(self.client, digest, size, self.where(name))
         return self.path(name)
 
@@ -196,7 +205,13 @@ class RemoteStore:
                    and not self.cache.has(d["digest"])]
         missing = list(dict.fromkeys(missing))
         self._sizes.update((d, size) for d, size in missing if size is not None)
-        if not missing or self.options.offline or self.options.lazy:
+        self._whole.update(d["digest"] for d in descriptors if isinstance(d, dict)
+                           and d.get("mediaType") in UNCOMPRESSED_LAYER_TYPES)
+        if self.options.lazy:
+            # an uncompressed layer is read in place (no decompressed copy
+            # is made of it): it is fetched whole, as without lazy reading
+            missing = [(d, size) for d, size in missing if d in self._whole]
+        if not missing or self.options.offline:
             return
         total = sum(size or 0 for _, size in missing)
         done = [0]
@@ -308,6 +323,9 @@ class RemoteBlob:
         self.label = label
         self.bytes_fetched = 0
         self.requests = 0
+        # what a request asks for beyond the read: a front-to-back pass wants
+        # much; a layer read from its TOC (random chunks) sets it to 0
+        self.read_ahead = self.READ_AHEAD
         self._lock = threading.Lock()
         self._response = None
         self._chunks = None
@@ -334,7 +352,7 @@ class RemoteBlob:
 
     def _open(self, offset: int, length: int) -> None:
         self._close()
-        end = min(self.size, offset + max(length, self.READ_AHEAD))
+        end = min(self.size, offset + max(length, self.read_ahead))
         response = self.client.request(
             "GET", f"{self.client.ref.repository}/blobs/{self.digest}",
             headers={"Range": f"bytes={offset}-{end - 1}"}, stream=True)
@@ -380,6 +398,27 @@ class RemoteBlob:
     def close(self) -> None:
         with self._lock:
             self._close()
+
+
+class OfflineBlob:
+    """A registry blob that is not in the cache, with ``--offline``: a blob
+    source whose size is known (from the manifest) and whose every read is
+    refused, so a layer opens from what the index cache holds of it (a
+    whole copy, spans) or fails with a one-line error naming the blob."""
+
+    def __init__(self, digest: str, size: int, label: str):
+        self.digest = digest
+        self.size = size
+        self.label = label
+        self.bytes_fetched = 0
+        self.requests = 0
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        raise RegistryError("blob is not in the cache, and --offline forbids fetching it",
+                            path=self.label)
+
+    def close(self) -> None:
+        pass
 
 
 class _Stopped(Exception):

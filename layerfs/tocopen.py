@@ -94,6 +94,8 @@ def open_toc_layer(source, *, digest: Optional[str], diff_id: Optional[str] = No
                 close()
             return None
         annotations = annotations or {}
+        if hasattr(blob, "read_ahead"):    # a registry blob: ask for the ranges needed only
+            blob.read_ahead = 0
         if fmt == "estargz":
             entries, chunk_lists, decompress = _read_estargz(blob, annotations, label)
             compression = "gzip"

@@ -96,7 +96,73 @@ def test_a_lazy_reopen_with_a_whole_copy_needs_no_network(tmp_path, lazy_image, 
     with layerfs.open(digest_ref, cache=cache, registry=Options(lazy=True)) as fs:
         assert [layer.storage for layer in fs.image.layers] == ["copy", "copy"]
     with layerfs.open(digest_ref, cache=cache, registry=Options(lazy=True)) as fs:
-        # nothing but the TOC hook's look at the last 72 bytes (tocopen's sniff)
-        assert all(r.bytes_fetched <= 72 for r in fs.image.layer_sources)
+        # the index cache answers before any look for a TOC footer: no request
+        assert all(r.requests == 0 and r.bytes_fetched == 0 for r in fs.image.layer_sources)
         for path, data in lazy_image["files"].items():
             assert fs.read_bytes("/" + path) == data
+
+
+def _blob_files(cache: IndexCache) -> set:
+    root = os.path.join(cache.root, "registry", "blobs", "sha256")
+    return set(os.listdir(root)) if os.path.isdir(root) else set()
+
+
+def test_lazy_is_the_default_and_layerfs_lazy_0_opts_out(tmp_path, lazy_image, monkeypatch):
+    layer_hexes = {d["digest"].partition(":")[2]
+                   for d in lazy_image["pushed"]["manifest"]["layers"]}
+    monkeypatch.delenv("LAYERFS_LAZY", raising=False)
+    assert Options().lazy
+    cache = IndexCache(tmp_path / "lazy")
+    with layerfs.open(lazy_image["ref"], cache=cache) as fs:
+        assert all(isinstance(r, RemoteBlob) for r in fs.image.layer_sources)
+    assert not layer_hexes & _blob_files(cache)
+    for value in ("0", "false"):
+        monkeypatch.setenv("LAYERFS_LAZY", value)
+        assert not Options().lazy
+    cache = IndexCache(tmp_path / "whole")
+    with layerfs.open(lazy_image["ref"], cache=cache) as fs:
+        assert not any(isinstance(r, RemoteBlob) for r in fs.image.layer_sources)
+    assert layer_hexes <= _blob_files(cache)
+    cache = IndexCache(tmp_path / "explicit")
+    monkeypatch.delenv("LAYERFS_LAZY")
+    layerfs.open(lazy_image["ref"], cache=cache, registry=Options(lazy=False)).close()
+    assert layer_hexes <= _blob_files(cache)
+
+
+def test_a_lazily_read_image_reopens_offline_and_by_digest_with_the_registry_stopped(
+        tmp_path, lazy_image, registry, monkeypatch):
+    """#11 item 5 under lazy reading: what the first use fetched (the index
+    cache's whole copies, within the budget) serves the second, with no
+    network: by digest, and with --offline by tag."""
+    monkeypatch.delenv("LAYERFS_LAZY", raising=False)
+    cache = IndexCache(tmp_path / "cache", size=64 << 20)
+    digest_ref = f"docker://{registry.host}/lazy@{lazy_image['pushed']['digest']}"
+    with layerfs.open(lazy_image["ref"], cache=cache) as fs:
+        assert [layer.storage for layer in fs.image.layers] == ["copy", "copy"]
+    registry.stop()
+    with layerfs.open(digest_ref, cache=cache) as fs:
+        for path, data in lazy_image["files"].items():
+            assert fs.read_bytes("/" + path) == data
+    with layerfs.open(lazy_image["ref"], cache=cache, registry=Options(offline=True)) as fs:
+        for path, data in lazy_image["files"].items():
+            assert fs.read_bytes("/" + path) == data
+
+
+def test_offline_refuses_a_lazy_layer_the_cache_lacks_in_one_line(
+        tmp_path, lazy_image, registry, monkeypatch):
+    monkeypatch.delenv("LAYERFS_LAZY", raising=False)
+    cache = IndexCache(tmp_path / "cache", size=64 << 20)
+    layerfs.open(lazy_image["ref"], cache=cache, registry=Options(lazy=True)).close()
+    for entry in list(cache.scan()):            # the copies go, the indexes stay
+        if entry.evictable:
+            cache.remove(entry)
+    registry.stop()
+    from layerfs.errors import RegistryError
+    with pytest.raises(RegistryError) as caught:
+        with layerfs.open(lazy_image["ref"], cache=cache,
+                          registry=Options(offline=True)) as fs:
+            for path in lazy_image["files"]:
+                fs.read_bytes("/" + path)
+    message = str(caught.value)
+    assert "\n" not in message and "--offline forbids fetching it" in message
+    assert f"docker://{registry.host}/lazy@sha256:" in message

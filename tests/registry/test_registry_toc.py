@@ -1,9 +1,8 @@
 """eStargz and zstd:chunked images pulled from a real registry on loopback
 open through their tables of contents, with the same view as the layout
-they were pushed from.  (Until the remote blob source is on main, a
-docker:// layer is downloaded before it is opened: what the TOC path saves
-over the network is shown with a counting blob source in
-tests/unit/test_toc.py.)"""
+they were pushed from; read lazily (the default), listing one fetches
+only the footer and the TOC, and a cat only the chunks it needs, counted
+from the Range headers the client sends."""
 
 from __future__ import annotations
 
@@ -35,3 +34,71 @@ def test_a_toc_image_from_the_registry_reads_from_its_toc(registry, tmp_path, co
         assert isinstance(top, TocLayer) and top.toc_format == compression
         assert_views_equal(expected, snapshot(remote))
         assert not remote.exists("/etc/motd")
+
+
+def _ranges_requested(monkeypatch) -> list:
+    """Every blob request the client sends: (digest, first, last) of its
+    Range (None, None for a whole blob)."""
+    import re
+
+    import requests
+    seen = []
+    original = requests.Session.request
+
+    def counting(self, method, url, *args, **kwargs):
+        if "/blobs/" in url and method == "GET":
+            found = re.search(r"bytes=(\d+)-(\d*)", (kwargs.get("headers") or {}).get("Range", ""))
+            first, last = (int(found.group(1)), int(found.group(2)) if found.group(2) else None) \
+                if found else (None, None)
+            seen.append((url.rsplit("/", 1)[1], first, last))
+        return original(self, method, url, *args, **kwargs)
+    monkeypatch.setattr(requests.Session, "request", counting)
+    return seen
+
+
+@pytest.mark.parametrize("compression", ["estargz", "zstd:chunked"])
+def test_a_lazy_toc_image_fetches_the_footer_and_toc_to_list_and_chunks_to_cat(
+        registry, tmp_path, monkeypatch, compression):
+    import random
+
+    from layerfs.registry import Options
+    from layerfs.remote import RemoteBlob
+    big = random.Random(7).randbytes(6 << 20)          # incompressible: chunks are real
+    small = b"hello from the top layer\n"
+    base = build_example(str(tmp_path / "base"))
+    with layerfs.open(base, upper=tmp_path / "up") as fs:
+        fs.write_bytes("/big", big)
+        fs.write_bytes("/small", small)
+        result = commit(fs, tmp_path / "out", compression=compression)
+    push_layout(registry, result.dest, "demo/lazytoc", "v1")
+    seen = _ranges_requested(monkeypatch)
+    cache = IndexCache(tmp_path / "cache")
+    with layerfs.open(f"docker://{registry.host}/demo/lazytoc:v1", cache=cache,
+                      registry=Options(lazy=True)) as remote:
+        top, source = remote.layers[-1], remote.image.layer_sources[-1]
+        assert isinstance(top, TocLayer) and top.toc_format == compression
+        assert isinstance(source, RemoteBlob)
+        digest = remote.image.manifest["layers"][-1]["digest"]
+        size = source.size
+        assert size > len(big)
+        listed = sorted(remote.listdir("/"))
+        assert "big" in listed and "small" in listed
+        # listing: the footer (eStargz) and the TOC (zstd:chunked: where the
+        # annotation says), far less than the blob
+        asked = [(first, last) for name, first, last in seen if name == digest]
+        assert asked and all(first is not None and last is not None for first, last in asked)
+        listing_bytes = sum(last - first + 1 for first, last in asked)
+        assert len(asked) <= 2 and listing_bytes < 64 << 10
+        assert source.bytes_fetched <= listing_bytes
+        # cat of a small file: its chunk only; of the big one: its chunks only
+        assert remote.read_bytes("/small") == small
+        after_small = sum(last - first + 1 for name, first, last in seen if name == digest)
+        assert 0 < after_small - listing_bytes < 64 << 10
+        assert remote.read_bytes("/big") == big
+        total = sum(last - first + 1 for name, first, last in seen if name == digest)
+        assert total <= size + (64 << 10)
+        print(f"{compression}: blob {size} B, listing requested {listing_bytes} B, "
+              f"cat /small {after_small - listing_bytes} B, total {total} B")
+    # nothing of the layer landed in the registry blob cache
+    kept = tmp_path / "cache" / "registry" / "blobs" / "sha256" / digest.partition(":")[2]
+    assert not kept.exists()
