@@ -127,6 +127,7 @@ class VolumeFileSystem(FileSystem):
     def _close_volumes(self) -> None:
         for mounted in getattr(self, "_mounted", {}).values():
             mounted.close()
+        self._mounted = {}      # a closed filesystem then answers ValueError
 
     # -- the dispatch point ------------------------------------------------
 
@@ -245,7 +246,7 @@ class VolumeFileSystem(FileSystem):
     def _stat_or_none(self, path, follow: bool) -> Optional[os.stat_result]:
         try:
             return self.stat(path, follow_symlinks=follow)
-        except (OSError, ValueError):
+        except OSError:
             return None
 
     def exists(self, path: PathLike) -> bool:
@@ -290,6 +291,9 @@ class VolumeFileSystem(FileSystem):
                 names = os.listdir(fd)
             finally:
                 os.close(fd)
+            nested = self._children.get(mounted.path + real if real != "/" else mounted.path)
+            if nested:
+                names += [name for name in nested if name not in names]
         if isinstance(path, bytes):
             return [os.fsencode(name) for name in names]
         return names
@@ -376,9 +380,18 @@ class VolumeFileSystem(FileSystem):
             raise path_error(errno.EEXIST, os.fsdecode(path))
         mounted.host.mkdir(real, mode)
 
+    def _check_not_above_a_volume(self, real: str, path) -> None:
+        """A directory holding a volume's PATH stays while the volume is
+        bound (``EBUSY``, as for a mount point's parent being removed)."""
+        for where in self._mounted:
+            if where.startswith(real.rstrip("/") + "/"):
+                raise path_error(errno.EBUSY, os.fsdecode(path))
+
     def _remove(self, path, method: str) -> None:
         mounted, real = self._route_writable(path)
         if mounted is None:
+            if method == "rmdir":
+                self._check_not_above_a_volume(real, path)
             return getattr(FileSystem, method)(self, real)
         if real == "/":
             raise path_error(errno.EBUSY, os.fsdecode(path))
@@ -408,6 +421,9 @@ class VolumeFileSystem(FileSystem):
         from_volume, source_real = self._route(source, False)
         to_volume, destination_real = self._route(destination, False)
         if from_volume is None and to_volume is None:
+            if method == "rename":
+                self._check_not_above_a_volume(source_real, source)
+                self._check_not_above_a_volume(destination_real, destination)
             return getattr(FileSystem, method)(self, source_real, destination_real)
         if from_volume is not to_volume:
             raise OSError(errno.EXDEV, os.strerror(errno.EXDEV), os.fsdecode(source),

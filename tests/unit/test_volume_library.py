@@ -214,3 +214,30 @@ def test_store_open_takes_volumes(image, host, tmp_path):
     assert open(os.path.join(named, "y"), "rb").read() == b"y"
     with store.open("c1") as fs:
         assert fs.read_bytes("/data/hidden") == b"image data"
+
+
+def test_a_directory_holding_a_volume_stays_and_nested_volumes_are_listed(
+        image, host, tmp_path):
+    inner = tmp_path / "inner"
+    inner.mkdir()
+    (inner / "i").write_bytes(b"inner")
+    with layerfs.open(image, upper=tmp_path / "upper",
+                      volumes=[f"{host}:/var/lib", f"{inner}:/var/lib/sub/nested"]) as fs:
+        assert errno_of(lambda: fs.rmdir("/var")) == errno.EBUSY
+        assert errno_of(lambda: fs.rename("/var", "/var2")) == errno.EBUSY
+        assert "nested" in fs.listdir("/var/lib/sub")
+        assert fs.read_bytes("/var/lib/sub/nested/i") == b"inner"
+        assert fs.read_bytes("/var/lib/sub/b") == b"host b"
+        assert errno_of(lambda: fs.rename("/var/lib/a", "/var/lib/sub/nested/a")) == \
+            errno.EXDEV
+
+
+def test_bytes_paths_and_closed_filesystems(image, host):
+    fs = layerfs.open(image, volumes=[f"{host}:/data"])
+    assert sorted(fs.listdir(b"/data")) == [b"a", b"sub"]
+    assert fs.readlink(b"/to-data") == b"/data"
+    fs.close()
+    with pytest.raises(ValueError):
+        fs.stat("/data/a")
+    with pytest.raises(ValueError):
+        fs.exists("/d/f")
