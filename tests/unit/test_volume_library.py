@@ -174,19 +174,30 @@ def test_symlinks_in_a_volume_resolve_in_the_view_not_on_the_host(fs, host, outs
     assert not (host / "abs-outside").exists() and (outside / "secret").exists()
 
 
-def test_a_symlink_swapped_in_for_a_directory_is_not_followed(fs, host, outside):
-    mounted = fs._mounted["/data"]
-    resolved = fs._route("/data/sub/b", True)
-    assert resolved == (mounted, "/sub/b")
-    # A race: the directory becomes a symlink to the outside after resolving.
+def test_a_symlink_swapped_in_for_a_directory_is_not_followed(fs, host, outside,
+                                                               monkeypatch):
+    # Met while resolving, the symlink resolves in the view (no such path
+    # in the image): nothing outside is reached.
     os.rename(host / "sub", host / "sub-old")
     os.symlink(str(outside), host / "sub")
-    with pytest.raises(OSError) as info:
-        mounted.host.open_file("/sub/secret", os.O_WRONLY | os.O_TRUNC)
-    assert info.value.errno in (errno.ELOOP, errno.ENOTDIR)
-    with pytest.raises(OSError):
-        mounted.host.unlink("/sub/secret")
+    assert errno_of(lambda: fs.read_bytes("/data/sub/secret")) == errno.ENOENT
+    assert errno_of(lambda: fs.unlink("/data/sub/secret")) == errno.ENOENT
+    # Swapped in after resolving (a race, forced here by answering every
+    # resolution as if "sub" were still a directory): HostDir's no-follow
+    # walk refuses it.
+    mounted = fs._mounted["/data"]
+    monkeypatch.setattr(fs, "_walk", lambda path, follow: (mounted, path[len("/data"):]))
+    for call in (lambda: fs.read_bytes("/data/sub/secret"),
+                 lambda: fs.write_bytes("/data/sub/secret", b"x"),
+                 lambda: fs.unlink("/data/sub/secret"),
+                 lambda: fs.chmod("/data/sub/secret", 0o777),
+                 lambda: fs.rename("/data/sub/secret", "/data/stolen"),
+                 lambda: fs.listdir("/data/sub"),
+                 lambda: fs.mkdir("/data/sub/made")):
+        assert errno_of(call) in (errno.ELOOP, errno.ENOTDIR)
     assert (outside / "secret").read_bytes() == b"secret"
+    assert os.listdir(outside) == ["secret"]
+    assert os.stat(outside / "secret").st_mode & 0o777 != 0o777
 
 
 def test_a_volume_path_missing_from_the_image_is_listed_not_created(image, host, tmp_path):
