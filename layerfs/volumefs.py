@@ -230,11 +230,19 @@ class VolumeFileSystem(FileSystem):
         return os.fsencode(full) if isinstance(path, bytes) else full
 
     def stat(self, path: PathLike, *, follow_symlinks: bool = True) -> os.stat_result:
-        # The hot path, inlined: a canonical path of the image or the upper.
+        # The hot path, inlined.  A read-only view's answers kept by path
+        # are all of image paths: only those reach FileSystem.stat.
+        result = (self._stats if follow_symlinks else self._lstats).get(path)
+        if result is not None:
+            return result
+        # A canonical path of the image or the upper.
         if path.__class__ is str and not path.startswith(self._prefixes):
             node = self._nodes.get(path)
             if node is not None and not (follow_symlinks and node.mode & S_IFMT == S_IFLNK):
-                return node.stat_cache or node.stat()
+                result = node.stat_cache or node.stat()
+                if self._upper is None:
+                    (self._stats if follow_symlinks else self._lstats)[path] = result
+                return result
         mounted, real = self._route(path, follow_symlinks)
         if mounted is None:
             return FileSystem.stat(self, real, follow_symlinks=follow_symlinks)
