@@ -235,8 +235,8 @@ class VolumeFileSystem(FileSystem):
     def realpath(self, path: PathLike) -> str:
         mounted, real = self._route(path, True)
         if mounted is None:
-            return FileSystem.realpath(self, real) if isinstance(path, str) else \
-                FileSystem.realpath(self, os.fsencode(real))
+            return FileSystem.realpath(self, os.fsencode(real) if isinstance(path, bytes)
+                                       else real)
         mounted.host.lstat(real)
         full = mounted.path if real == "/" else mounted.path + real
         return os.fsencode(full) if isinstance(path, bytes) else full

@@ -247,6 +247,10 @@ def test_bytes_paths_and_closed_filesystems(image, host):
     fs = layerfs.open(image, volumes=[f"{host}:/data"])
     assert sorted(fs.listdir(b"/data")) == [b"a", b"sub"]
     assert fs.readlink(b"/to-data") == b"/data"
+    import pathlib
+    assert fs.realpath(pathlib.PurePosixPath("/to-data")) == "/data"
+    assert fs.realpath(b"/to-data/a") == b"/data/a"
+    assert fs.realpath(pathlib.PurePosixPath("/d/f")) == "/d/f"
     fs.close()
     with pytest.raises(ValueError):
         fs.stat("/data/a")
