@@ -368,20 +368,20 @@ class VolumeFileSystem(FileSystem):
     def open(self, path: PathLike, mode: str = "rb", buffering: int = -1,
              encoding: Optional[str] = None, errors: Optional[str] = None,
              newline: Optional[str] = None):
-        mounted, fd = self._open_fd(path, flags_for_mode(mode))
+        mounted, opened = self._open_fd(path, flags_for_mode(mode))
         if mounted is None:
-            return FileSystem.open(self, fd, mode, buffering, encoding, errors, newline)
+            return FileSystem.open(self, opened, mode, buffering, encoding, errors, newline)
         try:
-            return builtins.open(fd, mode, buffering, encoding, errors, newline)
+            return builtins.open(opened, mode, buffering, encoding, errors, newline)
         except BaseException:
-            os.close(fd)
+            os.close(opened)
             raise
 
     def open_handle(self, path: PathLike, flags: int, mode: int = 0o666):
-        mounted, fd = self._open_fd(path, flags, mode)
+        mounted, opened = self._open_fd(path, flags, mode)
         if mounted is None:
-            return FileSystem.open_handle(self, fd, flags, mode)
-        return VolumeHandle(fd, os.fsdecode(path), flags)
+            return FileSystem.open_handle(self, opened, flags, mode)
+        return VolumeHandle(opened, os.fsdecode(path), flags)
 
     def read_bytes(self, path: PathLike) -> bytes:
         mounted, real = self._route(path, True)
@@ -488,13 +488,13 @@ class VolumeFileSystem(FileSystem):
         mounted.host.utime(real, ns[0], ns[1])
 
     def truncate(self, path: PathLike, length: int) -> None:
-        mounted, fd = self._open_fd(path, os.O_WRONLY)
+        mounted, opened = self._open_fd(path, os.O_WRONLY)
         if mounted is None:
-            return FileSystem.truncate(self, fd, length)
+            return FileSystem.truncate(self, opened, length)
         try:
-            os.ftruncate(fd, length)
+            os.ftruncate(opened, length)
         finally:
-            os.close(fd)
+            os.close(opened)
 
     def setxattr(self, path: PathLike, attribute: str, value: bytes, flags: int = 0, *,
                  follow_symlinks: bool = True) -> None:
