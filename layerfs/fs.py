@@ -40,7 +40,8 @@ Source = Union[PathLike, Sequence[PathLike]]
 
 def open(source: Source, *, upper: Optional[PathLike] = None, tag: Optional[str] = None,
          platform: Optional[str] = None, cache=None, progress=None,
-         registry=None, readonly: bool = False, share_view: bool = True) -> "FileSystem":
+         registry=None, readonly: bool = False, share_view: bool = True,
+         volumes=(), store=None) -> "FileSystem":
     """Open an image as a filesystem.
 
     *source* names the image as :mod:`layerfs.reference` says: a string
@@ -81,16 +82,23 @@ def open(source: Source, *, upper: Optional[PathLike] = None, tag: Optional[str]
         image = open_image(source, tag=tag, platform=platform, cache=cache,
                            progress=progress, registry=registry)
         try:
-            fs = FileSystem(image, shared=upper is None, share_view=share_view)
+            if volumes:
+                from .volumefs import VolumeFileSystem, as_volumes
+                volumes = as_volumes(volumes, store)
+                fs = VolumeFileSystem(image, shared=upper is None, share_view=share_view)
+            else:
+                fs = FileSystem(image, shared=upper is None, share_view=share_view)
         except BaseException:
             image.close()
             raise
     try:
         if upper is not None:
             fs.upper = open_upper(fs, os.fspath(upper), writable=not readonly)
+        if volumes:
+            fs.bind_volumes(volumes)
         return fs
     except BaseException:
-        image.close()
+        fs.close()
         raise
 
 

@@ -181,12 +181,13 @@ class Store:
         return found
 
     def open(self, name: str, *, readonly: bool = False, cache=None, registry=None,
-             progress=None):
+             progress=None, volumes=()):
         """The container's writable :class:`~layerfs.fs.FileSystem` (as
         ``layerfs.open(image, upper=...)``); with *readonly*, its upper read
         as it is, beside a writer.  Refused (:class:`UpperError`) if another
         process writes it, or if the image is no longer the one the
-        container was created from."""
+        container was created from.  *volumes* as for :func:`layerfs.open`;
+        a SOURCE without ``/`` names a volume of this store."""
         from . import fs as layerfs_fs
         container = self.get(name)
         pin_image(container)
@@ -194,7 +195,8 @@ class Store:
             fs = layerfs_fs.open(container.reference, tag=container.tag,
                                  platform=container.platform, cache=cache,
                                  registry=registry, progress=progress,
-                                 upper=container.upper, readonly=readonly)
+                                 upper=container.upper, readonly=readonly,
+                                 volumes=volumes, store=self)
         except UpperError as error:
             if "another image" in str(error):
                 raise StoreError(errno.EINVAL, f"container {name!r} was created from "
