@@ -11,7 +11,6 @@ import pytest
 
 import layerfs
 from layerfs.errors import DigestMismatchError, RegistryError, UnsupportedImageError
-from layerfs.example import build_example
 from layerfs.imagewrite import write_docker_archive
 from layerfs.layer import IndexCache
 from layerfs.registry import Options
@@ -43,16 +42,6 @@ def push_layout(registry: Registry, layout: str, repo: str, tag: str) -> str:
 def cli(*args, env=None):
     return subprocess.run([sys.executable, "-m", "layerfs.cli", *map(str, args)],
                           capture_output=True, text=True, env=env, timeout=120)
-
-
-@pytest.fixture
-def example(tmp_path):
-    return build_example(str(tmp_path / "example"))
-
-
-@pytest.fixture
-def cache(tmp_path):
-    return IndexCache(tmp_path / "cache")
 
 
 def cache_files(cache: IndexCache) -> list[str]:

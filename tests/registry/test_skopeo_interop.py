@@ -14,8 +14,6 @@ import sys
 import pytest
 
 import layerfs
-from layerfs.example import build_example
-from layerfs.layer import IndexCache
 from layerfs.testing.view import assert_views_equal, snapshot
 
 from registry_helpers import requires
@@ -35,16 +33,6 @@ def cli(*args, cache):
     return subprocess.run([sys.executable, "-m", "layerfs.cli", *map(str, args)],
                           capture_output=True, text=True, timeout=120,
                           env=dict(os.environ, LAYERFS_CACHE_DIR=str(cache)))
-
-
-@pytest.fixture
-def example(tmp_path):
-    return build_example(str(tmp_path / "example"))
-
-
-@pytest.fixture
-def cache(tmp_path):
-    return IndexCache(tmp_path / "cache")
 
 
 def view_of(reference, cache):
