@@ -167,6 +167,11 @@ class VolumeFileSystem(FileSystem):
         pending = [name for name in reversed(path.split("/")) if name]
         current: list[str] = []
         links = 0
+        # A trailing "/" (or "/." ...) names a directory: its symlink is
+        # followed and a non-directory is ENOTDIR, as the kernel answers.
+        trailing = bool(pending) and (path.endswith("/") or path.endswith("/."))
+        follow = follow or trailing
+        is_dir = True
         while pending:
             name = pending.pop()
             if name == ".":
@@ -211,6 +216,8 @@ class VolumeFileSystem(FileSystem):
                 continue
             if pending and not is_dir:
                 raise path_error(errno.ENOTDIR, path)
+        if trailing and not is_dir:
+            raise path_error(errno.ENOTDIR, path)
         here = "/" + "/".join(current)
         mounted = self._mounted_at(here)
         if mounted is None:

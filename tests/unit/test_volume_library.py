@@ -256,3 +256,20 @@ def test_bytes_paths_and_closed_filesystems(image, host):
         fs.stat("/data/a")
     with pytest.raises(ValueError):
         fs.exists("/d/f")
+
+
+def test_a_trailing_slash_on_a_non_directory_in_a_volume_is_enotdir(fs, host):
+    os.symlink("a", host / "to-a")
+    os.symlink("sub", host / "to-sub")
+    for path in ("/data/a/", "/data/a/.", "/data/to-a/", "/data/sub/b/"):
+        for call in (fs.stat, fs.lstat, fs.read_bytes, fs.listdir, fs.open):
+            assert errno_of(lambda: call(path)) == errno.ENOTDIR, (call, path)
+        assert not fs.exists(path) and not fs.is_file(path)
+    # as for the image's paths
+    assert errno_of(lambda: fs.stat("/etc/passwd/")) == errno.ENOTDIR
+    # a directory, or a symlink to one, with a trailing slash is the directory
+    assert fs.is_dir("/data/sub/") and fs.is_dir("/data/to-sub/")
+    assert fs.listdir("/data/to-sub/") == ["b"]
+    assert fs.lstat("/data/to-sub/").st_ino == os.stat(host / "sub").st_ino
+    fs.mkdir("/data/made/")
+    assert (host / "made").is_dir()
