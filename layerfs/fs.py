@@ -485,6 +485,12 @@ class FileSystem:
             elif with_files:
                 yield entry.path
 
+    def in_volume(self, path: str) -> bool:
+        """Is the canonical *path* at or below a volume's PATH?  Such paths
+        are left out of :meth:`diff`, :meth:`commit`, :meth:`export` and
+        :meth:`extract` (a plain filesystem has no volumes: never)."""
+        return False
+
     def extract(self, path: PathLike, dest: PathLike) -> str:
         """Copy *path* (a file or a tree) out of the image to *dest* on the
         host, as ``cp -a`` would; see :mod:`layerfs.extract`."""

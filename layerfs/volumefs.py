@@ -141,6 +141,14 @@ class VolumeFileSystem(FileSystem):
                     best = mounted
         return best
 
+    def in_volume(self, path: str) -> bool:
+        """The one filter of ``diff``, ``commit``, ``export`` and
+        ``extract``: is the canonical *path* at or below a volume's PATH?
+        What the upper holds there (written before the volume was bound) is
+        hidden by the volume and left out, as ``docker commit`` and ``docker
+        export`` leave volumes out."""
+        return self._mounted_at(path) is not None
+
     def _route(self, path, follow: bool) -> tuple[Optional[Mounted], str]:
         """``(None, canonical path)`` for a path of the image or the upper;
         ``(volume, path inside its host directory)`` for a volume's.  The

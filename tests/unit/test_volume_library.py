@@ -273,3 +273,26 @@ def test_a_trailing_slash_on_a_non_directory_in_a_volume_is_enotdir(fs, host):
     assert fs.lstat("/data/to-sub/").st_ino == os.stat(host / "sub").st_ino
     fs.mkdir("/data/made/")
     assert (host / "made").is_dir()
+
+
+def test_what_the_upper_held_under_a_volume_is_out_of_diff_and_commit(image, host, tmp_path):
+    with layerfs.open(image, upper=tmp_path / "upper") as before:
+        before.write_bytes("/data/old", b"written before the volume")
+        before.unlink("/data/hidden")
+        before.rmdir("/var")
+        before.mkdir("/var")            # an opaque directory, outside any volume
+        before.write_bytes("/d/kept", b"k")
+    with layerfs.open(image, upper=tmp_path / "upper", volumes=[f"{host}:/data"]) as fs:
+        assert not fs.exists("/data/old")
+        changed = {change.path: change.change for change in fs.diff()}
+        assert changed == {"/d": "modified", "/d/kept": "added", "/var": "modified"}
+        result = fs.commit(tmp_path / "committed", tag="t")
+    import tarfile
+    with tarfile.open(result.layer_path) as layer:
+        names = sorted(layer.getnames())
+    assert not [name for name in names if name.startswith("data")], names
+    assert "var/.wh..wh..opq" in names and "d/kept" in names
+    with layerfs.open(f"oci:{tmp_path / 'committed'}:t") as committed:
+        assert committed.read_bytes("/data/hidden") == b"image data"
+        assert not committed.exists("/data/old")
+        assert committed.read_bytes("/d/kept") == b"k"
