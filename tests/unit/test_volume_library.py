@@ -296,3 +296,20 @@ def test_what_the_upper_held_under_a_volume_is_out_of_diff_and_commit(image, hos
         assert committed.read_bytes("/data/hidden") == b"image data"
         assert not committed.exists("/data/old")
         assert committed.read_bytes("/d/kept") == b"k"
+
+
+def test_export_and_extract_leave_volumes_out(image, host, tmp_path):
+    import tarfile
+    with layerfs.open(image, upper=tmp_path / "upper") as before:
+        before.write_bytes("/data/old", b"written before the volume")
+    with layerfs.open(image, upper=tmp_path / "upper", volumes=[f"{host}:/data"]) as fs:
+        fs.write_bytes("/d/kept", b"k")
+        fs.export(tmp_path / "out.tar")
+        with tarfile.open(tmp_path / "out.tar") as tar:
+            names = set(tar.getnames())
+        assert {"d/kept", "etc/passwd", "data"} <= {name.lstrip("./") for name in names}
+        assert not [name for name in names if "data/" in name], names
+        copied = fs.extract("/", tmp_path / "copy")
+        assert sorted(os.listdir(os.path.join(copied, "data"))) == []
+        assert open(os.path.join(copied, "d", "kept"), "rb").read() == b"k"
+        assert errno_of(lambda: fs.extract("/data/a", tmp_path / "a")) == errno.EXDEV
