@@ -22,7 +22,8 @@ import attrs
 from .errors import ReadOnlyError, UnsupportedImageError, UpperError
 from .image import REF_NAME
 from .imagewrite import write_oci_layout
-from .paths import order_key
+from . import whiteout
+from .paths import join, order_key, split
 from .tarwrite import LayerTarWriter, write_tree
 from .union import ORIGIN_LOWER
 
@@ -38,12 +39,24 @@ class CommitResult:
 
 def changeset(fs) -> list:
     """The upper layer as sorted ``(path, node)`` pairs, ``node`` None for a
-    marker (a long name's whiteout as ``.wh.NAME``, which a tar can hold)."""
+    marker (a long name's whiteout as ``.wh.NAME``, which a tar can hold).
+    Entries and markers at or below a volume's PATH are left out
+    (:meth:`FileSystem.in_volume`), as :func:`layerfs.writable.diff` leaves
+    them out."""
     items = [(path, node) for path, node in fs.tree.nodes.items()
-             if node.origin != ORIGIN_LOWER]
-    items.extend((path, None) for path in fs.upper.markers())
+             if node.origin != ORIGIN_LOWER and not fs.in_volume(path)]
+    items.extend((path, None) for path in fs.upper.markers()
+                 if not fs.in_volume(marked_path(path)))
     items.sort(key=lambda item: order_key(item[0]))
     return items
+
+
+def marked_path(marker: str) -> str:
+    """The view path a marker names: ``P/.wh.NAME`` names ``P/NAME``, the
+    opaque marker ``P/.wh..wh..opq`` names ``P``."""
+    parent, name = split(marker)
+    kind, target = whiteout.classify(name)
+    return parent if kind == whiteout.OPAQUE else join(parent, target)
 
 
 def write_layer(fs, stream, compression: Optional[str] = "gzip", progress=None,

@@ -71,7 +71,10 @@ class _Copier:
         fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
         try:
             prefix = "" if path == "/" else path
-            for child_name, child in sorted(node.children.items()):
+            # A volume's PATH is copied as an empty directory: neither the
+            # host's content nor the image's it hides (as export and commit).
+            children = {} if self.fs.in_volume(path) else node.children
+            for child_name, child in sorted(children.items()):
                 child_path = f"{prefix}/{child_name}"
                 if child.children is not None:
                     self._copy_directory(child_path, child, fd, child_name)

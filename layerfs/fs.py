@@ -21,7 +21,7 @@ from .errors import ImageError, path_error
 from .image import Image, open_image
 from .layer import IndexCache
 from .lowerview import LowerSnapshot, LowerView, shared_view
-from .paths import join, order_key
+from .paths import join, order_key, split
 from .reference import as_reference
 from .tarwrite import LayerTarWriter, write_tree
 from . import writable
@@ -485,6 +485,12 @@ class FileSystem:
             elif with_files:
                 yield entry.path
 
+    def in_volume(self, path: str) -> bool:
+        """Is the canonical *path* at or below a volume's PATH?  Such paths
+        are left out of :meth:`diff`, :meth:`commit`, :meth:`export` and
+        :meth:`extract` (a plain filesystem has no volumes: never)."""
+        return False
+
     def extract(self, path: PathLike, dest: PathLike) -> str:
         """Copy *path* (a file or a tree) out of the image to *dest* on the
         host, as ``cp -a`` would; see :mod:`layerfs.extract`."""
@@ -585,9 +591,17 @@ class FileSystem:
         *out* is a path (written atomically) or a binary file object.  A
         path that is one of the image's own files is refused
         (:class:`FileExistsError`), so an export never replaces its input.
-        Entries come in :func:`layerfs.paths.order_key` order.
+        Entries come in :func:`layerfs.paths.order_key` order.  Nothing
+        below a volume's PATH is written (a PATH the image or upper holds is
+        written as itself, an empty mount point), as ``docker export`` does.
         """
-        items = sorted(self.tree.nodes.items(), key=lambda item: order_key(item[0]))
+        # A volume's content is no part of the view's own filesystem (as
+        # ``docker export`` leaves it out): nothing below a volume's PATH,
+        # neither the host's nor the image's or upper's it hides.
+        in_volume = self.in_volume
+        items = sorted(((path, node) for path, node in self.tree.nodes.items()
+                        if path == "/" or not in_volume(split(path)[0])),
+                       key=lambda item: order_key(item[0]))
         total = sum(node.size for _, node in items if node.children is None)
         if not isinstance(out, (str, os.PathLike)):
             self._export_to(out, items, compression, progress, total)

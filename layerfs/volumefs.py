@@ -141,6 +141,14 @@ class VolumeFileSystem(FileSystem):
                     best = mounted
         return best
 
+    def in_volume(self, path: str) -> bool:
+        """The one filter of ``diff``, ``commit``, ``export`` and
+        ``extract``: is the canonical *path* at or below a volume's PATH?
+        What the upper holds there (written before the volume was bound) is
+        hidden by the volume and left out, as ``docker commit`` and ``docker
+        export`` leave volumes out."""
+        return self._mounted_at(path) is not None
+
     def _route(self, path, follow: bool) -> tuple[Optional[Mounted], str]:
         """``(None, canonical path)`` for a path of the image or the upper;
         ``(volume, path inside its host directory)`` for a volume's.  The
@@ -167,6 +175,11 @@ class VolumeFileSystem(FileSystem):
         pending = [name for name in reversed(path.split("/")) if name]
         current: list[str] = []
         links = 0
+        # A trailing "/" (or "/." ...) names a directory: its symlink is
+        # followed and a non-directory is ENOTDIR, as the kernel answers.
+        trailing = bool(pending) and (path.endswith("/") or path.endswith("/."))
+        follow = follow or trailing
+        is_dir = True
         while pending:
             name = pending.pop()
             if name == ".":
@@ -211,6 +224,8 @@ class VolumeFileSystem(FileSystem):
                 continue
             if pending and not is_dir:
                 raise path_error(errno.ENOTDIR, path)
+        if trailing and not is_dir:
+            raise path_error(errno.ENOTDIR, path)
         here = "/" + "/".join(current)
         mounted = self._mounted_at(here)
         if mounted is None:

@@ -485,17 +485,19 @@ def diff(fs) -> list[Change]:
     """What the upper layer changed, relative to the image, sorted by path.
 
     A deleted directory is listed once, not with everything it held.
+    Paths at or below a volume's PATH are left out.
     """
     if fs.upper is None:
         return []
     upper = fs.upper
     nodes = fs.tree.nodes
     changes = []
+    in_volume = fs.in_volume      # volumes are left out, as commit leaves them out
     for path in upper.lower_paths:
-        if path not in nodes and split(path)[0] in nodes:
+        if path not in nodes and split(path)[0] in nodes and not in_volume(path):
             changes.append(Change(path, "deleted", kind_name(upper.lower_paths[path])))
     for path, node in nodes.items():
-        if node.origin == ORIGIN_LOWER or path == "/":
+        if node.origin == ORIGIN_LOWER or path == "/" or in_volume(path):
             continue
         state = "modified" if path in upper.lower_paths else "added"
         changes.append(Change(path, state, kind_name(node.mode)))

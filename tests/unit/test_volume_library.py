@@ -256,3 +256,60 @@ def test_bytes_paths_and_closed_filesystems(image, host):
         fs.stat("/data/a")
     with pytest.raises(ValueError):
         fs.exists("/d/f")
+
+
+def test_a_trailing_slash_on_a_non_directory_in_a_volume_is_enotdir(fs, host):
+    os.symlink("a", host / "to-a")
+    os.symlink("sub", host / "to-sub")
+    for path in ("/data/a/", "/data/a/.", "/data/to-a/", "/data/sub/b/"):
+        for call in (fs.stat, fs.lstat, fs.read_bytes, fs.listdir, fs.open):
+            assert errno_of(lambda: call(path)) == errno.ENOTDIR, (call, path)
+        assert not fs.exists(path) and not fs.is_file(path)
+    # as for the image's paths
+    assert errno_of(lambda: fs.stat("/etc/passwd/")) == errno.ENOTDIR
+    # a directory, or a symlink to one, with a trailing slash is the directory
+    assert fs.is_dir("/data/sub/") and fs.is_dir("/data/to-sub/")
+    assert fs.listdir("/data/to-sub/") == ["b"]
+    assert fs.lstat("/data/to-sub/").st_ino == os.stat(host / "sub").st_ino
+    fs.mkdir("/data/made/")
+    assert (host / "made").is_dir()
+
+
+def test_what_the_upper_held_under_a_volume_is_out_of_diff_and_commit(image, host, tmp_path):
+    with layerfs.open(image, upper=tmp_path / "upper") as before:
+        before.write_bytes("/data/old", b"written before the volume")
+        before.unlink("/data/hidden")
+        before.rmdir("/var")
+        before.mkdir("/var")            # an opaque directory, outside any volume
+        before.write_bytes("/d/kept", b"k")
+    with layerfs.open(image, upper=tmp_path / "upper", volumes=[f"{host}:/data"]) as fs:
+        assert not fs.exists("/data/old")
+        changed = {change.path: change.change for change in fs.diff()}
+        assert changed == {"/d": "modified", "/d/kept": "added", "/var": "modified"}
+        result = fs.commit(tmp_path / "committed", tag="t")
+    import tarfile
+    with tarfile.open(result.layer_path) as layer:
+        names = sorted(layer.getnames())
+    assert not [name for name in names if name.startswith("data")], names
+    assert "var/.wh..wh..opq" in names and "d/kept" in names
+    with layerfs.open(f"oci:{tmp_path / 'committed'}:t") as committed:
+        assert committed.read_bytes("/data/hidden") == b"image data"
+        assert not committed.exists("/data/old")
+        assert committed.read_bytes("/d/kept") == b"k"
+
+
+def test_export_and_extract_leave_volumes_out(image, host, tmp_path):
+    import tarfile
+    with layerfs.open(image, upper=tmp_path / "upper") as before:
+        before.write_bytes("/data/old", b"written before the volume")
+    with layerfs.open(image, upper=tmp_path / "upper", volumes=[f"{host}:/data"]) as fs:
+        fs.write_bytes("/d/kept", b"k")
+        fs.export(tmp_path / "out.tar")
+        with tarfile.open(tmp_path / "out.tar") as tar:
+            names = set(tar.getnames())
+        assert {"d/kept", "etc/passwd", "data"} <= {name.lstrip("./") for name in names}
+        assert not [name for name in names if "data/" in name], names
+        copied = fs.extract("/", tmp_path / "copy")
+        assert sorted(os.listdir(os.path.join(copied, "data"))) == []
+        assert open(os.path.join(copied, "d", "kept"), "rb").read() == b"k"
+        assert errno_of(lambda: fs.extract("/data/a", tmp_path / "a")) == errno.EXDEV
