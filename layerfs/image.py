@@ -38,9 +38,9 @@ import platform as _platform
 import re
 import shutil
 import stat
-import threading
 import tarfile
 import tempfile
+import threading
 from typing import Any, Callable, Sequence
 
 import attrs
@@ -910,7 +910,13 @@ class _Opener:
         registry's waits overlap).  The error raised is the one of the
         first failing layer in stack order, as when opened one by one."""
         openers = [lambda i=i, s=s: self.open_layer(i, *s) for i, s in enumerate(specs)]
-        cold = [i for i, s in enumerate(specs) if not self.indexed(s[1])]
+        cold, later, seen = [], [], set()
+        for i, spec in enumerate(specs):
+            if spec[1] is not None and spec[1] in seen:
+                later.append(i)     # the same blob again: opened once the first is indexed
+            elif not self.indexed(spec[1]):
+                cold.append(i)
+                seen.add(spec[1])
         if len(cold) < 2:
             return _open_all(openers)
         progress = self.layer_args.get("progress")
@@ -922,7 +928,7 @@ class _Opener:
                     progress(*args)
             locked.locked = True        # type: ignore[attr-defined]
             self.layer_args["progress"] = locked
-        return _open_all_parallel(openers, set(cold))
+        return _open_all_parallel(openers, set(cold), set(later))
 
     def indexed(self, digest: str | None) -> bool:
         """Whether the index cache holds the index of the layer with this
@@ -997,9 +1003,11 @@ def _open_all(openers: list[Callable[[], Layer]]) -> list[Layer]:
 PARALLEL_INDEXING = 4     # layers indexed at once when an image is opened
 
 
-def _open_all_parallel(openers: list[Callable[[], Layer]], cold: set[int]) -> list[Layer]:
+def _open_all_parallel(openers: list[Callable[[], Layer]], cold: set[int],
+                       later: set[int] = frozenset()) -> list[Layer]:  # type: ignore[assignment]
     """Like :func:`_open_all`, with the openers numbered in *cold* (those
-    that index) run by a thread pool and the others run here, meanwhile.
+    that index) run by a thread pool and the others run here, meanwhile,
+    but those in *later* (a blob seen before in the stack) after the pool's.
     The error raised is the lowest-numbered one; openers after it that have
     not started are not started, and every layer opened is closed."""
     results: dict[int, Layer] = {}
@@ -1010,7 +1018,7 @@ def _open_all_parallel(openers: list[Callable[[], Layer]], cold: set[int]) -> li
     try:
         futures = {pool.submit(openers[i]): i for i in sorted(cold)}
         for i, opener in enumerate(openers):   # the cached ones, serially
-            if i in cold:
+            if i in cold or i in later:
                 continue
             try:
                 results[i] = opener()
@@ -1032,6 +1040,14 @@ def _open_all_parallel(openers: list[Callable[[], Layer]], cold: set[int]) -> li
             for other, j in futures.items():   # those after it are not needed
                 if j > i:
                     other.cancel()
+        for i in sorted(later):
+            if errors and min(errors) < i:
+                break
+            try:
+                results[i] = openers[i]()
+            except BaseException as error:     # noqa: B036 - re-raised below
+                errors[i] = error
+                break
     except BaseException:                      # Ctrl-C while waiting: give up
         for future in futures:
             future.cancel()

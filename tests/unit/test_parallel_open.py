@@ -46,7 +46,7 @@ def serial(monkeypatch):
     """Make open_layers take the serial path whatever needs indexing."""
     def use_serial():
         monkeypatch.setattr(image_mod, "_open_all_parallel",
-                            lambda openers, cold: image_mod._open_all(openers))
+                            lambda openers, cold, later=(): image_mod._open_all(openers))
     return use_serial
 
 
@@ -56,7 +56,7 @@ def spy(monkeypatch):
     calls, threads = [], set()
     real = image_mod._open_all_parallel
 
-    def spying(openers, cold):
+    def spying(openers, cold, later=frozenset()):
         calls.append(sorted(cold))
 
         def wrap(opener):
@@ -64,7 +64,7 @@ def spy(monkeypatch):
                 threads.add(threading.current_thread().name)
                 return opener()
             return run
-        return real([wrap(o) for o in openers], cold)
+        return real([wrap(o) for o in openers], cold, later)
     monkeypatch.setattr(image_mod, "_open_all_parallel", spying)
     return calls, threads
 
@@ -177,3 +177,24 @@ def test_a_corrupt_layer_among_cached_ones(tmp_path, spy):
         layerfs.open(source, cache=cache)
     assert fd_count() == fds
     assert spy[0][-1] == [1, 3]
+
+
+def test_the_same_blob_twice_is_indexed_once(tmp_path, spy, monkeypatch):
+    """A blob that comes back higher in the stack is opened after the first
+    is indexed: from the cache, not indexed a second time at once."""
+    from layerfs.imagewrite import write_oci_layout
+    blobs = write_image(STACK[:3], tmp_path / "files", kind="layers")
+    source = tmp_path / "img"
+    write_oci_layout(source, [blobs[0], blobs[1], blobs[2], blobs[1]], tag="v1")
+    from layerfs import layer as layer_mod
+    indexed = []
+    real = layer_mod._Opener.index
+
+    def counting(self, *args, **kw):
+        indexed.append(self.label)
+        return real(self, *args, **kw)
+    monkeypatch.setattr(layer_mod._Opener, "index", counting)
+    with layerfs.open(source, cache=str(tmp_path / "cache")) as fs:
+        assert fs.read_bytes("/etc/b") == b"b1" and fs.read_bytes("/opt/x") == b"x"
+    assert spy[0] == [[0, 1, 2]]
+    assert len(indexed) == 3 and not any(label.startswith("3 ") for label in indexed)
