@@ -29,6 +29,7 @@ Rules this module keeps:
 
 from __future__ import annotations
 
+import concurrent.futures
 import errno
 import hashlib
 import json
@@ -39,6 +40,7 @@ import shutil
 import stat
 import tarfile
 import tempfile
+import threading
 from typing import Any, Callable, Sequence
 
 import attrs
@@ -706,6 +708,7 @@ class _Opener:
         self.read_layers = layer_args.pop("read_layers", True)
         self.layer_args = layer_args
         self._json_cache: dict[str, dict] = {}
+        self._indexed: dict[str, bool] = {}
         self.offered: list = []
 
     # ---- reading files and blobs
@@ -901,9 +904,55 @@ class _Opener:
 
     def open_layers(self, specs: list[tuple]) -> list[Layer]:
         """Open every layer, or none: those already opened are closed when
-        one fails."""
-        return _open_all([lambda i=i, s=s: self.open_layer(i, *s)
-                          for i, s in enumerate(specs)])
+        one fails.  Layers the index cache holds are opened one after
+        another; when two or more must be indexed, those are indexed at once
+        by a few threads (decompression and hashing release the GIL; a
+        registry's waits overlap).  The error raised is the one of the
+        first failing layer in stack order, as when opened one by one."""
+        openers = [lambda i=i, s=s: self.open_layer(i, *s) for i, s in enumerate(specs)]
+        cold, later, seen = [], [], set()
+        for i, spec in enumerate(specs):
+            if spec[1] is not None and spec[1] in seen:
+                later.append(i)     # the same blob again: opened once the first is indexed
+            elif not self.indexed(spec[1]):
+                cold.append(i)
+                seen.add(spec[1])
+        if len(cold) < 2:
+            return _open_all(openers)
+        progress = self.layer_args.get("progress")
+        if progress is not None and not getattr(progress, "locked", False):
+            lock = threading.Lock()
+
+            def locked(*args: Any) -> None:
+                with lock:
+                    progress(*args)
+            locked.locked = True        # type: ignore[attr-defined]
+            self.layer_args["progress"] = locked
+        return _open_all_parallel(openers, set(cold), set(later))
+
+    def indexed(self, digest: str | None) -> bool:
+        """Whether the index cache holds the index of the layer with this
+        blob digest (False when that is not known, e.g. without a digest).
+        Asked once per digest: open_layers and needs_sniff share the answer."""
+        if digest in self._indexed:
+            return self._indexed[digest]
+        self._indexed[digest or ""] = answer = self._look_up_index(digest)
+        return answer
+
+    def _look_up_index(self, digest: str | None) -> bool:
+        cache = self.layer_args.get("cache")
+        hex_ = (digest or "").partition(":")[2]
+        if cache is False or not hex_ or not (digest or "").startswith("sha256:"):
+            return False
+        if cache is None or cache is True:
+            from .cache import IndexCache
+            cache = IndexCache()
+        if not hasattr(cache, "load_header"):
+            return False
+        try:
+            return cache.load_header(hex_) is not None
+        except (OSError, ValueError):
+            return False
 
     def needs_sniff(self, digest: str | None, media_type: str | None) -> bool:
         """Whether a layer without TOC annotations must be looked at (its
@@ -914,19 +963,7 @@ class _Opener:
         from .remote import UNCOMPRESSED_LAYER_TYPES
         if media_type in UNCOMPRESSED_LAYER_TYPES:
             return False
-        cache = self.layer_args.get("cache")
-        hex_ = (digest or "").partition(":")[2]
-        if cache is False or not hex_ or not (digest or "").startswith("sha256:"):
-            return True
-        if cache is None or cache is True:
-            from .cache import IndexCache
-            cache = IndexCache()
-        if not hasattr(cache, "load_header"):
-            return True
-        try:
-            return cache.load_header(hex_) is None
-        except (OSError, ValueError):
-            return True
+        return not self.indexed(digest)
 
     def open_layer(self, number: int, source: Any, digest: str | None, diff_id: str,
                    media_type: str | None, annotations: dict | None = None) -> Layer:
@@ -961,6 +998,75 @@ def _open_all(openers: list[Callable[[], Layer]]) -> list[Layer]:
             layer.close()
         raise
     return layers
+
+
+PARALLEL_INDEXING = 4     # layers indexed at once when an image is opened
+
+
+def _open_all_parallel(openers: list[Callable[[], Layer]], cold: set[int],
+                       later: set[int] = frozenset()) -> list[Layer]:  # type: ignore[assignment]
+    """Like :func:`_open_all`, with the openers numbered in *cold* (those
+    that index) run by a thread pool and the others run here, meanwhile,
+    but those in *later* (a blob seen before in the stack) after the pool's.
+    The error raised is the lowest-numbered one; openers after it that have
+    not started are not started, and every layer opened is closed."""
+    results: dict[int, Layer] = {}
+    errors: dict[int, BaseException] = {}
+    pool = concurrent.futures.ThreadPoolExecutor(min(PARALLEL_INDEXING, len(cold)),
+                                                 thread_name_prefix="layerfs-index")
+    futures: dict[concurrent.futures.Future, int] = {}
+    try:
+        futures = {pool.submit(openers[i]): i for i in sorted(cold)}
+        for i, opener in enumerate(openers):   # the cached ones, serially
+            if i in cold or i in later:
+                continue
+            try:
+                results[i] = opener()
+            except BaseException as error:     # noqa: B036 - re-raised below
+                errors[i] = error
+                for other, j in futures.items():
+                    if j > i:
+                        other.cancel()
+                break
+        for future in concurrent.futures.as_completed(futures):
+            i = futures[future]
+            if future.cancelled():
+                continue
+            error = future.exception()
+            if error is None:
+                results[i] = future.result()
+                continue
+            errors[i] = error
+            for other, j in futures.items():   # those after it are not needed
+                if j > i:
+                    other.cancel()
+        for i in sorted(later):
+            if errors and min(errors) < i:
+                break
+            try:
+                results[i] = openers[i]()
+            except BaseException as error:     # noqa: B036 - re-raised below
+                errors[i] = error
+                break
+    except BaseException:                      # Ctrl-C while waiting: give up
+        for future in futures:
+            future.cancel()
+        pool.shutdown(wait=True)
+        _close_layers(results.values())
+        _close_layers(f.result() for f in futures
+                      if f.done() and not f.cancelled() and f.exception() is None
+                      and futures[f] not in results)
+        raise
+    pool.shutdown(wait=True)
+    if errors:
+        _close_layers(results.values())
+        raise errors[min(errors)]
+    return [results[i] for i in range(len(openers))]
+
+
+def _close_layers(layers) -> None:
+    for layer in layers:
+        layer.close()
 
 
 def _digest_from_name(name: str) -> str | None:
