@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import os
 import random
-import tarfile
 
 import pytest
 import zstandard
@@ -20,6 +18,8 @@ import layerfs
 from layerfs.cache import IndexCache
 from layerfs.registry import Options
 from layerfs.remote import RemoteBlob
+from layerfs.testing import layers as L
+from layerfs.testing.writers import tar_bytes
 
 from registry_helpers import Registry
 
@@ -28,13 +28,8 @@ ZSTD_TYPE = "application/vnd.oci.image.layer.v1.tar+zstd"
 
 
 def make_tar(files: dict) -> bytes:
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return out.getvalue()
+    """A pax tar of regular files, name -> contents."""
+    return tar_bytes(L.Layer([L.file(name, data) for name, data in files.items()]))
 
 
 def files_of(seed: int, prefix: str, text: bool = False, count: int = 60) -> dict:

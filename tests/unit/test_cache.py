@@ -2,14 +2,12 @@
 several processes (layerfs/cache.py, seekpoints.py, cachecli.py)."""
 
 import gzip
-import io
 import json
 import os
 import random
 import signal
 import subprocess
 import sys
-import tarfile
 import textwrap
 
 import pytest
@@ -23,6 +21,8 @@ from layerfs.entry import REGULAR
 from layerfs.errors import DigestMismatchError, InvalidLayerError
 from layerfs.layer import open_layer
 from layerfs.seekpoints import SpanReader, SpanWriter
+from layerfs.testing import layers as L
+from layerfs.testing.writers import tar_bytes
 
 SPAN = 64 << 10
 LAZY = {"gzip": "checkpoints", "zstd": "spans"}    # a layer beyond the budget, mostly
@@ -33,14 +33,9 @@ def small_spans(monkeypatch):
     monkeypatch.setenv("LAYERFS_SPAN_SIZE", str(SPAN))
 
 
-def make_tar(files):
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
+def make_tar(files: dict) -> bytes:
+    """A pax tar of regular files, name -> contents."""
+    return tar_bytes(L.Layer([L.file(name, data) for name, data in files.items()]))
 
 
 def compress(kind, data):
