@@ -67,6 +67,23 @@ def detect_compression(head: bytes) -> str:
     return NONE
 
 
+def least_uncompressed_size(blob: Blob, compression: str) -> int:
+    """A lower bound on the decompressed size of *blob*, read from a few
+    header or trailer bytes (0 when the blob does not say): a gzip blob's
+    last ISIZE field (the last member's size modulo 2**32, never more than
+    the whole), a zstd blob's first frame's declared content size.  Used to
+    skip a whole copy that cannot fit the cache budget."""
+    try:
+        if compression == GZIP and blob.size >= 18:
+            return int.from_bytes(blob.read_at(blob.size - 4, 4), "little")
+        if compression == ZSTD:
+            size = zstandard.frame_content_size(blob.read_at(0, 18))
+            return max(size, 0)
+    except zstandard.ZstdError:
+        pass
+    return 0
+
+
 def max_layer_size(max_size: Optional[int] = None) -> int:
     """The limit on the uncompressed size of a compressed blob, in bytes:
     *max_size* if given, else ``$LAYERFS_MAX_LAYER_SIZE``, else 64 GiB."""

@@ -46,7 +46,8 @@ from .cache import (CACHE_ENV, INDEX_FORMAT, INDEX_VERSION, IndexCache,  # noqa:
                     cache_root, default_cache_root, file_identity)
 from .cache import _remove
 from .cache import temp_file as _temp_file
-from .compression import NONE, SUM_CHUNK, BlobStream, detect_compression
+from .compression import (NONE, SUM_CHUNK, BlobStream, detect_compression,
+                          least_uncompressed_size)
 from .errors import (DigestMismatchError, ImageError, InvalidLayerError,
                      UnsupportedImageError, path_error)
 from .seekpoints import (GzipCheckpointReader, SpanReader, SpanWriter, StreamReader,
@@ -494,6 +495,11 @@ class _DataSink:
         else:
             self._file, self._temp = _temp_file(cache.blob_path("x"))
         self._written = 0
+        # A blob whose header or trailer already says its copy cannot fit
+        # goes straight to a lazy form: no partial copy crowds out layers
+        # indexed beside it.
+        self._copy_fits = (self._whole or blob is None
+                           or least_uncompressed_size(blob, compression) <= cache.budget)
 
     def write(self, chunk: bytes) -> None:
         if self._stream or self._checkpoints and self._spans is None:
@@ -502,7 +508,7 @@ class _DataSink:
             if self._spans is not None:
                 self._spans.write(chunk)
                 return
-            if not self._whole and not self._room(len(chunk)):
+            if not self._whole and not (self._copy_fits and self._room(len(chunk))):
                 if self._gzip or self._has_frames():
                     self._drop_file()     # seek points into the blob, after the pass
                     self._checkpoints = True

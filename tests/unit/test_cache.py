@@ -214,6 +214,31 @@ def test_layer_beyond_the_budget_is_read_through_spans(tmp_path, kind):
         assert read_all(whole) == files
 
 
+@pytest.mark.parametrize("kind", ["gzip", "zstd"])
+def test_a_layer_that_declares_a_size_beyond_the_budget_writes_no_partial_copy(tmp_path,
+                                                                               kind):
+    """Its gzip trailer or zstd frame header says the copy cannot fit: a
+    partial copy would only crowd out layers indexed beside it (which then
+    fall back to reading from the blob), so none is started."""
+    files = corpus(5)
+    path = write(tmp_path, kind, files)
+    cache = IndexCache(tmp_path / "c", size=len(make_tar(files)) // 2)
+    copy_bytes = []
+    real_reserve = cache.reserve
+
+    def watching(n, keep=""):
+        blobs = tmp_path / "c" / "blobs"
+        copy_bytes.append(sum(f.stat().st_size for f in blobs.rglob("*") if f.is_file())
+                          if blobs.exists() else 0)
+        return real_reserve(n, keep)
+
+    cache.reserve = watching
+    with open_layer(path, cache=cache) as layer:
+        assert layer.storage in LAZY.values()
+        assert read_all(layer) == files
+    assert copy_bytes and max(copy_bytes) == 0
+
+
 class CountingFile(FileRange):
     bytes_read = 0
 
