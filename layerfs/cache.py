@@ -24,6 +24,8 @@ may be removed lives here.  Under the root (``$LAYERFS_CACHE_DIR``, else
                              (digest, diff_id)
     pins/<hex>.lock          a pin: held with a shared flock by every process
                              that has the layer open
+    holds/<hex>/<key>        a hold: the path of a record file (a container's)
+                             whose existence keeps the blob's data pinned
     registry/                blobs fetched from registries (layerfs.remote)
 
 Rules:
@@ -48,6 +50,10 @@ Rules:
   ``prune --all --force`` removes pinned data too; a process that has the
   file open keeps reading it (the kernel keeps an unlinked file for its
   open descriptors), so a running mount does not break.
+* **A hold outlives the process.**  A container holds its image's layers
+  from its creation to its removal (``holds/<hex>/``: a file naming the
+  container's record); a hold whose record is gone is stale and removed
+  when next looked at, so a container deleted by hand holds nothing.
 
 The default budget is a tenth of the size of the filesystem that holds the
 cache (at least 1 GiB); ``--cache-size`` / ``$LAYERFS_CACHE_SIZE`` (``500M``,
@@ -212,6 +218,9 @@ class IndexCache:
     def pin_path(self, hex_digest: str) -> str:
         return os.path.join(self.root, "pins", hex_digest + ".lock")
 
+    def holds_path(self, hex_digest: str) -> str:
+        return os.path.join(self.root, "holds", hex_digest)
+
     def memo_path(self, identity: tuple) -> str:
         key = hashlib.sha256(repr(identity).encode("utf-8", "surrogateescape"))
         return os.path.join(self.root, "memo", key.hexdigest()[:40])
@@ -277,7 +286,37 @@ class IndexCache:
     def pin(self, hex_digest: str) -> Pin:
         return Pin(self.pin_path(hex_digest))
 
+    def hold(self, hex_digest: str, record: str) -> None:
+        """Pins the blob while the file *record* exists (see the module's
+        rules); taken again at will, it stays one hold."""
+        record = os.path.abspath(record)
+        key = hashlib.sha256(record.encode("utf-8", "surrogateescape")).hexdigest()[:40]
+        path = os.path.join(self.holds_path(hex_digest), key)
+        with self._locked():
+            if not os.path.exists(path):
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                write_atomic(path, record.encode("utf-8", "surrogateescape"))
+
+    def _held(self, hex_digest: str) -> bool:
+        """Whether a live hold pins the blob (stale holds are removed)."""
+        held = False
+        for item in _scandir(self.holds_path(hex_digest)):
+            if item.name.startswith(TEMP_PREFIX):
+                continue
+            try:
+                with open(item.path, "rb") as stream:
+                    record = os.fsdecode(stream.read())
+            except FileNotFoundError:
+                continue
+            if os.path.exists(record):
+                held = True
+            else:
+                _remove(item.path)
+        return held
+
     def is_pinned(self, hex_digest: str) -> bool:
+        if self._held(hex_digest):
+            return True
         try:
             fd = os.open(self.pin_path(hex_digest), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -346,6 +385,8 @@ class IndexCache:
 
     def _remove_unpinned(self, entry: CacheEntry) -> bool:
         hex_ = entry.digest.partition(":")[2]
+        if entry.kind != "view" and self._held(hex_):
+            return False
         path = self.pin_path(hex_)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -376,6 +417,12 @@ class IndexCache:
                     removed += 1
                 finally:
                     os.close(fd)
+            for item in _scandir(os.path.join(self.root, "holds")):
+                if not self._held(item.name):
+                    try:
+                        os.rmdir(item.path)
+                    except OSError:
+                        pass          # a hold taken meanwhile
         return removed
 
     def _locked(self):

@@ -137,6 +137,7 @@ class Store:
                 container = Container(name, reference, tag, platform,
                                       fs.image.manifest_digest, fs.image.chain_id(),
                                       time.time(), final)
+                hold_image(container, fs.image)
             _write_json(os.path.join(building, RECORD_FILE), container.to_json())
             try:
                 os.rename(building, final)
@@ -190,7 +191,6 @@ class Store:
         a SOURCE without ``/`` names a volume of this store."""
         from . import fs as layerfs_fs
         container = self.get(name)
-        pin_image(container)
         try:
             fs = layerfs_fs.open(container.reference, tag=container.tag,
                                  platform=container.platform, cache=cache,
@@ -211,6 +211,7 @@ class Store:
                              f"{container.image} as manifest {container.manifest_digest}, "
                              f"which that reference no longer names (it names "
                              f"{image.manifest_digest})")
+        hold_image(container, image)     # again: the cache may be another one now
         return fs
 
     def remove(self, name: str, *, force: bool = False) -> None:
@@ -230,8 +231,7 @@ class Store:
         if holder is not None:
             raise StoreError(errno.EBUSY, f"container {name!r} is in use by {holder}")
         trash = os.path.join(self._containers(), f".rm-{name}-{os.getpid()}")
-        os.rename(container.directory, trash)
-        unpin_image(container)
+        os.rename(container.directory, trash)     # its holds are stale from here
         shutil.rmtree(trash)
 
     def upper_size(self, name: str) -> int:
@@ -241,17 +241,17 @@ class Store:
 
 # -- what the store needs from elsewhere ---------------------------------------
 
-def pin_image(container: Container) -> None:
-    """The one place a container pins its image's blobs and indexes in the
-    cache beyond what opening does.  An open container's layers pin
-    themselves (``layerfs.cache.Pin``, held while a layer is open), so a
-    container in use keeps its image; a container that exists but is not
-    open pins nothing, and a cache prune may drop its indexes (rebuilt on
-    the next open).  A pin that outlives the process would be taken here."""
-
-
-def unpin_image(container: Container) -> None:
-    """Undo :func:`pin_image` when the container goes."""
+def hold_image(container: Container, image) -> None:
+    """Keeps the image's layer data and indexes in the cache for as long as
+    the container exists (a hold on its record file, see
+    :mod:`layerfs.cache`): a prune, or another image's open under a small
+    budget, evicts none of it.  Removing the container (or its directory)
+    releases the holds."""
+    record = os.path.join(container.directory, RECORD_FILE)
+    for layer in image.layers:
+        cache = getattr(layer, "cache", None)     # a TOC layer keeps no data there
+        if cache is not None:
+            cache.hold(layer.digest.partition(":")[2], record)
 
 
 def mounted_at(container: Container) -> Optional[str]:

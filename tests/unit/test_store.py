@@ -190,3 +190,27 @@ def test_a_filesystem_that_shares_no_view_behaves_the_same(image, tmp_path):
             fs.rename("/etc", "/etc2")
             results.append((fs.diff(), sorted(fs.tree.nodes)))
     assert results[0] == results[1]
+
+
+def test_a_container_holds_its_image_in_the_cache_until_removed(store, image, tmp_path):
+    from layerfs.cache import IndexCache
+    cache = IndexCache(tmp_path / "cache")
+    store.create(image, "web", cache=cache)
+    store.create(image, "db", cache=cache)
+    layer_data = [e for e in cache.scan() if e.kind != "view"]
+    assert layer_data and all(e.pinned for e in layer_data)     # nothing is open now
+    assert not any(cache.remove(e) for e in layer_data)         # prune --all keeps them
+    store.remove("web")
+    assert not any(cache.remove(e) for e in cache.scan() if e.kind != "view")
+    store.remove("db")
+    assert all(cache.remove(e) for e in cache.scan() if e.kind != "view")
+    assert cache.remove_stale_pins() >= 0 and not os.listdir(tmp_path / "cache" / "holds")
+
+
+def test_a_hold_whose_container_went_by_hand_is_stale(store, image, tmp_path):
+    import shutil
+    from layerfs.cache import IndexCache
+    cache = IndexCache(tmp_path / "cache")
+    container = store.create(image, "web", cache=cache)
+    shutil.rmtree(container.directory)
+    assert not any(e.pinned for e in cache.scan())
