@@ -3,6 +3,7 @@ and uncompressed sizes, and what a budget of a tenth of the image costs in
 speed.
 
     python -m benchmarks.cache [--mib 64] [--files 10000] [--reps 3]
+                               [--compare DIR] [--only mixed,tree]
                                [--results benchmarks/results/cache.json]
 
 Corpora (generated, seeded, under ``--corpus-dir``):
@@ -13,18 +14,30 @@ Corpora (generated, seeded, under ``--corpus-dir``):
 * ``tree``: the benchmarks' tree corpus (``--files`` entries, one layer),
   whose contents compress very well.
 
-Each in gzip and zstd.  For each, two caches: unbounded (the default
+Each as gzip, zstd (one frame) and ``zstdf`` (zstd in frames of 4 MiB, as
+parallel writers make).  For each, two caches: unbounded (the default
 budget), and a budget of a tenth of the uncompressed size.  Reported:
 
 * ``cache_bytes``: what the cache holds after opening the layer (index,
   copy, spans or checkpoints);
 * ``index_s``: the first open (one pass over the blob);
-* ``scan_s``: reading every regular file in walk order through
-  :func:`layerfs.open` with the cache warm (the layer opened before),
-  median of ``--reps`` runs alternating between the two caches;
+* ``scan_s``: reading every regular file in walk order, whole, through
+  :func:`layerfs.open` with the cache warm (the layer opened before);
   ``scan_ratio`` = bounded / unbounded, the issue's target is at most 2;
+* ``fuse_s``: the same files read as a FUSE daemon reads them: in 128 KiB
+  reads, by two threads taking the next file as they come free;
+  ``fuse_ratio`` = bounded / unbounded.  A run longer than ``--deadline``
+  seconds stops and reports its time divided by the share it read;
 * ``random_ms``: a 4 KiB read at a random offset of a random file,
-  mean over 300 reads (the same reads for both caches).
+  mean over 300 reads (the same reads for both caches);
+* ``decompress_s``: decompressing the blob once with zlib or zstandard
+  (no layerfs): the floor of any scan that keeps no decompressed copy.
+
+Every measurement runs in a fresh process per repetition, the two caches
+alternating, and is the median of ``--reps``.  ``--compare DIR`` measures a
+second checkout of layerfs (``DIR/layerfs``, e.g. ``git worktree add DIR
+main``) side by side, alternating before / after in each repetition, each
+with caches of its own; the table then gives both.
 
 Timings move with the machine's load: read the ratios, not the seconds.
 """
@@ -39,8 +52,11 @@ import os
 import random
 import shutil
 import statistics
+import subprocess
+import sys
 import tarfile
 import time
+from typing import Optional
 
 import zstandard
 
@@ -70,8 +86,9 @@ def mixed_tar(path: str, mib: int, seed: int = 1) -> None:
 
 
 def compressed(tar_path: str) -> dict:
-    """{"gzip": path, "zstd": path} next to *tar_path* (made once)."""
-    out = {"gzip": tar_path + ".gz", "zstd": tar_path + ".zst"}
+    """{"gzip": path, "zstd": path, "zstdf": path} next to *tar_path* (made once)."""
+    out = {"gzip": tar_path + ".gz", "zstd": tar_path + ".zst",
+           "zstdf": tar_path + ".frames.zst"}
     if not os.path.exists(out["gzip"]):
         with open(tar_path, "rb") as src, gzip.open(out["gzip"] + ".tmp", "wb", 6) as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
@@ -80,6 +97,12 @@ def compressed(tar_path: str) -> dict:
         with open(tar_path, "rb") as src, open(out["zstd"] + ".tmp", "wb") as dst:
             zstandard.ZstdCompressor(level=3).copy_stream(src, dst)
         os.replace(out["zstd"] + ".tmp", out["zstd"])
+    if not os.path.exists(out["zstdf"]):
+        compressor = zstandard.ZstdCompressor(level=3)
+        with open(tar_path, "rb") as src, open(out["zstdf"] + ".tmp", "wb") as dst:
+            while block := src.read(4 << 20):
+                dst.write(compressor.compress(block))
+        os.replace(out["zstdf"] + ".tmp", out["zstdf"])
     return out
 
 
@@ -101,6 +124,39 @@ def scan(blob: str, cache: IndexCache, paths: list) -> float:
     return time.perf_counter() - start
 
 
+def fuse_scan(blob: str, cache: IndexCache, paths: list, deadline: float) -> float:
+    """Every file in 128 KiB reads, by two threads taking the next file
+    as they come free (what a FUSE daemon's threads do for a scanner);
+    past *deadline* seconds, the time divided by the share read."""
+    import threading
+    read_size = 128 << 10
+    start = time.perf_counter()
+    with layerfs.open(blob, cache=cache) as fs:
+        nodes = [fs.node(path) for path in paths]
+        total = sum(node.size for node in nodes) or 1
+        queue = iter(nodes)
+        lock = threading.Lock()
+        done = [0]
+
+        def work():
+            while time.perf_counter() - start < deadline:
+                with lock:
+                    node = next(queue, None)
+                if node is None:
+                    return
+                for offset in range(0, node.size, read_size):
+                    fs.read_node(node, offset, read_size)
+                with lock:
+                    done[0] += node.size
+
+        threads = [threading.Thread(target=work) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    return (time.perf_counter() - start) * total / max(done[0], 1)
+
+
 def random_reads(blob: str, cache: IndexCache, reads: list) -> float:
     with layerfs.open(blob, cache=cache) as fs:
         start = time.perf_counter()
@@ -111,10 +167,27 @@ def random_reads(blob: str, cache: IndexCache, reads: list) -> float:
         return (time.perf_counter() - start) / len(reads) * 1000
 
 
-def measure(name: str, blob: str, tar_size: int, scratch: str, reps: int) -> dict:
+def decompress_once(blob: str) -> float:
+    import zlib
+    start = time.perf_counter()
+    with open(blob, "rb") as src:
+        if blob.endswith(".gz"):
+            obj = zlib.decompressobj(31)
+            while data := src.read(1 << 20):
+                obj.decompress(data)
+        else:
+            reader = zstandard.ZstdDecompressor().stream_reader(src, read_across_frames=True)
+            while reader.read(1 << 20):
+                pass
+    return time.perf_counter() - start
+
+
+def worker(name: str, blob: str, tar_size: int, scratch: str, deadline: float) -> dict:
+    """One repetition for one checkout of layerfs (this process's): both
+    caches made (and timed) if new, then scanned in alternation."""
     caches = {"unbounded": IndexCache(os.path.join(scratch, name, "unbounded")),
               "tenth": IndexCache(os.path.join(scratch, name, "tenth"), size=tar_size // 10)}
-    result = {"corpus": name, "compressed": os.path.getsize(blob), "uncompressed": tar_size}
+    result = {"layerfs": os.path.dirname(os.path.dirname(layerfs.__file__))}
     for label, cache in caches.items():
         start = time.perf_counter()
         with layerfs.open(blob, cache=cache) as fs:
@@ -123,40 +196,74 @@ def measure(name: str, blob: str, tar_size: int, scratch: str, reps: int) -> dic
         result[label] = {"index_s": round(time.perf_counter() - start, 3),
                          "cache_bytes": cache.usage(), "storage": storage}
     rng = random.Random(7)
-    sizes = {}
     with layerfs.open(blob, cache=caches["unbounded"]) as fs:
-        for path in paths:
-            sizes[path] = fs.stat(path).st_size
+        sizes = {path: fs.stat(path).st_size for path in paths}
     big = [p for p in paths if sizes[p] > 4096] or paths
     reads = [(p, rng.randrange(max(1, sizes[p] - 4096))) for p in rng.choices(big, k=300)]
-    scans = {label: [] for label in caches}
-    randoms = {label: [] for label in caches}
+    for label, cache in caches.items():
+        result[label]["scan_s"] = scan(blob, cache, paths)
+        result[label]["fuse_s"] = fuse_scan(blob, cache, paths, deadline)
+        result[label]["random_ms"] = random_reads(blob, cache, reads)
+    result["decompress_s"] = decompress_once(blob)
+    return result
+
+
+def run_worker(checkout: Optional[str], args: list) -> dict:
+    """Runs :func:`worker` in a fresh process, with layerfs imported from
+    *checkout* (None: this one)."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import sys, json\n"
+            f"sys.path.insert(0, {checkout or here!r}); import layerfs\n"
+            f"sys.path.insert(0, {here!r}); from benchmarks import cache\n"
+            f"print(json.dumps(cache.worker(*{args!r})))\n")
+    out = subprocess.run([sys.executable, "-c", code], check=True, cwd="/",
+                         stdout=subprocess.PIPE, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def summarise(runs: list) -> dict:
+    """The median of each timing over the repetitions, and the ratios."""
+    first = runs[0]
+    out = {"layerfs": first["layerfs"],
+           "decompress_s": round(statistics.median(r["decompress_s"] for r in runs), 3)}
+    for label in ("unbounded", "tenth"):
+        out[label] = dict(first[label])
+        for key in ("scan_s", "fuse_s", "random_ms"):
+            out[label][key] = round(statistics.median(r[label][key] for r in runs), 4)
+    for key, ratio in (("scan_s", "scan_ratio"), ("fuse_s", "fuse_ratio"),
+                       ("random_ms", "random_ratio")):
+        out[ratio] = round(out["tenth"][key] / max(out["unbounded"][key], 1e-9), 2)
+    out["floor_ratio"] = round(out["decompress_s"] / max(out["unbounded"]["scan_s"], 1e-9), 2)
+    return out
+
+
+def measure(name: str, blob: str, tar_size: int, scratch: str, reps: int,
+            sides: dict, deadline: float) -> dict:
+    runs: dict = {side: [] for side in sides}
     for _ in range(reps):
-        for label, cache in caches.items():
-            scans[label].append(scan(blob, cache, paths))
-            randoms[label].append(random_reads(blob, cache, reads))
-    for label in caches:
-        result[label]["scan_s"] = round(statistics.median(scans[label]), 3)
-        result[label]["random_ms"] = round(statistics.median(randoms[label]), 3)
-    result["scan_ratio"] = round(statistics.median(scans["tenth"])
-                                 / max(statistics.median(scans["unbounded"]), 1e-9), 2)
-    result["random_ratio"] = round(statistics.median(randoms["tenth"])
-                                   / max(statistics.median(randoms["unbounded"]), 1e-9), 2)
+        for side, checkout in sides.items():      # before, after, before, after ...
+            runs[side].append(run_worker(checkout, [name, blob, tar_size,
+                                                    os.path.join(scratch, side), deadline]))
+    result = {"corpus": name, "compressed": os.path.getsize(blob), "uncompressed": tar_size}
+    for side in sides:
+        result[side] = summarise(runs[side])
     return result
 
 
 def table(results: list) -> str:
-    lines = ["| corpus | compressed | uncompressed | cache, unbounded | cache, 1/10 budget "
-             "(form) | index s (unb. / 1/10) | scan s (unb. / 1/10) | scan ratio | "
-             "random 4 KiB ms (unb. / 1/10) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| corpus | side | cache, unb. / 1/10 (form) | scan ratio | "
+             "FUSE-like scan ratio | random 4 KiB ratio | decompress once / unb. scan |",
+             "|---|---|---|---|---|---|---|"]
     for r in results:
-        u, t = r["unbounded"], r["tenth"]
-        lines.append(
-            f"| {r['corpus']} | {r['compressed'] / 1e6:.1f} MB | {r['uncompressed'] / 1e6:.1f} MB "
-            f"| {u['cache_bytes'] / 1e6:.1f} MB | {t['cache_bytes'] / 1e6:.1f} MB ({t['storage']}) "
-            f"| {u['index_s']} / {t['index_s']} | {u['scan_s']} / {t['scan_s']} "
-            f"| {r['scan_ratio']} | {u['random_ms']} / {t['random_ms']} |")
+        for side in ("before", "after"):
+            if side not in r:
+                continue
+            x = r[side]
+            u, t = x["unbounded"], x["tenth"]
+            lines.append(
+                f"| {r['corpus']} | {side} | {u['cache_bytes'] / 1e6:.1f} / "
+                f"{t['cache_bytes'] / 1e6:.1f} MB ({t['storage']}) | {x['scan_ratio']} "
+                f"| {x['fuse_ratio']} | {x['random_ratio']} | {x['floor_ratio']} |")
     return "\n".join(lines)
 
 
@@ -165,27 +272,41 @@ def main(argv=None) -> int:
     parser.add_argument("--mib", type=int, default=64)
     parser.add_argument("--files", type=int, default=10000)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--compare", metavar="DIR",
+                        help="another checkout of layerfs, measured as 'before'")
+    parser.add_argument("--only", default="mixed,tree")
+    parser.add_argument("--kinds", default="gzip,zstd,zstdf")
+    parser.add_argument("--deadline", type=float, default=30.0)
     parser.add_argument("--corpus-dir", default=os.path.join("benchmarks", "corpus"))
     parser.add_argument("--results", default=os.path.join("benchmarks", "results",
                                                           "cache.json"))
     args = parser.parse_args(argv)
-    os.makedirs(args.corpus_dir, exist_ok=True)
-    mixed = os.path.join(args.corpus_dir, f"cache-mixed-{args.mib}.tar")
-    if not os.path.exists(mixed):
-        mixed_tar(mixed + ".tmp", args.mib)
-        os.replace(mixed + ".tmp", mixed)
-    built = corpus.build(args.corpus_dir, args.files, (1,), 1 << 20)
-    tree = built.stacks[1].layer_files("tar")[0]
-    scratch = os.path.join(args.corpus_dir, "cache-scratch")
+    corpus_dir = os.path.abspath(args.corpus_dir)
+    os.makedirs(corpus_dir, exist_ok=True)
+    tars = {}
+    if "mixed" in args.only:
+        tars["mixed"] = os.path.join(corpus_dir, f"cache-mixed-{args.mib}.tar")
+        if not os.path.exists(tars["mixed"]):
+            mixed_tar(tars["mixed"] + ".tmp", args.mib)
+            os.replace(tars["mixed"] + ".tmp", tars["mixed"])
+    if "tree" in args.only:
+        built = corpus.build(corpus_dir, args.files, (1,), 1 << 20)
+        tars["tree"] = os.path.abspath(built.stacks[1].layer_files("tar")[0])
+    sides = {"after": None}
+    if args.compare:
+        sides = {"before": os.path.abspath(args.compare), "after": None}
+    scratch = os.path.join(corpus_dir, "cache-scratch")
     shutil.rmtree(scratch, ignore_errors=True)
     results = []
-    for name, tar_path in (("mixed", mixed), ("tree", tree)):
+    for name, tar_path in tars.items():
         for kind, blob in compressed(tar_path).items():
+            if kind not in args.kinds.split(","):
+                continue
             results.append(measure(f"{name}.{kind}", blob, os.path.getsize(tar_path),
-                                   scratch, args.reps))
+                                   scratch, args.reps, sides, args.deadline))
             print(json.dumps(results[-1]), flush=True)
     shutil.rmtree(scratch, ignore_errors=True)
-    os.makedirs(os.path.dirname(args.results), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
     with open(args.results, "w") as out:
         json.dump(results, out, indent=1)
     print(table(results))

@@ -32,6 +32,7 @@ import io
 import marshal
 import os
 import threading
+import zlib
 from typing import Optional
 
 import zstandard
@@ -213,6 +214,351 @@ class SpanReader:
         return data
 
 
+# -- reading forward: decoders that keep running between reads -----------------
+
+CURSORS = 4               # decoders one reader keeps between reads (one per thread)
+IDLE_CURSORS = 12         # idle decoders kept in the process, all readers together
+BLOCK = 256 << 10         # bytes a decoder produces at a time, aligned in the stream
+IN_CHUNK = 64 << 10       # compressed bytes a decoder reads at a time
+KEEP = 1 << 20            # bytes a decoder keeps behind where it stands
+
+
+class _Cursor:
+    """A decoder standing at *position* of the decompressed stream, with
+    the last :data:`KEEP` bytes it produced.  *produce(n)* gives the next
+    *n* bytes (fewer only at the end); the cursor asks for what reaches the
+    next multiple of :data:`BLOCK`, so that its blocks line up with the
+    reader's memory of recent blocks (*publish(start, block)*).
+    *seek(offset)*, where the decoder can jump (rapidgzip), replaces
+    decoding what lies between.  Used by one read at a time (the reader
+    lends it out)."""
+
+    __slots__ = ("position", "produced", "publish", "_produce", "_close", "_seek",
+                 "_kept", "_kept_bytes")
+
+    def __init__(self, produce, close, seek=None, *, position: int):
+        self.position = position
+        self.produced = 0               # bytes decompressed, all told
+        self.publish = None
+        self._produce = produce
+        self._close = close
+        self._seek = seek
+        self._kept: collections.deque = collections.deque()   # (offset, chunk)
+        self._kept_bytes = 0
+
+    @property
+    def kept_from(self) -> int:
+        """The first stream offset this cursor can still give."""
+        return self.position - self._kept_bytes
+
+    def cost(self, offset: int) -> Optional[int]:
+        """Bytes to decompress before *offset* can be read here; None if
+        *offset* lies behind what this cursor kept."""
+        if offset < self.kept_from:
+            return None
+        return max(0, offset - self.position)
+
+    def jump(self, offset: int) -> None:
+        self._seek(offset)
+        self.position = offset
+        self._kept.clear()
+        self._kept_bytes = 0
+
+    def read(self, offset: int, length: int) -> bytes:
+        parts = []
+        while length > 0:
+            if offset >= self.position:
+                target = offset - offset % BLOCK
+                if target > self.position and self._seek is not None:
+                    self.jump(target)
+                chunk = self._produce(BLOCK - self.position % BLOCK)
+                if not chunk:
+                    break           # the stream ended early: the caller sees it short
+                self._keep(chunk)
+                continue
+            for start, chunk in self._kept:
+                if start <= offset < start + len(chunk):
+                    piece = chunk[offset - start:offset - start + length]
+                    parts.append(piece)
+                    offset += len(piece)
+                    length -= len(piece)
+                    break
+            else:
+                raise AssertionError("read behind what the cursor kept")
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _keep(self, chunk: bytes) -> None:
+        if self.publish is not None and self.position % BLOCK == 0:
+            self.publish(self.position, chunk)
+        self._kept.append((self.position, chunk))
+        self._kept_bytes += len(chunk)
+        self.position += len(chunk)
+        self.produced += len(chunk)
+        while self._kept_bytes - len(self._kept[0][1]) >= KEEP:
+            self._kept_bytes -= len(self._kept.popleft()[1])
+
+    def close(self) -> None:
+        self._kept.clear()
+        close, self._close = self._close, None
+        if close is not None:
+            close()
+
+
+_idle_lock = threading.Lock()
+_idle: collections.OrderedDict = collections.OrderedDict()   # id -> (reader, cursor), LRU first
+
+
+class _ForwardReader:
+    """Random access to a decompressed stream through decoders (cursors)
+    that keep running between reads.  A read goes to the cursor that gets
+    there cheapest (one that stands at or before it, or kept the bytes),
+    if that is no dearer than starting one at the seek point before it
+    (:meth:`_restart_cost`); it waits for that cursor if another read has
+    it (two threads reading neighbouring files share one decoder rather
+    than decompress the same bytes twice).  Else it re-aims an idle cursor
+    (where the decoder can jump: rapidgzip) or starts one
+    (:meth:`_start`).  Reads far apart run at once, each on a cursor of
+    its own: the decoders (zlib, zstandard, rapidgzip) run outside the
+    GIL.  At most :data:`CURSORS` cursors per reader and
+    :data:`IDLE_CURSORS` idle ones in the process are kept, least recently
+    used dropped first."""
+
+    reaims = False        # whether an idle cursor can be sent anywhere (seek)
+    max_cursors = CURSORS
+
+    def __init__(self, size: int, label: str):
+        self.size = size
+        self.label = label
+        self._cursors: list = []          # idle, least recently used first
+        self._busy: list = []             # lent to a read
+        self._returned = threading.Condition(_idle_lock)
+        self._closed = False
+        self.started = 0                  # cursors started or re-aimed (tests)
+        self.produced = 0                 # bytes decompressed by returned cursors
+        self._key = next(_next_reader)
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        length = min(length, self.size - offset)
+        if length <= 0 or offset < 0:
+            return b""
+        while True:
+            data = self._recent(offset, length)
+            if data is not None:
+                return data
+            cursor = self._take(offset)
+            if cursor is not None:
+                break
+        before = cursor.produced
+        try:
+            data = cursor.read(offset, length)
+        except BaseException:
+            self._give(cursor, cursor.produced - before, broken=True)
+            raise
+        self._give(cursor, cursor.produced - before)
+        return data
+
+    def _recent(self, offset: int, length: int) -> Optional[bytes]:
+        """The bytes, if every block they lie in was decompressed lately
+        (by any cursor of this reader), else None."""
+        parts = []
+        while length > 0:
+            index, within = divmod(offset, BLOCK)
+            block = _recent.get((self._key, index))
+            if block is None:
+                return None
+            piece = block[within:within + length]
+            if not piece:
+                return None
+            parts.append(piece)
+            offset += len(piece)
+            length -= len(piece)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _publish(self, start: int, block: bytes) -> None:
+        if len(block) == BLOCK or start + len(block) == self.size:
+            _recent.put((self._key, start // BLOCK), block)
+
+    def _take(self, offset: int) -> Optional[_Cursor]:
+        """A cursor for a read at *offset*, lent to the caller; None after
+        waiting for one that another read had (the bytes may be in memory
+        by now: look again)."""
+        with _idle_lock:
+            best, best_cost = None, self._restart_cost(offset)
+            for cursor in self._busy + self._cursors:    # the most recent idle wins a tie
+                cost = cursor.cost(offset)
+                if cost is not None and cost <= best_cost:
+                    best, best_cost = cursor, cost
+            if best is not None and best in self._cursors:
+                self._lend(best)
+                return best
+            if best is not None or not (self._cursors
+                                        or len(self._busy) < self.max_cursors):
+                self._returned.wait()     # for the best cursor, or for any
+                return None
+            spare = None
+            if self._cursors and (self.reaims or len(self._busy) + len(self._cursors)
+                                  >= self.max_cursors):
+                spare = self._cursors[0]  # re-aim (or replace) the least recently used
+                self._lend(spare)
+            self.started += 1
+            placeholder = _Cursor(None, None, position=self.size)   # counts as busy
+            self._busy.append(placeholder)
+        try:
+            cursor = self._start(offset, spare)
+        except BaseException:
+            with _idle_lock:
+                self._busy.remove(placeholder)
+                if spare is not None:
+                    self._busy.remove(spare)
+                self._returned.notify_all()
+            if spare is not None:
+                spare.close()
+            raise
+        cursor.publish = self._publish
+        with _idle_lock:
+            self._busy.remove(placeholder)
+            if spare is not None and spare is not cursor:
+                self._busy.remove(spare)
+            if cursor not in self._busy:
+                self._busy.append(cursor)
+            self._returned.notify_all()
+        return cursor
+
+    def _lend(self, cursor: _Cursor) -> None:
+        self._cursors.remove(cursor)
+        del _idle[id(cursor)]
+        self._busy.append(cursor)
+
+    def _give(self, cursor: _Cursor, produced: int = 0, broken: bool = False) -> None:
+        dropped = []
+        with _idle_lock:
+            self.produced += produced
+            if cursor in self._busy:
+                self._busy.remove(cursor)
+            if self._closed or broken:
+                dropped.append(cursor)
+            else:
+                self._cursors.append(cursor)
+                _idle[id(cursor)] = (self, cursor)
+                if len(self._cursors) > self.max_cursors:
+                    dropped.append(self._cursors.pop(0))
+                    del _idle[id(dropped[-1])]
+                while len(_idle) > IDLE_CURSORS:
+                    reader, old = _idle.popitem(last=False)[1]
+                    reader._cursors.remove(old)
+                    dropped.append(old)
+            self._returned.notify_all()
+        for old in dropped:
+            old.close()
+
+    def close(self) -> None:
+        with _idle_lock:
+            self._closed = True
+            dropped, self._cursors = self._cursors, []
+            for cursor in dropped:
+                del _idle[id(cursor)]
+        for cursor in dropped:
+            cursor.close()
+
+    def _restart_cost(self, offset: int) -> int:
+        """Bytes a new cursor decompresses before it reaches *offset*."""
+        raise NotImplementedError
+
+    def _start(self, offset: int, spare: Optional[_Cursor]) -> _Cursor:
+        """A cursor at or before *offset*, from the seek point before it;
+        *spare* (if any) is an idle cursor to re-aim or close."""
+        raise NotImplementedError
+
+
+class _Sequential:
+    """Bytes *start* to *end* of a blob as a file read front to back (what
+    zstandard's stream reader pulls from)."""
+
+    def __init__(self, blob, start: int, end: int):
+        self._blob, self._pos, self._end = blob, start, end
+
+    def read(self, n: int) -> bytes:
+        n = min(n, self._end - self._pos)
+        if n <= 0:
+            return b""
+        data = self._blob.read_at(self._pos, n)
+        self._pos += len(data)
+        return data
+
+
+class _ZstdStream:
+    """The decompressed stream of the zstd frames from blob offset *start*."""
+
+    def __init__(self, blob, start: int, end: int, label: str):
+        self._label = label
+        self._reader = zstandard.ZstdDecompressor().stream_reader(
+            _Sequential(blob, start, end), read_size=IN_CHUNK, read_across_frames=True,
+            closefd=False)
+
+    def read(self, n: int) -> bytes:
+        try:
+            return self._reader.read(n)
+        except zstandard.ZstdError as error:
+            raise InvalidLayerError(f"corrupt zstd stream ({error})",
+                                    layer=self._label) from None
+
+    def close(self) -> None:
+        self._reader = None
+
+
+class _GzipStream:
+    """The decompressed stream of a gzip blob (its members in a row; zero
+    padding after the last ends it, as the indexing pass accepted)."""
+
+    def __init__(self, blob, label: str):
+        self._blob, self._label = blob, label
+        self._obj = zlib.decompressobj(31)
+        self._read = 0            # blob bytes read
+        self._pending = b""
+        self._done = False
+
+    def read(self, n: int) -> bytes:
+        parts, have = [], 0
+        while have < n and not self._done:
+            chunk = self._next(n - have)
+            parts.append(chunk)
+            have += len(chunk)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _more(self, n: int) -> bytes:
+        data = self._blob.read_at(self._read, n)
+        self._read += len(data)
+        return data
+
+    def _next(self, n: int) -> bytes:
+        if not self._pending:
+            self._pending = self._more(4 * IN_CHUNK)
+            if not self._pending:     # cut short: what zlib still holds
+                self._done = True
+                return self._obj.flush()
+        try:
+            chunk = self._obj.decompress(self._pending, n)
+        except zlib.error as error:
+            raise InvalidLayerError(f"corrupt gzip stream ({error})",
+                                    layer=self._label) from None
+        self._pending = self._obj.unconsumed_tail
+        if self._obj.eof:
+            rest = self._obj.unused_data
+            while len(rest) < 2:
+                more = self._more(IN_CHUNK)
+                if not more:
+                    break
+                rest += more
+            if rest.startswith(b"\x1f\x8b"):
+                self._obj, self._pending = zlib.decompressobj(31), rest
+            else:
+                self._done = True
+        return chunk
+
+    def close(self) -> None:
+        self._obj = None
+
+
 # -- gzip: zran-style checkpoints into the blob itself (rapidgzip) -------------
 
 GZIP_FORMAT = "layerfs-gzip-checkpoints"
@@ -299,15 +645,17 @@ def write_gzip_checkpoints(blob, data_end: int, size: int, file,
     file.flush()
 
 
-class GzipCheckpointReader:
+class GzipCheckpointReader(_ForwardReader):
     """Random access to a gzip blob's stream through its checkpoints (file
-    descriptor *fd*, read whole here): a read decompresses from the nearest
-    checkpoint before it; reads that go forward continue the same decoder."""
+    descriptor *fd*, read whole here).  Each cursor is a rapidgzip reader
+    of the blob with the checkpoints imported (about 4 ms to make one): a
+    read it continues goes on from where it stands (rapidgzip keeps the
+    chunk it decompressed), another seeks, decompressing from the nearest
+    checkpoint before it.  A cursor that no read wants any more is
+    re-aimed rather than made anew."""
 
     def __init__(self, fd: int, blob, size: int, label: str):
-        import rapidgzip
-        self.label = label
-        self.size = size
+        super().__init__(size, label)
         self.blob = blob
         file_size = os.fstat(fd).st_size
         tail = os.pread(fd, 16, max(0, file_size - 16))
@@ -320,58 +668,73 @@ class GzipCheckpointReader:
                     or table["size"] != size
                     or table["length"] != file_size - 16 - length):
                 raise ValueError("another format or size")
-            index = os.pread(fd, table["length"], 0)
-            self._reader = rapidgzip.RapidgzipFile(_BlobFile(blob, table["data_end"]),
-                                                   parallelization=1)
-            self._reader.import_index(io.BytesIO(index))
+            self._index = os.pread(fd, table["length"], 0)
+            self._data_end = table["data_end"]
+            first = self._rapidgzip()
         except (ValueError, TypeError, KeyError, EOFError, RuntimeError) as error:
             raise InvalidLayerError(f"unusable gzip checkpoints ({error})",
                                     layer=label) from None
-        self._lock = threading.Lock()
+        self.reach = gzip_spacing()
+        cursor = _Cursor(*first, position=0)
+        cursor.publish = self._publish
+        self._give(cursor)
 
-    def read_at(self, offset: int, length: int) -> bytes:
-        length = min(length, self.size - offset)
-        if length <= 0 or offset < 0:
-            return b""
-        with self._lock:
-            if self._reader.tell() != offset:
-                self._reader.seek(offset)
-            return self._reader.read(length)
+    def _rapidgzip(self) -> tuple:
+        """(produce, close, seek) of a new rapidgzip reader of the blob."""
+        import rapidgzip
+        reader = rapidgzip.RapidgzipFile(_BlobFile(self.blob, self._data_end),
+                                         parallelization=1)
+        try:
+            reader.import_index(io.BytesIO(self._index))
+        except BaseException:
+            reader.close()
+            raise
+        return (reader.read, reader.close, reader.seek)
 
-    def close(self) -> None:
-        with self._lock:
-            self._reader.close()
+    reaims = True
+    # One rapidgzip reader: it keeps the chunks it decompressed, its read
+    # holds the GIL (two readers in two threads gain nothing), and a
+    # re-aimed second one would decompress its chunk again.
+    max_cursors = 1
+
+    def _restart_cost(self, offset: int) -> int:
+        return self.reach        # a cursor up to one checkpoint behind goes on
+
+    def _start(self, offset: int, spare: Optional[_Cursor]) -> _Cursor:
+        if spare is None:
+            spare = _Cursor(*self._rapidgzip(), position=0)
+        spare.jump(offset)
+        return spare
 
 
-class StreamReader:
+class StreamReader(_ForwardReader):
     """The decompressed stream read from the blob itself, with no cache
     space at all (when not even spans fit the budget): a read at or after
-    the previous one continues the same decoder; a read behind it starts
-    again from the blob's first byte.  Good for a forward scan, slow for
-    random reads; what a budget too small for a layer costs."""
+    where a cursor stands continues that decoder; a read behind every
+    cursor starts one more from the blob's first byte.  Good for a
+    forward scan, slow for random reads; what a budget too small for a
+    layer costs."""
 
     def __init__(self, blob, size: int, label: str):
+        super().__init__(size, label)
         self.blob = blob
-        self.size = size
-        self.label = label
-        self._stream = None
-        self._lock = threading.Lock()
-        self.restarts = 0
+        self._gzip = blob.read_at(0, 2) == b"\x1f\x8b"
 
-    def read_at(self, offset: int, length: int) -> bytes:
-        from .compression import BlobStream
-        length = min(length, self.size - offset)
-        if length <= 0 or offset < 0:
-            return b""
-        with self._lock:
-            if self._stream is None or offset < self._stream.tell():
-                self._stream = BlobStream(self.blob, label=self.label)
-                self.restarts += 1
-            self._stream.skip(offset - self._stream.tell())
-            return self._stream.read(length)
+    @property
+    def restarts(self) -> int:
+        return self.started
 
-    def close(self) -> None:
-        self._stream = None
+    def _restart_cost(self, offset: int) -> int:
+        return offset
+
+    def _start(self, offset: int, spare: Optional[_Cursor]) -> _Cursor:
+        if spare is not None:
+            spare.close()
+        if self._gzip:
+            stream = _GzipStream(self.blob, self.label)
+        else:
+            stream = _ZstdStream(self.blob, 0, self.blob.size, self.label)
+        return _Cursor(stream.read, stream.close, position=0)
 
 
 # -- zstd: the frame boundaries of a multi-frame blob --------------------------
@@ -403,16 +766,16 @@ def write_frame_table(file, table: list, size: int, blob_end: int) -> None:
     file.flush()
 
 
-class ZstdFrameReader:
+class ZstdFrameReader(_ForwardReader):
     """Random access to a multi-frame zstd blob through its frame table
-    (file descriptor *fd*): a read fetches and decompresses the frame (or
-    frames) that hold it; decompressed frames share the process's
-    recent-spans memory."""
+    (file descriptor *fd*): a read continues a cursor standing at or
+    before it in the same frame or the one before, else starts one at the
+    first byte of its frame.  No frame is held whole: a cursor keeps the
+    last :data:`KEEP` bytes it produced."""
 
     def __init__(self, fd: int, blob, size: int, label: str):
+        super().__init__(size, label)
         self.blob = blob
-        self.size = size
-        self.label = label
         try:
             table = marshal.loads(os.pread(fd, os.fstat(fd).st_size, 0))
             if (table["format"] != FRAMES_FORMAT or table["version"] != FRAMES_VERSION
@@ -424,41 +787,17 @@ class ZstdFrameReader:
         except (ValueError, TypeError, KeyError, EOFError) as error:
             raise InvalidLayerError(f"unusable zstd frame table ({error})",
                                     layer=label) from None
-        self._key = next(_next_reader)
 
-    def read_at(self, offset: int, length: int) -> bytes:
-        length = min(length, self.size - offset)
-        if length <= 0 or offset < 0:
-            return b""
-        parts = []
-        while length > 0:
-            index = bisect.bisect_right(self._starts, offset) - 1
-            data = self._frame(index)
-            piece = data[offset - self._starts[index]:offset - self._starts[index] + length]
-            if not piece:
-                raise InvalidLayerError("zstd frame shorter than its header said",
-                                        layer=self.label)
-            parts.append(piece)
-            offset += len(piece)
-            length -= len(piece)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+    def _frame(self, offset: int) -> int:
+        return bisect.bisect_right(self._starts, offset) - 1
 
-    def _frame(self, index: int) -> bytes:
-        data = _recent.get((self._key, index))
-        if data is not None:
-            return data
-        start, end = self._offsets[index], self._offsets[index + 1]
-        compressed = self.blob.read_at(start, end - start)
-        try:
-            data = zstandard.ZstdDecompressor().decompressobj().decompress(compressed)
-        except zstandard.ZstdError as error:
-            raise InvalidLayerError(f"corrupt zstd frame {index} ({error})",
-                                    layer=self.label) from None
-        if len(data) != self._starts[index + 1] - self._starts[index]:
-            raise InvalidLayerError(f"zstd frame {index} has {len(data)} bytes, its "
-                                    "header said otherwise", layer=self.label)
-        _recent.put((self._key, index), data)
-        return data
+    def _restart_cost(self, offset: int) -> int:
+        return offset - self._starts[self._frame(offset)]
 
-    def close(self) -> None:
-        pass
+    def _start(self, offset: int, spare: Optional[_Cursor]) -> _Cursor:
+        if spare is not None:
+            spare.close()
+        index = self._frame(offset)
+        stream = _ZstdStream(self.blob, self._offsets[index], self._offsets[-1],
+                             self.label)
+        return _Cursor(stream.read, stream.close, position=self._starts[index])

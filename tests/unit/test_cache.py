@@ -14,7 +14,7 @@ import pytest
 import zstandard
 
 import layerfs
-from layerfs import cachecli, cli
+from layerfs import cachecli, cli, seekpoints
 from layerfs.blobsource import BytesBlob, CountingBlob, FileRange, VerifiedBlob
 from layerfs.cache import IndexCache, parse_duration, parse_size
 from layerfs.entry import REGULAR
@@ -313,6 +313,8 @@ def test_max_layer_size_option_gives_one_line_error(tmp_path, capsys):
 @pytest.mark.parametrize("kind", ["gzip", "zstd"])
 def test_a_budget_too_small_even_for_spans_reads_from_the_blob(tmp_path, kind, monkeypatch):
     monkeypatch.setenv("LAYERFS_SPAN_SIZE", str(4 << 20))   # checkpoints too big too
+    monkeypatch.setattr(seekpoints, "KEEP", SPAN)   # less than the layer kept behind
+    monkeypatch.setattr(seekpoints, "_recent", seekpoints._RecentSpans(0))   # and in memory
     files = corpus()
     path = write(tmp_path, kind, files)
     cache = IndexCache(tmp_path / "c", size=len(make_tar(files)) // 40)
