@@ -170,7 +170,6 @@ class SpanReader:
         except (ValueError, TypeError, KeyError, EOFError) as error:
             raise InvalidLayerError(f"unusable spans file ({error})", layer=label) from None
         self.size = size
-        self._decompressor = zstandard.ZstdDecompressor()
         self._key = next(_next_reader)
         self._lock = threading.Lock()
         self.decompressed = 0     # spans decompressed so far (tests, benchmarks)
@@ -200,7 +199,9 @@ class SpanReader:
         start, end = self._offsets[index], self._offsets[index + 1]
         frame = os.pread(self._fd, end - start, start)
         try:
-            data = self._decompressor.decompress(frame)
+            # A decompressor per span: one shared by the FUSE daemon's
+            # threads corrupted spans ("Destination buffer is too small").
+            data = zstandard.ZstdDecompressor().decompress(frame)
         except zstandard.ZstdError as error:
             raise InvalidLayerError(f"corrupt span {index} in the cache ({error})",
                                     layer=self.label) from None
