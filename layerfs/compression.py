@@ -122,8 +122,9 @@ class _RawInput:
     ``read_at`` (no shared file position), hashed as it passes."""
 
     def __init__(self, blob: Blob, progress: Optional[Progress],
-                 chunk_sums: bool = False):
+                 chunk_sums: bool = False, sink: Optional[Sink] = None):
         self._blob = blob
+        self._sink = sink             # gets the blob's bytes as they pass
         self.size = blob.size
         self.sums = [] if chunk_sums else None    # sha256 of each SUM_CHUNK bytes
         self._chunk_hasher = hashlib.sha256()
@@ -143,6 +144,8 @@ class _RawInput:
             return b""   # the file shrank under us; the caller reports truncation
         self.done += len(data)
         self.hasher.update(data)
+        if self._sink is not None:
+            self._sink(data)
         if self.sums is not None:
             self._sum(data)
         if self._progress is not None and self.done >= self._next_report:
@@ -347,7 +350,8 @@ class BlobStream:
 
     *source* is a blob source (:mod:`layerfs.blobsource`), or an open
     descriptor whose *size* bytes from *offset* are the blob.  Every
-    uncompressed chunk is passed to *sink* (if given) as it is produced, and
+    uncompressed chunk is passed to *sink* (if given) as it is produced, every
+    chunk of the blob as stored to *raw_sink* (if given) as it is read, and
     *progress(done, total)* (blob bytes) is called every few MiB.  After
     :meth:`drain`, :attr:`digest`, :attr:`diff_id` (hex) and
     :attr:`uncompressed_size` are final.
@@ -356,11 +360,12 @@ class BlobStream:
     def __init__(self, source: Union[int, Blob], *, size: Optional[int] = None,
                  offset: int = 0, label: Optional[str] = None,
                  max_size: Optional[int] = None, sink: Optional[Sink] = None,
-                 progress: Optional[Progress] = None, chunk_sums: bool = False):
+                 progress: Optional[Progress] = None, chunk_sums: bool = False,
+                 raw_sink: Optional[Sink] = None):
         if isinstance(source, int):
             source = _FdBlob(source, offset, size, label or f"fd {source}")
         self.label = label = label or source.label
-        self._raw = _RawInput(source, progress, chunk_sums)
+        self._raw = _RawInput(source, progress, chunk_sums, raw_sink)
         head = source.read_at(0, 4)
         self.compression = detect_compression(head)
         if self.compression == GZIP:

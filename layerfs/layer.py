@@ -383,9 +383,12 @@ class _Opener:
         try:
             # A blob that is not a local file may be re-read by ranges
             # later: record a checksum per chunk to verify those reads.
+            if sink is not None and identity is None:
+                sink.keep_raw()    # a remote blob: not fetched twice for checkpoints
             stream = BlobStream(self.blob, label=self.label, max_size=max_size,
                                 sink=sink.write if sink else None, progress=progress,
-                                chunk_sums=identity is None)
+                                chunk_sums=identity is None,
+                                raw_sink=sink.write_raw if sink else None)
             if sink is not None:
                 sink.stream = stream
             entries = list(iter_entries(stream, self.label))
@@ -495,6 +498,9 @@ class _DataSink:
         else:
             self._file, self._temp = _temp_file(cache.blob_path("x"))
         self._written = 0
+        self._raw_file = self._raw_temp = None    # the blob as read (keep_raw)
+        self._raw_written = 0
+        self._raw = False
         # A blob whose header or trailer already says its copy cannot fit
         # goes straight to a lazy form: no partial copy crowds out layers
         # indexed beside it.
@@ -522,6 +528,39 @@ class _DataSink:
         self._file.write(chunk)
         self._written += len(chunk)
 
+    def keep_raw(self) -> None:
+        """Keep the blob's bytes as the pass reads them, in a temp file
+        within the budget, so that gzip checkpoints are built from it
+        rather than by fetching a remote blob a second time.  The copy
+        comes first: the temp file goes as soon as the copy needs its room,
+        or the budget has none for it."""
+        self._raw = self._gzip and not self._whole
+
+    def write_raw(self, data: bytes) -> None:
+        if not self._raw:
+            return
+        if self._raw_file is None:
+            self._raw_file, self._raw_temp = _temp_file(self._cache.spans_path("x"))
+        # Room for these bytes beside what the copy has asked for and not
+        # yet written: the budget counts only what is on disk.
+        outstanding = (self._reserved - self._written
+                       if self._file is not None and self._spans is None else 0)
+        self._raw_file.flush()
+        if self._file is not None:
+            self._file.flush()
+        if not self._cache.reserve(len(data) + max(0, outstanding)):
+            self._drop_raw()
+            return
+        self._raw_file.write(data)
+        self._raw_written += len(data)
+
+    def _drop_raw(self) -> None:
+        self._raw = False
+        if self._raw_file is not None:
+            self._raw_file.close()
+            _remove(self._raw_temp)
+        self._raw_file = self._raw_temp = None
+
     def _has_frames(self) -> bool:
         """A zstd blob already seen to have several frames (each declaring
         its size so far): its frame boundaries may serve as seek points."""
@@ -546,14 +585,21 @@ class _DataSink:
         if self._written + n <= self._reserved:
             return True
         self._file.flush()        # the budget counts what is on disk
+        if self._raw_file is not None:
+            self._raw_file.flush()
         step = max(n, RESERVE_STEP)
         if self._cache.reserve(step):
             self._reserved = self._written + step
             return True
-        # Not a whole step: try for just these bytes.
-        if self._cache.reserve(n):
-            self._reserved = self._written + n
-            return True
+        # Not a whole step: try for just these bytes, before and after
+        # giving up the blob's temp copy (the copy comes first).
+        for _ in range(2):
+            if self._cache.reserve(n):
+                self._reserved = self._written + n
+                return True
+            if self._raw_file is None:
+                return False
+            self._drop_raw()
         return False
 
     def _before_span(self, n: int) -> None:
@@ -579,6 +625,12 @@ class _DataSink:
 
     def finish(self, hex_: str, size: int, data_end: int):
         """The data as the layer will read it, its file renamed into place."""
+        try:
+            return self._finish(hex_, size, data_end)
+        finally:
+            self._drop_raw()
+
+    def _finish(self, hex_: str, size: int, data_end: int):
         if self._checkpoints and self._spans is None and not self._stream:
             try:
                 return self._finish_checkpoints(hex_, size, data_end)
@@ -628,11 +680,30 @@ class _DataSink:
             return self._finish_frames(hex_, size)
         estimate = estimate_gzip_index(size, gzip_spacing())
         if estimate > self.blob.size:
+            self._drop_raw()
             return self._second_pass_spans(hex_, size)
-        self._before_span(estimate)
+        if self._raw_file is not None:
+            self._raw_file.flush()        # the budget counts what is on disk
+        try:
+            self._before_span(estimate)
+        except _NoRoom:
+            if self._raw_file is None:
+                raise
+            self._drop_raw()      # the checkpoints come first
+            self._before_span(estimate)
         final = self._cache.checkpoints_path(hex_)
         self._file, self._temp = _temp_file(final)
-        write_gzip_checkpoints(self.blob, data_end, size, self._file)
+        source = None
+        if self._raw_file is not None and self._raw_written == self.blob.size:
+            # The bytes the pass read and verified: no second fetch.
+            self._raw_file.flush()
+            source = FileRange(self._raw_temp, label=self._label)
+        try:
+            write_gzip_checkpoints(source or self.blob, data_end, size, self._file)
+        finally:
+            if source is not None:
+                source.close()
+        self._drop_raw()
         os.replace(self._temp, final)
         self._temp = None
         self._file.close()
@@ -669,6 +740,7 @@ class _DataSink:
         return self.finish(hex_, size, 0)
 
     def abort(self) -> None:
+        self._drop_raw()
         if self._file is None:
             return
         self._file.close()

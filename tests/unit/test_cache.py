@@ -20,7 +20,7 @@ from layerfs.cache import IndexCache, parse_duration, parse_size
 from layerfs.entry import REGULAR
 from layerfs.errors import DigestMismatchError, InvalidLayerError
 from layerfs.layer import open_layer
-from layerfs.seekpoints import SpanReader, SpanWriter
+from layerfs.seekpoints import SpanReader, SpanWriter, estimate_gzip_index
 from layerfs.testing import layers as L
 from layerfs.testing.writers import tar_bytes
 
@@ -147,6 +147,79 @@ def test_gzip_checkpoints_at_every_boundary(tmp_path, padding, monkeypatch):
         assert counting.bytes_read - before < len(path.read_bytes()) // 2
     with open_layer(path, cache=cache) as again:
         assert again.storage == "checkpoints" and read_all(again) == files
+
+
+def remote_gzip(tmp_path, seed=5):
+    """A gzip layer (its copy 4 MB, the blob about 2 MB) served from
+    memory, as a registry blob is (no local file: not read in place)."""
+    rng = random.Random(seed)
+    words = [rng.randbytes(3).hex().encode() for _ in range(300)]
+    files = {f"f{i}": (rng.randbytes(100_000) if i % 4 == 0 else
+                       b" ".join(rng.choices(words, k=20_000))[:100_000]) for i in range(40)}
+    tar = make_tar(files)
+    return files, tar, CountingBlob(BytesBlob(gzip.compress(tar), label="remote"))
+
+
+def watch_usage(cache):
+    peak = []
+    real_reserve = cache.reserve
+
+    def watching(n, keep=""):
+        peak.append(cache.usage())
+        return real_reserve(n, keep)
+
+    cache.reserve = watching
+    return peak
+
+
+def test_checkpoints_of_a_remote_gzip_blob_come_from_the_bytes_the_pass_read(
+        tmp_path, monkeypatch):
+    """The copy does not fit, the blob does: it is kept in a temp file
+    while the pass reads it, and rapidgzip indexes that: one fetch."""
+    monkeypatch.setenv("LAYERFS_SPAN_SIZE", str(1 << 20))
+    files, tar, blob = remote_gzip(tmp_path)
+    budget = len(tar) * 3 // 4
+    assert blob.size + estimate_gzip_index(len(tar), 1 << 20) < budget
+    cache = IndexCache(tmp_path / "c", size=budget)
+    peak = watch_usage(cache)
+    with open_layer(blob, cache=cache) as layer:
+        assert layer.storage == "checkpoints"
+        # The pass, and the first 1 MiB chunk again when the reader is
+        # made (read and verified by chunks); before: twice the blob.
+        assert blob.size <= blob.bytes_read <= blob.size + (1 << 20) + 64
+        assert read_all(layer) == files
+    assert max(peak) <= budget and cache.usage() <= budget
+    assert not list((tmp_path / "c").rglob(".tmp-*"))
+    with open_layer(blob, cache=cache) as again:
+        assert again.storage == "checkpoints" and read_all(again) == files
+
+
+def test_a_remote_gzip_blob_beyond_the_budget_is_fetched_again_for_checkpoints(
+        tmp_path, monkeypatch):
+    """Neither the copy nor the blob fit: the temp file goes as soon as the
+    budget has no room for it, and the checkpoints pass fetches the blob."""
+    monkeypatch.setenv("LAYERFS_SPAN_SIZE", str(1 << 20))
+    files, tar, blob = remote_gzip(tmp_path)
+    budget = blob.size // 2
+    cache = IndexCache(tmp_path / "c", size=budget)
+    peak = watch_usage(cache)
+    with open_layer(blob, cache=cache) as layer:
+        assert layer.storage == "checkpoints"
+        assert blob.bytes_read >= 2 * blob.size
+        assert read_all(layer) == files
+    assert max(peak) <= budget and cache.usage() <= budget
+    assert not list((tmp_path / "c").rglob(".tmp-*"))
+
+
+def test_the_copy_comes_before_the_temp_copy_of_a_remote_blob(tmp_path):
+    """A budget that holds the copy but not the copy and the blob: the
+    layer still gets its whole copy."""
+    files, tar, blob = remote_gzip(tmp_path)
+    cache = IndexCache(tmp_path / "c", size=len(tar) + (64 << 10))
+    with open_layer(blob, cache=cache) as layer:
+        assert layer.storage == "copy" and read_all(layer) == files
+    assert cache.usage() <= cache.budget
+    assert not list((tmp_path / "c").rglob(".tmp-*"))
 
 
 FORMS = [("none", None, "blob"), ("gzip", 100, "copy"), ("zstd", 100, "copy"),
