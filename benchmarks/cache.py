@@ -39,6 +39,12 @@ second checkout of layerfs (``DIR/layerfs``, e.g. ``git worktree add DIR
 main``) side by side, alternating before / after in each repetition, each
 with caches of its own; the table then gives both.
 
+``--fetch-mib 100`` measures instead what opening a gzip layer of that
+size costs when it is served as a registry blob (no local file), under a
+budget of three quarters and of a tenth of its tar: the blob bytes read
+(the indexing pass, and rapidgzip's checkpoint pass if it fetches the blob
+again) and the CPU time.
+
 Timings move with the machine's load: read the ratios, not the seconds.
 """
 
@@ -208,14 +214,33 @@ def worker(name: str, blob: str, tar_size: int, scratch: str, deadline: float) -
     return result
 
 
-def run_worker(checkout: Optional[str], args: list) -> dict:
-    """Runs :func:`worker` in a fresh process, with layerfs imported from
-    *checkout* (None: this one)."""
+def fetch_worker(blob_path: str, tar_size: int, cache_dir: str, percent: int) -> dict:
+    """Opens a gzip layer served from memory as a registry blob is (no
+    local file), under a budget of *percent* of its tar: blob bytes read
+    and CPU seconds of the open (indexing, checkpoints)."""
+    from layerfs.blobsource import BytesBlob, CountingBlob
+    from layerfs.layer import open_layer
+    with open(blob_path, "rb") as file:
+        blob = CountingBlob(BytesBlob(file.read(), label="remote"))
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    cache = IndexCache(cache_dir, size=tar_size * percent // 100)
+    start = time.process_time()
+    with open_layer(blob, cache=cache) as layer:
+        storage = layer.storage
+    result = {"storage": storage, "cpu_s": round(time.process_time() - start, 3),
+              "bytes_read": blob.bytes_read, "blob": blob.size}
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    return result
+
+
+def run_worker(checkout: Optional[str], args: list, function: str = "worker") -> dict:
+    """Runs :func:`worker` (or another function of this module) in a fresh
+    process, with layerfs imported from *checkout* (None: this one)."""
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     code = ("import sys, json\n"
             f"sys.path.insert(0, {checkout or here!r}); import layerfs\n"
             f"sys.path.insert(0, {here!r}); from benchmarks import cache\n"
-            f"print(json.dumps(cache.worker(*{args!r})))\n")
+            f"print(json.dumps(cache.{function}(*{args!r})))\n")
     out = subprocess.run([sys.executable, "-c", code], check=True, cwd="/",
                          stdout=subprocess.PIPE, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -280,9 +305,17 @@ def main(argv=None) -> int:
     parser.add_argument("--corpus-dir", default=os.path.join("benchmarks", "corpus"))
     parser.add_argument("--results", default=os.path.join("benchmarks", "results",
                                                           "cache.json"))
+    parser.add_argument("--fetch-mib", type=int, metavar="MIB",
+                        help="instead: blob bytes read and CPU time to open a gzip "
+                             "layer of MIB MiB served as a registry blob")
     args = parser.parse_args(argv)
     corpus_dir = os.path.abspath(args.corpus_dir)
     os.makedirs(corpus_dir, exist_ok=True)
+    sides = {"after": None}
+    if args.compare:
+        sides = {"before": os.path.abspath(args.compare), "after": None}
+    if args.fetch_mib:
+        return fetch_main(args, corpus_dir, sides)
     tars = {}
     if "mixed" in args.only:
         tars["mixed"] = os.path.join(corpus_dir, f"cache-mixed-{args.mib}.tar")
@@ -292,9 +325,6 @@ def main(argv=None) -> int:
     if "tree" in args.only:
         built = corpus.build(corpus_dir, args.files, (1,), 1 << 20)
         tars["tree"] = os.path.abspath(built.stacks[1].layer_files("tar")[0])
-    sides = {"after": None}
-    if args.compare:
-        sides = {"before": os.path.abspath(args.compare), "after": None}
     scratch = os.path.join(corpus_dir, "cache-scratch")
     shutil.rmtree(scratch, ignore_errors=True)
     results = []
@@ -310,6 +340,34 @@ def main(argv=None) -> int:
     with open(args.results, "w") as out:
         json.dump(results, out, indent=1)
     print(table(results))
+    return 0
+
+
+def fetch_main(args, corpus_dir: str, sides: dict) -> int:
+    tar_path = os.path.join(corpus_dir, f"cache-mixed-{args.fetch_mib}.tar")
+    if not os.path.exists(tar_path):
+        mixed_tar(tar_path + ".tmp", args.fetch_mib)
+        os.replace(tar_path + ".tmp", tar_path)
+    blob = compressed(tar_path)["gzip"]
+    tar_size = os.path.getsize(tar_path)
+    results = []
+    for percent in (75, 10):
+        runs: dict = {side: [] for side in sides}
+        for _ in range(args.reps):
+            for side, checkout in sides.items():
+                runs[side].append(run_worker(checkout, [
+                    blob, tar_size, os.path.join(corpus_dir, "fetch-scratch"), percent],
+                    "fetch_worker"))
+        for side in sides:
+            result = dict(runs[side][0], side=side, budget_percent=percent)
+            result["cpu_s"] = statistics.median(r["cpu_s"] for r in runs[side])
+            results.append(result)
+            print(json.dumps(result), flush=True)
+    print("| budget | side | form | blob bytes read / blob | CPU s (median) |")
+    print("|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['budget_percent']}% of the tar | {r['side']} | {r['storage']} "
+              f"| {r['bytes_read'] / r['blob']:.2f} | {r['cpu_s']} |")
     return 0
 
 
