@@ -22,12 +22,14 @@ budget), and a budget of a tenth of the uncompressed size.  Reported:
   copy, spans or checkpoints);
 * ``index_s``: the first open (one pass over the blob);
 * ``scan_s``: reading every regular file in walk order, whole, through
-  :func:`layerfs.open` with the cache warm (the layer opened before);
-  ``scan_ratio`` = bounded / unbounded, the issue's target is at most 2;
+  :func:`layerfs.open` with the cache warm (the layer opened before), the
+  best of three alternating with the other cache; ``scan_ratio`` =
+  bounded / unbounded, the issue's target is at most 2;
 * ``fuse_s``: the same files read as a FUSE daemon reads them: in 128 KiB
   reads, by two threads taking the next file as they come free;
   ``fuse_ratio`` = bounded / unbounded.  A run longer than ``--deadline``
   seconds stops and reports its time divided by the share it read;
+  ``fuse_errors`` counts files whose read failed;
 * ``random_ms``: a 4 KiB read at a random offset of a random file,
   mean over 300 reads (the same reads for both caches);
 * ``decompress_s``: decompressing the blob once with zlib or zstandard
@@ -130,10 +132,11 @@ def scan(blob: str, cache: IndexCache, paths: list) -> float:
     return time.perf_counter() - start
 
 
-def fuse_scan(blob: str, cache: IndexCache, paths: list, deadline: float) -> float:
+def fuse_scan(blob: str, cache: IndexCache, paths: list, deadline: float) -> tuple:
     """Every file in 128 KiB reads, by two threads taking the next file
     as they come free (what a FUSE daemon's threads do for a scanner);
-    past *deadline* seconds, the time divided by the share read."""
+    past *deadline* seconds, the time divided by the share read.  Returns
+    (seconds, reads that failed: a thread goes on with the next file)."""
     import threading
     read_size = 128 << 10
     start = time.perf_counter()
@@ -143,6 +146,7 @@ def fuse_scan(blob: str, cache: IndexCache, paths: list, deadline: float) -> flo
         queue = iter(nodes)
         lock = threading.Lock()
         done = [0]
+        errors = [0]
 
         def work():
             while time.perf_counter() - start < deadline:
@@ -150,8 +154,12 @@ def fuse_scan(blob: str, cache: IndexCache, paths: list, deadline: float) -> flo
                     node = next(queue, None)
                 if node is None:
                     return
-                for offset in range(0, node.size, read_size):
-                    fs.read_node(node, offset, read_size)
+                try:
+                    for offset in range(0, node.size, read_size):
+                        fs.read_node(node, offset, read_size)
+                except OSError:       # InvalidLayerError too: what FUSE answers EIO
+                    with lock:
+                        errors[0] += 1
                 with lock:
                     done[0] += node.size
 
@@ -160,7 +168,7 @@ def fuse_scan(blob: str, cache: IndexCache, paths: list, deadline: float) -> flo
             thread.start()
         for thread in threads:
             thread.join()
-    return (time.perf_counter() - start) * total / max(done[0], 1)
+    return (time.perf_counter() - start) * total / max(done[0], 1), errors[0]
 
 
 def random_reads(blob: str, cache: IndexCache, reads: list) -> float:
@@ -206,9 +214,17 @@ def worker(name: str, blob: str, tar_size: int, scratch: str, deadline: float) -
         sizes = {path: fs.stat(path).st_size for path in paths}
     big = [p for p in paths if sizes[p] > 4096] or paths
     reads = [(p, rng.randrange(max(1, sizes[p] - 4096))) for p in rng.choices(big, k=300)]
+    for label in caches:
+        result[label].update(scan_s=[], fuse_s=[], fuse_errors=0)
+    for _ in range(3):          # the best of three, alternating: load spikes are long here
+        for label, cache in caches.items():
+            result[label]["scan_s"].append(scan(blob, cache, paths))
+            seconds, errors = fuse_scan(blob, cache, paths, deadline)
+            result[label]["fuse_s"].append(seconds)
+            result[label]["fuse_errors"] += errors
     for label, cache in caches.items():
-        result[label]["scan_s"] = scan(blob, cache, paths)
-        result[label]["fuse_s"] = fuse_scan(blob, cache, paths, deadline)
+        result[label]["scan_s"] = min(result[label]["scan_s"])
+        result[label]["fuse_s"] = min(result[label]["fuse_s"])
         result[label]["random_ms"] = random_reads(blob, cache, reads)
     result["decompress_s"] = decompress_once(blob)
     return result
@@ -241,13 +257,19 @@ def run_worker(checkout: Optional[str], args: list, function: str = "worker") ->
             f"sys.path.insert(0, {checkout or here!r}); import layerfs\n"
             f"sys.path.insert(0, {here!r}); from benchmarks import cache\n"
             f"print(json.dumps(cache.{function}(*{args!r})))\n")
-    out = subprocess.run([sys.executable, "-c", code], check=True, cwd="/",
-                         stdout=subprocess.PIPE, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    done = subprocess.run([sys.executable, "-c", code], cwd="/",
+                          stdout=subprocess.PIPE, text=True)
+    if done.returncode != 0:        # e.g. main's spans under threads: a crash in zstandard
+        return {"crashed": done.returncode}
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def summarise(runs: list) -> dict:
     """The median of each timing over the repetitions, and the ratios."""
+    crashed = sum(1 for r in runs if "crashed" in r)
+    runs = [r for r in runs if "crashed" not in r]
+    if not runs:
+        return {"crashed": crashed}
     first = runs[0]
     out = {"layerfs": first["layerfs"],
            "decompress_s": round(statistics.median(r["decompress_s"] for r in runs), 3)}
@@ -255,10 +277,12 @@ def summarise(runs: list) -> dict:
         out[label] = dict(first[label])
         for key in ("scan_s", "fuse_s", "random_ms"):
             out[label][key] = round(statistics.median(r[label][key] for r in runs), 4)
+        out[label]["fuse_errors"] = sum(r[label]["fuse_errors"] for r in runs)
     for key, ratio in (("scan_s", "scan_ratio"), ("fuse_s", "fuse_ratio"),
                        ("random_ms", "random_ratio")):
         out[ratio] = round(out["tenth"][key] / max(out["unbounded"][key], 1e-9), 2)
     out["floor_ratio"] = round(out["decompress_s"] / max(out["unbounded"]["scan_s"], 1e-9), 2)
+    out["crashed"] = crashed
     return out
 
 
@@ -276,6 +300,7 @@ def measure(name: str, blob: str, tar_size: int, scratch: str, reps: int,
 
 
 def table(results: list) -> str:
+    """The markdown table of docs/benchmarks.md."""
     lines = ["| corpus | side | cache, unb. / 1/10 (form) | scan ratio | "
              "FUSE-like scan ratio | random 4 KiB ratio | decompress once / unb. scan |",
              "|---|---|---|---|---|---|---|"]
@@ -284,11 +309,17 @@ def table(results: list) -> str:
             if side not in r:
                 continue
             x = r[side]
+            if "tenth" not in x:
+                lines.append(f"| {r['corpus']} | {side} | every run crashed | | | | |")
+                continue
             u, t = x["unbounded"], x["tenth"]
+            failed = f" ({t['fuse_errors']} files failed)" if t["fuse_errors"] else ""
+            if x["crashed"]:
+                failed += f" ({x['crashed']} of the runs crashed)"
             lines.append(
                 f"| {r['corpus']} | {side} | {u['cache_bytes'] / 1e6:.1f} / "
                 f"{t['cache_bytes'] / 1e6:.1f} MB ({t['storage']}) | {x['scan_ratio']} "
-                f"| {x['fuse_ratio']} | {x['random_ratio']} | {x['floor_ratio']} |")
+                f"| {x['fuse_ratio']}{failed} | {x['random_ratio']} | {x['floor_ratio']} |")
     return "\n".join(lines)
 
 

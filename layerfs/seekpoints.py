@@ -22,6 +22,13 @@ file whose trailer does not read back is not trusted (it is rebuilt).
 :class:`SpanReader` keeps recently decompressed spans in memory (64 MiB
 for the whole process, :class:`_RecentSpans`), so a scan (file after file,
 in walk order) decompresses most spans once instead of once per file.
+
+The forms that read the blob itself (the stream, zstd frames) go through
+:class:`_ForwardReader`: decoders that keep running between reads, shared
+by the reading threads, their output kept in the same memory in 256 KiB
+blocks, so that a scan decompresses the stream once (see docs/cache.md,
+"Reading forward").  Gzip checkpoints keep one rapidgzip reader, which
+does that by itself.
 """
 
 from __future__ import annotations
