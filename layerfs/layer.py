@@ -5,14 +5,15 @@
 blob): it hashes it (digest of the blob as stored, diff_id of the tar
 inside), checks both against what the caller expects, lists its members
 (:mod:`layerfs.tarindex`) and, if the blob is compressed, keeps its
-decompressed tar in the cache (:mod:`layerfs.cache`) in one of two forms:
+decompressed tar in the cache (:mod:`layerfs.cache`) in one of these forms:
 
 * a **whole copy**, while it fits the cache budget: a read is one
   ``pread`` (and the FUSE adapter lets libfuse read it in C);
-* **spans** (:mod:`layerfs.seekpoints`) when it does not: the stream cut
-  into independently compressed 1 MiB spans, a read decompresses the span
-  that holds it.  A decompression bomb or a layer larger than the budget
-  costs about its compressed size, never more than the budget.
+* when it does not (:mod:`layerfs.seekpoints`, docs/cache.md): gzip
+  **checkpoints** into the blob, the **frames** of a multi-frame zstd blob,
+  **spans** (the stream cut into independently compressed 1 MiB spans), or
+  the **stream** itself when not even those fit.  A decompression bomb or a
+  layer larger than the budget never costs more than the budget.
 
 A plain tar is read in place, at the offsets its entries record.
 
