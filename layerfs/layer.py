@@ -500,7 +500,7 @@ class _DataSink:
             self._file, self._temp = _temp_file(cache.blob_path("x"))
         self._written = 0
         self._raw_file = self._raw_temp = None    # the blob as read (keep_raw)
-        self._raw_written = 0
+        self._raw_written = self._raw_reserved = 0
         self._raw = False
         # A blob whose header or trailer already says its copy cannot fit
         # goes straight to a lazy form: no partial copy crowds out layers
@@ -542,18 +542,32 @@ class _DataSink:
             return
         if self._raw_file is None:
             self._raw_file, self._raw_temp = _temp_file(self._cache.spans_path("x"))
-        # Room for these bytes beside what the copy has asked for and not
-        # yet written: the budget counts only what is on disk.
-        outstanding = (self._reserved - self._written
-                       if self._file is not None and self._spans is None else 0)
-        self._raw_file.flush()
-        if self._file is not None:
-            self._file.flush()
-        if not self._cache.reserve(len(data) + max(0, outstanding)):
-            self._drop_raw()
-            return
+        n = len(data)
+        if self._raw_written + n > self._raw_reserved:
+            # Room in steps (each asks the cache, which lists its files),
+            # beside what the copy has asked for and not yet written: the
+            # budget counts only what is on disk.
+            outstanding = (max(0, self._reserved - self._written)
+                           if self._file is not None and self._spans is None else 0)
+            self._raw_file.flush()
+            if self._file is not None:
+                self._file.flush()
+            for step in (max(n, RESERVE_STEP), n):
+                if self._cache.reserve(step + outstanding):
+                    self._raw_reserved = self._raw_written + step
+                    break
+            else:
+                self._drop_raw()
+                return
         self._raw_file.write(data)
-        self._raw_written += len(data)
+        self._raw_written += n
+
+    def _raw_outstanding(self) -> int:
+        """Room asked for the blob's temp copy and not yet written."""
+        if self._raw_file is None:
+            return 0
+        self._raw_file.flush()
+        return max(0, self._raw_reserved - self._raw_written)
 
     def _drop_raw(self) -> None:
         self._raw = False
@@ -586,16 +600,14 @@ class _DataSink:
         if self._written + n <= self._reserved:
             return True
         self._file.flush()        # the budget counts what is on disk
-        if self._raw_file is not None:
-            self._raw_file.flush()
         step = max(n, RESERVE_STEP)
-        if self._cache.reserve(step):
+        if self._cache.reserve(step + self._raw_outstanding()):
             self._reserved = self._written + step
             return True
         # Not a whole step: try for just these bytes, before and after
         # giving up the blob's temp copy (the copy comes first).
         for _ in range(2):
-            if self._cache.reserve(n):
+            if self._cache.reserve(n + self._raw_outstanding()):
                 self._reserved = self._written + n
                 return True
             if self._raw_file is None:
@@ -604,7 +616,7 @@ class _DataSink:
         return False
 
     def _before_span(self, n: int) -> None:
-        if not self._cache.reserve(n):
+        if not self._cache.reserve(n + self._raw_outstanding()):
             raise _NoRoom()
 
     def _switch_to_spans(self) -> None:
@@ -632,6 +644,7 @@ class _DataSink:
             self._drop_raw()
 
     def _finish(self, hex_: str, size: int, data_end: int):
+        self._raw_reserved = self._raw_written      # the pass is over: no more comes
         if self._checkpoints and self._spans is None and not self._stream:
             try:
                 return self._finish_checkpoints(hex_, size, data_end)

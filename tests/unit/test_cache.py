@@ -19,6 +19,7 @@ from layerfs.blobsource import BytesBlob, CountingBlob, FileRange, VerifiedBlob
 from layerfs.cache import IndexCache, parse_duration, parse_size
 from layerfs.entry import REGULAR
 from layerfs.errors import DigestMismatchError, InvalidLayerError
+from layerfs import layer as layer_module
 from layerfs.layer import open_layer
 from layerfs.seekpoints import SpanReader, SpanWriter, estimate_gzip_index
 from layerfs.testing import layers as L
@@ -172,10 +173,14 @@ def watch_usage(cache):
     return peak
 
 
+@pytest.mark.parametrize("step", [None, 256 << 10])
 def test_checkpoints_of_a_remote_gzip_blob_come_from_the_bytes_the_pass_read(
-        tmp_path, monkeypatch):
+        tmp_path, monkeypatch, step):
     """The copy does not fit, the blob does: it is kept in a temp file
-    while the pass reads it, and rapidgzip indexes that: one fetch."""
+    while the pass reads it, and rapidgzip indexes that: one fetch.  (With
+    room asked in steps smaller than the budget too.)"""
+    if step:
+        monkeypatch.setattr(layer_module, "RESERVE_STEP", step)
     monkeypatch.setenv("LAYERFS_SPAN_SIZE", str(1 << 20))
     files, tar, blob = remote_gzip(tmp_path)
     budget = len(tar) * 3 // 4
