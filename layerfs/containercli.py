@@ -68,6 +68,7 @@ def cmd_ls(args) -> int:
 def cmd_mount(args) -> int:
     from .cli import ProgressBar, registry_options
     from .mount import mount
+    from .storedaemon import mount_container
     store = store_of(args)
     container = store.get(args.name)
     where = mounted_at(container)
@@ -77,11 +78,16 @@ def cmd_mount(args) -> int:
     volumes = parsed_volumes(args)
     progress = ProgressBar("indexing")
     try:
-        mount(container.reference, args.mountpoint, upper=container.upper,
-              tag=container.tag, platform=container.platform,
-              foreground=args.foreground, options=args.options,
-              cache_dir=args.cache_dir, registry=registry_options(args),
-              progress=progress, log_file=args.log, log_level=args.log_level)
+        if args.foreground:
+            mount(container.reference, args.mountpoint, upper=container.upper,
+                  tag=container.tag, platform=container.platform, foreground=True,
+                  options=args.options, cache_dir=args.cache_dir,
+                  registry=registry_options(args), log_file=args.log,
+                  log_level=args.log_level)
+        else:      # served by the store's one daemon, beside its other containers
+            mount_container(store, args.name, args.mountpoint, options=args.options,
+                            cache_dir=args.cache_dir, registry=registry_options(args),
+                            progress=progress, log_file=args.log, log_level=args.log_level)
     finally:
         progress.finish()
     bind_after_mount(args.mountpoint, volumes)
