@@ -31,9 +31,10 @@ def cache_of(args):
 # -- container ------------------------------------------------------------------
 
 def cmd_create(args) -> int:
-    from .cli import registry_options
+    from .cli import registry_options, take_image
+    operands = take_image(args, ["NAME"])       # --tag is folded into the reference
     args.whole_blobs = True       # a container outlives the network: its blobs are kept
-    container = store_of(args).create(args.image, args.name, tag=args.tag,
+    container = store_of(args).create(operands.image, operands.rest[0],
                                       platform=args.platform, cache=cache_of(args),
                                       registry=registry_options(args))
     print(container.name)
@@ -190,8 +191,13 @@ def add_commands(commands, add_registry_options) -> None:
                          help="docker://: use only what is cached")
 
     sub = action("create", cmd_create, "create a container of IMAGE named NAME")
-    sub.add_argument("image", metavar="IMAGE")
-    sub.add_argument("name", metavar="NAME")
+    sub.usage = ("layerfs container create [options] (IMAGE | --layer FILE "
+                 "[--layer FILE ...]) NAME")
+    sub.set_defaults(command="container create")
+    sub.add_argument("operands", nargs="*", metavar="IMAGE NAME")
+    sub.add_argument("--layer", dest="layers", action="append", metavar="FILE",
+                     help="a layer file, in place of IMAGE; repeat to stack layers, "
+                          "base first")
     sub.add_argument("--tag", metavar="T", help="the image's tag or manifest digest in "
                                                 "a layout or archive")
     sub.add_argument("--platform", help="OS/ARCH[/VARIANT] (default: this machine's)")

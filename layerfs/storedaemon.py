@@ -47,7 +47,6 @@ import select
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import threading
 import time
@@ -161,43 +160,65 @@ def _read_answer(connection: socket.socket, progress) -> Optional[dict]:
 
 
 def _start_daemon(store_path: str, log_file, log_level: str) -> None:
-    """Starts a daemon for the store and waits until it listens (or finds
-    that another one does)."""
-    command = [sys.executable, "-m", "layerfs.storedaemon", os.path.abspath(store_path),
-               "--log-level", log_level]
-    if log_file is not None:
-        command += ["--log", os.path.abspath(log_file)]
-    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, start_new_session=True, cwd="/")
-    try:
-        output = _read_until_ready(process)
-    except BaseException:
-        process.kill()
-        raise
-    if output.endswith(_READY) or output.endswith(_OTHER):
+    """Starts a daemon for the store (forked and detached, as a mount's
+    daemon is) and waits until it listens, or finds that another does."""
+    arguments = (os.path.abspath(store_path), log_file, log_level)
+    read_end, write_end = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        _detach_and_run(arguments, write_end)        # never returns
+    os.close(write_end)
+    os.waitpid(pid, 0)              # the intermediate child exits at once
+    with os.fdopen(read_end, "rb") as pipe:
+        output = _read_until_ready(pipe)
+    if output.endswith((_READY, _OTHER)):
         return
-    process.wait()
     lines = [line for line in output.decode("utf-8", "replace").splitlines() if line.strip()]
     raise MountError(f"the store daemon of {store_path} did not start: "
-                     f"{lines[-1] if lines else f'exit status {process.returncode}'}",
-                     errno.EIO)
+                     f"{lines[-1] if lines else 'it exited'}", errno.EIO)
 
 
-def _read_until_ready(process: subprocess.Popen) -> bytes:
-    """What the new daemon writes on stderr until it is ready or gone."""
+def _detach_and_run(arguments: tuple, report_fd: int) -> None:
+    """In the forked child: a new session, a second fork (so that the
+    daemon is nobody's child), no descriptor of the caller's but stderr,
+    the report pipe until ready; then :func:`main`.  Never returns."""
+    status = 1
+    try:
+        os.setsid()
+        if os.fork() != 0:
+            os._exit(0)
+        os.chdir("/")
+        devnull = os.open(os.devnull, os.O_RDWR)
+        os.dup2(devnull, 0)
+        os.dup2(devnull, 1)
+        os.dup2(report_fd, 2)
+        os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+        status = main(*arguments)
+    except BaseException as error:
+        try:
+            os.write(2, f"{error}\n".encode("utf-8", "replace"))
+        except OSError:
+            pass
+    finally:
+        os._exit(status)
+
+
+def _read_until_ready(pipe) -> bytes:
+    """What the new daemon writes on its stderr until it is ready or gone."""
     output = b""
     deadline = time.monotonic() + START_TIMEOUT
-    stream = process.stderr
     while not output.endswith((_READY, _OTHER)):
         if time.monotonic() > deadline:
             raise MountError("the store daemon did not start in time", errno.ETIMEDOUT)
-        readable, _, _ = select.select([stream], [], [], 0.5)
+        readable, _, _ = select.select([pipe], [], [], 0.5)
         if readable:
-            chunk = os.read(stream.fileno(), 4096)
+            chunk = os.read(pipe.fileno(), 4096)
             if not chunk:
                 break
             output += chunk
-    stream.close()
     return output
 
 
@@ -354,15 +375,11 @@ def _take_lock(lock_fd: int, socket_path: str) -> bool:
         time.sleep(0.02)
 
 
-def main(argv: Optional[list] = None) -> int:
-    import argparse
+def main(store_path: str, log_file: Optional[str], log_level: str) -> int:
+    """The daemon: takes the store's lock, listens, tells the starter (on
+    stderr) it is ready, serves until idle or signalled."""
     from .mount import _log_to
-    parser = argparse.ArgumentParser(prog="python -m layerfs.storedaemon")
-    parser.add_argument("store")
-    parser.add_argument("--log")
-    parser.add_argument("--log-level", default="WARNING")
-    args = parser.parse_args(argv)
-    lock_file, socket_path = _paths(args.store)
+    lock_file, socket_path = _paths(store_path)
     os.makedirs(os.path.dirname(lock_file), mode=0o700, exist_ok=True)
     lock_fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     if not _take_lock(lock_fd, socket_path):
@@ -378,15 +395,15 @@ def main(argv: Optional[list] = None) -> int:
     os.chmod(socket_path, 0o600)
     listener.listen(16)
     listener.setblocking(False)
-    _log_to(args.log, args.log_level)
-    daemon = Daemon(args.store, listener)
+    _log_to(log_file, log_level)
+    daemon = Daemon(store_path, listener)
     for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(number, lambda *_: daemon.stopping.set())
     os.write(2, _READY)
     devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)                       # the client stops reading here
+    os.dup2(devnull, 2)                       # the starter stops reading here
     os.close(devnull)
-    log.info("serving the containers of %s", args.store)
+    log.info("serving the containers of %s", store_path)
     try:
         daemon.run()
     finally:
@@ -394,7 +411,3 @@ def main(argv: Optional[list] = None) -> int:
         listener.close()
         os.close(lock_fd)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
