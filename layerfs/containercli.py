@@ -8,7 +8,6 @@ import argparse
 import datetime
 import errno
 import json
-import sys
 
 from .errors import StoreError
 from .store import Store, mounted_at
