@@ -920,14 +920,10 @@ class _Opener:
         if len(cold) < 2:
             return _open_all(openers)
         progress = self.layer_args.get("progress")
-        if progress is not None and not getattr(progress, "locked", False):
-            lock = threading.Lock()
-
-            def locked(*args: Any) -> None:
-                with lock:
-                    progress(*args)
-            locked.locked = True        # type: ignore[attr-defined]
-            self.layer_args["progress"] = locked
+        if progress is not None:
+            combined = _CombinedProgress(progress)
+            openers = [lambda i=i, s=s: self.open_layer(i, *s, progress=combined.of(i))
+                       for i, s in enumerate(specs)]
         return _open_all_parallel(openers, set(cold), set(later))
 
     def indexed(self, digest: str | None) -> bool:
@@ -966,8 +962,12 @@ class _Opener:
         return not self.indexed(digest)
 
     def open_layer(self, number: int, source: Any, digest: str | None, diff_id: str,
-                   media_type: str | None, annotations: dict | None = None) -> Layer:
+                   media_type: str | None, annotations: dict | None = None,
+                   progress: Any = None) -> Layer:
+        """Open one layer; *progress*, if given, in place of the image's."""
         label = f"{number} ({(digest or diff_id)[:19]})"
+        layer_args = self.layer_args if progress is None else \
+            {**self.layer_args, "progress": progress}
         try:
             toc_layer = open_toc_layer(source, digest=digest, diff_id=diff_id,
                                        media_type=media_type, annotations=annotations,
@@ -975,7 +975,7 @@ class _Opener:
             if toc_layer is not None:       # eStargz, zstd:chunked: read from the TOC
                 return toc_layer            # type: ignore[return-value]
             return open_layer(source, digest=digest, diff_id=diff_id, media_type=media_type,
-                              label=label, **self.layer_args)
+                              label=label, **layer_args)
         except DigestMismatchError as error:
             discard = getattr(self.store, "discard", None)
             if discard is None or digest is None:
@@ -985,6 +985,25 @@ class _Opener:
             discard(digest)
             raise DigestMismatchError(error.reason, path=self.store.where(blob_name(digest)),
                                       layer=error.layer, entry=error.entry) from None
+
+
+class _CombinedProgress:
+    """The progress of layers indexed at once, reported as one: the bytes
+    done and the total of every layer that has reported so far (one bar that
+    moves forward, instead of each thread's layer in turn)."""
+
+    def __init__(self, report: Callable[[int, int], None]):
+        self._report = report
+        self._lock = threading.Lock()
+        self._layers: dict[int, tuple[int, int]] = {}
+
+    def of(self, number: int) -> Callable[[int, int], None]:
+        def layer_progress(done: int, total: int) -> None:
+            with self._lock:
+                self._layers[number] = (done, total)
+                self._report(sum(d for d, _ in self._layers.values()),
+                             sum(t for _, t in self._layers.values()))
+        return layer_progress
 
 
 def _open_all(openers: list[Callable[[], Layer]]) -> list[Layer]:
