@@ -1,0 +1,168 @@
+"""Fetched ranges of a registry blob, kept in the cache within its budget.
+
+Everything about how the compressed bytes a lazy layer fetched are kept on
+disk lives here.  A layer of a ``docker://`` image read lazily (gzip
+checkpoints, zstd frames, the stream form) re-reads its blob by ranges,
+through :class:`layerfs.blobsource.VerifiedBlob`, in aligned chunks of
+``SUM_CHUNK`` (1 MiB) bytes, each checked against the sha256 the index
+recorded for it while the whole blob was verified.  A :class:`RangeStore`
+keeps those chunks, so that a reopen, or another process, reads them from
+disk instead of the network.
+
+The format: one sparse file per blob, ``ranges/sha256/<hex>.ranges``, in
+which chunk *i* lies at offset ``i * SUM_CHUNK``, where it lies in the blob.
+There is no separate record of which chunks are present:
+
+* presence is asked of the filesystem (``lseek(SEEK_DATA)``: a chunk never
+  written is a hole);
+* trust comes from the index: a chunk read from the file is returned only
+  after its sha256 matches the one in the index's ``chunk_sums`` (checked by
+  the caller, ``VerifiedBlob``).  A chunk is also written only after it was
+  verified, but that is not what makes it trusted: a torn write (a crash),
+  two processes writing the same chunk at once, or a reader that sees a
+  chunk half-written by another process all give a checksum mismatch, and
+  the chunk is then fetched again and rewritten.
+
+Why no bitmap or extent record beside the data: such a record would have
+to be kept consistent with the data across processes and crashes (a lock
+and an ordering of writes), while the index already holds what tells a good
+chunk from a bad one.  Checking costs a sha256 of 1 MiB (about 1-2 ms) per
+chunk loaded, small against the network fetch it replaces and against the
+decompression that follows it.  One file per blob (not one per chunk) keeps
+the cache's scan, its budget and its eviction as cheap as for a copy.
+
+Budget: before a chunk is written, :meth:`layerfs.cache.IndexCache.reserve`
+must find room for it (evicting least recently used unpinned data of other
+blobs); when it cannot, the chunk is not kept (it is still returned).  The
+file's blocks on disk count toward the budget; its mtime is its last use.
+It is evicted whole, like a copy, and never while its layer is open (the
+layer's pin).  The file is never renamed into place: it holds no claim
+that could be half-true, each chunk being checked when read.
+
+Only reads made after a layer is open are kept, not the passes that index
+the layer (they stream the whole blob, and keeping it would crowd out the
+layer's own seek points in a small budget).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+from typing import Optional
+
+TOUCH_EVERY = 10.0     # seconds between two updates of the file's last use
+
+
+class RangeStore:
+    """The chunks kept of one blob (*hex_* its sha256, *size* bytes, read
+    in aligned *chunk*-byte pieces) in *cache* (an
+    :class:`~layerfs.cache.IndexCache`).  Thread-safe; several processes
+    may use the same file at once."""
+
+    def __init__(self, cache, hex_: str, size: int, chunk: int):
+        self._cache = cache
+        self._hex = hex_
+        self.path = cache.ranges_path(hex_)
+        self._size = size
+        self._chunk = chunk
+        self._fd = -1
+        self._lock = threading.Lock()
+        self._touched = 0.0
+        self.loaded = 0        # chunks served from disk (for tests, benchmarks)
+        self.saved = 0         # chunks written
+
+    def load(self, index: int) -> Optional[bytes]:
+        """The bytes stored for chunk *index*, or None; unverified: the
+        caller checks them."""
+        start, length = self._bounds(index)
+        with self._lock:
+            fd = self._open(create=False)
+            if fd < 0 or not _has_data(fd, start, length):
+                return None
+            data = _pread_all(fd, length, start)
+            if len(data) != length:
+                return None
+            now = time.monotonic()
+            if now - self._touched > TOUCH_EVERY:
+                self._touched = now
+                self._cache.touch(self.path)
+            self.loaded += 1
+        return data
+
+    def save(self, index: int, data: bytes) -> bool:
+        """Keep chunk *index* (already verified by the caller) if the budget
+        has room for it; True if it was written."""
+        start, length = self._bounds(index)
+        if len(data) != length:
+            return False
+        with self._lock:
+            fd = self._open(create=False)
+            rewrite = fd >= 0 and _has_data(fd, start, length)    # a bad chunk: same blocks
+        if not rewrite and not self._cache.reserve(length, keep=self._hex):
+            return False
+        with self._lock:
+            fd = self._open(create=True)
+            try:
+                os.pwrite(fd, data, start)
+            except OSError as error:
+                if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                    return False
+                raise
+            self._touched = time.monotonic()
+            self.saved += 1
+        return True
+
+    def _bounds(self, index: int) -> tuple[int, int]:
+        start = index * self._chunk
+        return start, max(0, min(self._chunk, self._size - start))
+
+    def _open(self, create: bool) -> int:
+        """The file's descriptor, opened again if the file at the path is
+        no longer the one open (``prune --all --force`` removed it)."""
+        try:
+            if self._fd >= 0 and os.stat(self.path).st_ino == os.fstat(self._fd).st_ino:
+                return self._fd
+        except FileNotFoundError:
+            pass
+        self._close()
+        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+        if create:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        try:
+            self._fd = os.open(self.path, flags, 0o644)
+        except FileNotFoundError:
+            return -1
+        return self._fd
+
+    def _close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def close(self) -> None:
+        with self._lock:
+            self._close()
+
+
+def _has_data(fd: int, start: int, length: int) -> bool:
+    """Whether the filesystem holds data (not a hole) in [start, start+length)."""
+    try:
+        found = os.lseek(fd, start, os.SEEK_DATA)
+    except OSError as error:
+        if error.errno == errno.ENXIO:      # only holes from *start* to the end
+            return False
+        return True          # no hole support: read, and let the checksum decide
+    return found < start + length
+
+
+def _pread_all(fd: int, length: int, position: int) -> bytes:
+    parts, done = [], 0
+    while done < length:
+        part = os.pread(fd, length - done, position + done)
+        if not part:
+            break
+        parts.append(part)
+        done += len(part)
+    return b"".join(parts)
