@@ -13,10 +13,12 @@ without a TOC, which the caller reads as a plain layer.
 from __future__ import annotations
 
 import hashlib
+import marshal
 import os
 from typing import Any, Optional
 
 from . import estargz, zstdchunked
+from .cache import IndexCache, load_headed, write_atomic
 from .entry import REGULAR, Entry
 from .errors import DigestMismatchError, InvalidLayerError
 from .toc import MAX_TOC_SIZE, Chunk, TocLayer, build_entries, sha256_digest
@@ -70,7 +72,8 @@ def toc_format_of(annotations: Optional[dict]) -> Optional[str]:
 
 def open_toc_layer(source, *, digest: Optional[str], diff_id: Optional[str] = None,
                    media_type: Optional[str] = None, annotations: Optional[dict] = None,
-                   label: Optional[str] = None, sniff: bool = True) -> Optional[TocLayer]:
+                   label: Optional[str] = None, sniff: bool = True,
+                   cache=None) -> Optional[TocLayer]:
     """The layer of *source* (a blob source, a path or a
     :class:`layerfs.layer.BlobSource`) read from its table of contents, or
     None where it has none (the caller then reads it as a plain layer).
@@ -79,29 +82,44 @@ def open_toc_layer(source, *, digest: Optional[str], diff_id: Optional[str] = No
     eStargz, the 51-byte footer) and checked against the annotation's digest.
     Without it (*sniff*), the blob's last 72 bytes are looked at; where they
     are an eStargz or zstd:chunked footer, the whole blob is read once and
-    checked against *digest* (no digest: None, a plain read)."""
+    checked against *digest* (no digest: None, a plain read).
+
+    *cache* (an :class:`~layerfs.cache.IndexCache`, None for the default
+    one, False for none) keeps the bytes the TOC was read from, once
+    trusted, by blob digest (:func:`store_toc_record`): a reopen reads
+    neither the footer nor the TOC again, and a layer trusted through its
+    whole blob is not downloaded again."""
     blob, closers = _as_blob(source, digest, label)
     label = label or blob.label
+    cache = _cache_of(cache)
+    annotated = toc_format_of(annotations)
+    record = load_toc_record(cache, digest, annotated) if cache is not None else None
     try:
-        fmt = toc_format_of(annotations)
-        if fmt is None and sniff and digest:
-            fmt = _sniff(blob)
-            if fmt is not None:
-                _verify_whole(blob, digest, label)
-                annotations = {}
+        if record is not None:
+            fmt, trusted_by = record["toc_format"], record["trusted_by"]
+        else:
+            fmt, trusted_by = annotated, "annotation"
+            if fmt is None and sniff and digest:
+                fmt = _sniff(blob)
+                if fmt is not None:
+                    _verify_whole(blob, digest, label)
+                    trusted_by = "blob"
         if fmt is None:
             for close in closers:
                 close()
             return None
-        annotations = annotations or {}
+        annotations = annotations if trusted_by == "annotation" else {}
         if hasattr(blob, "read_ahead"):    # a registry blob: ask for the ranges needed only
             blob.read_ahead = 0
+        reader = _Replay(blob, record["reads"]) if record is not None else _Recorder(blob)
         if fmt == "estargz":
-            entries, chunk_lists, decompress = _read_estargz(blob, annotations, label)
+            entries, chunk_lists, decompress = _read_estargz(reader, annotations, label)
             compression = "gzip"
         else:
-            entries, chunk_lists, decompress = _read_zstd_chunked(blob, annotations, label)
+            entries, chunk_lists, decompress = _read_zstd_chunked(reader, annotations, label)
             compression = "zstd"
+        if record is None and cache is not None and digest:
+            store_toc_record(cache, digest, fmt, trusted_by, reader.reads)
     except BaseException:
         for close in closers:
             close()
@@ -110,6 +128,92 @@ def open_toc_layer(source, *, digest: Optional[str], diff_id: Optional[str] = No
                     media_type=media_type, compression=compression, toc_format=fmt,
                     entries=entries, chunk_lists=chunk_lists, decompress=decompress,
                     closers=closers)
+
+
+# -- the TOC record: what the TOC was read from, kept once trusted -------------
+
+TOC_RECORD_FORMAT = "layerfs-toc"
+TOC_RECORD_VERSION = 1
+
+
+def load_toc_record(cache, digest: Optional[str], annotated: Optional[str]) -> Optional[dict]:
+    """The TOC record of the blob *digest*, if the cache holds one that may
+    be used now: one trusted through the whole blob always; one trusted
+    through an annotation only when the descriptor has that annotation now
+    (its digest is checked again, on the recorded bytes)."""
+    hex_ = _hex(digest)
+    if not hex_:
+        return None
+    loaded = load_headed(cache.toc_path(hex_), TOC_RECORD_FORMAT, TOC_RECORD_VERSION,
+                         ("digest", hex_), dict)
+    if loaded is None:
+        return None
+    record = loaded[1]
+    if record.get("trusted_by") == "blob":
+        return record
+    if record.get("trusted_by") == "annotation" and record.get("toc_format") == annotated:
+        return record
+    return None
+
+
+def store_toc_record(cache, digest: str, fmt: str, trusted_by: str, reads: dict) -> None:
+    """Keep the byte ranges the TOC was read from (``index/sha256/<hex>.toc``:
+    the marshal of a header and ``{"toc_format", "trusted_by", "reads":
+    {(offset, length): bytes}}``), written whole under a temp name.
+    *trusted_by*: ``"blob"`` (the whole blob matched its digest) or
+    ``"annotation"`` (the TOC matched the descriptor's annotation)."""
+    hex_ = _hex(digest)
+    if not hex_:
+        return
+    header = {"format": TOC_RECORD_FORMAT, "version": TOC_RECORD_VERSION, "digest": hex_}
+    body = {"toc_format": fmt, "trusted_by": trusted_by, "reads": dict(reads)}
+    try:
+        write_atomic(cache.toc_path(hex_), marshal.dumps((header, body)))
+    except OSError:
+        pass             # a cache that cannot be written: the next open reads it again
+
+
+class _Recorder:
+    """A blob source that remembers what was read through it."""
+
+    def __init__(self, blob):
+        self.blob = blob
+        self.size = blob.size
+        self.label = blob.label
+        self.reads: dict = {}
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        data = self.blob.read_at(offset, length)
+        self.reads[(offset, length)] = data
+        return data
+
+
+class _Replay:
+    """A blob source that answers from a TOC record, and from the blob for
+    anything the record lacks."""
+
+    def __init__(self, blob, reads: dict):
+        self.blob = blob
+        self.size = blob.size
+        self.label = blob.label
+        self.reads = reads
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        data = self.reads.get((offset, length))
+        return data if data is not None else self.blob.read_at(offset, length)
+
+
+def _cache_of(cache):
+    if cache is False:
+        return None
+    if cache is None or cache is True:
+        return IndexCache()
+    return cache if hasattr(cache, "toc_path") else None
+
+
+def _hex(digest: Optional[str]) -> str:
+    algorithm, _, hex_ = (digest or "").partition(":")
+    return hex_ if algorithm == "sha256" and len(hex_) == 64 else ""
 
 
 def _as_blob(source, digest: Optional[str], label: Optional[str]) -> tuple[Any, list]:

@@ -102,3 +102,75 @@ def test_a_lazy_toc_image_fetches_the_footer_and_toc_to_list_and_chunks_to_cat(
     # nothing of the layer landed in the registry blob cache
     kept = tmp_path / "cache" / "registry" / "blobs" / "sha256" / digest.partition(":")[2]
     assert not kept.exists()
+
+
+def push_without_toc_annotations(registry, layout: str, repo: str, tag: str) -> dict:
+    """Push the image of *layout* with its layers' annotations removed (as a
+    tool that drops them would): a TOC layer is then found only by its footer."""
+    import json
+    import os
+    with open(os.path.join(layout, "index.json")) as handle:
+        entry = json.load(handle)["manifests"][0]
+
+    def blob(digest):
+        with open(os.path.join(layout, "blobs", *digest.split(":")), "rb") as handle:
+            return handle.read()
+    manifest = json.loads(blob(entry["digest"]))
+    for desc in [manifest["config"], *manifest["layers"]]:
+        registry.push_blob(repo, blob(desc["digest"]))
+        desc.pop("annotations", None)
+    registry.push_manifest(repo, tag, manifest)
+    return manifest
+
+
+@pytest.mark.parametrize("compression", ["estargz", "zstd:chunked"])
+def test_a_toc_layer_without_annotations_is_downloaded_whole_once_only(
+        registry, tmp_path, compression):
+    """Item 2 of issue 12's registry side: the first open downloads the
+    layer whole to trust its TOC (no annotation says its digest); the TOC
+    is then kept by blob digest, so a reopen, even in another process,
+    fetches nothing to list and only a chunk to cat."""
+    import os
+    import random
+    import subprocess
+    import sys
+
+    from servers import CountingProxy
+    big = random.Random(9).randbytes(3 << 20)
+    small = b"hello without annotations\n"
+    base = build_example(str(tmp_path / "base"))
+    with layerfs.open(base, upper=tmp_path / "up") as fs:
+        fs.write_bytes("/big", big)
+        fs.write_bytes("/small", small)
+        result = commit(fs, tmp_path / "out", compression=compression)
+    manifest = push_without_toc_annotations(registry, result.dest, "demo/bare", "v1")
+    size = manifest["layers"][-1]["size"]
+    proxy = CountingProxy(registry.url)
+    try:
+        ref = f"docker://{proxy.host}/demo/bare:v1"
+        with layerfs.open(ref, cache=IndexCache(tmp_path / "cache")) as remote:
+            top = remote.layers[-1]
+            assert isinstance(top, TocLayer) and top.toc_format == compression
+            assert remote.read_bytes("/small") == small
+        first = proxy.blob_bytes
+        assert first >= size
+        proxy.reset()
+        with layerfs.open(ref, cache=IndexCache(tmp_path / "cache")) as remote:
+            assert isinstance(remote.layers[-1], TocLayer)
+            assert "small" in remote.listdir("/")
+            listing = proxy.blob_bytes
+            assert remote.read_bytes("/small") == small
+            cat = proxy.blob_bytes - listing
+            assert remote.read_bytes("/big") == big
+        assert listing == 0 and 0 < cat < 64 << 10
+        proxy.reset()
+        env = dict(os.environ, LAYERFS_CACHE_DIR=str(tmp_path / "cache"))
+        done = subprocess.run([sys.executable, "-m", "layerfs.cli", "cat", ref, "/small"],
+                              capture_output=True, env=env, timeout=120,
+                              stdin=subprocess.DEVNULL)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == small and proxy.blob_bytes < 64 << 10
+        print(f"{compression}: blob {size} B; first open and cat {first} B; "
+              f"reopen: listing {listing} B, cat /small {cat} B")
+    finally:
+        proxy.close()
