@@ -109,23 +109,33 @@ def open_toc_layer(source, *, digest: Optional[str], diff_id: Optional[str] = No
                 close()
             return None
         annotations = annotations if trusted_by == "annotation" else {}
-        if hasattr(blob, "read_ahead"):    # a registry blob: ask for the ranges needed only
+        read_ahead = getattr(blob, "read_ahead", None)
+        if read_ahead is not None:         # a registry blob: ask for the ranges needed only
             blob.read_ahead = 0
         reader = _Replay(blob, record["reads"]) if record is not None else _Recorder(blob)
-        if fmt == "estargz":
-            entries, chunk_lists, decompress = _read_estargz(reader, annotations, label)
-            compression = "gzip"
-        else:
-            entries, chunk_lists, decompress = _read_zstd_chunked(reader, annotations, label)
-            compression = "zstd"
+        read = _read_estargz if fmt == "estargz" else _read_zstd_chunked
+        try:
+            entries, chunk_lists, decompress, toc_format = read(reader, annotations, label)
+        except InvalidLayerError:
+            if trusted_by != "blob":
+                raise
+            # Found by its footer, and the whole blob is the one the digest
+            # names: a TOC that cannot serve (a stargz TOC with no digest per
+            # chunk, say) leaves an ordinary compressed tar, read as such.
+            if read_ahead is not None:
+                blob.read_ahead = read_ahead
+            for close in closers:
+                close()
+            return None
         if record is None and cache is not None and digest:
             store_toc_record(cache, digest, fmt, trusted_by, reader.reads)
     except BaseException:
         for close in closers:
             close()
         raise
+    compression = "zstd" if fmt == "zstd:chunked" else "gzip"
     return TocLayer(blob=blob, label=label, digest=digest or blob.digest or "", diff_id=diff_id,
-                    media_type=media_type, compression=compression, toc_format=fmt,
+                    media_type=media_type, compression=compression, toc_format=toc_format,
                     entries=entries, chunk_lists=chunk_lists, decompress=decompress,
                     closers=closers)
 
@@ -233,7 +243,7 @@ def _sniff(blob) -> Optional[str]:
     tail = blob.read_at(blob.size - zstdchunked.FOOTER_SIZE, zstdchunked.FOOTER_SIZE)
     if zstdchunked.parse_footer(tail) is not None:
         return "zstd:chunked"
-    if estargz.parse_footer(tail[-estargz.FOOTER_SIZE:]) is not None:
+    if estargz.find_footer(tail) is not None:      # eStargz, or the original stargz
         return "estargz"
     return None
 
@@ -268,11 +278,14 @@ def _fetch(blob, offset: int, length: int, what: str, label: str) -> bytes:
 
 
 def _read_estargz(blob, annotations: dict, label: str):
+    """The entries of an eStargz layer, or of an original stargz one (whose
+    47-byte footer the last 51 bytes end with)."""
     if blob.size < estargz.FOOTER_SIZE:
         raise InvalidLayerError("blob is too short for an eStargz footer", layer=label)
-    toc_end = blob.size - estargz.FOOTER_SIZE
-    toc_offset = estargz.parse_footer(_fetch(blob, toc_end, estargz.FOOTER_SIZE,
-                                             "footer", label))
+    found = estargz.find_footer(_fetch(blob, blob.size - estargz.FOOTER_SIZE,
+                                       estargz.FOOTER_SIZE, "footer", label))
+    toc_offset, footer_size = found if found is not None else (None, 0)
+    toc_end = blob.size - footer_size
     if toc_offset is None or toc_offset >= toc_end:
         raise InvalidLayerError("the descriptor says eStargz but the blob ends with no "
                                 "eStargz footer", layer=label)
@@ -296,7 +309,8 @@ def _read_estargz(blob, annotations: dict, label: str):
                          info.gid, mtime_ns, len(data), "", 0, None, len(chunk_lists)))
     chunk_lists.append((Chunk((0, len(data), toc_offset, toc_end, info.offset_data,
                                sha256_digest(data), False)),) if data else ())
-    return entries, chunk_lists, estargz.decompress_member
+    fmt = "estargz" if footer_size == estargz.FOOTER_SIZE else "stargz"
+    return entries, chunk_lists, estargz.decompress_member, fmt
 
 
 def _pax_mtime_ns(text: str) -> int:
@@ -328,4 +342,4 @@ def _read_zstd_chunked(blob, annotations: dict, label: str):
                                   f"{zstdchunked.CHECKSUM_ANNOTATION} says", layer=label)
     manifest = zstdchunked.read_manifest(raw, uncompressed, label)
     entries, chunk_lists = build_entries(manifest, label, zstdchunked.chunk_ranges)
-    return entries, chunk_lists, zstdchunked.decompress_frames
+    return entries, chunk_lists, zstdchunked.decompress_frames, "zstd:chunked"
