@@ -42,6 +42,11 @@ that could be half-true, each chunk being checked when read.
 Only reads made after a layer is open are kept, not the passes that index
 the layer (they stream the whole blob, and keeping it would crowd out the
 layer's own seek points in a small budget).
+
+A layer read from its table of contents (:class:`layerfs.toc.TocLayer`)
+keeps the compressed chunks it fetches in the same file, at their offsets
+in the blob (:meth:`RangeStore.save_range`); each is checked against its
+``chunkDigest`` when loaded, as when fetched.
 """
 
 from __future__ import annotations
@@ -76,7 +81,21 @@ class RangeStore:
     def load(self, index: int) -> Optional[bytes]:
         """The bytes stored for chunk *index*, or None; unverified: the
         caller checks them."""
+        return self.load_range(*self._bounds(index))
+
+    def save(self, index: int, data: bytes) -> bool:
+        """Keep chunk *index* (already verified by the caller) if the budget
+        has room for it; True if it was written."""
         start, length = self._bounds(index)
+        return len(data) == length and self.save_range(start, data)
+
+    def load_range(self, start: int, length: int) -> Optional[bytes]:
+        """The *length* bytes stored at *start* of the blob, or None where
+        the file has a hole there; unverified (a range next to a stored one
+        may share a block with it and read as zeros: the caller's check
+        tells)."""
+        if length <= 0:
+            return None
         with self._lock:
             fd = self._open(create=False)
             if fd < 0 or not _has_data(fd, start, length):
@@ -91,11 +110,11 @@ class RangeStore:
             self.loaded += 1
         return data
 
-    def save(self, index: int, data: bytes) -> bool:
-        """Keep chunk *index* (already verified by the caller) if the budget
-        has room for it; True if it was written."""
-        start, length = self._bounds(index)
-        if len(data) != length:
+    def save_range(self, start: int, data: bytes) -> bool:
+        """Keep *data* (verified by the caller) at *start* of the blob if the
+        budget has room for it; True if it was written."""
+        length = len(data)
+        if length <= 0 or start < 0 or start + length > self._size:
             return False
         with self._lock:
             fd = self._open(create=False)
@@ -147,14 +166,16 @@ class RangeStore:
 
 
 def _has_data(fd: int, start: int, length: int) -> bool:
-    """Whether the filesystem holds data (not a hole) in [start, start+length)."""
+    """Whether the filesystem holds data, no hole, from *start* to
+    *start + length* (at its block granularity)."""
     try:
-        found = os.lseek(fd, start, os.SEEK_DATA)
+        if os.lseek(fd, start, os.SEEK_DATA) != start:
+            return False
+        return os.lseek(fd, start, os.SEEK_HOLE) >= start + length
     except OSError as error:
-        if error.errno == errno.ENXIO:      # only holes from *start* to the end
+        if error.errno == errno.ENXIO:      # at or past the end of the file
             return False
         return True          # no hole support: read, and let the checksum decide
-    return found < start + length
 
 
 def _pread_all(fd: int, length: int, position: int) -> bytes:

@@ -341,7 +341,8 @@ class TocLayer:
     def __init__(self, *, blob, label: str, digest: str, diff_id: Optional[str],
                  media_type: Optional[str], compression: str, toc_format: str,
                  entries: list, chunk_lists: list,
-                 decompress: Callable[[bytes, int], bytes], closers: list):
+                 decompress: Callable[[bytes, int], bytes], closers: list,
+                 store=None):
         self.source = blob
         self.path = getattr(blob, "path", None) or blob.label
         self.label = label
@@ -356,6 +357,8 @@ class TocLayer:
         self._decompress = decompress
         self._closers = closers
         self._closed = False
+        # fetched chunks kept on disk (layerfs.rangestore), for a registry blob
+        self._store = store
         self._lock = threading.Lock()
         self._cache: OrderedDict = OrderedDict()
         self._cached_bytes = 0
@@ -406,11 +409,35 @@ class TocLayer:
             if cached is not None:
                 self._cache.move_to_end(key)
                 return cached
-        raw = self.source.read_at(start, end - start)
-        if len(raw) != end - start:
-            raise InvalidLayerError(f"blob ends before the chunk at {start} "
-                                    f"({len(raw)} of {end - start} bytes)",
-                                    layer=self._where(), entry=self._name(data))
+        payload = None
+        stored = self._store.load_range(start, end - start) if self._store else None
+        if stored is not None:
+            try:             # checked as a fetched chunk is; a bad one is fetched again
+                payload = self._verified_payload(stored, chunk, data)
+            except (InvalidLayerError, DigestMismatchError):
+                payload = None
+        if payload is None:
+            raw = self.source.read_at(start, end - start)
+            if len(raw) != end - start:
+                raise InvalidLayerError(f"blob ends before the chunk at {start} "
+                                        f"({len(raw)} of {end - start} bytes)",
+                                        layer=self._where(), entry=self._name(data))
+            payload = self._verified_payload(raw, chunk, data)
+            if self._store is not None:
+                self._store.save_range(start, raw)
+        with self._lock:
+            self._cache[key] = payload
+            self._cached_bytes += len(payload)
+            while self._cached_bytes > CHUNK_CACHE_BYTES and len(self._cache) > 1:
+                _, dropped = self._cache.popitem(last=False)
+                self._cached_bytes -= len(dropped)
+        return payload
+
+    def _verified_payload(self, raw: bytes, chunk: Chunk, data: int) -> bytes:
+        """The chunk's bytes from its compressed range *raw*, checked against
+        its digest (else :class:`DigestMismatchError`, or InvalidLayerError
+        for a range that does not decompress)."""
+        file_offset, length, start, end, inner, digest, _ = chunk
         try:
             payload = self._decompress(raw, inner + length)[inner:inner + length]
         except InvalidLayerError as error:
@@ -421,12 +448,6 @@ class TocLayer:
                 f"chunk at file offset {file_offset} (blob bytes {start}-{end}) does not "
                 f"match its digest {digest} in the table of contents",
                 layer=self._where(), entry=self._name(data))
-        with self._lock:
-            self._cache[key] = payload
-            self._cached_bytes += len(payload)
-            while self._cached_bytes > CHUNK_CACHE_BYTES and len(self._cache) > 1:
-                _, dropped = self._cache.popitem(last=False)
-                self._cached_bytes -= len(dropped)
         return payload
 
     def _where(self) -> str:
@@ -450,6 +471,8 @@ class TocLayer:
         with self._lock:
             self._cache.clear()
             self._cached_bytes = 0
+        if self._store is not None:
+            self._store.close()
 
     def __enter__(self) -> "TocLayer":
         return self

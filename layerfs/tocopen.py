@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 from . import estargz, zstdchunked
 from .cache import IndexCache, load_headed, write_atomic
+from .compression import SUM_CHUNK
 from .entry import REGULAR, Entry
 from .errors import DigestMismatchError, InvalidLayerError
 from .toc import MAX_TOC_SIZE, Chunk, TocLayer, build_entries, sha256_digest
@@ -129,6 +130,12 @@ def open_toc_layer(source, *, digest: Optional[str], diff_id: Optional[str] = No
             return None
         if record is None and cache is not None and digest:
             store_toc_record(cache, digest, fmt, trusted_by, reader.reads)
+        store = None
+        if read_ahead is not None and cache is not None and _hex(digest):
+            # a registry blob: the chunks it fetches are kept, pinned while open
+            from .rangestore import RangeStore
+            store = RangeStore(cache, _hex(digest), blob.size, SUM_CHUNK)
+            closers.append(cache.pin(_hex(digest)).release)
     except BaseException:
         for close in closers:
             close()
@@ -137,7 +144,7 @@ def open_toc_layer(source, *, digest: Optional[str], diff_id: Optional[str] = No
     return TocLayer(blob=blob, label=label, digest=digest or blob.digest or "", diff_id=diff_id,
                     media_type=media_type, compression=compression, toc_format=toc_format,
                     entries=entries, chunk_lists=chunk_lists, decompress=decompress,
-                    closers=closers)
+                    closers=closers, store=store)
 
 
 # -- the TOC record: what the TOC was read from, kept once trusted -------------
