@@ -32,8 +32,9 @@ decompression that follows it.  One file per blob (not one per chunk) keeps
 the cache's scan, its budget and its eviction as cheap as for a copy.
 
 Budget: before a chunk is written, :meth:`layerfs.cache.IndexCache.reserve`
-must find room for it (evicting least recently used unpinned data of other
-blobs); when it cannot, the chunk is not kept (it is still returned).  The
+must find room for it, counted in whole disk blocks (evicting least
+recently used unpinned data of other blobs; asked a megabyte at a time);
+when it cannot, the chunk is not kept (it is still returned).  The
 file's blocks on disk count toward the budget; its mtime is its last use.
 It is evicted whole, like a copy, and never while its layer is open (the
 layer's pin).  The file is never renamed into place: it holds no claim
@@ -58,6 +59,8 @@ import time
 from typing import Optional
 
 TOUCH_EVERY = 10.0     # seconds between two updates of the file's last use
+ROOM_STEP = 1 << 20    # room asked of the budget at a time (small TOC chunks add up)
+BLOCK = 4096           # what a write into a hole allocates at least, per block touched
 
 
 class RangeStore:
@@ -77,6 +80,7 @@ class RangeStore:
         self._touched = 0.0
         self.loaded = 0        # chunks served from disk (for tests, benchmarks)
         self.saved = 0         # chunks written
+        self._room = 0         # bytes the budget was last found to have for us
 
     def load(self, index: int) -> Optional[bytes]:
         """The bytes stored for chunk *index*, or None; unverified: the
@@ -119,7 +123,7 @@ class RangeStore:
         with self._lock:
             fd = self._open(create=False)
             rewrite = fd >= 0 and _has_data(fd, start, length)    # a bad chunk: same blocks
-        if not rewrite and not self._cache.reserve(length, keep=self._hex):
+        if not rewrite and not self._take_room(_blocks(start, length)):
             return False
         with self._lock:
             fd = self._open(create=True)
@@ -132,6 +136,23 @@ class RangeStore:
             self._touched = time.monotonic()
             self.saved += 1
         return True
+
+    def _take_room(self, n: int) -> bool:
+        """Whether *n* more bytes fit the budget.  Room is asked of the cache
+        (a scan of it, under its lock) a step at a time, not per chunk: a
+        TOC layer's chunks may be a few bytes each.  As with the other
+        writers of the cache, another process may take the room meanwhile:
+        the budget can be passed by less than a step per writer."""
+        with self._lock:
+            if n <= self._room:
+                self._room -= n
+                return True
+        for ask in (max(n, ROOM_STEP), n):
+            if self._cache.reserve(ask, keep=self._hex):
+                with self._lock:
+                    self._room = ask - n
+                return True
+        return False
 
     def _bounds(self, index: int) -> tuple[int, int]:
         start = index * self._chunk
@@ -176,6 +197,14 @@ def _has_data(fd: int, start: int, length: int) -> bool:
         if error.errno == errno.ENXIO:      # at or past the end of the file
             return False
         return True          # no hole support: read, and let the checksum decide
+
+
+def _blocks(start: int, length: int) -> int:
+    """Bytes of disk a write of *length* bytes at *start* into a hole may
+    allocate: every block it touches."""
+    first = start // BLOCK * BLOCK
+    end = -(-(start + length) // BLOCK) * BLOCK
+    return end - first
 
 
 def _pread_all(fd: int, length: int, position: int) -> bytes:

@@ -125,3 +125,18 @@ def test_several_processes_fill_the_same_blob_at_once(tmp_path):
     blob, counting = reader(IndexCache(tmp_path), data, digest, sums)
     assert blob.read_at(0, len(data)) == data
     assert counting.bytes_read == 0
+
+
+def test_small_ranges_are_counted_by_the_blocks_they_take(tmp_path):
+    """A TOC layer's chunks may be a few bytes each, far apart: each takes a
+    whole disk block, and that is what the budget counts."""
+    from layerfs.rangestore import RangeStore
+    budget = 64 << 10
+    cache = IndexCache(tmp_path, size=budget)
+    store = RangeStore(cache, "ab" * 32, 100 << 20, CHUNK)
+    kept = sum(store.save_range(position, b"x" * 50)
+               for position in range(4000, 100 << 20, 1 << 20))    # straddles blocks
+    assert 0 < kept < 100
+    assert cache.usage() <= budget
+    assert store.load_range(4000, 50) == b"x" * 50
+    assert store.load_range(4000 + (99 << 20), 50) is None
