@@ -75,7 +75,6 @@ class RangeStore:
         self.path = cache.ranges_path(hex_)
         self._size = size
         self._chunk = chunk
-        self._fd = -1
         self._lock = threading.Lock()
         self._touched = 0.0
         self.loaded = 0        # chunks served from disk (for tests, benchmarks)
@@ -100,18 +99,25 @@ class RangeStore:
         tells)."""
         if length <= 0:
             return None
-        with self._lock:
-            fd = self._open(create=False)
-            if fd < 0 or not _has_data(fd, start, length):
+        fd = self._open(create=False)
+        if fd < 0:
+            return None
+        try:
+            if not _has_data(fd, start, length):
                 return None
             data = _pread_all(fd, length, start)
-            if len(data) != length:
-                return None
+        finally:
+            os.close(fd)
+        if len(data) != length:
+            return None
+        with self._lock:
             now = time.monotonic()
-            if now - self._touched > TOUCH_EVERY:
+            touch = now - self._touched > TOUCH_EVERY
+            if touch:
                 self._touched = now
-                self._cache.touch(self.path)
             self.loaded += 1
+        if touch:
+            self._cache.touch(self.path)
         return data
 
     def save_range(self, start: int, data: bytes) -> bool:
@@ -120,19 +126,25 @@ class RangeStore:
         length = len(data)
         if length <= 0 or start < 0 or start + length > self._size:
             return False
-        with self._lock:
-            fd = self._open(create=False)
-            rewrite = fd >= 0 and _has_data(fd, start, length)    # a bad chunk: same blocks
+        fd = self._open(create=False)
+        rewrite = False
+        if fd >= 0:
+            try:
+                rewrite = _has_data(fd, start, length)     # a bad chunk: same blocks
+            finally:
+                os.close(fd)
         if not rewrite and not self._take_room(_blocks(start, length)):
             return False
+        fd = self._open(create=True)
+        try:
+            os.pwrite(fd, data, start)
+        except OSError as error:
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                return False
+            raise
+        finally:
+            os.close(fd)
         with self._lock:
-            fd = self._open(create=True)
-            try:
-                os.pwrite(fd, data, start)
-            except OSError as error:
-                if error.errno in (errno.ENOSPC, errno.EDQUOT):
-                    return False
-                raise
             self._touched = time.monotonic()
             self.saved += 1
         return True
@@ -159,31 +171,19 @@ class RangeStore:
         return start, max(0, min(self._chunk, self._size - start))
 
     def _open(self, create: bool) -> int:
-        """The file's descriptor, opened again if the file at the path is
-        no longer the one open (``prune --all --force`` removed it)."""
-        try:
-            if self._fd >= 0 and os.stat(self.path).st_ino == os.fstat(self._fd).st_ino:
-                return self._fd
-        except FileNotFoundError:
-            pass
-        self._close()
-        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+        """A descriptor of the file (-1 if absent and not *create*), opened
+        for each operation: nothing stays open to leak or to outlive an
+        eviction."""
         if create:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
         try:
-            self._fd = os.open(self.path, flags, 0o644)
+            return os.open(self.path, flags, 0o644)
         except FileNotFoundError:
             return -1
-        return self._fd
-
-    def _close(self) -> None:
-        fd, self._fd = self._fd, -1
-        if fd >= 0:
-            os.close(fd)
 
     def close(self) -> None:
-        with self._lock:
-            self._close()
+        """Nothing to release (see :meth:`_open`); kept for symmetry."""
 
 
 def _has_data(fd: int, start: int, length: int) -> bool:
