@@ -28,8 +28,10 @@ only), which :func:`layerfs.tocopen.open_toc_layer` handles.
 A chunk's compressed range runs from its ``offset`` to the next larger
 offset in the TOC (the TOC member's offset for the last); within the
 decompressed member, its bytes start at ``innerOffset`` (0 unless several
-small files share a member).  The prioritised-files landmarks
-(``.prefetch.landmark``) are optional and not written.
+small files share a member).  The prioritised-files landmarks are optional
+and not written; on reading, the files before a ``.prefetch.landmark``
+entry (a one-byte file, ``0x0f``) are fetched when a registry layer is
+opened (:func:`layerfs.tocopen.prefetch_prioritised`).
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ TOC_NAME = "stargz.index.json"
 TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
 UNCOMPRESSED_SIZE_ANNOTATION = "io.containers.estargz.uncompressed-size"
 FOOTER_SIZE = 51
+PREFETCH_LANDMARK = ".prefetch.landmark"         # ends the prioritised files
+NO_PREFETCH_LANDMARK = ".no.prefetch.landmark"   # says there are none
+LANDMARK_CONTENTS = b"\x0f"                      # what a landmark file holds
 LEGACY_FOOTER_SIZE = 47        # the original stargz footer (CRFS)
 
 

@@ -40,6 +40,7 @@ from .paths import BadMemberName, normalize_member_name
 DEFAULT_CHUNK_SIZE = 4 << 20     # stargz-snapshotter's and containers/storage's default
 CHUNK_CACHE_BYTES = 32 << 20     # decompressed chunks kept per open layer
 MAX_TOC_SIZE = 256 << 20         # uncompressed; a bigger TOC is refused, not inflated
+PREFETCH_LIMIT = 32 << 20        # compressed bytes of prioritised files fetched on open
 
 _TYPES = {"reg": REGULAR, "dir": DIRECTORY, "symlink": SYMLINK, "hardlink": HARDLINK,
           "char": CHARDEV, "block": BLOCKDEV, "fifo": FIFO}
@@ -425,13 +426,65 @@ class TocLayer:
             payload = self._verified_payload(raw, chunk, data)
             if self._store is not None:
                 self._store.save_range(start, raw)
+        self._remember(chunk, payload)
+        return payload
+
+    def _remember(self, chunk: Chunk, payload: bytes) -> None:
+        """Keep a verified chunk's bytes in memory (the last CHUNK_CACHE_BYTES)."""
+        key = (chunk[2], chunk[4], chunk[1])
         with self._lock:
+            if key in self._cache:
+                return
             self._cache[key] = payload
             self._cached_bytes += len(payload)
             while self._cached_bytes > CHUNK_CACHE_BYTES and len(self._cache) > 1:
                 _, dropped = self._cache.popitem(last=False)
                 self._cached_bytes -= len(dropped)
-        return payload
+
+    def chunk_start(self, data: int) -> Optional[int]:
+        """Where the first chunk of the file whose entry has *data* starts
+        in the blob (None for an empty file or a hole)."""
+        chunks = self._chunk_lists[data]
+        return chunks[0][2] if chunks and not chunks[0][6] else None
+
+    def prefetch(self, before: int, limit: int = PREFETCH_LIMIT) -> int:
+        """Fetch, in one request, the chunks whose compressed ranges end at
+        or before *before* (eStargz: the prioritised files, before the
+        landmark), at most *limit* bytes of them in blob order; each is
+        verified, kept in memory (within its bound) and in the range store.
+        Chunks already kept are not fetched.  Returns the bytes fetched."""
+        wanted = []
+        for data, chunks in enumerate(self._chunk_lists):
+            for chunk in chunks:
+                if not chunk[6] and chunk[3] <= before:
+                    wanted.append((chunk[2], chunk, data))
+        wanted.sort(key=lambda item: item[0])
+        missing = []
+        for start, chunk, data in wanted:
+            key = (start, chunk[4], chunk[1])
+            with self._lock:
+                if key in self._cache:
+                    continue
+            stored = self._store.load_range(start, chunk[3] - start) if self._store else None
+            if stored is not None:
+                continue             # checked when it is read
+            if missing and chunk[3] - missing[0][0] > limit:
+                break
+            missing.append((start, chunk, data))
+        if not missing:
+            return 0
+        first, last = missing[0][0], max(item[1][3] for item in missing)
+        raw = self.source.read_at(first, last - first)
+        for start, chunk, data in missing:
+            piece = raw[start - first:chunk[3] - first]
+            try:
+                payload = self._verified_payload(piece, chunk, data)
+            except (InvalidLayerError, DigestMismatchError):
+                continue             # a read of it will fetch it again, and say why
+            self._remember(chunk, payload)
+            if self._store is not None:
+                self._store.save_range(start, piece)
+        return len(raw)
 
     def _verified_payload(self, raw: bytes, chunk: Chunk, data: int) -> bytes:
         """The chunk's bytes from its compressed range *raw*, checked against

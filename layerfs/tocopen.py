@@ -21,7 +21,7 @@ from . import estargz, zstdchunked
 from .cache import IndexCache, load_headed, write_atomic
 from .compression import SUM_CHUNK
 from .entry import REGULAR, Entry
-from .errors import DigestMismatchError, InvalidLayerError
+from .errors import DigestMismatchError, ImageError, InvalidLayerError
 from .toc import MAX_TOC_SIZE, Chunk, TocLayer, build_entries, sha256_digest
 
 
@@ -141,10 +141,32 @@ def open_toc_layer(source, *, digest: Optional[str], diff_id: Optional[str] = No
             close()
         raise
     compression = "zstd" if fmt == "zstd:chunked" else "gzip"
-    return TocLayer(blob=blob, label=label, digest=digest or blob.digest or "", diff_id=diff_id,
-                    media_type=media_type, compression=compression, toc_format=toc_format,
-                    entries=entries, chunk_lists=chunk_lists, decompress=decompress,
-                    closers=closers, store=store)
+    layer = TocLayer(blob=blob, label=label, digest=digest or blob.digest or "",
+                     diff_id=diff_id, media_type=media_type, compression=compression,
+                     toc_format=toc_format, entries=entries, chunk_lists=chunk_lists,
+                     decompress=decompress, closers=closers, store=store)
+    if read_ahead is not None and fmt == "estargz":
+        prefetch_prioritised(layer)
+    return layer
+
+
+def prefetch_prioritised(layer: TocLayer) -> int:
+    """eStargz's prioritised files: those before the ``.prefetch.landmark``
+    entry in the TOC (its writer puts the files a workload reads first
+    there) are fetched at open, in one request of at most
+    :data:`layerfs.toc.PREFETCH_LIMIT` bytes, verified and kept (in memory,
+    and in the range store of a registry blob).  Nothing for a layer with
+    ``.no.prefetch.landmark`` or no landmark.  A failed prefetch is not an
+    error: the files are fetched when read.  Returns the bytes fetched."""
+    landmark = next((e for e in layer.entries if e.path == "/" + estargz.PREFETCH_LANDMARK
+                     and e.kind == REGULAR and e.size), None)
+    if landmark is None:
+        return 0
+    try:
+        before = layer.chunk_start(landmark.data)
+        return layer.prefetch(before) if before is not None else 0
+    except (ImageError, OSError):
+        return 0
 
 
 # -- the TOC record: what the TOC was read from, kept once trusted -------------

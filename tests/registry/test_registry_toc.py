@@ -6,6 +6,8 @@ from the Range headers the client sends."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 import layerfs
@@ -185,3 +187,72 @@ def test_a_toc_layer_without_annotations_is_downloaded_whole_once_only(
               f"another process: cat /big 0 B")
     finally:
         proxy.close()
+
+
+def estargz_with_landmark(files: list) -> tuple[bytes, dict]:
+    """An eStargz blob of (name, bytes) regular files in that order (a name
+    may be ``.prefetch.landmark``), and the descriptor annotations."""
+    import io
+    import stat
+
+    from layerfs.tarwrite import LayerTarWriter
+    from layerfs.union import Node
+    out = io.BytesIO()
+    writer = LayerTarWriter(out, compression="estargz")
+    for ino, (name, data) in enumerate(files, start=2):
+        node = Node(ino, stat.S_IFREG | 0o644, 0, 0, 1_700_000_000 * 10**9, len(data))
+        writer.add("/" + name, node, lambda offset, length, data=data:
+                   data[offset:offset + length])
+    writer.close()
+    return out.getvalue(), writer.annotations
+
+
+def test_the_prioritised_files_before_the_landmark_are_fetched_on_open(
+        registry, tmp_path, monkeypatch):
+    """eStargz's prefetch landmark: the files before ``.prefetch.landmark``
+    come in one request when the layer is opened, verified and kept; reading
+    them then asks nothing more, and a file after the landmark is fetched
+    when read.  A reopen fetches nothing (they were kept on disk)."""
+    import gzip
+    import hashlib
+    import random
+
+    from layerfs.estargz import LANDMARK_CONTENTS, PREFETCH_LANDMARK
+    from layerfs.registry import Options
+    rng = random.Random(11)
+    first, second, later = rng.randbytes(200_000), b"second\n", rng.randbytes(300_000)
+    blob, annotations = estargz_with_landmark(
+        [("first", first), ("second", second), (PREFETCH_LANDMARK, LANDMARK_CONTENTS),
+         ("later", later)])
+    tar = gzip.decompress(blob)
+    layer_digest = registry.push_blob("demo/landmark", blob)
+    config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {
+        "type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(tar).hexdigest()]}}).encode()
+    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                           "digest": registry.push_blob("demo/landmark", config),
+                           "size": len(config)},
+                "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                            "digest": layer_digest, "size": len(blob),
+                            "annotations": annotations}]}
+    registry.push_manifest("demo/landmark", "v1", manifest)
+    seen = _ranges_requested(monkeypatch)
+    ref = f"docker://{registry.host}/demo/landmark:v1"
+
+    def asked() -> list:
+        return [(a, b) for name, a, b in seen if name == layer_digest]
+    with layerfs.open(ref, cache=IndexCache(tmp_path / "cache"),
+                      registry=Options(lazy=True)) as fs:
+        opened = asked()
+        assert len(opened) == 3                  # footer, TOC, prioritised files
+        first_at, last_at = opened[-1]
+        assert last_at - first_at + 1 < len(first) + len(later)
+        assert fs.read_bytes("/first") == first and fs.read_bytes("/second") == second
+        assert asked() == opened                 # nothing more
+        assert fs.read_bytes("/later") == later
+        assert len(asked()) == 4
+    with layerfs.open(ref, cache=IndexCache(tmp_path / "cache"),
+                      registry=Options(lazy=True)) as fs:
+        for name, data in (("first", first), ("second", second), ("later", later)):
+            assert fs.read_bytes("/" + name) == data
+    assert len(asked()) == 4                     # the reopen fetched nothing
