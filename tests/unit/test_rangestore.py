@@ -140,3 +140,22 @@ def test_small_ranges_are_counted_by_the_blocks_they_take(tmp_path):
     assert cache.usage() <= budget
     assert store.load_range(4000, 50) == b"x" * 50
     assert store.load_range(4000 + (99 << 20), 50) is None
+
+
+def test_cache_prune_removes_kept_ranges_but_not_those_of_an_open_layer(tmp_path):
+    import subprocess
+    import sys
+    cache = IndexCache(tmp_path, size=1 << 30)
+    kept = [make_blob(seed) for seed in (9, 10)]
+    for blob in kept:
+        reader(cache, *blob)[0].read_at(0, 3 * CHUNK)
+    pin = cache.pin(kept[0][1][7:])             # the first is open elsewhere
+    done = subprocess.run([sys.executable, "-m", "layerfs.cli", "cache", "--cache-dir",
+                           str(tmp_path), "prune"], capture_output=True, text=True,
+                          timeout=60, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr
+    assert "1 pinned entries kept" in done.stdout
+    assert {e.digest for e in ranges_entries(cache)} == {kept[0][1]}
+    pin.release()
+    again, counting = reader(cache, *kept[1])    # pruned: fetched again, and kept again
+    assert again.read_at(0, CHUNK) == kept[1][0][:CHUNK] and counting.bytes_read == CHUNK
