@@ -33,7 +33,8 @@ the cache's scan, its budget and its eviction as cheap as for a copy.
 
 Budget: before a chunk is written, :meth:`layerfs.cache.IndexCache.reserve`
 must find room for it, counted in whole disk blocks (evicting least
-recently used unpinned data of other blobs; asked a megabyte at a time);
+recently used unpinned data of other blobs; asked 256 KiB at a time for
+small chunks);
 when it cannot, the chunk is not kept (it is still returned).  The
 file's blocks on disk count toward the budget; its mtime is its last use.
 It is evicted whole, like a copy, and never while its layer is open (the
@@ -59,7 +60,7 @@ import time
 from typing import Optional
 
 TOUCH_EVERY = 10.0     # seconds between two updates of the file's last use
-ROOM_STEP = 1 << 20    # room asked of the budget at a time (small TOC chunks add up)
+ROOM_STEP = 256 << 10  # room asked of the budget at a time for small (TOC) chunks
 BLOCK = 4096           # what a write into a hole allocates at least, per block touched
 
 
@@ -150,16 +151,21 @@ class RangeStore:
         return True
 
     def _take_room(self, n: int) -> bool:
-        """Whether *n* more bytes fit the budget.  Room is asked of the cache
-        (a scan of it, under its lock) a step at a time, not per chunk: a
-        TOC layer's chunks may be a few bytes each.  As with the other
-        writers of the cache, another process may take the room meanwhile:
-        the budget can be passed by less than a step per writer."""
+        """Whether *n* more bytes fit the budget.  Room for small chunks (a
+        TOC layer's may be a few bytes each) is asked of the cache a step at
+        a time, not per chunk, each ask being a scan of the cache under its
+        lock; 1 MiB chunks ask for themselves.  As with the other writers of
+        the cache, another process may take the room meanwhile: the budget
+        can be passed by less than a step per writer.  A step that does not
+        fit even once all unpinned data is evicted costs that data, where
+        the exact size might have spared some: the cache is then within a
+        step of holding only what open layers use."""
         with self._lock:
             if n <= self._room:
                 self._room -= n
                 return True
-        for ask in (max(n, ROOM_STEP), n):
+        asks = (ROOM_STEP, n) if n < ROOM_STEP else (n,)
+        for ask in asks:
             if self._cache.reserve(ask, keep=self._hex):
                 with self._lock:
                     self._room = ask - n
