@@ -125,3 +125,15 @@ def test_a_stored_chunk_that_does_not_match_is_fetched_again(tmp_path, gzip_imag
                       registry=Options(lazy=True)) as fs:
         assert fs.read_bytes("/" + path) == gzip_image["files"][path]
     assert proxy.blob_bytes == 0
+
+
+def test_kept_ranges_serve_offline_with_the_registry_stopped(tmp_path, gzip_image,
+                                                              registry, proxy):
+    cache = IndexCache(tmp_path / "cache", size=8 << 20)
+    path = _small_file(gzip_image["files"])
+    with layerfs.open(gzip_image["ref"], cache=cache, registry=Options(lazy=True)) as fs:
+        assert fs.read_bytes("/" + path) == gzip_image["files"][path]
+    registry.stop()
+    with layerfs.open(gzip_image["ref"], cache=IndexCache(tmp_path / "cache"),
+                      registry=Options(lazy=True, offline=True)) as fs:
+        assert fs.read_bytes("/" + path) == gzip_image["files"][path]
