@@ -23,6 +23,7 @@ import gzip
 import hashlib
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -87,9 +88,10 @@ def _bare_estargz_image(registry, work: str) -> tuple[str, str, bytes]:
 
 def main() -> None:
     work = tempfile.mkdtemp(prefix="layerfs-bench-")
-    registry = Registry(os.path.join(work, "registry"))
-    proxy = CountingProxy(registry.url)
+    registry = proxy = None
     try:
+        registry = Registry(os.path.join(work, "registry"))
+        proxy = CountingProxy(registry.url)
         for name, make, budget in (("gzip", _gzip_image, "8M"),
                                    ("estargz-bare", _bare_estargz_image, "1G")):
             repo, path, expected = make(registry, work)
@@ -103,8 +105,11 @@ def main() -> None:
                 print(f"{name:13} {round_:6} cat: {proxy.blob_bytes:>10} B requested, "
                       f"{proxy.blob_requests:3} requests, {seconds:.2f} s")
     finally:
-        proxy.close()
-        registry.close()
+        if proxy is not None:
+            proxy.close()
+        if registry is not None:
+            registry.close()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
