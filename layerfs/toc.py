@@ -343,7 +343,7 @@ class TocLayer:
                  media_type: Optional[str], compression: str, toc_format: str,
                  entries: list, chunk_lists: list,
                  decompress: Callable[[bytes, int], bytes], closers: list,
-                 store=None):
+                 store=None, tar_split: Optional[Callable[[], Any]] = None):
         self.source = blob
         self.path = getattr(blob, "path", None) or blob.label
         self.label = label
@@ -360,6 +360,8 @@ class TocLayer:
         self._closed = False
         # fetched chunks kept on disk (layerfs.rangestore), for a registry blob
         self._store = store
+        # () -> the tar-split's records (zstd:chunked), where the format has one
+        self._tar_split = tar_split
         self._lock = threading.Lock()
         self._cache: OrderedDict = OrderedDict()
         self._cached_bytes = 0
@@ -440,6 +442,54 @@ class TocLayer:
             while self._cached_bytes > CHUNK_CACHE_BYTES and len(self._cache) > 1:
                 _, dropped = self._cache.popitem(last=False)
                 self._cached_bytes -= len(dropped)
+
+    def tar_stream(self, piece: int = 1 << 20):
+        """The layer's uncompressed tar, byte for byte, rebuilt from its
+        tar-split (headers and padding) and its files' chunks (each verified
+        against the TOC as for any read): what a zstd:chunked layer written
+        by containers/storage carries.  :class:`UnsupportedImageError` for a
+        layer with no tar-split."""
+        from .errors import UnsupportedImageError
+        if self._tar_split is None:
+            raise UnsupportedImageError(f"a {self.toc_format} layer has no tar-split to "
+                                        "rebuild its tar from", layer=self.label)
+        records = self._tar_split()
+        files: dict = {}
+        for entry in self._entries:
+            if entry.kind == REGULAR:
+                files.setdefault(entry.path, []).append(entry)
+        for record in records:
+            if record[0] == "segment":
+                yield record[1]
+                continue
+            _, name, size = record
+            if size == 0:
+                continue
+            try:
+                found = files.get(normalize_member_name(name)) or []
+            except BadMemberName:
+                found = []
+            entry = found.pop(0) if found else None
+            if entry is None or entry.size != size:
+                raise InvalidLayerError(f"the tar-split names {name!r} ({size} bytes), "
+                                        "which the table of contents does not have",
+                                        layer=self.label)
+            for offset in range(0, size, piece):
+                yield self.read(entry.data, size, offset, min(piece, size - offset))
+
+    def verify_diff_id(self) -> str:
+        """Checks the layer's ``diff_id`` (from the image config) against
+        the sha256 of :meth:`tar_stream`, which reads every file of the layer;
+        returns the digest, or raises :class:`DigestMismatchError`."""
+        hasher = hashlib.sha256()
+        for part in self.tar_stream():
+            hasher.update(part)
+        actual = "sha256:" + hasher.hexdigest()
+        if self.diff_id is not None and actual != self.diff_id:
+            raise DigestMismatchError(f"diff_id is {actual}, expected {self.diff_id} (the "
+                                      "tar rebuilt from the tar-split and the chunks)",
+                                      layer=self._where())
+        return actual
 
     def chunk_start(self, data: int) -> Optional[int]:
         """Where the first chunk of the file whose entry has *data* starts

@@ -21,7 +21,7 @@ from . import estargz, zstdchunked
 from .cache import IndexCache, load_headed, write_atomic
 from .compression import SUM_CHUNK
 from .entry import REGULAR, Entry
-from .errors import DigestMismatchError, ImageError, InvalidLayerError
+from .errors import DigestMismatchError, ImageError, InvalidLayerError, UnsupportedImageError
 from .toc import MAX_TOC_SIZE, Chunk, TocLayer, build_entries, sha256_digest
 
 
@@ -141,13 +141,55 @@ def open_toc_layer(source, *, digest: Optional[str], diff_id: Optional[str] = No
             close()
         raise
     compression = "zstd" if fmt == "zstd:chunked" else "gzip"
+    tar_split = (_tar_split_reader(blob, annotations, label)
+                 if fmt == "zstd:chunked" else None)
     layer = TocLayer(blob=blob, label=label, digest=digest or blob.digest or "",
                      diff_id=diff_id, media_type=media_type, compression=compression,
                      toc_format=toc_format, entries=entries, chunk_lists=chunk_lists,
-                     decompress=decompress, closers=closers, store=store)
+                     decompress=decompress, closers=closers, store=store,
+                     tar_split=tar_split)
     if read_ahead is not None and fmt == "estargz":
         prefetch_prioritised(layer)
     return layer
+
+
+def _tar_split_reader(blob, annotations: dict, label: str):
+    """A function giving the records of a zstd:chunked layer's tar-split,
+    fetched when first asked for (not at open): where the annotation says,
+    checked against its checksum annotation, else where the footer says.
+    (What rebuilds the tar from it checks the result against the diff_id:
+    the tar-split needs no trust of its own.)"""
+    def records():
+        where = annotations.get(zstdchunked.TARSPLIT_POSITION_ANNOTATION)
+        if where is not None:
+            offset, length, uncompressed = zstdchunked.parse_tarsplit_position(where, label)
+        else:
+            found = zstdchunked.parse_footer_tarsplit(_fetch(
+                blob, blob.size - zstdchunked.FOOTER_SIZE, zstdchunked.FOOTER_SIZE,
+                "footer", label)) if blob.size >= zstdchunked.FOOTER_SIZE else None
+            if found is None:
+                raise UnsupportedImageError("the zstd:chunked layer has no tar-split to "
+                                            "rebuild its tar from", layer=label)
+            offset, length, uncompressed = found
+        if uncompressed > MAX_TOC_SIZE:
+            raise InvalidLayerError(f"the tar-split is larger than {MAX_TOC_SIZE} bytes",
+                                    layer=label)
+        raw = _fetch(blob, offset, length, "tar-split", label)
+        expected = annotations.get(zstdchunked.TARSPLIT_CHECKSUM_ANNOTATION)
+        if expected is not None and sha256_digest(raw) != expected:
+            raise DigestMismatchError(f"the tar-split is {sha256_digest(raw)}, not {expected} "
+                                      f"as the descriptor's "
+                                      f"{zstdchunked.TARSPLIT_CHECKSUM_ANNOTATION} says",
+                                      layer=label)
+        try:
+            data = zstdchunked.decompress_frames(raw, uncompressed + 1)
+        except InvalidLayerError as error:
+            raise InvalidLayerError(f"tar-split: {error.reason}", layer=label) from None
+        if len(data) != uncompressed:
+            raise InvalidLayerError(f"the tar-split is {len(data)} bytes, not the "
+                                    f"{uncompressed} its position says", layer=label)
+        return zstdchunked.tarsplit_records(data, label)
+    return records
 
 
 def prefetch_prioritised(layer: TocLayer) -> int:
