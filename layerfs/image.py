@@ -971,7 +971,8 @@ class _Opener:
         try:
             toc_layer = open_toc_layer(source, digest=digest, diff_id=diff_id,
                                        media_type=media_type, annotations=annotations,
-                                       label=label, sniff=self.needs_sniff(digest, media_type))
+                                       label=label, sniff=self.needs_sniff(digest, media_type),
+                                       cache=self.layer_args.get("cache"))
             if toc_layer is not None:       # eStargz, zstd:chunked: read from the TOC
                 return toc_layer            # type: ignore[return-value]
             return open_layer(source, digest=digest, diff_id=diff_id, media_type=media_type,
