@@ -9,7 +9,6 @@ entries (those of open layers: mounts, containers, uppers) unless
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
