@@ -69,12 +69,16 @@ def pss_of(pid: int) -> int:
     return 0
 
 
-def mounted_pss(image: str, scratch: str, counts: tuple) -> dict:
-    """Total PSS of the daemons serving *count* mounted containers of
-    *image*, after a ``find`` over each mount (root and FUSE needed)."""
+def mounted_pss(image: str, scratch: str, counts: tuple, shared: bool) -> dict:
+    """Total PSS of the processes serving *count* mounted containers of
+    *image*, after a ``find`` over each mount (root and FUSE needed): with
+    *shared*, as ``layerfs container mount`` serves them (the store's one
+    daemon); else one ``layerfs mount --upper`` daemon per container."""
     import subprocess
     from layerfs import mount as layerfs_mount
-    store = layerfs.Store(os.path.join(scratch, "store"))
+    from layerfs.storedaemon import mount_container
+    kind = "shared" if shared else "separate"
+    store = layerfs.Store(os.path.join(scratch, f"store-{kind}"))
     result = {}
     for count in counts:
         points = []
@@ -82,12 +86,16 @@ def mounted_pss(image: str, scratch: str, counts: tuple) -> dict:
             for number in range(count):
                 name = f"c{count}-{number}"
                 store.create([image], name)
-                point = os.path.join(scratch, name)
+                point = os.path.join(scratch, f"{kind}-{name}")
                 os.mkdir(point)
-                layerfs_mount.mount([image], point, upper=store.get(name).upper)
+                if shared:
+                    mount_container(store, name, point)
+                else:
+                    layerfs_mount.mount([image], point, upper=store.get(name).upper)
                 points.append(point)
                 subprocess.run(["find", point], stdout=subprocess.DEVNULL, check=True)
-            result[count] = sum(pss_of(layerfs_mount.server_pid(p)) for p in points)
+            pids = {layerfs_mount.server_pid(p) for p in points}
+            result[count] = sum(pss_of(pid) for pid in pids)
         finally:
             for point in points:
                 layerfs_mount.umount(point)
@@ -111,11 +119,15 @@ def main(argv=None) -> int:
         write_image(large, args.files)
         results = {"files": args.files, "open_seconds": {}, "heap_bytes": {}}
         if args.mounted:     # first: the daemons fork from this process
-            pss = mounted_pss(large, scratch, tuple(int(c) for c in args.mounted.split(",")))
-            results["mounted_pss_bytes"] = {str(count): size for count, size in pss.items()}
-            for count, size in pss.items():
-                print(f"{count:3} mounted containers of the {args.files}-entry image: "
-                      f"{size / 2**20:8.1f} MiB PSS in total (after find)")
+            counts_mounted = tuple(int(c) for c in args.mounted.split(","))
+            results["mounted_pss_bytes"] = {}
+            for shared in (False, True):
+                pss = mounted_pss(large, scratch, counts_mounted, shared)
+                how = "one store daemon" if shared else "a daemon each"
+                results["mounted_pss_bytes"][how] = {str(c): size for c, size in pss.items()}
+                for count, size in pss.items():
+                    print(f"{count:3} mounted containers of the {args.files}-entry image, "
+                          f"{how}: {size / 2**20:8.1f} MiB PSS in total (after find)")
         for held in (False, True):
             for label, image in (("15", small), (str(args.files), large)):
                 times = open_times(image, cache, scratch, args.repeats, label, held)

@@ -175,19 +175,45 @@ class VerifiedBlob:
     :attr:`layerfs.compression.BlobStream.chunk_sums`).  A chunk that does
     not match raises :class:`~layerfs.errors.DigestMismatchError` naming
     the blob; nothing unverified is returned.  The last few chunks are kept
-    in memory, so reads that go forward fetch each chunk once."""
+    in memory, so reads that go forward fetch each chunk once.
+
+    *store* (settable later: :meth:`keep_in`), a
+    :class:`layerfs.rangestore.RangeStore`, keeps verified chunks on disk
+    within the cache budget: a chunk is looked for there before it is
+    fetched, checked like a fetched one (a stored chunk that does not match
+    is fetched again and rewritten), and written there once verified."""
 
     KEEP = 8
 
-    def __init__(self, inner: Blob, sums: bytes, chunk: int):
+    def __init__(self, inner: Blob, sums: bytes, chunk: int, store=None):
         self.inner = inner
         self.size = inner.size
         self.digest = inner.digest
         self.label = inner.label
+        self.store = store
         self._sums = sums
         self._chunk = chunk
         self._recent: dict = {}
         self._lock = threading.Lock()
+
+    def keep_in(self, cache, last: bool = False) -> None:
+        """From now on, keep fetched chunks in *cache* (an
+        :class:`~layerfs.cache.IndexCache`; see :mod:`layerfs.rangestore`);
+        with *last*, keep the chunk read last too (what a reader built just
+        before read: rapidgzip reads the blob's head when it is opened)."""
+        if self.store is None and self.digest and self.digest.startswith("sha256:"):
+            from .rangestore import RangeStore
+            self.store = RangeStore(cache, self.digest.partition(":")[2], self.size,
+                                    self._chunk)
+            with self._lock:
+                recent = list(self._recent.items())[-1:] if last else []
+            for index, data in recent:
+                self.store.save(index, data)
+
+    def stop_keeping(self) -> None:
+        store, self.store = self.store, None
+        if store is not None:
+            store.close()
 
     def read_at(self, offset: int, length: int) -> bytes:
         length = min(length, self.size - offset)
@@ -211,13 +237,18 @@ class VerifiedBlob:
                 self._recent[index] = data       # most recent last
                 return data
         start = index * self._chunk
-        data = self.inner.read_at(start, min(self._chunk, self.size - start))
         expected = self._sums[32 * index:32 * index + 32]
-        if hashlib.sha256(data).digest() != expected:
-            from .errors import DigestMismatchError
-            raise DigestMismatchError(f"bytes {start}-{start + len(data) - 1} do not match "
-                                      f"the checksum recorded when the blob was verified",
-                                      layer=self.label)
+        store = self.store
+        data = store.load(index) if store is not None else None
+        if data is None or hashlib.sha256(data).digest() != expected:
+            data = self.inner.read_at(start, min(self._chunk, self.size - start))
+            if hashlib.sha256(data).digest() != expected:
+                from .errors import DigestMismatchError
+                raise DigestMismatchError(f"bytes {start}-{start + len(data) - 1} do not "
+                                          f"match the checksum recorded when the blob was "
+                                          f"verified", layer=self.label)
+            if store is not None:
+                store.save(index, data)
         with self._lock:
             self._recent[index] = data
             while len(self._recent) > self.KEEP:
@@ -225,6 +256,8 @@ class VerifiedBlob:
         return data
 
     def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
         close = getattr(self.inner, "close", None)
         if close is not None:
             close()

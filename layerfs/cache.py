@@ -20,6 +20,13 @@ may be removed lives here.  Under the root (``$LAYERFS_CACHE_DIR``, else
     spans/sha256/<hex>.gzidx checkpoints into a gzip blob (zran-style, made
                              by rapidgzip), for a gzip layer likewise
     spans/sha256/<hex>.frames the frame table of a multi-frame zstd blob
+    ranges/sha256/<hex>.ranges compressed chunks of a registry blob fetched
+                             by ranged reads, a sparse file (see
+                             :mod:`layerfs.rangestore`: each chunk is
+                             checked against the index when read)
+    index/sha256/<hex>.toc   the table of contents of an eStargz or
+                             zstd:chunked blob, as fetched and verified
+                             (see :mod:`layerfs.tocopen`)
     memo/<key>               "stat memo": the identity of a source file ->
                              (digest, diff_id)
     pins/<hex>.lock          a pin: held with a shared flock by every process
@@ -35,13 +42,17 @@ Rules:
   the writer holds an exclusive flock on the temp file, so a temp file
   nobody holds belongs to a dead process and is removed by the next scan.
   A copy is used only if its size is the one its index records; spans
-  carry zstd checksums and a table checked on load.
-* **The budget bounds decompressed data.**  Before a copy or spans grow,
+  carry zstd checksums and a table checked on load.  The one file not
+  renamed into place, a blob's fetched ranges, is checked chunk by chunk
+  against the index's checksums on every load.
+* **The budget bounds decompressed data.**  Before a copy, spans or
+  fetched ranges grow,
   :meth:`IndexCache.reserve` (under ``lock``) counts what is on disk
-  (temp files of other writers included) and evicts unpinned copies and
-  spans, least recently used first, until the new bytes fit; if they
+  (temp files of other writers included) and evicts unpinned copies,
+  spans and fetched ranges, least recently used first, until the new bytes fit; if they
   cannot, the caller falls back to a smaller form (spans instead of a
-  copy) or fails.  Indexes, views and memos are small and never evicted;
+  copy), keeps nothing (fetched ranges) or fails.  Indexes, TOCs, views
+  and memos are small and never evicted;
   registry blobs are counted and listed but only ``prune`` removes them.
 * **A pin protects what is in use.**  An open layer holds a shared flock on
   ``pins/<hex>.lock``; eviction and ``prune`` take the exclusive lock
@@ -86,7 +97,7 @@ VIEW_VERSION = 1
 MEMO_VERSION = 2
 MIN_DEFAULT_BUDGET = 1 << 30
 DEFAULT_SHARE = 10          # percent of the cache's filesystem
-EVICTABLE = ("copy", "spans", "checkpoints", "frames")
+EVICTABLE = ("copy", "spans", "checkpoints", "frames", "ranges")
 TEMP_PREFIX = ".tmp-"
 TEMP_GRACE = 60             # seconds before an unlocked temp file is a leftover
 _COPY_BUFFER = 1 << 20
@@ -214,6 +225,14 @@ class IndexCache:
 
     def frames_path(self, hex_digest: str) -> str:
         return os.path.join(self.root, "spans", "sha256", hex_digest + ".frames")
+
+    def ranges_path(self, hex_digest: str) -> str:
+        """Fetched chunks of a registry blob (see :mod:`layerfs.rangestore`)."""
+        return os.path.join(self.root, "ranges", "sha256", hex_digest + ".ranges")
+
+    def toc_path(self, hex_digest: str) -> str:
+        """What an eStargz or zstd:chunked blob's TOC was read from."""
+        return os.path.join(self.root, "index", "sha256", hex_digest + ".toc")
 
     def pin_path(self, hex_digest: str) -> str:
         return os.path.join(self.root, "pins", hex_digest + ".lock")
@@ -343,7 +362,8 @@ class IndexCache:
         kinds = (("blobs", {".tar": "copy"}),
                  ("spans", {".spans": "spans", ".gzidx": "checkpoints",
                             ".frames": "frames"}),
-                 ("index", {".idx": "index"}), ("views", {".view": "view"}))
+                 ("ranges", {".ranges": "ranges"}),
+                 ("index", {".idx": "index", ".toc": "toc"}), ("views", {".view": "view"}))
         for folder, suffixes in kinds:
             directory = os.path.join(self.root, folder, "sha256")
             for item in _scandir(directory):

@@ -9,15 +9,14 @@ entries (those of open layers: mounts, containers, uppers) unless
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
 from typing import Optional
 
-from .cache import (CacheEntry, IndexCache, format_size, parse_duration,
-                    parse_size)
+from .cache import (CacheEntry, IndexCache, _scandir, format_size, load_marshal,
+                    parse_duration, parse_size)
 
 
 def add_parser(commands) -> None:
@@ -117,7 +116,8 @@ def _usage(message: str) -> Exception:
 def select(entries: list, *, all_: bool, older_than: Optional[float],
            keep: Optional[int], now: Optional[float] = None) -> list:
     """The entries a prune removes.  Without an option: decompressed data
-    (copies and spans) only, which a later open rebuilds.  ``--all``:
+    (copies, spans, checkpoints, frames) and fetched ranges only, which a
+    later open rebuilds or fetches again.  ``--all``:
     everything (indexes, views, registry blobs too).  ``--older-than``:
     whatever was not used for that long.  ``--keep``: least recently used
     decompressed data first, until at most *keep* bytes remain."""
@@ -140,9 +140,11 @@ def select(entries: list, *, all_: bool, older_than: Optional[float],
 
 
 def image_references(cache: IndexCache) -> dict:
-    """digest -> the ``docker://`` references whose last-fetched manifest
-    (under ``registry/tags``) names it (its config or a layer)."""
-    found: dict = {}
+    """digest -> the images known to use it: the ``docker://`` references
+    whose last-fetched manifest (under ``registry/tags``) names it (its
+    config or a layer), and the local images whose layer files the stat
+    memo remembers (:func:`local_references`)."""
+    found = local_references(cache)
     tags = os.path.join(cache.root, "registry", "tags")
     for directory, _, files in os.walk(tags):
         for name in files:
@@ -163,6 +165,42 @@ def image_references(cache: IndexCache) -> dict:
                     found.setdefault(d["digest"], []).append(ref)
             found.setdefault(digest, []).append(ref)
     return found
+
+
+def local_references(cache: IndexCache) -> dict:
+    """digest -> the local images whose layer blobs were indexed from a file
+    that is still there, unchanged: the stat memo (``memo/``) keeps, per
+    file indexed, its path, offset and identity (inode, size, mtime, ctime)
+    and the blob's digest.  A blob file of an OCI layout names the layout
+    (``oci:DIR``); a layer inside an archive, the archive; any other file,
+    itself.  A file edited, moved or removed since names nothing: the cache
+    cannot know where that image went."""
+    found: dict = {}
+    for item in _scandir(os.path.join(cache.root, "memo")):
+        if item.name.startswith("."):
+            continue
+        record = load_marshal(item.path)
+        try:
+            identity, hex_ = record["identity"], record["digest"]
+            path, offset = identity[0], identity[1]
+            st = os.stat(path)
+        except (OSError, TypeError, KeyError, IndexError):
+            continue
+        if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) != \
+                tuple(identity[3:8]):
+            continue
+        found.setdefault("sha256:" + hex_, []).append(_local_image(path, offset))
+    return {digest: sorted(set(names)) for digest, names in found.items()}
+
+
+def _local_image(path: str, offset: int) -> str:
+    blobs, hex_ = os.path.split(path)
+    algorithms, algorithm = os.path.split(blobs)
+    layout, name = os.path.split(algorithms)
+    if (offset == 0 and name == "blobs" and algorithm == "sha256"
+            and os.path.isfile(os.path.join(layout, "oci-layout"))):
+        return f"oci:{layout}"
+    return path
 
 
 def _record(entry: CacheEntry, images: dict) -> dict:

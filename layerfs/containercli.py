@@ -8,7 +8,6 @@ import argparse
 import datetime
 import errno
 import json
-import sys
 
 from .errors import StoreError
 from .store import Store, mounted_at
@@ -31,9 +30,10 @@ def cache_of(args):
 # -- container ------------------------------------------------------------------
 
 def cmd_create(args) -> int:
-    from .cli import registry_options
+    from .cli import registry_options, take_image
+    operands = take_image(args, ["NAME"])       # --tag is folded into the reference
     args.whole_blobs = True       # a container outlives the network: its blobs are kept
-    container = store_of(args).create(args.image, args.name, tag=args.tag,
+    container = store_of(args).create(operands.image, operands.rest[0],
                                       platform=args.platform, cache=cache_of(args),
                                       registry=registry_options(args))
     print(container.name)
@@ -68,6 +68,7 @@ def cmd_ls(args) -> int:
 def cmd_mount(args) -> int:
     from .cli import ProgressBar, registry_options
     from .mount import mount
+    from .storedaemon import mount_container
     store = store_of(args)
     container = store.get(args.name)
     where = mounted_at(container)
@@ -77,11 +78,16 @@ def cmd_mount(args) -> int:
     volumes = parsed_volumes(args)
     progress = ProgressBar("indexing")
     try:
-        mount(container.reference, args.mountpoint, upper=container.upper,
-              tag=container.tag, platform=container.platform,
-              foreground=args.foreground, options=args.options,
-              cache_dir=args.cache_dir, registry=registry_options(args),
-              progress=progress, log_file=args.log, log_level=args.log_level)
+        if args.foreground:
+            mount(container.reference, args.mountpoint, upper=container.upper,
+                  tag=container.tag, platform=container.platform, foreground=True,
+                  options=args.options, cache_dir=args.cache_dir,
+                  registry=registry_options(args), log_file=args.log,
+                  log_level=args.log_level)
+        else:      # served by the store's one daemon, beside its other containers
+            mount_container(store, args.name, args.mountpoint, options=args.options,
+                            cache_dir=args.cache_dir, registry=registry_options(args),
+                            progress=progress, log_file=args.log, log_level=args.log_level)
     finally:
         progress.finish()
     bind_after_mount(args.mountpoint, volumes)
@@ -184,8 +190,13 @@ def add_commands(commands, add_registry_options) -> None:
                          help="docker://: use only what is cached")
 
     sub = action("create", cmd_create, "create a container of IMAGE named NAME")
-    sub.add_argument("image", metavar="IMAGE")
-    sub.add_argument("name", metavar="NAME")
+    sub.usage = ("layerfs container create [options] (IMAGE | --layer FILE "
+                 "[--layer FILE ...]) NAME")
+    sub.set_defaults(command="container create")
+    sub.add_argument("operands", nargs="*", metavar="IMAGE NAME")
+    sub.add_argument("--layer", dest="layers", action="append", metavar="FILE",
+                     help="a layer file, in place of IMAGE; repeat to stack layers, "
+                          "base first")
     sub.add_argument("--tag", metavar="T", help="the image's tag or manifest digest in "
                                                 "a layout or archive")
     sub.add_argument("--platform", help="OS/ARCH[/VARIANT] (default: this machine's)")

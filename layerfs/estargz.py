@@ -17,11 +17,21 @@ and reads it:
 - the layer descriptor carries ``containerd.io/snapshot/stargz/toc.digest``,
   the sha256 of the TOC JSON (uncompressed).
 
+The original stargz (Google's CRFS, before eStargz) ends with a 47-byte
+footer instead: the same empty gzip member, but its extra field is the bare
+22 bytes ``%016xSTARGZ`` (XLEN 22), not wrapped in an RFC 1952 subfield;
+eStargz added the ``SG`` subfield header (4 bytes) to conform.  Both are
+read (:func:`parse_legacy_footer`); a stargz TOC may lack ``chunkDigest``
+for the chunks of a file cut in several (CRFS recorded a digest per file
+only), which :func:`layerfs.tocopen.open_toc_layer` handles.
+
 A chunk's compressed range runs from its ``offset`` to the next larger
 offset in the TOC (the TOC member's offset for the last); within the
 decompressed member, its bytes start at ``innerOffset`` (0 unless several
-small files share a member).  The prioritised-files landmarks
-(``.prefetch.landmark``) are optional and not written.
+small files share a member).  The prioritised-files landmarks are optional
+and not written; on reading, the files before a ``.prefetch.landmark``
+entry (a one-byte file, ``0x0f``) are fetched when a registry layer is
+opened (:func:`layerfs.tocopen.prefetch_prioritised`).
 """
 
 from __future__ import annotations
@@ -41,6 +51,10 @@ TOC_NAME = "stargz.index.json"
 TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
 UNCOMPRESSED_SIZE_ANNOTATION = "io.containers.estargz.uncompressed-size"
 FOOTER_SIZE = 51
+PREFETCH_LANDMARK = ".prefetch.landmark"         # ends the prioritised files
+NO_PREFETCH_LANDMARK = ".no.prefetch.landmark"   # says there are none
+LANDMARK_CONTENTS = b"\x0f"                      # what a landmark file holds
+LEGACY_FOOTER_SIZE = 47        # the original stargz footer (CRFS)
 
 
 def compress_member(data: bytes, level: int) -> bytes:
@@ -71,6 +85,42 @@ def parse_footer(data: bytes) -> Optional[int]:
         return int(extra[4:20], 16)
     except ValueError:
         return None
+
+
+def legacy_footer(toc_offset: int) -> bytes:
+    """The original stargz's 47-byte footer: an empty gzip member (stored
+    block) whose whole extra field is ``%016xSTARGZ``.  layerfs does not
+    write such layers; tests build them with it."""
+    extra = b"%016xSTARGZ" % toc_offset
+    header = b"\x1f\x8b\x08\x04" + bytes(4) + b"\x00\xff" + struct.pack("<H", len(extra))
+    return header + extra + b"\x01\x00\x00\xff\xff" + bytes(8)
+
+
+def parse_legacy_footer(data: bytes) -> Optional[int]:
+    """The TOC offset an original stargz footer gives, or None where *data*
+    (the blob's last 47 bytes) is no such footer."""
+    if len(data) != LEGACY_FOOTER_SIZE or data[:4] != b"\x1f\x8b\x08\x04":
+        return None
+    (xlen,) = struct.unpack_from("<H", data, 10)
+    extra = data[12:12 + xlen]
+    if xlen != 22 or extra[-6:] != b"STARGZ":
+        return None
+    try:
+        return int(extra[:16], 16)
+    except ValueError:
+        return None
+
+
+def find_footer(tail: bytes) -> Optional[tuple[int, int]]:
+    """(TOC offset, footer size) from the blob's last bytes (at least 51),
+    for an eStargz footer or, failing that, an original stargz one."""
+    offset = parse_footer(tail[-FOOTER_SIZE:])
+    if offset is not None:
+        return offset, FOOTER_SIZE
+    offset = parse_legacy_footer(tail[-LEGACY_FOOTER_SIZE:])
+    if offset is not None:
+        return offset, LEGACY_FOOTER_SIZE
+    return None
 
 
 def decompress_member(raw: bytes, limit: int) -> bytes:

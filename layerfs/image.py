@@ -13,7 +13,7 @@ Rules this module keeps:
   ``diff_id=``).  A blob path is built only from a validated digest, so a
   digest such as ``sha256:../../x`` can never leave the layout.
 - An archive is never extracted: its blobs are read in place, as byte ranges
-  (:class:`BlobSource`) of the outer tar.  A compressed archive (``docker
+  (:class:`~layerfs.layer.BlobSource`) of the outer tar (:mod:`layerfs.stores`).  A compressed archive (``docker
   save | gzip``) is indexed once like a layer, which leaves its uncompressed
   copy in the cache, and its blobs are byte ranges of that copy; a
   compressed file whose root holds no ``index.json`` + ``oci-layout`` nor a
@@ -37,8 +37,6 @@ import os
 import platform as _platform
 import re
 import shutil
-import stat
-import tarfile
 import tempfile
 import threading
 from typing import Any, Callable, Sequence
@@ -46,9 +44,9 @@ from typing import Any, Callable, Sequence
 import attrs
 
 from .compression import detect_compression
-from .errors import DigestMismatchError, ImageError, InvalidLayerError, UnsupportedImageError
-from .entry import HARDLINK, REGULAR
-from .layer import BlobSource, Layer, cache_root, open_layer
+from .errors import DigestMismatchError, ImageError, UnsupportedImageError
+from .layer import Layer, cache_root, open_layer
+from .stores import MAX_JSON_SIZE, CompressedTarStore, DirStore, TarStore
 from .tocopen import open_toc_layer
 from .paths import BadMemberName, normalize_member_name
 from .reference import (DOCKER, DOCKER_ARCHIVE, LAYERS, OCI, OCI_ARCHIVE, PATH,
@@ -82,7 +80,6 @@ CONTAINERD_NAME = "io.containerd.image.name"
 # platform "unknown/unknown"; they are not images.
 REFERENCE_TYPE = "vnd.docker.reference.type"
 
-MAX_JSON_SIZE = 64 << 20   # an index, manifest or config larger than this is refused
 MAX_INDEX_DEPTH = 8        # nested image indexes followed at most this deep
 
 _DIGEST_LENGTHS = {"sha256": 64, "sha512": 128}
@@ -231,120 +228,6 @@ def _match_tag(wanted: str, names: Sequence[str]) -> str | None:
     return None
 
 
-# -- where blobs are: a directory or a tar ------------------------------------
-
-class _DirStore:
-    """Files of an OCI layout directory."""
-
-    def __init__(self, root: str):
-        self.label = root
-
-    def where(self, name: str) -> str:
-        return os.path.join(self.label, name)
-
-    def size(self, name: str) -> int | None:
-        """Size of the regular file *name*, or None if there is none."""
-        try:
-            st = os.stat(self.where(name))
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        return st.st_size if stat.S_ISREG(st.st_mode) else None
-
-    def read(self, name: str) -> bytes:
-        with open(self.where(name), "rb") as f:
-            return f.read(MAX_JSON_SIZE + 1)
-
-    def source(self, name: str) -> str | BlobSource:
-        return self.where(name)
-
-
-class _TarStore:
-    """Regular files of an uncompressed tar, read in place: ``members``
-    maps a name to its ``(offset, size)`` in the file at ``data_path``."""
-
-    def __init__(self, path: str):
-        self.label = self.data_path = path
-        self.members = _tar_members(path)
-
-    def where(self, name: str) -> str:
-        return f"{self.label}:{name}"
-
-    def size(self, name: str) -> int | None:
-        member = self.members.get(name)
-        return None if member is None else member[1]
-
-    def read(self, name: str) -> bytes:
-        offset, size = self.members[name]
-        with open(self.data_path, "rb") as f:
-            f.seek(offset)
-            return f.read(min(size, MAX_JSON_SIZE + 1))
-
-    def source(self, name: str) -> BlobSource:
-        offset, size = self.members[name]
-        return BlobSource(self.data_path, offset, size)
-
-
-_COMPRESSED_MAGIC = {
-    b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd", b"BZh": "bzip2",
-    b"\xfd7zXZ\x00": "xz",
-}
-
-
-def _tar_members(path: str) -> dict[str, tuple[int, int]]:
-    """``{name: (data offset, size)}`` for the regular files of the tar at
-    *path*, names normalised (``./blobs/x`` is ``blobs/x``), symlinks and
-    hardlinks resolved to the file they name (old ``docker save`` archives
-    link identical layers)."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-        file_size = os.fstat(f.fileno()).st_size
-        for magic, name in _COMPRESSED_MAGIC.items():
-            if head.startswith(magic):
-                raise UnsupportedImageError(
-                    f"{name}-compressed archive: layerfs reads image archives in "
-                    "place and needs an uncompressed tar; decompress it first",
-                    path=path)
-        f.seek(0)
-        try:
-            with tarfile.open(fileobj=f, mode="r:") as tar:
-                infos = tar.getmembers()
-        except tarfile.TarError as e:
-            raise UnsupportedImageError(
-                f"not an OCI layout, OCI archive or docker archive ({e})", path=path) from None
-    files: dict[str, tuple[int, int]] = {}
-    links: dict[str, str] = {}
-    for info in infos:
-        try:
-            name = normalize_member_name(info.name)[1:]
-        except BadMemberName as e:
-            raise UnsupportedImageError(f"archive member {info.name!r}: {e}", path=path) from None
-        if info.isreg() and info.sparse is None:
-            if info.size < 0 or info.offset_data + info.size > file_size:
-                raise UnsupportedImageError(f"archive member {name!r} is truncated", path=path)
-            files[name] = (info.offset_data, info.size)
-        elif info.issym() or info.islnk():
-            base = os.path.dirname(name) if info.issym() else ""
-            links[name] = os.path.join(base, info.linkname)
-    for name in links:
-        target = _resolve_link(name, links, files)
-        if target is not None:
-            files[name] = files[target]
-    return files
-
-
-def _resolve_link(name: str, links: dict[str, str], files: dict) -> str | None:
-    for _ in range(8):
-        try:
-            name = normalize_member_name(links[name])[1:]
-        except BadMemberName:
-            return None
-        if name in files:
-            return name
-        if name not in links:
-            return None
-    return None
-
-
 # -- the image --------------------------------------------------------------------
 
 @attrs.define(eq=False)
@@ -488,7 +371,7 @@ def open_image(source: Any, *, tag: str | None = None, platform: str | None = No
     path = ref.path
     choice = _Choice(ref.tag, ref.digest, platform)
     if ref.transport in (PATH, OCI) and os.path.isdir(path):
-        store: _DirStore | _TarStore = _DirStore(path)
+        store: DirStore | TarStore = DirStore(path)
         if store.size("oci-layout") is None or store.size("index.json") is None:
             raise UnsupportedImageError(
                 "directory is not an OCI image layout (no oci-layout and index.json)", path=path)
@@ -501,7 +384,7 @@ def open_image(source: Any, *, tag: str | None = None, platform: str | None = No
         outer = open_layer(path, label=f"0 ({os.path.basename(path)})",
                            **_layer_only(layer_args))
         try:
-            store = _CompressedTarStore(path, outer)
+            store = CompressedTarStore(path, outer)
         except BaseException:
             outer.close()
             raise
@@ -516,7 +399,7 @@ def open_image(source: Any, *, tag: str | None = None, platform: str | None = No
             return _open_archive(store, ref.transport, choice, layer_args, path)
         finally:
             outer.close()      # the image's layers opened their own descriptors
-    store = _TarStore(path)
+    store = TarStore(path)
     image = _open_archive(store, ref.transport, choice, layer_args, path)
     if image is not None:
         return image
@@ -543,52 +426,6 @@ def _open_archive(store: Any, transport: str, choice: "_Choice", layer_args: dic
 
 def _layer_only(layer_args: dict) -> dict:
     return {k: v for k, v in layer_args.items() if k != "read_layers"}
-
-
-class _CompressedTarStore(_TarStore):
-    """The regular files of a gzip- or zstd-compressed tar, read in place
-    from its uncompressed copy: a ``docker save | gzip`` archive is indexed
-    once like a layer, then its members are byte ranges of that copy."""
-
-    def __init__(self, path: str, outer: Layer):     # members from the index, not a tar walk
-        self.label = path
-        self.outer = outer
-        try:
-            self.data_path, base = outer.data_location()
-        except InvalidLayerError:     # beyond the cache budget: read through the layer
-            self.data_path, base = None, 0
-        files: dict[str, tuple[int, int]] = {}
-        for entry in outer.entries:
-            if entry.kind == REGULAR and isinstance(entry.data, int):
-                files[entry.path[1:]] = (base + entry.data, entry.size)
-        for entry in outer.entries:       # hardlinks: a second name for a file
-            if entry.kind == HARDLINK and entry.linkname[1:] in files:
-                files[entry.path[1:]] = files[entry.linkname[1:]]
-        self.members = files
-
-    def read(self, name: str) -> bytes:
-        if self.data_path is not None:
-            return super().read(name)
-        offset, size = self.members[name]
-        return self.outer.read_data(offset, min(size, MAX_JSON_SIZE + 1))
-
-    def source(self, name: str) -> Any:
-        if self.data_path is not None:
-            return super().source(name)
-        offset, size = self.members[name]
-        return self.outer.data_blob(offset, size, f"{self.label}:{name}")
-
-    def is_archive(self) -> bool:
-        if "index.json" in self.members and "oci-layout" in self.members:
-            return True
-        if "manifest.json" not in self.members:
-            return False
-        try:
-            entries = json.loads(self.read("manifest.json"))
-        except ValueError:
-            return False
-        return isinstance(entries, list) and bool(entries) and all(
-            isinstance(e, dict) and "Config" in e and "Layers" in e for e in entries)
 
 
 def _open_remote(ref: Any, platform: str | None, layer_args: dict, options: Any) -> Image:
@@ -636,12 +473,12 @@ def list_images(source: Any, *, cache: Any = None,
                                     "repository's tags with the registry client)")
     path = ref.path
     if os.path.isdir(path):
-        return _list_images(_DirStore(path), path)
+        return _list_images(DirStore(path), path)
     if _is_compressed_layer(path):
         with open_layer(path, label=f"0 ({os.path.basename(path)})", cache=cache,
                         progress=progress) as outer:
-            return _list_images(_CompressedTarStore(path, outer), path)
-    return _list_images(_TarStore(path), path)
+            return _list_images(CompressedTarStore(path, outer), path)
+    return _list_images(TarStore(path), path)
 
 
 def _list_images(store: Any, path: str) -> list[tuple[tuple[str, ...], str | None, str]]:
@@ -702,7 +539,7 @@ class _Opener:
     Error locations: a file of the store when one is concerned (a blob, the
     index.json), else the store itself; messages say which blob."""
 
-    def __init__(self, store: _DirStore | _TarStore, kind: str, layer_args: dict):
+    def __init__(self, store: DirStore | TarStore, kind: str, layer_args: dict):
         self.store = store
         self.kind = kind
         self.read_layers = layer_args.pop("read_layers", True)
@@ -920,14 +757,10 @@ class _Opener:
         if len(cold) < 2:
             return _open_all(openers)
         progress = self.layer_args.get("progress")
-        if progress is not None and not getattr(progress, "locked", False):
-            lock = threading.Lock()
-
-            def locked(*args: Any) -> None:
-                with lock:
-                    progress(*args)
-            locked.locked = True        # type: ignore[attr-defined]
-            self.layer_args["progress"] = locked
+        if progress is not None:
+            combined = _CombinedProgress(progress)
+            openers = [lambda i=i, s=s: self.open_layer(i, *s, progress=combined.of(i))
+                       for i, s in enumerate(specs)]
         return _open_all_parallel(openers, set(cold), set(later))
 
     def indexed(self, digest: str | None) -> bool:
@@ -966,16 +799,21 @@ class _Opener:
         return not self.indexed(digest)
 
     def open_layer(self, number: int, source: Any, digest: str | None, diff_id: str,
-                   media_type: str | None, annotations: dict | None = None) -> Layer:
+                   media_type: str | None, annotations: dict | None = None,
+                   progress: Any = None) -> Layer:
+        """Open one layer; *progress*, if given, in place of the image's."""
         label = f"{number} ({(digest or diff_id)[:19]})"
+        layer_args = self.layer_args if progress is None else \
+            {**self.layer_args, "progress": progress}
         try:
             toc_layer = open_toc_layer(source, digest=digest, diff_id=diff_id,
                                        media_type=media_type, annotations=annotations,
-                                       label=label, sniff=self.needs_sniff(digest, media_type))
+                                       label=label, sniff=self.needs_sniff(digest, media_type),
+                                       cache=self.layer_args.get("cache"))
             if toc_layer is not None:       # eStargz, zstd:chunked: read from the TOC
                 return toc_layer            # type: ignore[return-value]
             return open_layer(source, digest=digest, diff_id=diff_id, media_type=media_type,
-                              label=label, **self.layer_args)
+                              label=label, **layer_args)
         except DigestMismatchError as error:
             discard = getattr(self.store, "discard", None)
             if discard is None or digest is None:
@@ -985,6 +823,25 @@ class _Opener:
             discard(digest)
             raise DigestMismatchError(error.reason, path=self.store.where(blob_name(digest)),
                                       layer=error.layer, entry=error.entry) from None
+
+
+class _CombinedProgress:
+    """The progress of layers indexed at once, reported as one: the bytes
+    done and the total of every layer that has reported so far (one bar that
+    moves forward, instead of each thread's layer in turn)."""
+
+    def __init__(self, report: Callable[[int, int], None]):
+        self._report = report
+        self._lock = threading.Lock()
+        self._layers: dict[int, tuple[int, int]] = {}
+
+    def of(self, number: int) -> Callable[[int, int], None]:
+        def layer_progress(done: int, total: int) -> None:
+            with self._lock:
+                self._layers[number] = (done, total)
+                self._report(sum(d for d, _ in self._layers.values()),
+                             sum(t for _, t in self._layers.values()))
+        return layer_progress
 
 
 def _open_all(openers: list[Callable[[], Layer]]) -> list[Layer]:

@@ -326,7 +326,10 @@ class _Opener:
         self.take_pin(cache, hex_)
         if header["compression"] == NONE:
             return self.layer(header, None, self.blob, [], cache)
+        _keep_fetched(self.blob, cache)      # before a reader is built (and reads)
         data = self.open_cached(cache, header)
+        if not isinstance(data, _READS_THE_BLOB) and isinstance(self.blob, VerifiedBlob):
+            self.blob.stop_keeping()          # read elsewhere, or indexed again
         if data is None:
             return None
         return self.layer(header, None, data, [data.close], cache,
@@ -410,6 +413,8 @@ class _Opener:
                 self.take_pin(cache, stream.digest)
             data = (sink.finish(stream.digest, stream.uncompressed_size, stream.data_end)
                     if sink else None)
+            if isinstance(data, _READS_THE_BLOB):
+                _keep_fetched(self.blob, cache, last=True)
             if cache is not None:
                 cache.store_index(header, entries)
                 if identity is not None:
@@ -463,6 +468,14 @@ _READS_THE_BLOB = (GzipCheckpointReader, StreamReader, ZstdFrameReader)
 
 def _verified(blob, header: dict) -> VerifiedBlob:
     return VerifiedBlob(blob, header["chunk_sums"], header["sum_chunk"])
+
+
+def _keep_fetched(blob, cache: Optional[IndexCache], last: bool = False) -> None:
+    """A blob re-read by ranges once the layer is open (checkpoints, frames,
+    the stream form) keeps the verified chunks it fetches in the cache
+    (:mod:`layerfs.rangestore`); the indexing passes do not."""
+    if cache is not None and isinstance(blob, VerifiedBlob):
+        blob.keep_in(cache, last)
 
 
 def _frames(fd: int, size: int, label: str, blob) -> ZstdFrameReader:

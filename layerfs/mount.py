@@ -178,6 +178,14 @@ def _unmount(mountpoint: str) -> None:
     raise MountError(f"{mountpoint}: cannot unmount: {text}", code)
 
 
+def lazy_unmount(mountpoint: str) -> None:
+    """Detaches *mountpoint* even if busy (what libfuse does when a signal
+    ends its loop); its users keep what they hold open."""
+    tool = ["umount", "-l"] if os.geteuid() == 0 else ["fusermount3", "-u", "-z"]
+    subprocess.run([*tool, mountpoint], stdin=subprocess.DEVNULL, capture_output=True,
+                   check=False)
+
+
 def _wait_for_server(lock_fd: int, mountpoint: str, timeout: float) -> None:
     """Poll the server's lock until it is released (flock has no timeout)."""
     deadline = time.monotonic() + timeout
@@ -231,9 +239,11 @@ def server_pid(mountpoint) -> Optional[int]:
         os.close(fd)
 
 
-def acquire_server_lock(mountpoint: str) -> int:
-    """Take the lock of *mountpoint*'s server and write our pid in it;
-    returns its descriptor.  ``EBUSY`` if another process holds it (an
+def acquire_server_lock(mountpoint: str, upper: Optional[str] = None) -> int:
+    """Take the lock of *mountpoint*'s server and write our pid in it (and
+    on a second line the *upper* directory served, if any: one process may
+    serve several mounts, see :mod:`layerfs.storedaemon`); returns its
+    descriptor.  ``EBUSY`` if another process holds it (an
     earlier server still flushing).  A file removed by the previous holder
     between our ``open`` and ``flock`` is not the lock any more: try again."""
     path = lock_path(mountpoint)
@@ -248,7 +258,8 @@ def acquire_server_lock(mountpoint: str) -> int:
                              errno.EBUSY) from None
         if _same_file(fd, path):
             os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
+            os.write(fd, f"{os.getpid()}\n".encode()
+                     + (os.fsencode(upper) + b"\n" if upper is not None else b""))
             return fd
         os.close(fd)
 
@@ -283,8 +294,21 @@ def _open_existing(path: str) -> Optional[int]:
 
 
 def _read_pid(fd: int) -> Optional[int]:
-    text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    text = os.pread(fd, 32, 0).decode("ascii", "replace").partition("\n")[0]
     return int(text) if text.isdigit() else None
+
+
+def served_upper(mountpoint) -> Optional[str]:
+    """The upper directory the server of *mountpoint* writes, as its lock
+    file says (None for a read-only mount, or no layerfs server)."""
+    fd = _open_existing(lock_path(mountpoint))
+    if fd is None:
+        return None
+    try:
+        lines = os.pread(fd, 8192, 0).split(b"\n")
+    finally:
+        os.close(fd)
+    return os.fsdecode(lines[1]) if len(lines) > 2 and lines[1] else None
 
 
 def serve(fs, mountpoint, options=None, on_ready: Optional[Callable[[], None]] = None) -> None:
@@ -296,8 +320,9 @@ def serve(fs, mountpoint, options=None, on_ready: Optional[Callable[[], None]] =
     :func:`umount`) is held from before mounting until *fs* is closed.
     """
     mountpoint = os.path.abspath(os.fspath(mountpoint))
+    upper = getattr(fs, "upper", None)
     try:
-        lock_fd = acquire_server_lock(mountpoint)
+        lock_fd = acquire_server_lock(mountpoint, upper.directory if upper else None)
     except BaseException:
         fs.close()
         raise
@@ -630,16 +655,17 @@ def unescape_mountinfo(text: str) -> str:
 
 
 def open_fs(progress=None, *, source, upper=None, tag=None, platform=None, cache_dir=None,
-            registry=None):
+            registry=None, share_view: bool = False):
     from . import fs as layerfs_fs
     cache = None
     if cache_dir is not None:
         from .layer import IndexCache
         cache = IndexCache(cache_dir)
     # One container per daemon: a private tree costs less than the shared
-    # view plus lazy copies once a walk has reached everything (docs/benchmarks.md).
+    # view plus lazy copies once a walk has reached everything (docs/benchmarks.md);
+    # a store's daemon serves several, and shares the view (layerfs.storedaemon).
     return layerfs_fs.open(source, tag=tag, platform=platform, cache=cache, upper=upper,
-                           registry=registry, progress=progress, share_view=False)
+                           registry=registry, progress=progress, share_view=share_view)
 
 
 def absolute(path):
@@ -732,7 +758,7 @@ def _daemon(opener, mountpoint: str, user_options: dict, report_fd: int,
             os.write(2, f"{_PROGRESS_PREFIX}{done} {total}\n".encode())
 
         # Held until exit, so umount returns once this process is done.
-        lock_fd = acquire_server_lock(mountpoint)
+        lock_fd = acquire_server_lock(mountpoint, opener.keywords.get("upper"))
         try:
             _serve_unlocked(opener(progress), mountpoint, user_options, ready)
         finally:

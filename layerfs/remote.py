@@ -412,6 +412,7 @@ class OfflineBlob:
         self.label = label
         self.bytes_fetched = 0
         self.requests = 0
+        self.read_ahead = 0      # a registry blob: a TOC layer reads its kept chunks
 
     def read_at(self, offset: int, length: int) -> bytes:
         raise RegistryError("blob is not in the cache, and --offline forbids fetching it",

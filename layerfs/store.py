@@ -257,13 +257,15 @@ def hold_image(container: Container, image) -> None:
 def mounted_at(container: Container) -> Optional[str]:
     """The mount point where a layerfs daemon serves *container*, or None:
     the mount whose server holds the container's upper lock."""
-    from .mount import list_mounts, server_pid
+    from .mount import list_mounts, served_upper, server_pid
     from .upperformat import lock_holder_pid
     pid = lock_holder_pid(container.upper)
     if pid is None:
         return None
     for mountpoint, _source in list_mounts(every=True):
-        if server_pid(mountpoint) == pid:
+        # One process (the store's daemon) may serve several containers.
+        if server_pid(mountpoint) == pid and served_upper(mountpoint) in (None,
+                                                                          container.upper):
             return mountpoint
     return None
 

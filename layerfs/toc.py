@@ -40,6 +40,7 @@ from .paths import BadMemberName, normalize_member_name
 DEFAULT_CHUNK_SIZE = 4 << 20     # stargz-snapshotter's and containers/storage's default
 CHUNK_CACHE_BYTES = 32 << 20     # decompressed chunks kept per open layer
 MAX_TOC_SIZE = 256 << 20         # uncompressed; a bigger TOC is refused, not inflated
+PREFETCH_LIMIT = 32 << 20        # compressed bytes of prioritised files fetched on open
 
 _TYPES = {"reg": REGULAR, "dir": DIRECTORY, "symlink": SYMLINK, "hardlink": HARDLINK,
           "char": CHARDEV, "block": BLOCKDEV, "fifo": FIFO}
@@ -341,7 +342,8 @@ class TocLayer:
     def __init__(self, *, blob, label: str, digest: str, diff_id: Optional[str],
                  media_type: Optional[str], compression: str, toc_format: str,
                  entries: list, chunk_lists: list,
-                 decompress: Callable[[bytes, int], bytes], closers: list):
+                 decompress: Callable[[bytes, int], bytes], closers: list,
+                 store=None, tar_split: Optional[Callable[[], Any]] = None):
         self.source = blob
         self.path = getattr(blob, "path", None) or blob.label
         self.label = label
@@ -356,6 +358,10 @@ class TocLayer:
         self._decompress = decompress
         self._closers = closers
         self._closed = False
+        # fetched chunks kept on disk (layerfs.rangestore), for a registry blob
+        self._store = store
+        # () -> the tar-split's records (zstd:chunked), where the format has one
+        self._tar_split = tar_split
         self._lock = threading.Lock()
         self._cache: OrderedDict = OrderedDict()
         self._cached_bytes = 0
@@ -406,11 +412,135 @@ class TocLayer:
             if cached is not None:
                 self._cache.move_to_end(key)
                 return cached
-        raw = self.source.read_at(start, end - start)
-        if len(raw) != end - start:
-            raise InvalidLayerError(f"blob ends before the chunk at {start} "
-                                    f"({len(raw)} of {end - start} bytes)",
-                                    layer=self._where(), entry=self._name(data))
+        payload = None
+        stored = self._store.load_range(start, end - start) if self._store else None
+        if stored is not None:
+            try:             # checked as a fetched chunk is; a bad one is fetched again
+                payload = self._verified_payload(stored, chunk, data)
+            except (InvalidLayerError, DigestMismatchError):
+                payload = None
+        if payload is None:
+            raw = self.source.read_at(start, end - start)
+            if len(raw) != end - start:
+                raise InvalidLayerError(f"blob ends before the chunk at {start} "
+                                        f"({len(raw)} of {end - start} bytes)",
+                                        layer=self._where(), entry=self._name(data))
+            payload = self._verified_payload(raw, chunk, data)
+            if self._store is not None:
+                self._store.save_range(start, raw)
+        self._remember(chunk, payload)
+        return payload
+
+    def _remember(self, chunk: Chunk, payload: bytes) -> None:
+        """Keep a verified chunk's bytes in memory (the last CHUNK_CACHE_BYTES)."""
+        key = (chunk[2], chunk[4], chunk[1])
+        with self._lock:
+            if key in self._cache:
+                return
+            self._cache[key] = payload
+            self._cached_bytes += len(payload)
+            while self._cached_bytes > CHUNK_CACHE_BYTES and len(self._cache) > 1:
+                _, dropped = self._cache.popitem(last=False)
+                self._cached_bytes -= len(dropped)
+
+    def tar_stream(self, piece: int = 1 << 20):
+        """The layer's uncompressed tar, byte for byte, rebuilt from its
+        tar-split (headers and padding) and its files' chunks (each verified
+        against the TOC as for any read): what a zstd:chunked layer written
+        by containers/storage carries.  :class:`UnsupportedImageError` for a
+        layer with no tar-split."""
+        from .errors import UnsupportedImageError
+        if self._tar_split is None:
+            raise UnsupportedImageError(f"a {self.toc_format} layer has no tar-split to "
+                                        "rebuild its tar from", layer=self.label)
+        records = self._tar_split()
+        files: dict = {}
+        for entry in self._entries:
+            if entry.kind == REGULAR:
+                files.setdefault(entry.path, []).append(entry)
+        for record in records:
+            if record[0] == "segment":
+                yield record[1]
+                continue
+            _, name, size = record
+            if size == 0:
+                continue
+            try:
+                found = files.get(normalize_member_name(name)) or []
+            except BadMemberName:
+                found = []
+            entry = found.pop(0) if found else None
+            if entry is None or entry.size != size:
+                raise InvalidLayerError(f"the tar-split names {name!r} ({size} bytes), "
+                                        "which the table of contents does not have",
+                                        layer=self.label)
+            for offset in range(0, size, piece):
+                yield self.read(entry.data, size, offset, min(piece, size - offset))
+
+    def verify_diff_id(self) -> str:
+        """Checks the layer's ``diff_id`` (from the image config) against
+        the sha256 of :meth:`tar_stream`, which reads every file of the layer;
+        returns the digest, or raises :class:`DigestMismatchError`."""
+        hasher = hashlib.sha256()
+        for part in self.tar_stream():
+            hasher.update(part)
+        actual = "sha256:" + hasher.hexdigest()
+        if self.diff_id is not None and actual != self.diff_id:
+            raise DigestMismatchError(f"diff_id is {actual}, expected {self.diff_id} (the "
+                                      "tar rebuilt from the tar-split and the chunks)",
+                                      layer=self._where())
+        return actual
+
+    def chunk_start(self, data: int) -> Optional[int]:
+        """Where the first chunk of the file whose entry has *data* starts
+        in the blob (None for an empty file or a hole)."""
+        chunks = self._chunk_lists[data]
+        return chunks[0][2] if chunks and not chunks[0][6] else None
+
+    def prefetch(self, before: int, limit: int = PREFETCH_LIMIT) -> int:
+        """Fetch, in one request, the chunks whose compressed ranges end at
+        or before *before* (eStargz: the prioritised files, before the
+        landmark), at most *limit* bytes of them in blob order; each is
+        verified, kept in memory (within its bound) and in the range store.
+        Chunks already kept are not fetched.  Returns the bytes fetched."""
+        wanted = []
+        for data, chunks in enumerate(self._chunk_lists):
+            for chunk in chunks:
+                if not chunk[6] and chunk[3] <= before:
+                    wanted.append((chunk[2], chunk, data))
+        wanted.sort(key=lambda item: item[0])
+        missing = []
+        for start, chunk, data in wanted:
+            key = (start, chunk[4], chunk[1])
+            with self._lock:
+                if key in self._cache:
+                    continue
+            stored = self._store.load_range(start, chunk[3] - start) if self._store else None
+            if stored is not None:
+                continue             # checked when it is read
+            if missing and chunk[3] - missing[0][0] > limit:
+                break
+            missing.append((start, chunk, data))
+        if not missing:
+            return 0
+        first, last = missing[0][0], max(item[1][3] for item in missing)
+        raw = self.source.read_at(first, last - first)
+        for start, chunk, data in missing:
+            piece = raw[start - first:chunk[3] - first]
+            try:
+                payload = self._verified_payload(piece, chunk, data)
+            except (InvalidLayerError, DigestMismatchError):
+                continue             # a read of it will fetch it again, and say why
+            self._remember(chunk, payload)
+            if self._store is not None:
+                self._store.save_range(start, piece)
+        return len(raw)
+
+    def _verified_payload(self, raw: bytes, chunk: Chunk, data: int) -> bytes:
+        """The chunk's bytes from its compressed range *raw*, checked against
+        its digest (else :class:`DigestMismatchError`, or InvalidLayerError
+        for a range that does not decompress)."""
+        file_offset, length, start, end, inner, digest, _ = chunk
         try:
             payload = self._decompress(raw, inner + length)[inner:inner + length]
         except InvalidLayerError as error:
@@ -421,12 +551,6 @@ class TocLayer:
                 f"chunk at file offset {file_offset} (blob bytes {start}-{end}) does not "
                 f"match its digest {digest} in the table of contents",
                 layer=self._where(), entry=self._name(data))
-        with self._lock:
-            self._cache[key] = payload
-            self._cached_bytes += len(payload)
-            while self._cached_bytes > CHUNK_CACHE_BYTES and len(self._cache) > 1:
-                _, dropped = self._cache.popitem(last=False)
-                self._cached_bytes -= len(dropped)
         return payload
 
     def _where(self) -> str:
@@ -450,6 +574,8 @@ class TocLayer:
         with self._lock:
             self._cache.clear()
             self._cached_bytes = 0
+        if self._store is not None:
+            self._store.close()
 
     def __enter__(self) -> "TocLayer":
         return self

@@ -13,12 +13,15 @@ without a TOC, which the caller reads as a plain layer.
 from __future__ import annotations
 
 import hashlib
+import marshal
 import os
 from typing import Any, Optional
 
 from . import estargz, zstdchunked
+from .cache import IndexCache, load_headed, write_atomic
+from .compression import SUM_CHUNK
 from .entry import REGULAR, Entry
-from .errors import DigestMismatchError, InvalidLayerError
+from .errors import DigestMismatchError, ImageError, InvalidLayerError, UnsupportedImageError
 from .toc import MAX_TOC_SIZE, Chunk, TocLayer, build_entries, sha256_digest
 
 
@@ -70,7 +73,8 @@ def toc_format_of(annotations: Optional[dict]) -> Optional[str]:
 
 def open_toc_layer(source, *, digest: Optional[str], diff_id: Optional[str] = None,
                    media_type: Optional[str] = None, annotations: Optional[dict] = None,
-                   label: Optional[str] = None, sniff: bool = True) -> Optional[TocLayer]:
+                   label: Optional[str] = None, sniff: bool = True,
+                   cache=None) -> Optional[TocLayer]:
     """The layer of *source* (a blob source, a path or a
     :class:`layerfs.layer.BlobSource`) read from its table of contents, or
     None where it has none (the caller then reads it as a plain layer).
@@ -79,37 +83,218 @@ def open_toc_layer(source, *, digest: Optional[str], diff_id: Optional[str] = No
     eStargz, the 51-byte footer) and checked against the annotation's digest.
     Without it (*sniff*), the blob's last 72 bytes are looked at; where they
     are an eStargz or zstd:chunked footer, the whole blob is read once and
-    checked against *digest* (no digest: None, a plain read)."""
+    checked against *digest* (no digest: None, a plain read).
+
+    *cache* (an :class:`~layerfs.cache.IndexCache`, None for the default
+    one, False for none) keeps the bytes the TOC was read from, once
+    trusted, by blob digest (:func:`store_toc_record`): a reopen reads
+    neither the footer nor the TOC again, and a layer trusted through its
+    whole blob is not downloaded again."""
     blob, closers = _as_blob(source, digest, label)
     label = label or blob.label
+    cache = _cache_of(cache)
+    annotated = toc_format_of(annotations)
+    record = load_toc_record(cache, digest, annotated) if cache is not None else None
     try:
-        fmt = toc_format_of(annotations)
-        if fmt is None and sniff and digest:
-            fmt = _sniff(blob)
-            if fmt is not None:
-                _verify_whole(blob, digest, label)
-                annotations = {}
+        if record is not None:
+            fmt, trusted_by = record["toc_format"], record["trusted_by"]
+        else:
+            fmt, trusted_by = annotated, "annotation"
+            if fmt is None and sniff and digest:
+                fmt = _sniff(blob)
+                if fmt is not None:
+                    _verify_whole(blob, digest, label)
+                    trusted_by = "blob"
         if fmt is None:
             for close in closers:
                 close()
             return None
-        annotations = annotations or {}
-        if hasattr(blob, "read_ahead"):    # a registry blob: ask for the ranges needed only
+        annotations = annotations if trusted_by == "annotation" else {}
+        read_ahead = getattr(blob, "read_ahead", None)
+        if read_ahead is not None:         # a registry blob: ask for the ranges needed only
             blob.read_ahead = 0
-        if fmt == "estargz":
-            entries, chunk_lists, decompress = _read_estargz(blob, annotations, label)
-            compression = "gzip"
-        else:
-            entries, chunk_lists, decompress = _read_zstd_chunked(blob, annotations, label)
-            compression = "zstd"
+        reader = _Replay(blob, record["reads"]) if record is not None else _Recorder(blob)
+        read = _read_estargz if fmt == "estargz" else _read_zstd_chunked
+        try:
+            entries, chunk_lists, decompress, toc_format = read(reader, annotations, label)
+        except InvalidLayerError:
+            if trusted_by != "blob":
+                raise
+            # Found by its footer, and the whole blob is the one the digest
+            # names: a TOC that cannot serve (a stargz TOC with no digest per
+            # chunk, say) leaves an ordinary compressed tar, read as such.
+            if read_ahead is not None:
+                blob.read_ahead = read_ahead
+            for close in closers:
+                close()
+            return None
+        if record is None and cache is not None and digest:
+            store_toc_record(cache, digest, fmt, trusted_by, reader.reads)
+        store = None
+        if read_ahead is not None and cache is not None and _hex(digest):
+            # a registry blob: the chunks it fetches are kept, pinned while open
+            from .rangestore import RangeStore
+            store = RangeStore(cache, _hex(digest), blob.size, SUM_CHUNK)
+            closers.append(cache.pin(_hex(digest)).release)
     except BaseException:
         for close in closers:
             close()
         raise
-    return TocLayer(blob=blob, label=label, digest=digest or blob.digest or "", diff_id=diff_id,
-                    media_type=media_type, compression=compression, toc_format=fmt,
-                    entries=entries, chunk_lists=chunk_lists, decompress=decompress,
-                    closers=closers)
+    compression = "zstd" if fmt == "zstd:chunked" else "gzip"
+    tar_split = (_tar_split_reader(blob, annotations, label)
+                 if fmt == "zstd:chunked" else None)
+    layer = TocLayer(blob=blob, label=label, digest=digest or blob.digest or "",
+                     diff_id=diff_id, media_type=media_type, compression=compression,
+                     toc_format=toc_format, entries=entries, chunk_lists=chunk_lists,
+                     decompress=decompress, closers=closers, store=store,
+                     tar_split=tar_split)
+    if read_ahead is not None and fmt == "estargz":
+        prefetch_prioritised(layer)
+    return layer
+
+
+def _tar_split_reader(blob, annotations: dict, label: str):
+    """A function giving the records of a zstd:chunked layer's tar-split,
+    fetched when first asked for (not at open): where the annotation says,
+    checked against its checksum annotation, else where the footer says.
+    (What rebuilds the tar from it checks the result against the diff_id:
+    the tar-split needs no trust of its own.)"""
+    def records():
+        where = annotations.get(zstdchunked.TARSPLIT_POSITION_ANNOTATION)
+        if where is not None:
+            offset, length, uncompressed = zstdchunked.parse_tarsplit_position(where, label)
+        else:
+            found = zstdchunked.parse_footer_tarsplit(_fetch(
+                blob, blob.size - zstdchunked.FOOTER_SIZE, zstdchunked.FOOTER_SIZE,
+                "footer", label)) if blob.size >= zstdchunked.FOOTER_SIZE else None
+            if found is None:
+                raise UnsupportedImageError("the zstd:chunked layer has no tar-split to "
+                                            "rebuild its tar from", layer=label)
+            offset, length, uncompressed = found
+        if uncompressed > MAX_TOC_SIZE:
+            raise InvalidLayerError(f"the tar-split is larger than {MAX_TOC_SIZE} bytes",
+                                    layer=label)
+        raw = _fetch(blob, offset, length, "tar-split", label)
+        expected = annotations.get(zstdchunked.TARSPLIT_CHECKSUM_ANNOTATION)
+        if expected is not None and sha256_digest(raw) != expected:
+            raise DigestMismatchError(f"the tar-split is {sha256_digest(raw)}, not {expected} "
+                                      f"as the descriptor's "
+                                      f"{zstdchunked.TARSPLIT_CHECKSUM_ANNOTATION} says",
+                                      layer=label)
+        try:
+            data = zstdchunked.decompress_frames(raw, uncompressed + 1)
+        except InvalidLayerError as error:
+            raise InvalidLayerError(f"tar-split: {error.reason}", layer=label) from None
+        if len(data) != uncompressed:
+            raise InvalidLayerError(f"the tar-split is {len(data)} bytes, not the "
+                                    f"{uncompressed} its position says", layer=label)
+        return zstdchunked.tarsplit_records(data, label)
+    return records
+
+
+def prefetch_prioritised(layer: TocLayer) -> int:
+    """eStargz's prioritised files: those before the ``.prefetch.landmark``
+    entry in the TOC (its writer puts the files a workload reads first
+    there) are fetched at open, in one request of at most
+    :data:`layerfs.toc.PREFETCH_LIMIT` bytes, verified and kept (in memory,
+    and in the range store of a registry blob).  Nothing for a layer with
+    ``.no.prefetch.landmark`` or no landmark.  A failed prefetch is not an
+    error: the files are fetched when read.  Returns the bytes fetched."""
+    landmark = next((e for e in layer.entries if e.path == "/" + estargz.PREFETCH_LANDMARK
+                     and e.kind == REGULAR and e.size), None)
+    if landmark is None:
+        return 0
+    try:
+        before = layer.chunk_start(landmark.data)
+        return layer.prefetch(before) if before is not None else 0
+    except (ImageError, OSError):
+        return 0
+
+
+# -- the TOC record: what the TOC was read from, kept once trusted -------------
+
+TOC_RECORD_FORMAT = "layerfs-toc"
+TOC_RECORD_VERSION = 1
+
+
+def load_toc_record(cache, digest: Optional[str], annotated: Optional[str]) -> Optional[dict]:
+    """The TOC record of the blob *digest*, if the cache holds one that may
+    be used now: one trusted through the whole blob always; one trusted
+    through an annotation only when the descriptor has that annotation now
+    (its digest is checked again, on the recorded bytes)."""
+    hex_ = _hex(digest)
+    if not hex_:
+        return None
+    loaded = load_headed(cache.toc_path(hex_), TOC_RECORD_FORMAT, TOC_RECORD_VERSION,
+                         ("digest", hex_), dict)
+    if loaded is None:
+        return None
+    record = loaded[1]
+    if record.get("trusted_by") == "blob":
+        return record
+    if record.get("trusted_by") == "annotation" and record.get("toc_format") == annotated:
+        return record
+    return None
+
+
+def store_toc_record(cache, digest: str, fmt: str, trusted_by: str, reads: dict) -> None:
+    """Keep the byte ranges the TOC was read from (``index/sha256/<hex>.toc``:
+    the marshal of a header and ``{"toc_format", "trusted_by", "reads":
+    {(offset, length): bytes}}``), written whole under a temp name.
+    *trusted_by*: ``"blob"`` (the whole blob matched its digest) or
+    ``"annotation"`` (the TOC matched the descriptor's annotation)."""
+    hex_ = _hex(digest)
+    if not hex_:
+        return
+    header = {"format": TOC_RECORD_FORMAT, "version": TOC_RECORD_VERSION, "digest": hex_}
+    body = {"toc_format": fmt, "trusted_by": trusted_by, "reads": dict(reads)}
+    try:
+        write_atomic(cache.toc_path(hex_), marshal.dumps((header, body)))
+    except OSError:
+        pass             # a cache that cannot be written: the next open reads it again
+
+
+class _Recorder:
+    """A blob source that remembers what was read through it."""
+
+    def __init__(self, blob):
+        self.blob = blob
+        self.size = blob.size
+        self.label = blob.label
+        self.reads: dict = {}
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        data = self.blob.read_at(offset, length)
+        self.reads[(offset, length)] = data
+        return data
+
+
+class _Replay:
+    """A blob source that answers from a TOC record, and from the blob for
+    anything the record lacks."""
+
+    def __init__(self, blob, reads: dict):
+        self.blob = blob
+        self.size = blob.size
+        self.label = blob.label
+        self.reads = reads
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        data = self.reads.get((offset, length))
+        return data if data is not None else self.blob.read_at(offset, length)
+
+
+def _cache_of(cache):
+    if cache is False:
+        return None
+    if cache is None or cache is True:
+        return IndexCache()
+    return cache if hasattr(cache, "toc_path") else None
+
+
+def _hex(digest: Optional[str]) -> str:
+    algorithm, _, hex_ = (digest or "").partition(":")
+    return hex_ if algorithm == "sha256" and len(hex_) == 64 else ""
 
 
 def _as_blob(source, digest: Optional[str], label: Optional[str]) -> tuple[Any, list]:
@@ -129,7 +314,7 @@ def _sniff(blob) -> Optional[str]:
     tail = blob.read_at(blob.size - zstdchunked.FOOTER_SIZE, zstdchunked.FOOTER_SIZE)
     if zstdchunked.parse_footer(tail) is not None:
         return "zstd:chunked"
-    if estargz.parse_footer(tail[-estargz.FOOTER_SIZE:]) is not None:
+    if estargz.find_footer(tail) is not None:      # eStargz, or the original stargz
         return "estargz"
     return None
 
@@ -164,11 +349,14 @@ def _fetch(blob, offset: int, length: int, what: str, label: str) -> bytes:
 
 
 def _read_estargz(blob, annotations: dict, label: str):
+    """The entries of an eStargz layer, or of an original stargz one (whose
+    47-byte footer the last 51 bytes end with)."""
     if blob.size < estargz.FOOTER_SIZE:
         raise InvalidLayerError("blob is too short for an eStargz footer", layer=label)
-    toc_end = blob.size - estargz.FOOTER_SIZE
-    toc_offset = estargz.parse_footer(_fetch(blob, toc_end, estargz.FOOTER_SIZE,
-                                             "footer", label))
+    found = estargz.find_footer(_fetch(blob, blob.size - estargz.FOOTER_SIZE,
+                                       estargz.FOOTER_SIZE, "footer", label))
+    toc_offset, footer_size = found if found is not None else (None, 0)
+    toc_end = blob.size - footer_size
     if toc_offset is None or toc_offset >= toc_end:
         raise InvalidLayerError("the descriptor says eStargz but the blob ends with no "
                                 "eStargz footer", layer=label)
@@ -192,7 +380,8 @@ def _read_estargz(blob, annotations: dict, label: str):
                          info.gid, mtime_ns, len(data), "", 0, None, len(chunk_lists)))
     chunk_lists.append((Chunk((0, len(data), toc_offset, toc_end, info.offset_data,
                                sha256_digest(data), False)),) if data else ())
-    return entries, chunk_lists, estargz.decompress_member
+    fmt = "estargz" if footer_size == estargz.FOOTER_SIZE else "stargz"
+    return entries, chunk_lists, estargz.decompress_member, fmt
 
 
 def _pax_mtime_ns(text: str) -> int:
@@ -224,4 +413,4 @@ def _read_zstd_chunked(blob, annotations: dict, label: str):
                                   f"{zstdchunked.CHECKSUM_ANNOTATION} says", layer=label)
     manifest = zstdchunked.read_manifest(raw, uncompressed, label)
     entries, chunk_lists = build_entries(manifest, label, zstdchunked.chunk_ranges)
-    return entries, chunk_lists, zstdchunked.decompress_frames
+    return entries, chunk_lists, zstdchunked.decompress_frames, "zstd:chunked"

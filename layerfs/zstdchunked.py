@@ -15,6 +15,13 @@ reads it:
   (1, CRFS), tar-split offset, compressed and uncompressed length (0 here:
   layerfs writes no tar-split, so containers/storage reads such a layer by
   an ordinary download rather than partially), then ``GNUlInUx``;
+- a tar-split (containers/storage writes one, in a skippable frame between
+  the manifest and the footer): zstd-compressed JSON lines, each either a
+  segment of raw tar bytes (headers, padding) or a reference to a member's
+  contents by name; with the files' bytes from their chunks it gives back
+  the tar byte for byte, so the layer's diff_id can be checked
+  (:meth:`layerfs.toc.TocLayer.verify_diff_id`).  Its annotations
+  ``...tarsplit-checksum`` / ``...tarsplit-position`` mirror the manifest's;
 - the layer descriptor carries
   ``io.github.containers.zstd-chunked.manifest-checksum`` (the sha256 of
   the *compressed* manifest) and ``...manifest-position`` =
@@ -34,6 +41,8 @@ from .toc import MAX_TOC_SIZE
 
 CHECKSUM_ANNOTATION = "io.github.containers.zstd-chunked.manifest-checksum"
 POSITION_ANNOTATION = "io.github.containers.zstd-chunked.manifest-position"
+TARSPLIT_CHECKSUM_ANNOTATION = "io.github.containers.zstd-chunked.tarsplit-checksum"
+TARSPLIT_POSITION_ANNOTATION = "io.github.containers.zstd-chunked.tarsplit-position"
 SKIPPABLE_MAGIC = 0x184D2A50
 FOOTER_MAGIC = b"GNUlInUx"
 FOOTER_DATA_SIZE = 64
@@ -49,9 +58,65 @@ def skippable_frame(data: bytes) -> bytes:
     return struct.pack("<II", SKIPPABLE_MAGIC, len(data)) + data
 
 
-def footer(offset: int, length: int, uncompressed: int) -> bytes:
-    data = struct.pack("<7Q", offset, length, uncompressed, MANIFEST_TYPE_CRFS, 0, 0, 0)
+def footer(offset: int, length: int, uncompressed: int,
+           tarsplit: tuple[int, int, int] = (0, 0, 0)) -> bytes:
+    """The 72-byte footer; *tarsplit*: the tar-split's (offset, compressed
+    length, uncompressed length), zeros where there is none."""
+    data = struct.pack("<7Q", offset, length, uncompressed, MANIFEST_TYPE_CRFS, *tarsplit)
     return skippable_frame(data + FOOTER_MAGIC)
+
+
+def parse_footer_tarsplit(data: bytes) -> Optional[tuple[int, int, int]]:
+    """The tar-split's (offset, compressed length, uncompressed length) a
+    footer gives, or None (no footer, or no tar-split: length 0)."""
+    if parse_footer(data) is None:
+        return None
+    offset, length, uncompressed = struct.unpack_from("<3Q", data, 8 + 32)
+    return (offset, length, uncompressed) if length else None
+
+
+def parse_tarsplit_position(text: str, label: str) -> tuple[int, int, int]:
+    """The tarsplit-position annotation ``offset:length:uncompressed``."""
+    try:
+        values = tuple(int(part) for part in text.split(":"))
+    except (ValueError, AttributeError):
+        values = ()
+    if len(values) != 3 or min(values) < 0:
+        raise InvalidLayerError(f"{TARSPLIT_POSITION_ANNOTATION} {text!r} is not "
+                                "offset:length:uncompressed_length", layer=label)
+    return values  # type: ignore[return-value]
+
+
+def tarsplit_records(data: bytes, label: str):
+    """The records of a tar-split (vbatts/tar-split, JSON lines): each
+    ``("segment", raw bytes)`` (type 2: tar headers and padding, inline) or
+    ``("file", name, size)`` (type 1: a member's contents, kept elsewhere;
+    its ``payload`` is a CRC-64 that the caller may ignore when it checks
+    the whole tar's digest instead)."""
+    import base64
+    import binascii
+    for number, line in enumerate(data.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            kind = record["type"]
+            if kind == 2:
+                yield "segment", base64.b64decode(record.get("payload") or b"", validate=True)
+            elif kind == 1:
+                name = record.get("name")
+                if name is None and record.get("name_raw"):
+                    name = base64.b64decode(record["name_raw"]).decode("utf-8",
+                                                                       "surrogateescape")
+                size = record.get("size", 0) or 0
+                if not isinstance(name, str) or not isinstance(size, int) or size < 0:
+                    raise ValueError("a file record needs a name and a size")
+                yield "file", name, size
+            else:
+                raise ValueError(f"unknown record type {kind!r}")
+        except (ValueError, KeyError, TypeError, binascii.Error) as error:
+            raise InvalidLayerError(f"tar-split line {number}: {error}",
+                                    layer=label) from None
 
 
 def parse_footer(data: bytes) -> Optional[tuple[int, int, int, int]]:

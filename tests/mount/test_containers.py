@@ -1,16 +1,23 @@
 """Containers and volumes through real mounts (issue 15): two containers of
 one image mounted at once, rm while mounted, volumes as host directories
-that stay out of diffs and commits, no escape through the image's symlinks."""
+that stay out of diffs and commits, no escape through the image's symlinks;
+one daemon per store serving every mounted container of it, its sessions
+independent, leaving after the last, unmounting them all on a signal, and
+started safely by racing mounts."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
+import signal
 import subprocess
+import time
 
 import pytest
 
 import layerfs
+from layerfs import mount as layerfs_mount
 from layerfs.example import build_example
 from mount_helpers import force_unmount, is_mounted, requires_fuse, run_cli
 
@@ -41,13 +48,20 @@ def cli(*arguments):
     return result.stdout
 
 
-def test_two_mounted_containers_of_one_image_are_isolated(env):
+@pytest.fixture
+def two_mounted(env):
+    """Containers a and b of the example image, mounted on m1 and m2."""
     image, mountpoint = env
     cli("container", "create", image, "a")
     cli("container", "create", image, "b")
     m1, m2 = mountpoint("m1"), mountpoint("m2")
     cli("container", "mount", "a", m1)
     cli("container", "mount", "b", m2)
+    return m1, m2
+
+
+def test_two_mounted_containers_of_one_image_are_isolated(two_mounted):
+    m1, m2 = two_mounted
     with open(os.path.join(m1, "etc", "only-a"), "w") as stream:
         stream.write("a\n")
     os.unlink(os.path.join(m2, "README"))
@@ -205,3 +219,99 @@ def test_mount_with_an_upper_takes_volumes_too(env, tmp_path):
     cli("umount", m1)
     assert not is_mounted(m1) and (host / "f").exists()
     assert not any(str(host) in line for line in open("/proc/self/mountinfo"))
+
+
+# -- one daemon per store (layerfs/storedaemon.py) -----------------------------
+
+def wait_gone(pid: int, seconds: float = 30.0) -> bool:
+    """Whether process *pid* has exited within *seconds* (a bound, not a
+    measurement: the daemon leaves 2 s after its last session)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def daemon_pid(mountpoint: str) -> int:
+    pid = layerfs_mount.server_pid(mountpoint)
+    assert pid is not None
+    return pid
+
+
+def test_one_daemon_serves_every_container_of_a_store(env):
+    image, mountpoint = env
+    for name in ("a", "b", "c"):
+        cli("container", "create", image, name)
+    points = {name: mountpoint(f"m-{name}") for name in ("a", "b", "c")}
+    for name, point in points.items():
+        cli("container", "mount", name, point)
+    pids = {daemon_pid(point) for point in points.values()}
+    assert len(pids) == 1
+    (pid,) = pids
+    for name, point in points.items():
+        with open(os.path.join(point, "mine"), "w") as stream:
+            stream.write(name)
+    rows = {row["name"]: row["mounted"] for row in json.loads(cli("container", "ls", "--json"))}
+    assert rows == points
+    # Unmounting one session leaves the others served.
+    cli("umount", points["b"])
+    assert not is_mounted(points["b"])
+    for name in ("a", "c"):
+        with open(os.path.join(points[name], "mine")) as stream:
+            assert stream.read() == name
+    rows = {row["name"]: row["mounted"] for row in json.loads(cli("container", "ls", "--json"))}
+    assert rows == {"a": points["a"], "b": None, "c": points["c"]}
+    assert cli("container", "diff", "b") == "A /mine\n"
+    # Mounted again, by the same daemon.
+    cli("container", "mount", "b", points["b"])
+    assert daemon_pid(points["b"]) == pid
+    cli("container", "rm", "--force", "c")
+    assert not is_mounted(points["c"]) and is_mounted(points["a"])
+    cli("umount", points["a"])
+    cli("umount", points["b"])
+    assert wait_gone(pid)
+
+
+def test_a_refused_mount_leaves_the_daemon_serving_the_others(env, tmp_path):
+    image, mountpoint = env
+    cli("container", "create", image, "a")
+    cli("container", "create", image, "b")
+    m1 = mountpoint("m1")
+    cli("container", "mount", "a", m1)
+    result = run_cli("container", "mount", "b", m1)     # a mount point in use
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("layerfs: ")
+    result = run_cli("container", "mount", "a", mountpoint("m2"))   # mounted already
+    assert result.returncode == 1 and "mounted on" in result.stderr
+    assert os.listdir(m1)
+    cli("umount", m1)
+
+
+def test_a_signal_unmounts_every_session_and_keeps_what_was_written(two_mounted):
+    m1, m2 = two_mounted
+    with open(os.path.join(m2, "kept"), "w") as stream:
+        stream.write("b")
+    pid = daemon_pid(m1)
+    os.kill(pid, signal.SIGTERM)
+    assert wait_gone(pid)
+    assert not is_mounted(m1) and not is_mounted(m2)
+    assert cli("container", "diff", "b") == "A /kept\n"
+
+
+def test_mounts_racing_to_start_the_daemon_share_one(env):
+    image, mountpoint = env
+    names = [f"c{number}" for number in range(4)]
+    for name in names:
+        cli("container", "create", image, name)
+    points = [mountpoint(f"m-{name}") for name in names]
+    with concurrent.futures.ThreadPoolExecutor(len(names)) as pool:
+        results = list(pool.map(lambda pair: run_cli("container", "mount", *pair),
+                                zip(names, points)))
+    assert [r.stderr for r in results] == [""] * len(names)
+    assert len({daemon_pid(point) for point in points}) == 1
+    for point in points:
+        subprocess.run(["umount", point], check=True)

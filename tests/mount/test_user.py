@@ -132,6 +132,43 @@ def test_a_user_mounts_lists_and_unmounts_through_fusermount3(sample_layers, pub
     assert not is_mounted(mnt)
 
 
+@pytest.mark.skipif(bool(user_fuse_unavailable()) and os.environ.get("CI") != "true",
+                    reason=user_fuse_unavailable() or "-")
+def test_a_user_mounts_containers_through_the_stores_daemon(sample_layers, public_dir,
+                                                            monkeypatch):
+    owned = {}
+    for name in ("m1", "m2", "run", "cache", "home", "store", "layers"):
+        owned[name] = os.path.join(public_dir, name)
+        os.mkdir(owned[name])
+        os.chown(owned[name], USER, USER)
+    layers = [shutil.copy(path, owned["layers"]) for path in sample_layers]
+    layers.append(os.path.join(owned["layers"], "tmp.tar"))
+    with tarfile.open(layers[-1], "w") as tar:      # a /tmp the user may write in
+        info = tarfile.TarInfo("tmp")
+        info.type, info.mode = tarfile.DIRTYPE, 0o1777
+        tar.addfile(info)
+    env = dict(os.environ, PYTHONPATH=user_pythonpath(public_dir), HOME=owned["home"],
+               LAYERFS_RUNTIME_DIR=owned["run"], LAYERFS_CACHE_DIR=owned["cache"],
+               LAYERFS_STORE=owned["store"])
+    env.pop("XDG_RUNTIME_DIR", None)
+    cli = [user_python(env), "-m", "layerfs.cli"]
+    for name, point in (("a", owned["m1"]), ("b", owned["m2"])):
+        as_user(*cli, "container", "create", *stack(layers), name, env=env)
+        as_user(*cli, "container", "mount", name, point, env=env)
+    as_user("sh", "-c", f"echo mine > {owned['m1']}/tmp/new", env=env)
+    listed = {point: as_user("ls", f"{owned[point]}/tmp", env=env).stdout.split()
+              for point in ("m1", "m2")}
+    assert listed == {"m1": ["new"], "m2": []}
+    monkeypatch.setenv(layerfs_mount.RUNTIME_DIR_VARIABLE, owned["run"])
+    pids = {layerfs_mount.server_pid(owned[p]) for p in ("m1", "m2")}
+    assert len(pids) == 1 and None not in pids
+    assert as_user(*cli, "container", "diff", "a", env=env).stdout == "C /tmp\nA /tmp/new\n"
+    assert as_user(*cli, "container", "diff", "b", env=env).stdout == ""
+    for point in ("m1", "m2"):
+        as_user(*cli, "umount", owned[point], env=env)
+        assert not is_mounted(owned[point])
+
+
 def _chroot_root(tmp_path):
     layer = str(tmp_path / "busybox.tar")
     _busybox_layer(layer)

@@ -224,3 +224,67 @@ class BlobStore(_Server):
             self.send_header("Content-Length", str(len(text)))
             self.end_headers()
             self.wfile.write(text)
+
+
+class CountingProxy(_Server):
+    """A pass-through HTTP proxy in front of a registry (``upstream``, its
+    base URL) that counts what it serves: ``blob_bytes`` (body bytes of
+    ``/blobs/`` answers, the layer data a client fetched) and ``blob_requests``.
+    Its ``host`` names it in a ``docker://`` reference; any process may use
+    it, so what a second process fetches is counted too.  A response is
+    counted whole when it is asked for (a client that closes it early read
+    less): the count does not depend on when the client reads.""" 
+
+    FORWARDED = ("Range", "Accept", "Authorization")
+    RETURNED = ("Content-Type", "Content-Range", "Docker-Content-Digest", "Location",
+                "WWW-Authenticate", "Docker-Distribution-Api-Version")
+
+    def __init__(self, upstream: str):
+        self.upstream = upstream
+        self.blob_bytes = 0
+        self.blob_requests = 0
+        self.lock = threading.Lock()
+        super().__init__()
+        self.host = f"127.0.0.1:{self.port}"
+
+    def reset(self) -> None:
+        with self.lock:
+            self.blob_bytes = self.blob_requests = 0
+
+    class handler_class(_Quiet):
+        def handle_one_request(self):
+            try:
+                super().handle_one_request()
+            except ConnectionResetError:      # a client closing a kept-alive connection
+                self.close_connection = True
+
+        def do_GET(self):
+            self._forward("GET")
+
+        def do_HEAD(self):
+            self._forward("HEAD")
+
+        def _forward(self, method):
+            import requests
+            owner = self.owner
+            headers = {name: self.headers[name] for name in owner.FORWARDED
+                       if self.headers.get(name)}
+            answer = requests.request(method, owner.upstream + self.path, headers=headers,
+                                      allow_redirects=False, timeout=30)
+            body = answer.content if method == "GET" else b""
+            self.send_response(answer.status_code)
+            for name in owner.RETURNED:
+                if name in answer.headers:
+                    self.send_header(name, answer.headers[name])
+            self.send_header("Content-Length", answer.headers.get("Content-Length", "0")
+                             if method == "HEAD" else str(len(body)))
+            self.end_headers()
+            if method == "GET":
+                if "/blobs/" in self.path:     # counted when asked for, not when read
+                    with owner.lock:
+                        owner.blob_bytes += len(body)
+                        owner.blob_requests += 1
+                try:
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass            # the client had what it wanted, and closed

@@ -133,9 +133,10 @@ def top_level_imports(module: str) -> set[str]:
 
 
 def test_the_store_loads_no_fuse_module_when_imported():
-    for module in ("store", "volume", "containercli"):
+    for module in ("store", "volume", "containercli", "storedaemon"):
         assert not top_level_imports(module) & (FUSE_MODULES | {"fs", "cli"}), module
-    code = ("import sys, layerfs.store, layerfs.volume, layerfs.containercli; "
+    code = ("import sys, layerfs.store, layerfs.volume, layerfs.containercli, "
+            "layerfs.storedaemon; "
             "print(sorted(m for m in sys.modules if m.split('.')[-1] in "
             f"{sorted(FUSE_MODULES)!r}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

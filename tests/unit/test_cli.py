@@ -250,3 +250,15 @@ def test_a_gzipped_docker_save_archive_opens_as_its_image(image, tmp_path):
 def test_tags_lists_the_images_of_a_layout(image):
     name, platform, digest = run("tags", image).stdout.strip().split("\t")
     assert name == "example" and platform.startswith("linux/") and digest.startswith("sha256:")
+
+
+def test_usage_errors_of_commands_in_other_modules_are_usage_errors(tmp_path):
+    """``python -m layerfs.cli`` runs the file as ``__main__``, a second copy
+    of the module: a usage error raised by the cache or registry commands
+    (defined elsewhere) must still be one line and status 2, not an
+    internal error."""
+    for arguments in (["cache", "--cache-dir", tmp_path, "prune", "--keep", "bogus"],
+                      ["copy", "docker://127.0.0.1:9/x:1", "not-oci"]):
+        result = run(*arguments, check=False)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.count("\n") == 1 and "please report" not in result.stderr

@@ -99,6 +99,23 @@ def test_cold_open_with_a_cache_fills_it(tmp_path, spy):
     assert calls == [[0, 1, 2, 3]]
 
 
+def test_layers_indexed_at_once_report_one_progress(tmp_path, spy, monkeypatch):
+    """One bar for the whole image: the bytes done of every layer reported
+    so far against their total, never going back."""
+    monkeypatch.setattr("layerfs.compression.PROGRESS_STEP", 1000)
+    source = write_image(STACK, tmp_path / "img", compression="gzip")
+    calls = []
+    with open_image(source, cache=IndexCache(tmp_path / "cache"),
+                    progress=lambda done, total: calls.append((done, total))):
+        pass
+    assert spy[0] == [[0, 1, 2, 3]]
+    dones = [done for done, _ in calls]
+    assert dones == sorted(dones)
+    with open_image(source) as image:
+        layer_bytes = sum(layer.size for layer in image.layers)
+    assert calls[-1] == (layer_bytes, layer_bytes)
+
+
 def test_warm_open_makes_no_thread_pool(tmp_path, monkeypatch):
     source = write_image(STACK, tmp_path / "img")
     with layerfs.open(source) as fs:
