@@ -45,7 +45,8 @@ import attrs
 
 from .compression import detect_compression
 from .errors import DigestMismatchError, ImageError, UnsupportedImageError
-from .layer import Layer, cache_root, open_layer
+from .cache import cache_root
+from .layer import Layer, open_layer
 from .stores import MAX_JSON_SIZE, CompressedTarStore, DirStore, TarStore
 from .tocopen import open_toc_layer
 from .paths import BadMemberName, normalize_member_name

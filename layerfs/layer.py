@@ -43,8 +43,7 @@ from typing import Callable, Optional, Union
 import attrs
 
 from .blobsource import Blob, FileRange, RangeBlob, VerifiedBlob, is_blob
-from .cache import (CACHE_ENV, INDEX_FORMAT, INDEX_VERSION, IndexCache,  # noqa: F401
-                    cache_root, default_cache_root, file_identity)
+from .cache import INDEX_FORMAT, INDEX_VERSION, IndexCache
 from .cache import _remove
 from .cache import temp_file as _temp_file
 from .compression import (NONE, SUM_CHUNK, BlobStream, detect_compression,

@@ -26,7 +26,7 @@ def cmd_copy(args) -> int:
     from .image import descriptor
     from .imagewrite import copy_to_layout
     from .reference import parse_reference as parse
-    from .layer import cache_root
+    from .cache import cache_root
     from .remote import BlobCache
     operands = take_image(args, ["DEST"])
     if not operands.image.is_remote:

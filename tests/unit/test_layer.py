@@ -16,7 +16,8 @@ from layerfs import layer as layer_module
 from layerfs import tarindex
 from layerfs.entry import REGULAR
 from layerfs.errors import DigestMismatchError, InvalidLayerError, UnsupportedImageError
-from layerfs.layer import BlobSource, IndexCache, default_cache_root, open_layer
+from layerfs.cache import default_cache_root
+from layerfs.layer import BlobSource, IndexCache, open_layer
 
 RNG = random.Random(42)
 FILES = {
