@@ -314,7 +314,13 @@ def _serve_unlocked(fs, mountpoint: str, options, on_ready) -> None:
         fs.close()
         raise
     from .fusecore import Operations
-    operations = Operations(fs, on_ready=on_ready, context=adapter.context)
+    low_level = os.environ.get("LAYERFS_FUSE_API") != "high"
+    if low_level and not fs.readonly:
+        from .fusewrite import request_context
+        context = request_context
+    else:
+        context = adapter.context
+    operations = Operations(fs, on_ready=on_ready, context=context)
     device_fd = None
     try:
         options = dict(options or {})
@@ -336,10 +342,16 @@ def _serve_unlocked(fs, mountpoint: str, options, on_ready) -> None:
             "serving %s on %s (%s, libfuse %d.%d)", fuse_options["fsname"], mountpoint,
             "read-only" if operations.readonly else "writable",
             adapter.binding.fuse_version_major, adapter.binding.fuse_version_minor)
-        if operations.readonly and os.environ.get("LAYERFS_FUSE_API") != "high":
-            # Read-only: the low-level API, so the kernel keeps listings.
-            from .fusell import Server
-            status = Server(fs, target, fuse_options, on_ready).serve()
+        if low_level:
+            # Read-only: the kernel keeps listings; writable: inodes the
+            # kernel holds stay reachable (layerfs.fusewrite).
+            if operations.readonly:
+                from .fusell import Server
+                server = Server(fs, target, fuse_options, on_ready)
+            else:
+                from .fusewrite import WritableServer
+                server = WritableServer(operations, target, fuse_options, on_ready)
+            status = server.serve()
             if status < 0:
                 raise MountError(f"{mountpoint}: the FUSE loop failed ({os.strerror(-status)})",
                                  -status)

@@ -167,9 +167,15 @@ class Upper:
             self.is_root = os.geteuid() == 0
             self.descriptors = DescriptorCache()
             # Open handles per inode, and a descriptor kept for each upper file
-            # whose last name went while a handle had it open (as unlink(2)).
+            # whose last name went while a handle had it open, or while the
+            # kernel still referenced its inode (as unlink(2)): no name on
+            # the host, so a crash leaves nothing behind.
             self.open_counts: dict[int, int] = {}
             self.orphans: dict[int, int] = {}
+            # Does the kernel still reference inode *ino* (an O_PATH
+            # descriptor, a cwd)?  Set by a FUSE server that counts them
+            # (layerfs.fusell); without one, nothing outlives its handles.
+            self.referenced: Callable[[int], bool] = _nothing_referenced
             self._temporary = itertools.count()
             load_upper(self)
         except BaseException:
@@ -229,14 +235,33 @@ class Upper:
             count = self.open_counts.pop(node.ino) - 1
             if count:
                 self.open_counts[node.ino] = count
-            elif node.ino in self.orphans:
+            elif node.ino in self.orphans and not self.referenced(node.ino):
                 os.close(self.orphans.pop(node.ino))
+
+    def forgotten(self, node: Node) -> None:
+        """The kernel no longer references *node*: an unlinked file's data
+        goes once no handle has it open either."""
+        with self.lock:
+            if node.ino in self.orphans and node.ino not in self.open_counts:
+                os.close(self.orphans.pop(node.ino))
+
+    def reopen_orphan(self, node: Node) -> int:
+        """A new read-write descriptor on the data of *node*, an upper file
+        whose names are all gone (reopened through ``/proc/self/fd``, as
+        the kernel reopens an unlinked file).  ``ESTALE`` if no data was
+        kept for it (a lower file has nothing of its own in the upper)."""
+        fd = self.orphans.get(node.ino)
+        if fd is None:
+            raise OSError(errno.ESTALE, os.strerror(errno.ESTALE))
+        return os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
 
     def _keep_if_open(self, node: Node, path: str) -> None:
         """Before *path*, the last name of *node*, goes away: keep the data
-        reachable for the handles that have it open."""
+        reachable for the handles that have it open and for the kernel's
+        references to the inode."""
         if node.nlink == 1 and node.source == UPPER_SOURCE:
-            if node.ino in self.open_counts and node.ino not in self.orphans:
+            if ((node.ino in self.open_counts or self.referenced(node.ino))
+                    and node.ino not in self.orphans):
                 self.orphans[node.ino] = self.host.open_file(diff_path(path), os.O_RDONLY)
             self.descriptors.forget(node.ino)
 
@@ -673,6 +698,10 @@ class Upper:
             if mode & S_IFMT == S_IFDIR:
                 mode |= _stat.S_ISGID
         return self.tree.new_node(mode, uid, gid, now_ns())
+
+
+def _nothing_referenced(ino: int) -> bool:
+    return False
 
 
 @functools.lru_cache(maxsize=1)

@@ -175,9 +175,6 @@ def test_fsync_and_fdatasync(rw_mounted, tmp_path):
 # stays off.  An O_PATH descriptor holds the inode without an OPEN, which
 # makes the first case deterministic.  The fix is the low-level API for
 # writable mounts, with inodes kept until the kernel's FORGET.
-@pytest.mark.xfail(raises=OSError, strict=True,
-                   reason="libfuse's high-level layer forgets a replaced inode's path: "
-                          "ESTALE (docs/mount.md)")
 @pytest.mark.parametrize("replace", ["rename", "unlink"])
 def test_a_replaced_file_stays_reachable_through_a_held_descriptor(rw_mounted, tmp_path,
                                                                    replace):
