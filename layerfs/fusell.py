@@ -143,7 +143,6 @@ _loop_cfg_create = _declare("fuse_loop_cfg_create", c_void_p)
 _loop_cfg_destroy = _declare("fuse_loop_cfg_destroy", None, c_void_p)
 _loop_cfg_set_max_threads = _declare("fuse_loop_cfg_set_max_threads", None, c_void_p,
                                      ctypes.c_uint)
-_session_exit = _declare("fuse_session_exit", None, c_void_p)
 _set_signal_handlers = _declare("fuse_set_signal_handlers", c_int, c_void_p)
 _remove_signal_handlers = _declare("fuse_remove_signal_handlers", None, c_void_p)
 
@@ -175,7 +174,6 @@ class Server:
         self.negative_timeout = float(options.get("negative_timeout", 86400))
         self.max_threads = int(options.get("max_threads", 10))
         self.options = options
-        self._session = None
         self.ops = fuse_lowlevel_ops()
         self._callbacks = []
         for name, prototype in _OPS:
@@ -245,12 +243,12 @@ class Server:
         pass
 
     def serve(self) -> int:
-        """Mount, serve until unmounted (or :meth:`stop`), unmount.
+        """Mount, serve until unmounted, return libfuse's loop status.
 
         In the main thread, SIGINT, SIGTERM and SIGHUP end the loop
         (libfuse's handlers); in any other thread no signal handler is
         touched, so several servers can run side by side, each in its
-        thread, and each ends when its mount goes or :meth:`stop` is called.
+        thread, each ending when its mount goes (``fusermount3 -u``).
         """
         argv = [b"layerfs"]
         mount = ",".join(name if value is True else f"{name}={value}"
@@ -278,7 +276,6 @@ class Server:
             try:
                 if _session_mount(session, os.fsencode(self.mountpoint)) != 0:
                     raise RuntimeError(4)
-                self._session = session
                 try:
                     config = _loop_cfg_create()
                     _loop_cfg_set_max_threads(config, self.max_threads)
@@ -287,7 +284,6 @@ class Server:
                     finally:
                         _loop_cfg_destroy(config)
                 finally:
-                    self._session = None
                     _session_unmount(session)
             finally:
                 if main:
@@ -296,13 +292,6 @@ class Server:
             _session_destroy(session)
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
-
-    def stop(self) -> None:
-        """Ask the loop of :meth:`serve` to end (from any thread); it does
-        at the next request, or when the mount goes."""
-        session = self._session
-        if session is not None:
-            _session_exit(session)
 
     # -- requests ----------------------------------------------------------
 

@@ -162,19 +162,11 @@ def test_fsync_and_fdatasync(rw_mounted, tmp_path):
     assert found and open(found[0], "rb").read() == b"durable"
 
 
-# Why a reader racing rename() over a file can fail on a writable mount.
-# libfuse's high-level layer (which serves writable mounts) keys each inode
-# the kernel knows to a path, and forgets an inode's path when its name is
-# removed or replaced: any later request for that inode (GETATTR from fstat,
-# OPEN after the kernel's LOOKUP) then answers ESTALE before layerfs is
-# asked.  A reader whose LOOKUP of "current" lands before a rename over it
-# and whose OPEN lands after gets ESTALE (the kernel retries once); and when
-# the replaced file is open, libfuse first renames it to .fuse_hidden*, so a
-# LOOKUP in between gets ENOENT.  hard_remove removes the second race only,
-# and makes fstat() of every unlinked open file ESTALE too (measured), so it
-# stays off.  An O_PATH descriptor holds the inode without an OPEN, which
-# makes the first case deterministic.  The fix is the low-level API for
-# writable mounts, with inodes kept until the kernel's FORGET.
+# An inode the kernel holds stays reachable whatever happens to its names,
+# as on ext4.  libfuse's high-level layer (which served writable mounts
+# before layerfs.fusewrite) keyed each inode to a path and forgot it when the
+# name was removed or replaced: fstat() of a descriptor held on the old file
+# (even O_PATH, which holds the inode without an OPEN) answered ESTALE.
 @pytest.mark.parametrize("replace", ["rename", "unlink"])
 def test_a_replaced_file_stays_reachable_through_a_held_descriptor(rw_mounted, tmp_path,
                                                                    replace):
@@ -198,6 +190,57 @@ def test_a_replaced_file_stays_reachable_through_a_held_descriptor(rw_mounted, t
                 os.close(reopened)
         finally:
             os.close(held)
+
+
+READER = """
+import os, sys
+path, count = sys.argv[1], int(sys.argv[2])
+failures, contents = {}, set()
+for _ in range(count):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as error:
+        failures[error.errno] = failures.get(error.errno, 0) + 1
+        continue
+    try:
+        contents.add(os.read(fd, 64))
+    except OSError as error:
+        failures[error.errno] = failures.get(error.errno, 0) + 1
+    finally:
+        os.close(fd)
+print(repr((failures, sorted(contents))))
+"""
+
+
+# A rename over a file that another process holds open replaces it in one
+# step: a reader opening the name meanwhile finds the old file or the new
+# one, never no file (the high-level layer first renamed an open file to
+# .fuse_hidden*, so a reader could get ENOENT) nor a stale one (ESTALE).
+def test_a_rename_over_an_open_file_is_atomic_for_readers(rw_mounted):
+    import ast
+    import subprocess
+    import sys
+    current = f"{rw_mounted}/current"
+    with open(current, "wb") as stream:
+        stream.write(b"version 0")
+    reader = subprocess.Popen([sys.executable, "-c", READER, current, "3000"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        for version in range(1, 1001):
+            with open(f"{rw_mounted}/next", "wb") as stream:
+                stream.write(b"version %d" % version)
+            held = os.open(current, os.O_RDONLY)       # the file replaced is open
+            try:
+                os.rename(f"{rw_mounted}/next", current)
+            finally:
+                os.close(held)
+            if reader.poll() is not None:
+                break
+    finally:
+        out, _ = reader.communicate(timeout=120)
+    failures, contents = ast.literal_eval(out)
+    assert failures == {}
+    assert all(content.startswith(b"version ") for content in contents)
 
 
 # unionmount-testsuite's open-trunc: O_RDONLY | O_TRUNC truncates on Linux

@@ -302,3 +302,22 @@ def test_fifo_times_do_not_follow_io_through_fuse(rw, tmp_path):
     os.utime(f"{rw}/fifo", ns=(2 * 10**18, 2 * 10**18))       # metadata changes do show
     after = os.stat(f"{rw}/fifo")
     assert after.st_mtime_ns == 2 * 10**18 and after.st_ctime_ns >= before
+
+
+def test_the_high_level_layer_still_serves_a_writable_mount(sample_layers, upper_dir,
+                                                            mountpoint, monkeypatch):
+    # LAYERFS_FUSE_API=high: libfuse's high-level layer, kept for comparison.
+    monkeypatch.setenv("LAYERFS_FUSE_API", "high")
+    run_cli("mount", *stack(sample_layers), mountpoint, "--upper", upper_dir, check=True)
+    try:
+        with open(f"{mountpoint}/made", "wb") as handle:
+            handle.write(b"made")
+        os.rename(f"{mountpoint}/made", f"{mountpoint}/moved")
+        with open(f"{mountpoint}/moved", "rb") as handle:
+            assert handle.read() == b"made"
+        os.mkdir(f"{mountpoint}/dir")
+        assert {"moved", "dir"} <= set(os.listdir(mountpoint))
+    finally:
+        run_cli("umount", mountpoint, check=True)
+    with layerfs.open(sample_layers, upper=upper_dir) as fs:
+        assert fs.read_bytes("/moved") == b"made" and fs.is_dir("/dir")
