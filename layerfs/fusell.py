@@ -1,4 +1,6 @@
-"""Read-only mounts on libfuse 3's low-level API: requests name inodes.
+"""libfuse 3's low-level API, where requests name inodes: the server of
+read-only mounts, and the plumbing :mod:`layerfs.fusewrite` serves writable
+ones with.
 
 libfuse 3.14's high-level layer (:mod:`layerfs.fuse`) cannot let the kernel
 keep directory listings: it crashes when ``opendir`` answers ENOSYS and drops
@@ -8,16 +10,21 @@ reads (as if opened with ``FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR``), and
 ``open`` answers ENOSYS, so it keeps file pages without OPEN/RELEASE.  A warm
 walk then reaches the daemon not at all.
 
-Only for read-only views: their nodes never change and never go away, so an
-inode number is the node id (the root's is 1), the lookup count needs no
-bookkeeping (``forget`` has nothing to free), and every reply may be cached
-by the kernel for the mount's timeouts.  Writable mounts stay on the
-high-level layer, where requests carry the paths the facade takes.
+:class:`Server` serves read-only views: their nodes never change and never
+go away, so an inode number is the node id (the root's is 1), the lookup
+count needs no bookkeeping (``forget`` has nothing to free), and every reply
+may be cached by the kernel for the mount's timeouts.  Writable views change
+and lose names while the kernel holds their inodes: their server
+(:class:`layerfs.fusewrite.WritableServer`, a subclass) counts lookups and
+turns inodes into the paths the facade takes.
 
 The library is the one :mod:`layerfs.fuse` loaded (libfuse 3, through
 mfusepy's handle); the structures are libfuse 3's (``fuse_lowlevel.h``),
 declared here up to ``readdirplus`` and handed to libfuse with that size.
-Errors map through :func:`layerfs.fusecore.errno_of`, as everywhere.
+Every request is answered: errors map through
+:func:`layerfs.fusecore.errno_of`, as everywhere, and anything else a
+request method raises answers EIO, logged.  :meth:`Server.serve` may run in
+any thread (signal handlers only in the main one), one server per thread.
 """
 
 from __future__ import annotations
