@@ -93,7 +93,9 @@ class WritableServer(Server):
     """Serves :class:`~layerfs.fusecore.Operations` over a writable
     filesystem on *mountpoint* until unmounted (see :class:`Server`).
     The operations must be made with :func:`request_context` as their
-    *context*."""
+    *context*.  The filesystem is a plain :class:`layerfs.fs.FileSystem`,
+    whose paths are its tree's (a mount's volumes are bind mounts,
+    :mod:`layerfs.volume`, not a :class:`~layerfs.volumefs.VolumeFileSystem`)."""
 
     def __init__(self, operations, mountpoint: str, options: dict,
                  on_ready: Optional[Callable[[], None]] = None):
@@ -203,19 +205,16 @@ class WritableServer(Server):
             return
         self.reply_entry(req, parent, name, child)
 
+    # (If the table fails, the guard answers: FORGET is answered "none".)
     def _forget(self, req, ino, nlookup):
-        try:
-            self.table.forget(ino, nlookup)
-        finally:
-            _reply_none(req)
+        self.table.forget(ino, nlookup)
+        _reply_none(req)
 
     def _forget_multi(self, req, count, forgets):
-        try:
-            pairs = ctypes.cast(forgets, POINTER(ctypes.c_uint64))
-            for index in range(count):
-                self.table.forget(pairs[2 * index], pairs[2 * index + 1])
-        finally:
-            _reply_none(req)
+        pairs = ctypes.cast(forgets, POINTER(ctypes.c_uint64))   # fuse_forget_data[count]
+        for index in range(count):
+            self.table.forget(pairs[2 * index], pairs[2 * index + 1])
+        _reply_none(req)
 
     def _mknod(self, req, parent, name, mode, rdev):
         _caller_of(req)
@@ -400,7 +399,7 @@ class WritableServer(Server):
         if directory.children is None:
             raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
         fh = next(self._next_listing)
-        self.listings[fh] = [ino, None]
+        self.listings[fh] = [None]
         fi.contents.fh = fh
         if _reply_open(req, fi) != 0:
             self.listings.pop(fh, None)
@@ -419,11 +418,11 @@ class WritableServer(Server):
         listing = self.listings.get(fi.contents.fh)
         if listing is None:
             raise OSError(errno.EBADF, os.strerror(errno.EBADF))
-        if offset == 0 or listing[1] is None:
+        if offset == 0 or listing[0] is None:
             children = self.node(ino).children
-            listing[1] = [(_name_bytes(name), child.mode, child.ino)
+            listing[0] = [(_name_bytes(name), child.mode, child.ino)
                           for name, child in list(children.items())]
-        entries = listing[1]
+        entries = listing[0]
         buffer = ctypes.create_string_buffer(size)
         address = ctypes.addressof(buffer)
         attr = c_stat()

@@ -321,3 +321,24 @@ def test_the_high_level_layer_still_serves_a_writable_mount(sample_layers, upper
         run_cli("umount", mountpoint, check=True)
     with layerfs.open(sample_layers, upper=upper_dir) as fs:
         assert fs.read_bytes("/moved") == b"made" and fs.is_dir("/dir")
+
+
+def test_a_bug_answers_eio_and_the_server_goes_on(sample_layers, upper_dir, thread_mount,
+                                                  caplog):
+    # Anything but an OSError from the facade is a bug: the request answers
+    # EIO (logged with its traceback), and the next request is served.
+    fs = layerfs.open(sample_layers, upper=upper_dir)
+    rw = thread_mount(fs).mountpoint
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    fs.chmod = broken
+    with caplog.at_level("ERROR", logger="layerfs.fuse"):
+        with pytest.raises(OSError) as caught:
+            os.chmod(f"{rw}/etc/passwd", 0o600)
+    assert caught.value.errno == errno.EIO
+    assert "ZeroDivisionError" in caplog.text
+    with open(f"{rw}/after", "wb") as handle:
+        handle.write(b"served")
+    assert os.stat(f"{rw}/after").st_size == 6
