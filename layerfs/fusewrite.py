@@ -43,7 +43,7 @@ from typing import Callable, Optional
 
 from . import fusell
 from . import writable
-from .fusecore import UTIME_NOW, UTIME_OMIT, lower_extent
+from .fusecore import UTIME_NOW, UTIME_OMIT, lower_extent, resolve_times
 from .fuseinodes import InodeTable
 from .paths import NAME_MAX
 from .fusell import (PACKER, Server, _add_direntry, _reply_attr, _reply_buf, _reply_create,
@@ -146,6 +146,12 @@ class WritableServer(Server):
         if path is None:
             raise _stale()
         return path
+
+    def target(self, ino: int):
+        """What the facade's metadata functions take for inode *ino*: its
+        path, or :class:`layerfs.writable.Unnamed` if no name reaches it."""
+        record = self.record(ino)
+        return self.table.path(record) or writable.Unnamed(record.node)
 
     def child_path(self, parent: int, name: bytes) -> str:
         base = self.path(parent)
@@ -279,29 +285,34 @@ class WritableServer(Server):
         operations = self.operations
         times = to_set & (SET_ATIME | SET_MTIME | SET_ATIME_NOW | SET_MTIME_NOW)
         with self.upper.lock:
-            path = self.table.path(self.record(ino))
-            if path is None:
-                # No name reaches the inode: only a truncate through a handle
-                # (which sets the times itself, as ftruncate(2) asks).
-                if handle is None or not to_set & SET_SIZE or to_set & (
-                        SET_MODE | SET_UID | SET_GID | SET_ATIME | SET_MTIME):
-                    raise _stale()
-                times = 0
+            record = self.record(ino)
+            node = record.node
+            # An inode no name reaches (fchmod of an unlinked open file)
+            # is changed as itself.
+            path = self.table.path(record) or writable.Unnamed(node)
             if to_set & SET_MODE:
                 operations.chmod(path, wanted.st_mode & 0o7777)
             if to_set & (SET_UID | SET_GID):
                 operations.chown(path, wanted.st_uid if to_set & SET_UID else -1,
                                  wanted.st_gid if to_set & SET_GID else -1)
             if to_set & SET_SIZE:
-                if handle is not None:
+                if handle is None and isinstance(path, writable.Unnamed):
+                    handle = writable.open_unnamed(self.fs, node, os.O_WRONLY)
+                    try:
+                        handle.truncate(wanted.st_size)
+                    finally:
+                        handle.close()
+                        handle = None
+                elif handle is not None:
                     handle.truncate(wanted.st_size)
                 else:
                     operations.truncate(path, wanted.st_size)
             if times:
-                operations.utimens(path, (self._time(to_set, SET_ATIME, SET_ATIME_NOW,
-                                                     wanted.st_atimespec),
-                                          self._time(to_set, SET_MTIME, SET_MTIME_NOW,
-                                                     wanted.st_mtimespec)))
+                atime, mtime = resolve_times(
+                    (self._time(to_set, SET_ATIME, SET_ATIME_NOW, wanted.st_atimespec),
+                     self._time(to_set, SET_MTIME, SET_MTIME_NOW, wanted.st_mtimespec)),
+                    node.stat)
+                self.fs.utime(path, ns=(atime, mtime), follow_symlinks=False)
             node = handle.node if handle is not None else self.node(ino)
             result = c_stat.from_buffer_copy(PACKER.node(node))
         _reply_attr(req, ctypes.byref(result), self.timeout)
@@ -317,12 +328,12 @@ class WritableServer(Server):
     def _setxattr(self, req, ino, name, value, size, flags):
         data = ctypes.string_at(value, size) if size else b""
         with self.upper.lock:
-            self.operations.setxattr(self.path(ino), _name(name), data, flags)
+            self.operations.setxattr(self.target(ino), _name(name), data, flags)
         _reply_err(req, 0)
 
     def _removexattr(self, req, ino, name):
         with self.upper.lock:
-            self.operations.removexattr(self.path(ino), _name(name))
+            self.operations.removexattr(self.target(ino), _name(name))
         _reply_err(req, 0)
 
     # -- files -------------------------------------------------------------

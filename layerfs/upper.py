@@ -6,7 +6,8 @@ there is one place to audit them, as overlayfs has its ``ovl_do_*``):
 * :meth:`Upper.copy_up` a lower entry (or only its metadata: a metacopy);
 * :meth:`Upper.place` a new entry, :meth:`Upper.link` a new name;
 * :meth:`Upper.rename`, :meth:`Upper.remove`;
-* :meth:`Upper.set_metadata`, :meth:`Upper.write_data`, :meth:`Upper.truncate_data`;
+* :meth:`Upper.set_metadata`, :meth:`Upper.write_data`, :meth:`Upper.truncate_data`
+  (and :meth:`Upper.set_unnamed_metadata`, of an unlinked inode, in memory);
 * beneath them, the markers: :meth:`Upper._whiteout`, :meth:`Upper._unwhiteout`
   and :meth:`Upper._opaque`.
 
@@ -419,6 +420,23 @@ class Upper:
                 after = self._apply_metadata(diff_path(path), node)
                 self._record_unstorable(path, node)
                 node.ctime_ns = after.st_ctime_ns
+        except BaseException:
+            (node.mode, node.uid, node.gid, node.atime_ns, node.mtime_ns,
+             node.ctime_ns, node.xattrs) = before
+            raise
+        finally:
+            node.stat_cache = None
+
+    def set_unnamed_metadata(self, node: Node, change: Callable[[Node], None]) -> None:
+        """Apply *change(node)* to *node*, which no name reaches any more:
+        in memory only, as there is nothing on the host to store it under
+        (it goes with the inode's last reference)."""
+        log.debug("set metadata of unlinked inode %d", node.ino)
+        before = (node.mode, node.uid, node.gid, node.atime_ns, node.mtime_ns,
+                  node.ctime_ns, node.xattrs)
+        try:
+            change(node)
+            node.ctime_ns = now_ns()
         except BaseException:
             (node.mode, node.uid, node.gid, node.atime_ns, node.mtime_ns,
              node.ctime_ns, node.xattrs) = before

@@ -383,11 +383,28 @@ def check_xattr_allowed(node: Node, attribute: str, path) -> None:
         raise path_error(errno.EPERM, os.fspath(path))
 
 
+class Unnamed:
+    """Stands for the path of an inode that no name reaches any more (an
+    unlinked file a process still references: ``fchmod``, ``futimens``,
+    ``fsetxattr`` of it), where the metadata functions above take a path."""
+
+    __slots__ = ("node",)
+
+    def __init__(self, node: Node):
+        self.node = node
+
+    def __fspath__(self) -> str:
+        return f"(unlinked inode {self.node.ino})"
+
+
 def change_metadata(fs, path, follow_symlinks: bool, change) -> None:
-    """Apply *change(node)* to the inode at *path* and store the result:
-    a metadata change never copies a file's data."""
+    """Apply *change(node)* to the inode at *path* (or :class:`Unnamed`)
+    and store the result: a metadata change never copies a file's data."""
     upper = writer(fs, path)
     with upper.lock:
+        if isinstance(path, Unnamed):
+            upper.set_unnamed_metadata(path.node, change)
+            return
         real, node = existing(fs, path, follow_symlinks)
         upper.set_metadata(real, node, change)
 

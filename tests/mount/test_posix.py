@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 
 import pytest
 
@@ -190,6 +191,31 @@ def test_a_replaced_file_stays_reachable_through_a_held_descriptor(rw_mounted, t
                 os.close(reopened)
         finally:
             os.close(held)
+
+
+def test_an_unlinked_file_takes_changes_through_its_descriptors(rw_mounted, tmp_path):
+    # fchmod, futimens, fsetxattr and truncate of an unlinked file (through
+    # an open descriptor, and through /proc for an O_PATH one) name no path:
+    # the kernel sends them for the inode, which must still take them.
+    found = []
+    for root in (str(tmp_path / "local"), rw_mounted):
+        os.makedirs(root, exist_ok=True)
+        fd = os.open(f"{root}/gone", os.O_RDWR | os.O_CREAT, 0o644)
+        held = os.open(f"{root}/gone", os.O_PATH)
+        try:
+            os.write(fd, b"content")
+            os.unlink(f"{root}/gone")
+            os.fchmod(fd, 0o600)
+            os.setxattr(fd, "user.kept", b"yes")
+            os.truncate(f"/proc/self/fd/{held}", 4)
+            os.utime(fd, ns=(1_000_000_000, 2_000_000_000))
+            st = os.fstat(held)
+            found.append((stat.S_IMODE(st.st_mode), st.st_mtime_ns, st.st_size, st.st_nlink,
+                          os.getxattr(fd, "user.kept"), os.pread(fd, 10, 0)))
+        finally:
+            os.close(held)
+            os.close(fd)
+    assert found[0] == found[1] == (0o600, 2_000_000_000, 4, 0, b"yes", b"cont")
 
 
 READER = """

@@ -118,3 +118,15 @@ def test_a_lower_file_without_a_name_reads_but_does_not_write(fs):
     with pytest.raises(OSError) as caught:
         layerfs.writable.open_unnamed(fs, record.node, os.O_WRONLY)
     assert caught.value.errno == errno.ESTALE
+
+
+def test_an_inode_without_a_name_takes_metadata_changes_in_memory(fs):
+    node = fs.node("/top")
+    fs.unlink("/top")
+    unnamed = layerfs.writable.Unnamed(node)
+    fs.chmod(unnamed, 0o600, follow_symlinks=False)
+    fs.setxattr(unnamed, "user.a", b"1", follow_symlinks=False)
+    fs.utime(unnamed, ns=(1, 2), follow_symlinks=False)
+    st = node.stat()
+    assert (st.st_mode & 0o7777, st.st_mtime_ns, node.xattrs) == (0o600, 2, {"user.a": b"1"})
+    assert fs.diff()[0].change == "deleted" and len(fs.diff()) == 1
