@@ -6,8 +6,9 @@ layer) and the large file with :mod:`benchmarks.corpus`, then mounts each
 with a fresh upper (``layerfs mount --upper``), alternating
 ``LAYERFS_FUSE_API=low`` (the default) and ``high``, and times on each
 mount: a cold ``find -printf`` (a stat of every entry, caches dropped), the
-same ``find`` warm, a cold sequential read of the large file, a 64 MiB
-sequential write into the upper, and 2,000 creates then unlinks.  Prints
+same ``find`` warm, 20,000 ``lstat`` of 1,000 paths, a cold sequential
+read of the large file, a 64 MiB sequential write into the upper, and 2,000
+creates then unlinks.  Prints
 each repetition and the medians, in seconds.
 """
 
@@ -54,6 +55,17 @@ def write_big(path: str, size: int = 64 << 20) -> float:
     return time.perf_counter() - start
 
 
+def stats(root: str, paths: list, count: int = 20000) -> float:
+    """*count* ``lstat`` of the corpus's paths in turn: with a writable
+    mount's timeouts of 0 each is a LOOKUP and a GETATTR."""
+    chosen = [root + path for path in paths]
+    lstat = os.lstat
+    start = time.perf_counter()
+    for index in range(count):
+        lstat(chosen[index % len(chosen)])
+    return time.perf_counter() - start
+
+
 def create_unlink(root: str, count: int = 2000) -> float:
     os.mkdir(f"{root}/many")
     start = time.perf_counter()
@@ -85,6 +97,7 @@ def main() -> None:
                 mount(tree, mnt, f"{scratch}/upper", api)
                 try:
                     row = {"find cold": find_cold(mnt, {}), "find warm": find_warm(mnt, {}),
+                           "20,000 lstat": stats(mnt, built.paths()["all"][:1000]),
                            "write 64 MiB": write_big(f"{mnt}/written"),
                            "2,000 creates + unlinks": create_unlink(mnt)}
                 finally:

@@ -10,7 +10,7 @@ import stat
 import pytest
 
 import layerfs
-from mount_helpers import stack, BIG, is_mounted, requires_fuse, requires_upper, run_cli, wait_until
+from mount_helpers import stack, BIG, is_mounted, requires_fuse, requires_upper, run_cli
 
 pytestmark = [pytest.mark.mount, requires_fuse, requires_upper]
 
@@ -142,7 +142,7 @@ def test_symlink_link_mknod(rw):
     assert stat.S_ISFIFO(os.stat(f"{rw}/fifo").st_mode)
 
 
-def test_unlink_while_open(rw):
+def test_unlink_while_open(rw, upper_dir):
     with open(f"{rw}/tmp-file", "w+b") as handle:
         handle.write(b"still here")
         os.unlink(f"{rw}/tmp-file")
@@ -150,10 +150,11 @@ def test_unlink_while_open(rw):
         handle.seek(0)
         assert handle.read() == b"still here"
         assert os.fstat(handle.fileno()).st_size == 10
-    # libfuse kept it as .fuse_hidden* while open, and removes it on release,
-    # which the kernel sends after close() has returned.
-    assert wait_until(lambda: not any(name.startswith(".fuse_hidden")
-                                      for name in os.listdir(rw)), timeout=10)
+        # Gone at once, in the view and in the upper: no hidden name (the
+        # upper keeps the data as a descriptor only).
+        assert not [name for name in os.listdir(rw) if name.startswith(".fuse_hidden")]
+        assert "tmp-file" not in os.listdir(f"{upper_dir}/diff")
+        assert os.listdir(f"{upper_dir}/work") == []
 
 
 def test_temporary_files_work(rw):
