@@ -65,7 +65,7 @@ class fuse_ctx(ctypes.Structure):
                 ("pid", ctypes.c_int32), ("umask", ctypes.c_uint32)]
 
 
-_req_ctx = fusell._declare("fuse_req_ctx", POINTER(fuse_ctx), ctypes.c_void_p)
+_req_ctx = fusell._declare("fuse_req_ctx", POINTER(fuse_ctx), ctypes.c_void_p, held=True)
 
 # The ids of the request each thread serves (for fusecore's acting_caller).
 _request = threading.local()
