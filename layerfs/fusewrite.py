@@ -157,18 +157,19 @@ class WritableServer(Server):
         base = self.path(parent)
         return ("/" if base == "/" else base + "/") + _name(name)
 
-    def reply_entry(self, req, parent: int, name: bytes, node) -> None:
-        """Give the kernel *node* as *name* in *parent*, counted; the last
-        step of a request."""
-        record = self.table.looked_up(self.record(parent), _name(name), node)
+    def reply_entry(self, req, parent, name: str, node) -> None:
+        """Give the kernel *node* as *name* in *parent* (a record), counted;
+        the last step of a request."""
+        record = self.table.looked_up(parent, name, node)
         param = self.entry_param(node)
         if _reply_entry(req, ctypes.byref(param)) != 0:
             self.table.unlooked(record)
 
     def created(self, req, parent: int, name: bytes) -> None:
         """Reply with the entry just made at *name* in *parent*."""
-        node = self.node(parent).children[_name(name)]
-        self.reply_entry(req, parent, name, node)
+        record = self.record(parent)
+        text = _name(name)
+        self.reply_entry(req, record, text, record.node.children[text])
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -186,8 +187,8 @@ class WritableServer(Server):
     # -- names -------------------------------------------------------------
 
     def _lookup(self, req, parent, name):
-        directory = self.node(parent)
-        children = directory.children
+        record = self.record(parent)
+        children = record.node.children
         if children is None:
             raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
         if len(name) > NAME_MAX:
@@ -202,14 +203,14 @@ class WritableServer(Server):
             with self.upper.lock:
                 child = children.get(text)
                 if child is not None:
-                    self.reply_entry(req, parent, name, child)
+                    self.reply_entry(req, record, text, child)
                     return
         if child is None:
             # ino 0: a negative entry the kernel may keep for its timeout.
             param = fuse_entry_param(ino=0, entry_timeout=self.negative_timeout)
             _reply_entry(req, ctypes.byref(param))
             return
-        self.reply_entry(req, parent, name, child)
+        self.reply_entry(req, record, text, child)
 
     # (If the table fails, the guard answers: FORGET is answered "none".)
     def _forget(self, req, ino, nlookup):
