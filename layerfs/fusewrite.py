@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import logging
+import itertools
 import os
 import resource
 import threading
@@ -48,14 +48,12 @@ from .fuseinodes import InodeTable
 from .paths import NAME_MAX
 from .fusell import (PACKER, Server, _add_direntry, _reply_attr, _reply_buf, _reply_create,
                      _reply_data, _reply_entry, _reply_err, _reply_none, _reply_open,
-                     _reply_readlink, _reply_write, binding_module, c_stat, fuse_entry_param)
-
-log = logging.getLogger("layerfs.fuse")
+                     _reply_write, binding_module, c_stat, fuse_entry_param)
 
 # fuse_lowlevel.h's setattr bits.
 SET_MODE, SET_UID, SET_GID, SET_SIZE = 1 << 0, 1 << 1, 1 << 2, 1 << 3
 SET_ATIME, SET_MTIME, SET_ATIME_NOW, SET_MTIME_NOW = 1 << 4, 1 << 5, 1 << 7, 1 << 8
-RENAME_NOREPLACE, RENAME_EXCHANGE = 1 << 0, 1 << 1
+RENAME_NOREPLACE = 1 << 0
 UNKNOWN_INO = fusell.UNKNOWN_INO
 
 
@@ -108,8 +106,9 @@ class WritableServer(Server):
         self.upper = fs.upper
         self.table = InodeTable(fs.tree, self.upper.forgotten)
         self.upper.referenced = self.table.holds
-        self.listings: dict = {}          # open directories: fh -> [names, nodes]
-        self._next_listing = iter(range(1, 1 << 62))
+        # Open directories: fh -> [their entries as (name, mode, ino), or None].
+        self.listings: dict = {}
+        self._next_listing = itertools.count(1)
 
     def serve(self) -> int:
         # An unlinked file the kernel still references keeps a descriptor

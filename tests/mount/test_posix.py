@@ -322,3 +322,28 @@ def test_fallocate_modes_match_a_local_directory(rw_mounted, local_copy, path):
         finally:
             os.close(fd)
     assert caught.value.errno == errno.EBADF
+
+
+def renameat2(source: str, destination: str, flags: int) -> None:
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    at_fdcwd = -100
+    if libc.renameat2(at_fdcwd, source.encode(), at_fdcwd, destination.encode(), flags):
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+def test_renameat2_noreplace_and_exchange(rw_mounted):
+    noreplace, exchange = 1, 2
+    for name in ("a", "b"):
+        with open(f"{rw_mounted}/{name}", "wb") as stream:
+            stream.write(name.encode())
+    assert errno_of(lambda: renameat2(f"{rw_mounted}/a", f"{rw_mounted}/b",
+                                      noreplace)) == errno.EEXIST
+    renameat2(f"{rw_mounted}/a", f"{rw_mounted}/c", noreplace)
+    assert sorted(os.listdir(rw_mounted)).count("c") == 1
+    # Not supported (docs/mount.md): refused, nothing changes.
+    assert errno_of(lambda: renameat2(f"{rw_mounted}/b", f"{rw_mounted}/c",
+                                      exchange)) == errno.EINVAL
+    with open(f"{rw_mounted}/c", "rb") as stream:
+        assert stream.read() == b"a"
