@@ -65,6 +65,18 @@ class fuse_ctx(ctypes.Structure):
 
 
 _req_ctx = fusell._declare("fuse_req_ctx", POINTER(fuse_ctx), ctypes.c_void_p, held=True)
+# The hot replies, given bytes (a packed struct stat, a packed
+# fuse_entry_param) rather than ctypes objects built for each request.
+_reply_attr_bytes = fusell._declare("fuse_reply_attr", ctypes.c_int, ctypes.c_void_p,
+                                    ctypes.c_char_p, ctypes.c_double)
+_reply_entry_bytes = fusell._declare("fuse_reply_entry", ctypes.c_int, ctypes.c_void_p,
+                                     ctypes.c_char_p)
+# struct fuse_entry_param around a packed struct stat: ino and generation
+# before, the attribute and entry timeouts after.
+_ENTRY_HEAD = struct.Struct("=QQ")
+if fuse_entry_param.attr.offset != 16 or \
+        ctypes.sizeof(fuse_entry_param) != 16 + PACKER.size + 16:
+    raise ImportError("layerfs.fusewrite: unexpected struct fuse_entry_param")
 
 # The ids of the request each thread serves (for fusecore's acting_caller).
 _request = threading.local()
@@ -102,6 +114,8 @@ class WritableServer(Server):
         if fs.readonly:
             raise ValueError("a read-only filesystem is served by layerfs.fusell.Server")
         self._setup(fs, mountpoint, options, on_ready)
+        self._entry_head = _ENTRY_HEAD.pack
+        self._entry_tail = struct.pack("=dd", self.timeout, self.entry_timeout)
         self.operations = operations
         self.handles = operations.handles
         self.upper = fs.upper
@@ -161,8 +175,8 @@ class WritableServer(Server):
         """Give the kernel *node* as *name* in *parent* (a record), counted;
         the last step of a request."""
         record = self.table.looked_up(parent, name, node)
-        param = self.entry_param(node)
-        if _reply_entry(req, ctypes.byref(param)) != 0:
+        entry = self._entry_head(node.ino, 0) + PACKER.node(node) + self._entry_tail
+        if _reply_entry_bytes(req, entry) != 0:
             self.table.unlooked(record)
 
     def created(self, req, parent: int, name: bytes) -> None:
@@ -276,8 +290,7 @@ class WritableServer(Server):
     def _getattr(self, req, ino, fi):
         handle = self.handles.get(fi.contents.fh) if fi else None
         node = handle.node if handle is not None else self.node(ino)
-        attr = c_stat.from_buffer_copy(PACKER.node(node))
-        _reply_attr(req, ctypes.byref(attr), self.timeout)
+        _reply_attr_bytes(req, PACKER.node(node), self.timeout)
 
     def _setattr(self, req, ino, attr, to_set, fi):
         # libfuse's high-level order: mode, owner, size, times.
