@@ -25,9 +25,12 @@ libfuse's high-level API) and on libfuse 3's behaviour:
   listings, whole (offset 0: libfuse keeps the listing for the open
   directory, so entries removed meanwhile shift nothing).
 
-Writable mounts are served here; read-only ones by :mod:`layerfs.fusell`
-(libfuse 3's low-level API, which lets the kernel keep listings), or here
-with ``LAYERFS_FUSE_API=high``.
+Mounts are served by libfuse 3's low-level API (:mod:`layerfs.fusell` for
+read-only ones, which lets the kernel keep listings; :mod:`layerfs.fusewrite`
+for writable ones, which keeps inodes reachable after their names go); here
+only with ``LAYERFS_FUSE_API=high``, kept for comparison and as a fallback.
+:func:`context` and the constants and structures above are shared with the
+low-level servers.
 
 Importing this module loads libfuse: only :mod:`layerfs.mount` imports it
 (and :mod:`layerfs.fusell`, its library), and only when mounting.

@@ -1,10 +1,12 @@
 """Mounting an image with FUSE: checks, options, the daemon, unmounting.
 
 Everything about a mount's lifecycle lives here; what each request does is
-:mod:`layerfs.fusecore`'s business, and :mod:`layerfs.fuse` binds it to
-libfuse 3 (:mod:`layerfs.fusell`, its low-level API, serves read-only
-views).  The binding (and so libfuse) is imported only when mounting, so
-``import layerfs`` works where FUSE is missing.
+:mod:`layerfs.fusecore`'s business, served on libfuse 3's low-level API
+(:mod:`layerfs.fusell` for read-only views, :mod:`layerfs.fusewrite` for
+writable ones), or with ``LAYERFS_FUSE_API=high`` on its high-level API
+(:mod:`layerfs.fuse`, which also loads the library).  The binding (and so
+libfuse) is imported only when mounting, so ``import layerfs`` works where
+FUSE is missing.
 
 The background mount forks a daemon (new session, no terminal, standard
 streams on ``/dev/null``) and returns only once the mount is ready: until
@@ -48,9 +50,10 @@ from .reference import as_reference
 # filesystem.
 READONLY_OPTIONS = {"entry_timeout": "86400", "attr_timeout": "86400",
                     "negative_timeout": "86400", "kernel_cache": True}
-# No ``hard_remove`` (see layerfs.fuse): an unlinked or replaced open file
-# lives on as ``.fuse_hidden*`` until closed, so fstat() of it works; the
-# price is that a rename() over an open file is two steps for a moment.
+# An unlinked or replaced file stays reachable while the kernel holds its
+# inode (layerfs.fusewrite); with LAYERFS_FUSE_API=high, libfuse's
+# high-level layer hides it as ``.fuse_hidden*`` instead (no ``hard_remove``,
+# see layerfs.fuse).
 WRITABLE_OPTIONS = {"entry_timeout": "0", "attr_timeout": "0", "negative_timeout": "0"}
 # Device nodes of an image must never open host devices: always on, and
 # ``dev`` is refused.  Set-id bits grant nothing (``nosuid``) unless root
@@ -339,7 +342,13 @@ def _serve_unlocked(fs, mountpoint: str, options, on_ready) -> None:
         fs.close()
         raise
     from .fusecore import Operations
-    operations = Operations(fs, on_ready=on_ready, context=adapter.context)
+    low_level = os.environ.get("LAYERFS_FUSE_API") != "high"
+    if low_level and not fs.readonly:
+        from .fusewrite import request_context
+        context = request_context
+    else:
+        context = adapter.context
+    operations = Operations(fs, on_ready=on_ready, context=context)
     device_fd = None
     try:
         options = dict(options or {})
@@ -361,10 +370,16 @@ def _serve_unlocked(fs, mountpoint: str, options, on_ready) -> None:
             "serving %s on %s (%s, libfuse %d.%d)", fuse_options["fsname"], mountpoint,
             "read-only" if operations.readonly else "writable",
             adapter.binding.fuse_version_major, adapter.binding.fuse_version_minor)
-        if operations.readonly and os.environ.get("LAYERFS_FUSE_API") != "high":
-            # Read-only: the low-level API, so the kernel keeps listings.
-            from .fusell import Server
-            status = Server(fs, target, fuse_options, on_ready).serve()
+        if low_level:
+            # Read-only: the kernel keeps listings; writable: inodes the
+            # kernel holds stay reachable (layerfs.fusewrite).
+            if operations.readonly:
+                from .fusell import Server
+                server = Server(fs, target, fuse_options, on_ready)
+            else:
+                from .fusewrite import WritableServer
+                server = WritableServer(operations, target, fuse_options, on_ready)
+            status = server.serve()
             if status < 0:
                 raise MountError(f"{mountpoint}: the FUSE loop failed ({os.strerror(-status)})",
                                  -status)

@@ -178,6 +178,33 @@ def _open(fs, path: str, flags: int, mode: int) -> Handle:
     return handle
 
 
+def open_unnamed(fs, node: Node, flags: int) -> Handle:
+    """``os.open`` of an inode that no name reaches any more (a process
+    still references it: the kernel reopens an unlinked file through
+    ``/proc/PID/fd``).  Its data is what the upper kept for it; a lower
+    file's is still in its layer, and can be read but not written
+    (``ESTALE``)."""
+    writing = flags & ACCESS_MODE != os.O_RDONLY or flags & os.O_TRUNC
+    if writing and fs.readonly:
+        raise ReadOnlyError("")
+    kind = node.mode & S_IFMT
+    if kind == S_IFDIR:
+        if writing:
+            raise OSError(errno.EISDIR, os.strerror(errno.EISDIR))
+        return Handle(fs, node, "", flags, None)
+    if kind != S_IFREG:
+        raise OSError(errno.ENXIO, os.strerror(errno.ENXIO))
+    if not writing:
+        return Handle(fs, node, "", flags, None)
+    upper = fs.upper
+    with upper.lock:
+        fd = upper.reopen_orphan(node)
+        handle = Handle(fs, node, "", flags, fd)
+        if flags & os.O_TRUNC and node.size:
+            upper.truncate_data(node, fd, 0)
+    return handle
+
+
 def create_file(upper: Upper, path: str, mode: int) -> Node:
     node = upper.new_node(S_IFREG | (mode & 0o7777), path)
     upper.place(path, node)
@@ -356,11 +383,28 @@ def check_xattr_allowed(node: Node, attribute: str, path) -> None:
         raise path_error(errno.EPERM, os.fspath(path))
 
 
+class Unnamed:
+    """Stands for the path of an inode that no name reaches any more (an
+    unlinked file a process still references: ``fchmod``, ``futimens``,
+    ``fsetxattr`` of it), where the metadata functions above take a path."""
+
+    __slots__ = ("node",)
+
+    def __init__(self, node: Node):
+        self.node = node
+
+    def __fspath__(self) -> str:
+        return f"(unlinked inode {self.node.ino})"
+
+
 def change_metadata(fs, path, follow_symlinks: bool, change) -> None:
-    """Apply *change(node)* to the inode at *path* and store the result:
-    a metadata change never copies a file's data."""
+    """Apply *change(node)* to the inode at *path* (or :class:`Unnamed`)
+    and store the result: a metadata change never copies a file's data."""
     upper = writer(fs, path)
     with upper.lock:
+        if isinstance(path, Unnamed):
+            upper.set_unnamed_metadata(path.node, change)
+            return
         real, node = existing(fs, path, follow_symlinks)
         upper.set_metadata(real, node, change)
 

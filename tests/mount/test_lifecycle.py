@@ -79,6 +79,42 @@ def test_a_thread_server_holds_the_lock_too(sample_fs, thread_mount, mountpoint)
     assert layerfs_mount.server_pid(mountpoint) is None
 
 
+def test_servers_in_threads_leave_the_signal_handlers_alone(sample_layers, tmp_path,
+                                                            thread_mount, mountpoint):
+    # One low-level server per thread, a read-only and a writable one at once:
+    # neither installs libfuse's handlers (which would take the process's
+    # SIGINT, SIGTERM and SIGHUP from Python), both serve, both stop.
+    from mount_helpers import ThreadMount, force_unmount
+
+    def caught() -> int:
+        """The standard signals this process catches, as the kernel sees
+        them (libfuse's handlers are C's, unknown to the signal module; the
+        C library's own real-time ones come and go)."""
+        with open("/proc/self/status", encoding="ascii") as status:
+            line = next(line for line in status if line.startswith("SigCgt:"))
+        return int(line.split()[1], 16) & 0x7FFFFFFF
+
+    before = caught()
+    other = tmp_path / "other"
+    other.mkdir()
+    readonly = thread_mount(layerfs.open(sample_layers))
+    writable = ThreadMount(layerfs.open(sample_layers, upper=str(tmp_path / "upper")),
+                           str(other))
+    try:
+        assert caught() == before
+        with open(f"{other}/made", "wb") as stream:
+            stream.write(b"made")
+        assert os.listdir(mountpoint) == [name for name in os.listdir(other)
+                                          if name != "made"]
+    finally:
+        try:
+            writable.stop()
+        finally:
+            force_unmount(str(other))
+    readonly.stop()
+    assert caught() == before
+
+
 @requires_upper
 def test_umount_returns_only_once_the_daemon_is_done(sample_layers, mountpoint, upper_dir,
                                                      slow_shutdown):

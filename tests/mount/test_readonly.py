@@ -292,7 +292,7 @@ def test_the_kernel_keeps_listings_and_pages_of_a_read_only_mount(sample_layers,
 
 def test_the_high_level_layer_still_serves_a_read_only_mount(sample_layers, mountpoint,
                                                              monkeypatch, sample_fs):
-    # LAYERFS_FUSE_API=high: the path writable mounts take (and READDIRPLUS in
+    # LAYERFS_FUSE_API=high: libfuse's high-level layer (READDIRPLUS in
     # offset mode, ENOSYS open), kept for comparison.
     from mount_helpers import stack, run_cli
     monkeypatch.setenv("LAYERFS_FUSE_API", "high")

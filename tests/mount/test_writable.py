@@ -10,7 +10,7 @@ import stat
 import pytest
 
 import layerfs
-from mount_helpers import stack, BIG, is_mounted, requires_fuse, requires_upper, run_cli, wait_until
+from mount_helpers import stack, BIG, is_mounted, requires_fuse, requires_upper, run_cli
 
 pytestmark = [pytest.mark.mount, requires_fuse, requires_upper]
 
@@ -142,7 +142,7 @@ def test_symlink_link_mknod(rw):
     assert stat.S_ISFIFO(os.stat(f"{rw}/fifo").st_mode)
 
 
-def test_unlink_while_open(rw):
+def test_unlink_while_open(rw, upper_dir):
     with open(f"{rw}/tmp-file", "w+b") as handle:
         handle.write(b"still here")
         os.unlink(f"{rw}/tmp-file")
@@ -150,10 +150,11 @@ def test_unlink_while_open(rw):
         handle.seek(0)
         assert handle.read() == b"still here"
         assert os.fstat(handle.fileno()).st_size == 10
-    # libfuse kept it as .fuse_hidden* while open, and removes it on release,
-    # which the kernel sends after close() has returned.
-    assert wait_until(lambda: not any(name.startswith(".fuse_hidden")
-                                      for name in os.listdir(rw)), timeout=10)
+        # Gone at once, in the view and in the upper: no hidden name (the
+        # upper keeps the data as a descriptor only).
+        assert not [name for name in os.listdir(rw) if name.startswith(".fuse_hidden")]
+        assert "tmp-file" not in os.listdir(f"{upper_dir}/diff")
+        assert os.listdir(f"{upper_dir}/work") == []
 
 
 def test_temporary_files_work(rw):
@@ -302,3 +303,43 @@ def test_fifo_times_do_not_follow_io_through_fuse(rw, tmp_path):
     os.utime(f"{rw}/fifo", ns=(2 * 10**18, 2 * 10**18))       # metadata changes do show
     after = os.stat(f"{rw}/fifo")
     assert after.st_mtime_ns == 2 * 10**18 and after.st_ctime_ns >= before
+
+
+def test_the_high_level_layer_still_serves_a_writable_mount(sample_layers, upper_dir,
+                                                            mountpoint, monkeypatch):
+    # LAYERFS_FUSE_API=high: libfuse's high-level layer, kept for comparison.
+    monkeypatch.setenv("LAYERFS_FUSE_API", "high")
+    run_cli("mount", *stack(sample_layers), mountpoint, "--upper", upper_dir, check=True)
+    try:
+        with open(f"{mountpoint}/made", "wb") as handle:
+            handle.write(b"made")
+        os.rename(f"{mountpoint}/made", f"{mountpoint}/moved")
+        with open(f"{mountpoint}/moved", "rb") as handle:
+            assert handle.read() == b"made"
+        os.mkdir(f"{mountpoint}/dir")
+        assert {"moved", "dir"} <= set(os.listdir(mountpoint))
+    finally:
+        run_cli("umount", mountpoint, check=True)
+    with layerfs.open(sample_layers, upper=upper_dir) as fs:
+        assert fs.read_bytes("/moved") == b"made" and fs.is_dir("/dir")
+
+
+def test_a_bug_answers_eio_and_the_server_goes_on(sample_layers, upper_dir, thread_mount,
+                                                  caplog):
+    # Anything but an OSError from the facade is a bug: the request answers
+    # EIO (logged with its traceback), and the next request is served.
+    fs = layerfs.open(sample_layers, upper=upper_dir)
+    rw = thread_mount(fs).mountpoint
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    fs.chmod = broken
+    with caplog.at_level("ERROR", logger="layerfs.fuse"):
+        with pytest.raises(OSError) as caught:
+            os.chmod(f"{rw}/etc/passwd", 0o600)
+    assert caught.value.errno == errno.EIO
+    assert "ZeroDivisionError" in caplog.text
+    with open(f"{rw}/after", "wb") as handle:
+        handle.write(b"served")
+    assert os.stat(f"{rw}/after").st_size == 6

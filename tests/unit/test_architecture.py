@@ -43,6 +43,8 @@ def test_only_the_binding_loads_libfuse():
                 path.name
             assert "mfusepy" not in imports, path.name
     assert not imported_modules("fusecore") & {"fuse", "mount", "mfusepy", "fs", "cli"}
+    # The writable server's inode table is core-only: testable without FUSE.
+    assert project_imports("fuseinodes") <= CORE
 
 
 def test_import_layerfs_loads_no_binding_nor_hypothesis():
@@ -113,7 +115,7 @@ def test_only_the_upper_store_calls_the_host():
         assert "hostdir" not in imported_modules(path.stem), path.name
 
 
-FUSE_MODULES = {"fuse", "fusell", "fusecore", "mount", "mfusepy"}
+FUSE_MODULES = {"fuse", "fusell", "fusewrite", "fuseinodes", "fusecore", "mount", "mfusepy"}
 
 
 def test_the_shared_lower_view_is_core_only():
