@@ -478,7 +478,6 @@ def _packed_listing(ino: int, children) -> list:
     for index, (name, child) in enumerate(list(children.items()), 3):
         entries.append(_dirent(child.ino, index, child.mode, _name_bytes(name)))
     return entries
-    _readdirplus = None
 
 
 def _name_bytes(name: str) -> bytes:
