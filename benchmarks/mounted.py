@@ -84,7 +84,11 @@ def read_small(root: str, paths: dict) -> float:
 
 def read_large(root: str, paths: dict) -> float:
     """Sequential read of the large file in 1 MiB reads, caches dropped."""
-    path = root + paths["large"]
+    return read_cold(root + paths["large"])
+
+
+def read_cold(path: str) -> float:
+    """Sequential read of *path* in 1 MiB reads, caches dropped."""
     drop_caches()
     start = time.perf_counter()
     with open(path, "rb", buffering=0) as stream:

@@ -23,8 +23,7 @@ import tempfile
 import time
 
 from benchmarks import corpus
-from benchmarks.mounted import CHUNK, find_cold, find_warm
-from benchmarks.peers import drop_caches
+from benchmarks.mounted import CHUNK, find_cold, find_warm, read_cold
 
 
 def mount(image: str, mountpoint: str, upper: str, api: str) -> None:
@@ -34,15 +33,6 @@ def mount(image: str, mountpoint: str, upper: str, api: str) -> None:
 
 def umount(mountpoint: str) -> None:
     subprocess.run([sys.executable, "-m", "layerfs.cli", "umount", mountpoint], check=True)
-
-
-def read_cold(path: str) -> float:
-    drop_caches()
-    start = time.perf_counter()
-    with open(path, "rb", buffering=0) as stream:
-        while stream.read(CHUNK):
-            pass
-    return time.perf_counter() - start
 
 
 def write_big(path: str, size: int = 64 << 20) -> float:

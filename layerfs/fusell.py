@@ -171,6 +171,16 @@ _remove_signal_handlers = _declare("fuse_remove_signal_handlers", None, c_void_p
 SESSION_OPTIONS = {"debug", "allow_root"}
 
 
+def reply_extent(req, extent: tuple) -> None:
+    """Answer a READ with the byte range ``(fd, offset, size)`` of a file:
+    libfuse reads the bytes from the descriptor itself, in C."""
+    bufvec = binding_module.fuse_bufvec(count=1, idx=0, off=0)
+    buffer = bufvec.buf[0]
+    buffer.fd, buffer.pos, buffer.size = extent
+    buffer.flags, buffer.mem = binding_module.BUF_FD_SEEK_RETRY, None
+    _reply_data(req, ctypes.byref(bufvec), 0)
+
+
 class Server:
     """Serves the read-only filesystem *fs* on *mountpoint* (a path, or
     ``/dev/fd/N`` for a descriptor fusermount3 handed back) until
@@ -354,11 +364,7 @@ class Server:
         node = self.node(ino)
         extent = lower_extent(self.fs, node, offset, size)
         if extent is not None:
-            bufvec = binding_module.fuse_bufvec(count=1, idx=0, off=0)
-            buffer = bufvec.buf[0]
-            buffer.fd, buffer.pos, buffer.size = extent
-            buffer.flags, buffer.mem = binding_module.BUF_FD_SEEK_RETRY, None
-            _reply_data(req, ctypes.byref(bufvec), 0)
+            reply_extent(req, extent)
             return
         data = self.fs.read_node(node, offset, size)
         _reply_buf(req, data, len(data))

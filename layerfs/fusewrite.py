@@ -48,8 +48,8 @@ from .fusecore import UTIME_NOW, UTIME_OMIT, lower_extent, resolve_times
 from .fuseinodes import InodeTable
 from .paths import NAME_MAX
 from .fusell import (PACKER, Server, _reply_attr, _reply_buf, _reply_create,
-                     _reply_data, _reply_entry, _reply_err, _reply_none, _reply_open,
-                     _reply_write, binding_module, c_stat, fuse_entry_param)
+                     _reply_entry, _reply_err, _reply_none, _reply_open, _reply_write,
+                     binding_module, c_stat, fuse_entry_param, reply_extent)
 
 # fuse_lowlevel.h's setattr bits.
 SET_MODE, SET_UID, SET_GID, SET_SIZE = 1 << 0, 1 << 1, 1 << 2, 1 << 3
@@ -390,12 +390,7 @@ class WritableServer(Server):
         extent = (handle.fd, offset, size) if handle.fd is not None else \
             lower_extent(self.fs, node, offset, size)
         if extent is not None:
-            # libfuse reads the bytes from the descriptor itself, in C.
-            bufvec = binding_module.fuse_bufvec(count=1, idx=0, off=0)
-            buffer = bufvec.buf[0]
-            buffer.fd, buffer.pos, buffer.size = extent
-            buffer.flags, buffer.mem = binding_module.BUF_FD_SEEK_RETRY, None
-            _reply_data(req, ctypes.byref(bufvec), 0)
+            reply_extent(req, extent)
             return
         data = handle.pread(size, offset)
         _reply_buf(req, data, len(data))

@@ -700,17 +700,9 @@ def last_line(text: str) -> str:
 def _mount_in_background(opener, mountpoint: str, user_options: dict, progress=None,
                          log_file=None, log_level: str = "WARNING") -> None:
     device_before = os.stat(mountpoint).st_dev
-    read_end, write_end = os.pipe()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read_end)
-        _daemon(opener, mountpoint, user_options, write_end, log_file, log_level)  # never returns
-    os.close(write_end)
-    os.waitpid(pid, 0)           # the intermediate child exits at once
     report = []
-    with os.fdopen(read_end, "rb") as pipe:
+    with start_daemon(functools.partial(_daemon, opener, mountpoint, user_options,
+                                        log_file=log_file, log_level=log_level)) as pipe:
         for raw in pipe:
             line = raw.decode("utf-8", "replace")
             if line.startswith(_PROGRESS_PREFIX):
@@ -747,17 +739,7 @@ def _daemon(opener, mountpoint: str, user_options: dict, report_fd: int,
     Never returns."""
     status = 1
     try:
-        os.setsid()
-        if os.fork() != 0:
-            os._exit(0)
-        os.chdir("/")
-        devnull = os.open(os.devnull, os.O_RDWR)
-        os.dup2(devnull, 0)
-        os.dup2(devnull, 1)
-        os.dup2(report_fd, 2)
-        # Without exec, every descriptor of the caller was inherited: keep
-        # none, or a caller's pipe (``$(layerfs mount ...)``) never ends.
-        os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+        detach(report_fd)
         # After ready, stderr (libfuse's own messages, -o debug's trace)
         # goes where the log goes.
         after_ready = 0
@@ -786,6 +768,39 @@ def _daemon(opener, mountpoint: str, user_options: dict, report_fd: int,
         _report(OSError(errno.EIO, "internal error in the mount daemon (see the log)"))
     finally:
         os._exit(status)
+
+
+def start_daemon(child: Callable[[int], None]):
+    """Forks a daemon that runs *child(report_fd)* (which detaches with
+    :func:`detach` and never returns); returns the read end of its report
+    pipe, as a binary file, once the intermediate child has exited."""
+    read_end, write_end = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        child(write_end)
+    os.close(write_end)
+    os.waitpid(pid, 0)           # the intermediate child exits at once
+    return os.fdopen(read_end, "rb")
+
+
+def detach(report_fd: int) -> None:
+    """In a forked child, becoming a daemon: a new session, a second fork
+    (the daemon is nobody's child; the first child exits at once), ``/`` as
+    working directory, /dev/null as stdin and stdout, *report_fd* as stderr.
+    Without exec, every descriptor of the caller was inherited: none is
+    kept, or a caller's pipe (``$(layerfs mount ...)``) would never end."""
+    os.setsid()
+    if os.fork() != 0:
+        os._exit(0)
+    os.chdir("/")
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)
+    os.dup2(report_fd, 2)
+    os.closerange(3, os.sysconf("SC_OPEN_MAX"))
 
 
 def _report(error: OSError) -> None:

@@ -47,7 +47,6 @@ import select
 import signal
 import socket
 import struct
-import sys
 import threading
 import time
 from typing import Callable, Optional
@@ -162,17 +161,9 @@ def _read_answer(connection: socket.socket, progress) -> Optional[dict]:
 def _start_daemon(store_path: str, log_file, log_level: str) -> None:
     """Starts a daemon for the store (forked and detached, as a mount's
     daemon is) and waits until it listens, or finds that another does."""
+    from .mount import start_daemon
     arguments = (os.path.abspath(store_path), log_file, log_level)
-    read_end, write_end = os.pipe()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read_end)
-        _detach_and_run(arguments, write_end)        # never returns
-    os.close(write_end)
-    os.waitpid(pid, 0)              # the intermediate child exits at once
-    with os.fdopen(read_end, "rb") as pipe:
+    with start_daemon(lambda report_fd: _detach_and_run(arguments, report_fd)) as pipe:
         output = _read_until_ready(pipe)
     if output.endswith((_READY, _OTHER)):
         return
@@ -182,20 +173,12 @@ def _start_daemon(store_path: str, log_file, log_level: str) -> None:
 
 
 def _detach_and_run(arguments: tuple, report_fd: int) -> None:
-    """In the forked child: a new session, a second fork (so that the
-    daemon is nobody's child), no descriptor of the caller's but stderr,
+    """In the forked child: detached (:func:`layerfs.mount.detach`), stderr
     the report pipe until ready; then :func:`main`.  Never returns."""
+    from .mount import detach
     status = 1
     try:
-        os.setsid()
-        if os.fork() != 0:
-            os._exit(0)
-        os.chdir("/")
-        devnull = os.open(os.devnull, os.O_RDWR)
-        os.dup2(devnull, 0)
-        os.dup2(devnull, 1)
-        os.dup2(report_fd, 2)
-        os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+        detach(report_fd)
         status = main(*arguments)
     except BaseException as error:
         try:

@@ -174,13 +174,8 @@ def _tar_split_reader(blob, annotations: dict, label: str):
         if uncompressed > MAX_TOC_SIZE:
             raise InvalidLayerError(f"the tar-split is larger than {MAX_TOC_SIZE} bytes",
                                     layer=label)
-        raw = _fetch(blob, offset, length, "tar-split", label)
-        expected = annotations.get(zstdchunked.TARSPLIT_CHECKSUM_ANNOTATION)
-        if expected is not None and sha256_digest(raw) != expected:
-            raise DigestMismatchError(f"the tar-split is {sha256_digest(raw)}, not {expected} "
-                                      f"as the descriptor's "
-                                      f"{zstdchunked.TARSPLIT_CHECKSUM_ANNOTATION} says",
-                                      layer=label)
+        raw = _fetch_annotated(blob, offset, length, "tar-split", annotations,
+                               zstdchunked.TARSPLIT_CHECKSUM_ANNOTATION, label)
         try:
             data = zstdchunked.decompress_frames(raw, uncompressed + 1)
         except InvalidLayerError as error:
@@ -338,6 +333,18 @@ def _verify_whole(blob, digest: str, label: str) -> None:
                                   layer=label)
 
 
+def _fetch_annotated(blob, offset: int, length: int, what: str, annotations: dict,
+                     annotation: str, label: str) -> bytes:
+    """The *length* bytes at *offset* of *blob* (the layer's *what*),
+    checked against the sha256 the descriptor's *annotation* gives, if any."""
+    raw = _fetch(blob, offset, length, what, label)
+    expected = annotations.get(annotation)
+    if expected is not None and sha256_digest(raw) != expected:
+        raise DigestMismatchError(f"the {what} is {sha256_digest(raw)}, not {expected} as "
+                                  f"the descriptor's {annotation} says", layer=label)
+    return raw
+
+
 def _fetch(blob, offset: int, length: int, what: str, label: str) -> bytes:
     if offset < 0 or length < 0 or offset + length > blob.size:
         raise InvalidLayerError(f"{what} at {offset} (+{length}) lies outside the "
@@ -405,12 +412,8 @@ def _read_zstd_chunked(blob, annotations: dict, label: str):
     if kind != zstdchunked.MANIFEST_TYPE_CRFS:
         raise InvalidLayerError(f"zstd:chunked manifest type {kind} is not 1 (CRFS)",
                                 layer=label)
-    raw = _fetch(blob, offset, length, "manifest", label)
-    expected = annotations.get(zstdchunked.CHECKSUM_ANNOTATION)
-    if expected is not None and sha256_digest(raw) != expected:
-        raise DigestMismatchError(f"the table of contents is {sha256_digest(raw)}, not "
-                                  f"{expected} as the descriptor's "
-                                  f"{zstdchunked.CHECKSUM_ANNOTATION} says", layer=label)
+    raw = _fetch_annotated(blob, offset, length, "table of contents", annotations,
+                           zstdchunked.CHECKSUM_ANNOTATION, label)
     manifest = zstdchunked.read_manifest(raw, uncompressed, label)
     entries, chunk_lists = build_entries(manifest, label, zstdchunked.chunk_ranges)
     return entries, chunk_lists, zstdchunked.decompress_frames, "zstd:chunked"

@@ -39,6 +39,7 @@ in the sidecar.
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import errno
 import functools
@@ -412,9 +413,7 @@ class Upper:
         if *change* or storing fails, the node is as it was.  A metadata
         change never copies a file's data."""
         log.debug("set metadata %s", path)
-        before = (node.mode, node.uid, node.gid, node.atime_ns, node.mtime_ns,
-                  node.ctime_ns, node.xattrs)
-        try:
+        with _undone_on_error(node):
             change(node)
             if node.origin == ORIGIN_LOWER:
                 self.copy_up(path, node, with_data=False)
@@ -425,29 +424,15 @@ class Upper:
                 after = self._apply_metadata(diff_path(path), node)
                 self._record_unstorable(path, node)
                 node.ctime_ns = after.st_ctime_ns
-        except BaseException:
-            (node.mode, node.uid, node.gid, node.atime_ns, node.mtime_ns,
-             node.ctime_ns, node.xattrs) = before
-            raise
-        finally:
-            node.stat_cache = None
 
     def set_unnamed_metadata(self, node: Node, change: Callable[[Node], None]) -> None:
         """Apply *change(node)* to *node*, which no name reaches any more:
         in memory only, as there is nothing on the host to store it under
         (it goes with the inode's last reference)."""
         log.debug("set metadata of unlinked inode %d", node.ino)
-        before = (node.mode, node.uid, node.gid, node.atime_ns, node.mtime_ns,
-                  node.ctime_ns, node.xattrs)
-        try:
+        with _undone_on_error(node):
             change(node)
             node.ctime_ns = now_ns()
-        except BaseException:
-            (node.mode, node.uid, node.gid, node.atime_ns, node.mtime_ns,
-             node.ctime_ns, node.xattrs) = before
-            raise
-        finally:
-            node.stat_cache = None
 
     def write_data(self, node: Node, fd: int, data: bytes, offset: int,
                    append: bool) -> int:
@@ -721,6 +706,22 @@ class Upper:
             if mode & S_IFMT == S_IFDIR:
                 mode |= _stat.S_ISGID
         return self.tree.new_node(mode, uid, gid, now_ns())
+
+
+@contextlib.contextmanager
+def _undone_on_error(node: Node):
+    """A metadata change of *node*: if it fails, the node is as it was; its
+    stat cache is dropped either way."""
+    before = (node.mode, node.uid, node.gid, node.atime_ns, node.mtime_ns,
+              node.ctime_ns, node.xattrs)
+    try:
+        yield
+    except BaseException:
+        (node.mode, node.uid, node.gid, node.atime_ns, node.mtime_ns,
+         node.ctime_ns, node.xattrs) = before
+        raise
+    finally:
+        node.stat_cache = None
 
 
 def _nothing_referenced(ino: int) -> bool:

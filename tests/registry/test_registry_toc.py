@@ -114,25 +114,6 @@ def test_a_lazy_toc_image_fetches_the_footer_and_toc_to_list_and_chunks_to_cat(
     assert len([name for name, _, _ in seen if name == digest]) == before
 
 
-def push_without_toc_annotations(registry, layout: str, repo: str, tag: str) -> dict:
-    """Push the image of *layout* with its layers' annotations removed (as a
-    tool that drops them would): a TOC layer is then found only by its footer."""
-    import json
-    import os
-    with open(os.path.join(layout, "index.json")) as handle:
-        entry = json.load(handle)["manifests"][0]
-
-    def blob(digest):
-        with open(os.path.join(layout, "blobs", *digest.split(":")), "rb") as handle:
-            return handle.read()
-    manifest = json.loads(blob(entry["digest"]))
-    for desc in [manifest["config"], *manifest["layers"]]:
-        registry.push_blob(repo, blob(desc["digest"]))
-        desc.pop("annotations", None)
-    registry.push_manifest(repo, tag, manifest)
-    return manifest
-
-
 @pytest.mark.parametrize("compression", ["estargz", "zstd:chunked"])
 def test_a_toc_layer_without_annotations_is_downloaded_whole_once_only(
         registry, tmp_path, compression):
@@ -154,7 +135,7 @@ def test_a_toc_layer_without_annotations_is_downloaded_whole_once_only(
         fs.write_bytes("/big", big)
         fs.write_bytes("/small", small)
         result = commit(fs, tmp_path / "out", compression=compression)
-    manifest = push_without_toc_annotations(registry, result.dest, "demo/bare", "v1")
+    manifest = registry.push_without_toc_annotations(result.dest, "demo/bare", "v1")
     size = manifest["layers"][-1]["size"]
     proxy = CountingProxy(registry.url)
     try:

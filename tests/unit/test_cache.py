@@ -11,7 +11,6 @@ import sys
 import textwrap
 
 import pytest
-import zstandard
 
 import layerfs
 from layerfs import cachecli, cli, seekpoints
@@ -22,8 +21,7 @@ from layerfs.errors import DigestMismatchError, InvalidLayerError
 from layerfs import layer as layer_module
 from layerfs.layer import open_layer
 from layerfs.seekpoints import SpanReader, SpanWriter, estimate_gzip_index
-from layerfs.testing import layers as L
-from layerfs.testing.writers import tar_bytes
+from layer_data import compress, make_tar
 
 SPAN = 64 << 10
 LAZY = {"gzip": "checkpoints", "zstd": "spans"}    # a layer beyond the budget, mostly
@@ -32,23 +30,6 @@ LAZY = {"gzip": "checkpoints", "zstd": "spans"}    # a layer beyond the budget, 
 @pytest.fixture(autouse=True)
 def small_spans(monkeypatch):
     monkeypatch.setenv("LAYERFS_SPAN_SIZE", str(SPAN))
-
-
-def make_tar(files: dict) -> bytes:
-    """A pax tar of regular files, name -> contents."""
-    return tar_bytes(L.Layer([L.file(name, data) for name, data in files.items()]))
-
-
-def compress(kind, data):
-    if kind == "gzip":
-        return gzip.compress(data, compresslevel=1)
-    if kind == "zstd":
-        return zstandard.ZstdCompressor(level=3).compress(data)
-    if kind == "zstd-frames":      # one frame per 100 000 bytes, as some writers do
-        compressor = zstandard.ZstdCompressor(level=3)
-        return b"".join(compressor.compress(data[i:i + 100_000])
-                        for i in range(0, len(data), 100_000))
-    return data
 
 
 def corpus(seed=1, count=40):
@@ -351,14 +332,7 @@ def test_bomb_under_a_small_budget_never_writes_more_than_the_budget(tmp_path, k
     path.write_bytes(compress(kind, tar))
     budget = 1 << 20
     cache = IndexCache(tmp_path / "c", size=budget)
-    peak = []
-    real_reserve = cache.reserve
-
-    def watching(n, keep=""):
-        peak.append(cache.usage())
-        return real_reserve(n, keep)
-
-    cache.reserve = watching
+    peak = watch_usage(cache)
     with open_layer(path, cache=cache) as layer:
         assert layer.storage == "spans"     # smaller than checkpoints for a bomb
         tail = [e for e in layer.entries if e.path == "/tail"][0]

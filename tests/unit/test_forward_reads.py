@@ -3,18 +3,15 @@ decoders that keep running between reads, the recent blocks they share,
 byte-exact reads across block, frame and checkpoint boundaries, several
 threads at once, and reads that go backwards."""
 
-import gzip
 import random
 import threading
 
 import pytest
-import zstandard
 
 from layerfs import seekpoints
 from layerfs.cache import IndexCache
 from layerfs.layer import open_layer
-from layerfs.testing import layers as L
-from layerfs.testing.writers import tar_bytes
+from layer_data import compress, make_tar
 
 SPAN = 64 << 10
 BLOCK = seekpoints.BLOCK
@@ -26,20 +23,6 @@ LAZY = [("gzip", 0.02, "stream"), ("zstd", 0.02, "stream"),
 @pytest.fixture(autouse=True)
 def small_spans(monkeypatch):
     monkeypatch.setenv("LAYERFS_SPAN_SIZE", str(SPAN))
-
-
-def make_tar(files: dict) -> bytes:
-    return tar_bytes(L.Layer([L.file(name, data) for name, data in files.items()]))
-
-
-def compress(kind, data):
-    if kind == "gzip":
-        return gzip.compress(data, compresslevel=1)
-    compressor = zstandard.ZstdCompressor(level=3)
-    if kind == "zstd-frames":      # one frame per 100 000 bytes: not block-aligned
-        return b"".join(compressor.compress(data[i:i + 100_000])
-                        for i in range(0, len(data), 100_000))
-    return compressor.compress(data)
 
 
 @pytest.fixture(autouse=True)
