@@ -33,11 +33,13 @@ No I/O: part of the union core.
 
 from __future__ import annotations
 
+import sys
 import threading
 
 from .paths import join, split
 from .union import S_IFDIR, S_IFMT, Node, Tree
 
+_intern = sys.intern
 _dict_get = dict.get
 _dict_setitem = dict.__setitem__
 _dict_contains = dict.__contains__
@@ -109,7 +111,9 @@ class LazyChildren(dict):
             path = self._path
             nodes = copier.nodes
             for name, child in base.items():
-                child_path = join(path, name)
+                # Interned: every container's copy of the path is the one
+                # string the view's own path dict holds (see container_tree).
+                child_path = _intern(join(path, name))
                 copy = copier.copy(child, child_path)
                 _dict_setitem(self, name, copy)
                 _dict_setitem(nodes, child_path, copy)
@@ -299,6 +303,10 @@ for _name in ("keys", "values", "items", "copy"):
 def container_tree(base: Tree) -> Tree:
     """A tree equal to *base* that copies it lazily (see the module's
     docstring); *base* is never changed through it."""
+    if not getattr(base, "paths_interned", False):
+        for path in dict.keys(base.nodes):     # once per view: its keys become the
+            _intern(path)                       # strings every container shares
+        base.paths_interned = True
     copier = _Copier(base)
     tree = Tree.__new__(Tree)
     base_root = base.root
