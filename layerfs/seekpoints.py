@@ -152,6 +152,21 @@ class SpanWriter:
         return self.written + len(trailer) + 16
 
 
+def _read_table(fd: int, magic: bytes) -> tuple:
+    """The marshalled table at the end of a seek-point file (before its
+    16-byte trailer: the table's length, then *magic*) and where the table
+    starts; ``ValueError`` if the file does not end so."""
+    file_size = os.fstat(fd).st_size
+    tail = os.pread(fd, 16, max(0, file_size - 16))
+    if len(tail) != 16 or tail[8:] != magic:
+        raise ValueError("no trailer")
+    length = int.from_bytes(tail[:8], "little")
+    table_start = file_size - 16 - length
+    if table_start < 0:
+        raise ValueError("a table longer than the file")
+    return marshal.loads(os.pread(fd, length, table_start)), table_start
+
+
 class SpanReader:
     """Random access to the stream stored in a spans file (open descriptor
     *fd*, owned by the caller).  Raises :class:`InvalidLayerError` (naming
@@ -160,18 +175,13 @@ class SpanReader:
     def __init__(self, fd: int, size: int, label: str):
         self._fd = fd
         self.label = label
-        file_size = os.fstat(fd).st_size
-        tail = os.pread(fd, 16, max(0, file_size - 16))
         try:
-            if len(tail) != 16 or tail[8:] != MAGIC:
-                raise ValueError("no trailer")
-            length = int.from_bytes(tail[:8], "little")
-            table = marshal.loads(os.pread(fd, length, file_size - 16 - length))
+            table, table_start = _read_table(fd, MAGIC)
             if (table["format"] != FORMAT or table["version"] != VERSION
                     or table["size"] != size):
                 raise ValueError("another format or size")
             self.span = int(table["span"])
-            self._offsets = list(table["offsets"]) + [file_size - 16 - length]
+            self._offsets = list(table["offsets"]) + [table_start]
             if len(self._offsets) - 1 != -(-size // self.span):
                 raise ValueError("wrong number of spans")
         except (ValueError, TypeError, KeyError, EOFError) as error:
@@ -658,16 +668,10 @@ class GzipCheckpointReader:
         self.label = label
         self.size = size
         self.blob = blob
-        file_size = os.fstat(fd).st_size
-        tail = os.pread(fd, 16, max(0, file_size - 16))
         try:
-            if len(tail) != 16 or tail[8:] != GZIP_MAGIC:
-                raise ValueError("no trailer")
-            length = int.from_bytes(tail[:8], "little")
-            table = marshal.loads(os.pread(fd, length, file_size - 16 - length))
+            table, table_start = _read_table(fd, GZIP_MAGIC)
             if (table["format"] != GZIP_FORMAT or table["version"] != GZIP_VERSION
-                    or table["size"] != size
-                    or table["length"] != file_size - 16 - length):
+                    or table["size"] != size or table["length"] != table_start):
                 raise ValueError("another format or size")
             index = os.pread(fd, table["length"], 0)
             self._reader = rapidgzip.RapidgzipFile(_BlobFile(blob, table["data_end"]),

@@ -235,14 +235,19 @@ def test_byte_exact_reads_at_every_span_boundary_in_every_form(tmp_path, kind, s
         assert read_all(layer) == files
 
 
-def test_a_truncated_spans_file_is_not_trusted(tmp_path):
+@pytest.mark.parametrize("damage", ["truncated", "table length beyond the file"])
+def test_a_damaged_spans_file_is_not_trusted(tmp_path, damage):
     path = tmp_path / "s"
     with open(path, "w+b") as file:
         writer = SpanWriter(file, span=SPAN)
         writer.write(b"x" * (3 * SPAN))
         writer.finish()
     with open(path, "r+b") as file:
-        file.truncate(os.path.getsize(path) - 3)
+        if damage == "truncated":
+            file.truncate(os.path.getsize(path) - 3)
+        else:          # the trailer's length field (its first 8 bytes)
+            file.seek(-16, os.SEEK_END)
+            file.write((1 << 40).to_bytes(8, "little"))
     fd = os.open(path, os.O_RDONLY)
     try:
         with pytest.raises(InvalidLayerError):
