@@ -40,7 +40,7 @@ BANDWIDTH = 100e6 / 8      # bytes per second
 RTT = 0.020                # seconds per request
 
 
-class _Counting(toc_module.FileBlob):
+class _Counting(toc_module.FileRange):
     log: list = []
 
     def read_at(self, offset, length):
@@ -106,8 +106,8 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--out", default=os.path.join(HERE, "results", "toc.json"))
     args = parser.parse_args(argv)
-    original_blob, original_epoch = toc_module.FileBlob, os.environ.get("SOURCE_DATE_EPOCH")
-    toc_module.FileBlob = _Counting          # count what the TOC reader fetches
+    original_blob, original_epoch = toc_module.FileRange, os.environ.get("SOURCE_DATE_EPOCH")
+    toc_module.FileRange = _Counting          # count what the TOC reader fetches
     work = tempfile.mkdtemp(prefix="layerfs-toc-bench-")
     os.environ["SOURCE_DATE_EPOCH"] = "1700000000"
     try:
@@ -144,7 +144,7 @@ def main(argv=None) -> int:
                        "results": results}, f, indent=2, sort_keys=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-        toc_module.FileBlob = original_blob
+        toc_module.FileRange = original_blob
         if original_epoch is None:
             os.environ.pop("SOURCE_DATE_EPOCH", None)
         else:

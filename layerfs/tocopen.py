@@ -14,49 +14,15 @@ from __future__ import annotations
 
 import hashlib
 import marshal
-import os
 from typing import Any, Optional
 
 from . import estargz, zstdchunked
+from .blobsource import FileRange
 from .cache import IndexCache, load_headed, write_atomic
 from .compression import SUM_CHUNK
 from .entry import REGULAR, Entry
 from .errors import DigestMismatchError, ImageError, InvalidLayerError, UnsupportedImageError
 from .toc import MAX_TOC_SIZE, Chunk, TocLayer, build_entries, sha256_digest
-
-
-class FileBlob:
-    """A blob source over a local file range (``size``, ``digest``,
-    ``label``, ``read_at``), for callers that hand a path or a
-    :class:`layerfs.layer.BlobSource`."""
-
-    def __init__(self, path: str, offset: int = 0, size: Optional[int] = None,
-                 digest: Optional[str] = None, label: Optional[str] = None):
-        self.path = path
-        self.offset = offset
-        self.digest = digest
-        self.label = label or path
-        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        self.size = size if size is not None else os.fstat(self._fd).st_size - offset
-
-    def read_at(self, offset: int, length: int) -> bytes:
-        length = min(length, self.size - offset)
-        if length <= 0:
-            return b""
-        parts = []
-        while length > 0:
-            data = os.pread(self._fd, length, self.offset + offset)
-            if not data:
-                break
-            parts.append(data)
-            offset += len(data)
-            length -= len(data)
-        return b"".join(parts)
-
-    def close(self) -> None:
-        fd, self._fd = self._fd, -1
-        if fd >= 0:
-            os.close(fd)
 
 
 def toc_format_of(annotations: Optional[dict]) -> Optional[str]:
@@ -297,9 +263,9 @@ def _as_blob(source, digest: Optional[str], label: Optional[str]) -> tuple[Any, 
         return source, []
     path = getattr(source, "path", None)
     if path is not None:
-        blob = FileBlob(path, source.offset, source.size, digest, label)
+        blob = FileRange(path, source.offset, source.size, digest=digest, label=label)
     else:
-        blob = FileBlob(os.fspath(source), digest=digest, label=label)
+        blob = FileRange(source, digest=digest, label=label)
     return blob, [blob.close]
 
 

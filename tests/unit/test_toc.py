@@ -360,12 +360,12 @@ def test_an_image_lists_from_footer_and_toc_and_cats_from_chunks(committed, comp
     import layerfs.tocopen as toc_module
     reads = []
 
-    class CountingFileBlob(toc_module.FileBlob):
+    class CountingFileRange(toc_module.FileRange):
         def read_at(self, offset, length):
             data = super().read_at(offset, length)
             reads.append((self.label, offset, len(data)))
             return data
-    monkeypatch.setattr(toc_module, "FileBlob", CountingFileBlob)
+    monkeypatch.setattr(toc_module, "FileRange", CountingFileRange)
     result, _ = committed[compression]
     desc = top_descriptor(result)
     size = desc["size"]
