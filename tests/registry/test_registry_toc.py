@@ -38,6 +38,16 @@ def test_a_toc_image_from_the_registry_reads_from_its_toc(registry, tmp_path, co
         assert not remote.exists("/etc/motd")
 
 
+def commit_big_and_small(tmp_path, compression: str, big: bytes, small: bytes):
+    """The example image with /big and /small added, committed with a TOC
+    (*compression*) into ``tmp_path/out``; the commit's result."""
+    base = build_example(str(tmp_path / "base"))
+    with layerfs.open(base, upper=tmp_path / "up") as fs:
+        fs.write_bytes("/big", big)
+        fs.write_bytes("/small", small)
+        return commit(fs, tmp_path / "out", compression=compression)
+
+
 def _ranges_requested(monkeypatch) -> list:
     """Every blob request the client sends: (digest, first, last) of its
     Range (None, None for a whole blob)."""
@@ -67,11 +77,7 @@ def test_a_lazy_toc_image_fetches_the_footer_and_toc_to_list_and_chunks_to_cat(
     from layerfs.remote import RemoteBlob
     big = random.Random(7).randbytes(6 << 20)          # incompressible: chunks are real
     small = b"hello from the top layer\n"
-    base = build_example(str(tmp_path / "base"))
-    with layerfs.open(base, upper=tmp_path / "up") as fs:
-        fs.write_bytes("/big", big)
-        fs.write_bytes("/small", small)
-        result = commit(fs, tmp_path / "out", compression=compression)
+    result = commit_big_and_small(tmp_path, compression, big, small)
     push_layout(registry, result.dest, "demo/lazytoc", "v1")
     seen = _ranges_requested(monkeypatch)
     cache = IndexCache(tmp_path / "cache")
@@ -130,11 +136,7 @@ def test_a_toc_layer_without_annotations_is_downloaded_whole_once_only(
     from servers import CountingProxy
     big = random.Random(9).randbytes(3 << 20)
     small = b"hello without annotations\n"
-    base = build_example(str(tmp_path / "base"))
-    with layerfs.open(base, upper=tmp_path / "up") as fs:
-        fs.write_bytes("/big", big)
-        fs.write_bytes("/small", small)
-        result = commit(fs, tmp_path / "out", compression=compression)
+    result = commit_big_and_small(tmp_path, compression, big, small)
     manifest = registry.push_without_toc_annotations(result.dest, "demo/bare", "v1")
     size = manifest["layers"][-1]["size"]
     proxy = CountingProxy(registry.url)
