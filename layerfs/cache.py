@@ -284,11 +284,14 @@ class IndexCache:
         hex) as needed; False if it cannot fit."""
         budget = self.budget
         with self._locked():
-            entries = list(self.scan())
+            # Pins are asked of a victim only when it is to go (by
+            # _remove_unpinned, which skips a pinned one): most calls fit
+            # and look at no pin at all.
+            entries = list(self.scan(pins=False))
             used = sum(e.size for e in entries)
             if used + nbytes <= budget:
                 return True
-            victims = sorted((e for e in entries if e.evictable and not e.pinned
+            victims = sorted((e for e in entries if e.evictable
                               and not e.digest.endswith(keep or "\0")),
                              key=lambda e: e.last_use)
             for victim in victims:
@@ -299,7 +302,7 @@ class IndexCache:
             return False
 
     def usage(self) -> int:
-        return sum(e.size for e in self.scan())
+        return sum(e.size for e in self.scan(pins=False))
 
     # -- pins -------------------------------------------------------------
     def pin(self, hex_digest: str) -> Pin:
@@ -356,9 +359,10 @@ class IndexCache:
             pass
 
     # -- listing and removal -----------------------------------------------
-    def scan(self) -> Iterator[CacheEntry]:
+    def scan(self, pins: bool = True) -> Iterator[CacheEntry]:
         """Everything in the cache that takes space; dead temp files (whose
-        writer is gone) are removed on the way."""
+        writer is gone) are removed on the way.  Without *pins*, no entry's
+        pin is looked at (``pinned`` is False, a live temp file's True)."""
         kinds = (("blobs", {".tar": "copy"}),
                  ("spans", {".spans": "spans", ".gzidx": "checkpoints",
                             ".frames": "frames"}),
@@ -380,7 +384,7 @@ class IndexCache:
                     st = item.stat()
                 except FileNotFoundError:
                     continue
-                pinned = kind != "view" and self.is_pinned(hex_)
+                pinned = pins and kind != "view" and self.is_pinned(hex_)
                 yield CacheEntry("sha256:" + hex_, kind, item.path, st.st_blocks * 512,
                                  st.st_mtime, pinned)
         directory = os.path.join(self.root, "registry", "blobs", "sha256")
@@ -392,7 +396,7 @@ class IndexCache:
             except FileNotFoundError:
                 continue
             yield CacheEntry("sha256:" + item.name, "blob", item.path, st.st_blocks * 512,
-                             st.st_mtime, self.is_pinned(item.name))
+                             st.st_mtime, pins and self.is_pinned(item.name))
 
     def remove(self, entry: CacheEntry, force: bool = False) -> bool:
         """Removes *entry* unless it is pinned (and not *force*); True if
