@@ -53,7 +53,7 @@ from .errors import (DigestMismatchError, ImageError, InvalidLayerError,
 from .seekpoints import (GzipCheckpointReader, SpanReader, SpanWriter, StreamReader,
                          ZstdFrameReader, frame_table, write_frame_table,
                          estimate_gzip_index, gzip_spacing, has_gzip_checkpoints,
-                         write_gzip_checkpoints)
+                         write_gzip_checkpoints, write_gzip_index)
 from .tarindex import iter_entries
 
 RESERVE_STEP = 64 << 20    # bytes of cache space asked for at a time
@@ -383,15 +383,18 @@ class _Opener:
         compression = detect_compression(self.blob.read_at(0, 4))
         sink = (_DataSink(cache, self.label, self.whole, compression, self.blob)
                 if compression != NONE else None)
+        spacing = sink.pass_checkpoints() if sink is not None else None
+        stream = None
         try:
             # A blob that is not a local file may be re-read by ranges
             # later: record a checksum per chunk to verify those reads.
-            if sink is not None and identity is None:
+            if sink is not None and identity is None and spacing is None:
                 sink.keep_raw()    # a remote blob: not fetched twice for checkpoints
             stream = BlobStream(self.blob, label=self.label, max_size=max_size,
                                 sink=sink.write if sink else None, progress=progress,
                                 chunk_sums=identity is None,
-                                raw_sink=sink.write_raw if sink else None)
+                                raw_sink=sink.write_raw if sink else None,
+                                gzip_checkpoints=spacing)
             if sink is not None:
                 sink.stream = stream
             entries = list(iter_entries(stream, self.label))
@@ -422,6 +425,9 @@ class _Opener:
             if sink is not None:
                 sink.abort()
             raise
+        finally:
+            if stream is not None:
+                stream.close()
         if data is None:
             return self.layer(header, entries, self.blob, [], cache)
         return self.layer(header, entries, data, [data.close], cache,
@@ -517,8 +523,9 @@ class _DataSink:
         # A blob whose header or trailer already says its copy cannot fit
         # goes straight to a lazy form: no partial copy crowds out layers
         # indexed beside it.
-        self._copy_fits = (self._whole or blob is None
-                           or least_uncompressed_size(blob, compression) <= cache.budget)
+        self._least_size = (0 if self._whole or blob is None
+                            else least_uncompressed_size(blob, compression))
+        self._copy_fits = self._whole or blob is None or self._least_size <= cache.budget
 
     def write(self, chunk: bytes) -> None:
         if self._stream or self._checkpoints and self._spans is None:
@@ -540,6 +547,21 @@ class _DataSink:
             return
         self._file.write(chunk)
         self._written += len(chunk)
+
+    def pass_checkpoints(self) -> Optional[int]:
+        """The checkpoint spacing, if the pass itself should build gzip
+        checkpoints (:class:`BlobStream`'s *gzip_checkpoints*): the blob's
+        last bytes say its copy cannot fit, and not that it is a bomb
+        (whose checkpoints would outgrow the blob: spans instead).  A blob
+        whose last bytes do not say (zero padding, a small last member, a
+        copy beyond 4 GiB) is decoded by zlib, and gets its checkpoints
+        from a second pass if the copy turns out not to fit."""
+        if not self._gzip or self._copy_fits:
+            return None
+        spacing = gzip_spacing()
+        if estimate_gzip_index(self._least_size, spacing) > self.blob.size:
+            return None
+        return spacing
 
     def keep_raw(self) -> None:
         """Keep the blob's bytes as the pass reads them, in a temp file
@@ -719,6 +741,22 @@ class _DataSink:
             self._before_span(estimate)
         final = self._cache.checkpoints_path(hex_)
         self._file, self._temp = _temp_file(final)
+        if self.stream.has_gzip_index:
+            # Built by the pass, from the bytes whose digest was checked.
+            write_gzip_index(self.stream.export_gzip_index, data_end, size, self._file)
+        else:
+            self._second_pass_checkpoints(data_end, size)
+        self._drop_raw()
+        os.replace(self._temp, final)
+        self._temp = None
+        self._file.close()
+        fd = os.open(final, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return GzipCheckpointReader(fd, self.blob, size, self._label)
+        finally:
+            os.close(fd)
+
+    def _second_pass_checkpoints(self, data_end: int, size: int) -> None:
         source = None
         if self._raw_file is not None and self._raw_written == self.blob.size:
             # The bytes the pass read and verified: no second fetch.
@@ -729,15 +767,6 @@ class _DataSink:
         finally:
             if source is not None:
                 source.close()
-        self._drop_raw()
-        os.replace(self._temp, final)
-        self._temp = None
-        self._file.close()
-        fd = os.open(final, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            return GzipCheckpointReader(fd, self.blob, size, self._label)
-        finally:
-            os.close(fd)
 
     def _finish_frames(self, hex_: str, size: int):
         """A multi-frame zstd blob: its frame table, if every frame declared

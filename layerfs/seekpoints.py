@@ -629,7 +629,8 @@ class _BlobFile(io.RawIOBase):
 def write_gzip_checkpoints(blob, data_end: int, size: int, file,
                            spacing: Optional[int] = None) -> None:
     """Decompresses the gzip blob once more (rapidgzip, one thread) and
-    writes its checkpoints to *file*, with a trailer naming *size*."""
+    writes its checkpoints to *file*, with a trailer naming *size* (for a
+    blob whose indexing pass could not build them itself)."""
     import rapidgzip
     spacing = gzip_spacing(spacing)
     reader = rapidgzip.RapidgzipFile(_BlobFile(blob, data_end), parallelization=1,
@@ -639,10 +640,18 @@ def write_gzip_checkpoints(blob, data_end: int, size: int, file,
         if reader.tell() != size:
             raise InvalidLayerError(f"rapidgzip read {reader.tell()} bytes, the "
                                     f"indexing pass {size}", layer=blob.label)
-        buffer = io.BytesIO()
-        reader.export_index(buffer)
+        write_gzip_index(reader.export_index, data_end, size, file)
     finally:
         reader.close()
+
+
+def write_gzip_index(export_index, data_end: int, size: int, file) -> None:
+    """Writes the checkpoints that *export_index(file)* writes (rapidgzip's
+    index) to *file*, then the trailer naming *size* and *data_end*: a
+    reader trusts the file only whole.  (Through memory: given a real file,
+    rapidgzip writes to its descriptor, behind Python's buffer.)"""
+    buffer = io.BytesIO()
+    export_index(buffer)
     index = buffer.getvalue()
     trailer = marshal.dumps({"format": GZIP_FORMAT, "version": GZIP_VERSION,
                              "size": size, "data_end": data_end, "length": len(index)})

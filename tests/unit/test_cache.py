@@ -180,12 +180,34 @@ def test_checkpoints_of_a_remote_gzip_blob_come_from_the_bytes_the_pass_read(
         assert again.storage == "checkpoints" and read_all(again) == files
 
 
-def test_a_remote_gzip_blob_beyond_the_budget_is_fetched_again_for_checkpoints(
-        tmp_path, monkeypatch):
-    """Neither the copy nor the blob fit: the temp file goes as soon as the
-    budget has no room for it, and the checkpoints pass fetches the blob."""
+def test_a_remote_gzip_blob_beyond_the_budget_is_fetched_once(tmp_path, monkeypatch):
+    """Neither the copy nor the blob fit, and the blob's last bytes (its
+    length) say so: the indexing pass builds the checkpoints itself
+    (rapidgzip as its decoder), so the blob is fetched once and no temp
+    copy of it is written."""
     monkeypatch.setenv("LAYERFS_SPAN_SIZE", str(1 << 20))
     files, tar, blob = remote_gzip(tmp_path)
+    budget = blob.size // 2
+    cache = IndexCache(tmp_path / "c", size=budget)
+    peak = watch_usage(cache)
+    with open_layer(blob, cache=cache) as layer:
+        assert layer.storage == "checkpoints"
+        # The pass, and the first 1 MiB chunk again when the reader is made.
+        assert blob.size <= blob.bytes_read <= blob.size + (1 << 20) + 64
+        assert read_all(layer) == files
+    assert max(peak) <= budget and cache.usage() <= budget
+    assert not list((tmp_path / "c").rglob(".tmp-*"))
+
+
+def test_a_padded_remote_gzip_blob_beyond_the_budget_is_fetched_again(
+        tmp_path, monkeypatch):
+    """Zero padding after the last member hides the length: the pass
+    decodes with zlib, the temp file goes as soon as the budget has no room
+    for it, and the checkpoints pass fetches the blob again."""
+    monkeypatch.setenv("LAYERFS_SPAN_SIZE", str(1 << 20))
+    files, tar, blob = remote_gzip(tmp_path)
+    blob = CountingBlob(BytesBlob(blob.inner.read_at(0, blob.size) + bytes(512),
+                                  label="remote"))
     budget = blob.size // 2
     cache = IndexCache(tmp_path / "c", size=budget)
     peak = watch_usage(cache)
