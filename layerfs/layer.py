@@ -409,6 +409,7 @@ class _Opener:
                 header["chunk_sums"] = stream.chunk_sums
                 header["sum_chunk"] = SUM_CHUNK
                 self.blob = _verified(self.blob, header)
+                self.blob.remember(0, stream.head_chunk)   # the reader reads the head
                 if sink is not None:
                     sink.blob = self.blob
             if cache is not None:
@@ -496,9 +497,11 @@ class _DataSink:
     indexed: a whole copy while the cache budget has room for it, else
     (zstd) spans or (gzip) checkpoints into the blob.  Switching to spans
     re-reads the partial copy into spans, then goes on with the stream;
-    switching to checkpoints drops the partial copy and builds them after
-    the pass (a second, faster decompression: rapidgzip).  At no time does
-    more than the budget sit in the cache (see :meth:`IndexCache.reserve`)."""
+    switching to checkpoints drops the partial copy.  Gzip checkpoints come
+    from the pass itself when it decodes with rapidgzip
+    (:meth:`pass_checkpoints`: the blob said at the start that its copy
+    cannot fit), else from a second pass after it.  At no time does more
+    than the budget sit in the cache (see :meth:`IndexCache.reserve`)."""
 
     def __init__(self, cache: Optional[IndexCache], label: str, whole: bool,
                  compression: str = "", blob=None):

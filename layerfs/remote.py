@@ -340,6 +340,8 @@ class RemoteBlob:
         with self._lock:
             for attempt in range(RETRIES + 1):
                 try:
+                    if self._is_aside(offset, length):
+                        return self._fetch(offset, length)
                     if not (self._position <= offset and offset + length <= self._end):
                         self._open(offset, length)
                     return self._take(offset, length)
@@ -369,6 +371,32 @@ class RemoteBlob:
         self._response = response
         self._chunks = response.iter_content(CHUNK_SIZE)
         self._pending, self._position, self._end = b"", start, end
+
+    def _is_aside(self, offset: int, length: int) -> bool:
+        """Whether a read is small and away from where a response with much
+        left to stream stands (a pass reading the blob looks at its last
+        bytes): read aside, not by dropping the response or by streaming
+        through to it."""
+        if self._response is None or length > self.KEEP_BEHIND:
+            return False
+        received = self._position + len(self._pending)
+        near = self._position <= offset <= received + self.KEEP_BEHIND
+        return not near and self._end - received > self.KEEP_BEHIND
+
+    def _fetch(self, offset: int, length: int) -> bytes:
+        """A small read away from the response a pass is streaming (a
+        gzip trailer, a footer): its exact range, by a request of its own,
+        so that the streaming response is not dropped and asked again."""
+        response = self.client.request(
+            "GET", f"{self.client.ref.repository}/blobs/{self.digest}",
+            headers={"Range": f"bytes={offset}-{offset + length - 1}"})
+        self.requests += 1
+        if response.status_code not in (200, 206):
+            raise RegistryError(f"ranged read answered {response.status_code}",
+                                path=self.label)
+        data = response.content
+        self.bytes_fetched += len(data)
+        return data[offset:offset + length] if response.status_code == 200 else data
 
     def _take(self, offset: int, length: int) -> bytes:
         want_end = offset + length

@@ -28,7 +28,10 @@ The forms that read the blob itself (the stream, zstd frames) go through
 by the reading threads, their output kept in the same memory in 256 KiB
 blocks, so that a scan decompresses the stream once (see docs/cache.md,
 "Reading forward").  Gzip checkpoints keep one rapidgzip reader, which
-does that by itself.
+does that by itself; they are rapidgzip's index, written by
+:func:`write_gzip_index`, built by the indexing pass itself when it
+decodes with rapidgzip (``BlobStream(gzip_checkpoints=...)``), else by a
+second pass (:func:`write_gzip_checkpoints`).
 """
 
 from __future__ import annotations

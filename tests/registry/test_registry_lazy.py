@@ -65,11 +65,12 @@ def test_a_lazy_open_keeps_no_blob_and_reads_only_needed_ranges(tmp_path, lazy_i
         assert [layer.storage for layer in fs.image.layers] == ["checkpoints", "spans"]
         indexed = [r.bytes_fetched for r in remotes]
         sizes = [len(b) for b in lazy_image["blobs"]]
-        # zstd: one pass; gzip: one more for rapidgzip's checkpoints (which
-        # may go back a chunk or two); both: the look for a TOC footer first
-        # (a few dozen bytes at the end)
+        # one pass each (gzip: its checkpoints built by the pass); both:
+        # the look for a TOC footer first (a few dozen bytes at the end);
+        # gzip: a read crossing the end of an 8 MiB request asks for its
+        # start again (rapidgzip reads 128 KiB at a time)
         assert sizes[1] <= indexed[1] <= sizes[1] + 4096
-        assert 2 * sizes[0] <= indexed[0] <= 2 * sizes[0] + (2 << 20) + 4096
+        assert sizes[0] <= indexed[0] <= sizes[0] + (256 << 10) + 4096
         small = [p for p, d in lazy_image["files"].items() if p.startswith("g/")
                  and len(d) == 5000][0]    # near the start: not in memory
         assert fs.read_bytes("/" + small) == lazy_image["files"][small]

@@ -137,3 +137,32 @@ def test_kept_ranges_serve_offline_with_the_registry_stopped(tmp_path, gzip_imag
     with layerfs.open(gzip_image["ref"], cache=IndexCache(tmp_path / "cache"),
                       registry=Options(lazy=True, offline=True)) as fs:
         assert fs.read_bytes("/" + path) == gzip_image["files"][path]
+
+
+def test_a_gzip_layer_beyond_the_budget_is_fetched_once_and_reads_exactly_at_checkpoints(
+        tmp_path, registry, proxy, monkeypatch):
+    """The indexing pass builds the checkpoints itself (issue 12, item 1):
+    the blob goes over the network once (before: twice, the second time for
+    rapidgzip), and a read at or just before every checkpoint is exact."""
+    spacing = 1 << 20
+    monkeypatch.setenv("LAYERFS_SPAN_SIZE", str(spacing))
+    files = files_of(4, "t", text=True, count=150)    # words: checkpoints need windows
+    tar = make_tar(files)
+    blob = gzip.compress(tar, 6)
+    registry.push_image("once", "v1", [blob], layer_types=[GZIP_TYPE],
+                        diff_ids=["sha256:" + hashlib.sha256(tar).hexdigest()])
+    cache = IndexCache(tmp_path / "cache", size=len(blob) // 2)
+    with layerfs.open(f"docker://{proxy.host}/once:v1", cache=cache,
+                      registry=Options(lazy=True)) as fs:
+        [layer] = fs.image.layers
+        assert layer.storage == "checkpoints"
+        # the pass, and the config, the look for a TOC footer and the gzip
+        # trailer (a few hundred bytes); the reader's head was kept from
+        # the pass.  Before: twice the blob.
+        assert len(blob) <= proxy.blob_bytes <= len(blob) + 4096
+        for boundary in range(0, len(tar), spacing):
+            for offset in (max(0, boundary - 3), boundary):
+                assert layer.read_data(offset, 9) == tar[offset:offset + 9]
+        for path in sorted(files)[::10]:
+            assert fs.read_bytes("/" + path) == files[path]
+    assert cache.usage() <= cache.budget

@@ -192,8 +192,8 @@ def test_a_remote_gzip_blob_beyond_the_budget_is_fetched_once(tmp_path, monkeypa
     peak = watch_usage(cache)
     with open_layer(blob, cache=cache) as layer:
         assert layer.storage == "checkpoints"
-        # The pass, and the first 1 MiB chunk again when the reader is made.
-        assert blob.size <= blob.bytes_read <= blob.size + (1 << 20) + 64
+        # The pass and a few bytes (the reader's head: kept from the pass).
+        assert blob.size <= blob.bytes_read <= blob.size + 64
         assert read_all(layer) == files
     assert max(peak) <= budget and cache.usage() <= budget
     assert not list((tmp_path / "c").rglob(".tmp-*"))
@@ -213,7 +213,8 @@ def test_a_padded_remote_gzip_blob_beyond_the_budget_is_fetched_again(
     peak = watch_usage(cache)
     with open_layer(blob, cache=cache) as layer:
         assert layer.storage == "checkpoints"
-        assert blob.bytes_read >= 2 * blob.size
+        # twice, but for the head the pass kept for the reader
+        assert blob.bytes_read >= 2 * blob.size - (1 << 20)
         assert read_all(layer) == files
     assert max(peak) <= budget and cache.usage() <= budget
     assert not list((tmp_path / "c").rglob(".tmp-*"))
