@@ -292,10 +292,8 @@ class _ForwardFile(io.RawIOBase):
         if not self._kept or offset < self._kept[0][0]:
             raise _invalid(self._label, f"rapidgzip read back to byte {offset}, "
                            f"beyond the {self._keep} bytes the indexing pass keeps")
-        for start, data in reversed(self._kept):
-            if start <= offset:
-                return data[offset - start:offset - start + n]
-        raise AssertionError("unreachable: the first kept chunk starts before offset")
+        start, data = next((s, d) for s, d in reversed(self._kept) if s <= offset)
+        return data[offset - start:offset - start + n]
 
     def close(self) -> None:
         self._kept.clear()

@@ -389,14 +389,15 @@ class RemoteBlob:
         so that the streaming response is not dropped and asked again."""
         response = self.client.request(
             "GET", f"{self.client.ref.repository}/blobs/{self.digest}",
-            headers={"Range": f"bytes={offset}-{offset + length - 1}"})
+            headers={"Range": f"bytes={offset}-{offset + length - 1}"}, stream=True)
         self.requests += 1
-        if response.status_code not in (200, 206):
-            raise RegistryError(f"ranged read answered {response.status_code}",
-                                path=self.label)
+        if response.status_code != 206:       # Range ignored, or an error: as before
+            response.close()
+            self._open(offset, length)
+            return self._take(offset, length)
         data = response.content
         self.bytes_fetched += len(data)
-        return data[offset:offset + length] if response.status_code == 200 else data
+        return data
 
     def _take(self, offset: int, length: int) -> bytes:
         want_end = offset + length
