@@ -555,14 +555,17 @@ class _DataSink:
         """The checkpoint spacing, if the pass itself should build gzip
         checkpoints (:class:`BlobStream`'s *gzip_checkpoints*): the blob's
         last bytes say its copy cannot fit, and not that it is a bomb
-        (whose checkpoints would outgrow the blob: spans instead).  A blob
+        (whose checkpoints would outgrow the blob: spans instead), nor that
+        its checkpoints cannot fit either (the stream form: zlib's pass
+        holds less memory and runs outside the GIL).  A blob
         whose last bytes do not say (zero padding, a small last member, a
         copy beyond 4 GiB) is decoded by zlib, and gets its checkpoints
         from a second pass if the copy turns out not to fit."""
         if not self._gzip or self._copy_fits:
             return None
         spacing = gzip_spacing()
-        if estimate_gzip_index(self._least_size, spacing) > self.blob.size:
+        estimate = estimate_gzip_index(self._least_size, spacing)
+        if estimate > self.blob.size or estimate > self._cache.budget:
             return None
         return spacing
 

@@ -222,3 +222,24 @@ def read_all_but_open(s: BlobStream) -> None:
         pass
     s.drain()
 
+
+
+TEXT_TAR = make_tar(text_files())     # 3.5 MB, 1.5 MB in gzip
+
+
+@pytest.mark.parametrize("blob_bytes, budget, expected", [
+    (gzip.compress(bytes(4 << 20)), 1 << 20, None),         # a bomb: spans
+    (gzip.compress(TEXT_TAR), 64 << 10, None),              # not even checkpoints fit
+    (gzip.compress(TEXT_TAR) + bytes(100), 1 << 20, None),  # padding: no length
+    (gzip.compress(TEXT_TAR), 1 << 20, LAYER_SPACING),
+    (gzip.compress(TEXT_TAR), 8 << 20, None),               # the copy may fit
+])
+def test_which_blobs_the_pass_builds_checkpoints_for(tmp_path, spacing, blob_bytes,
+                                                     budget, expected):
+    from layerfs.layer import _DataSink
+    cache = IndexCache(tmp_path / "c", size=budget)
+    sink = _DataSink(cache, "blob", False, "gzip", BytesBlob(blob_bytes, label="blob"))
+    try:
+        assert sink.pass_checkpoints() == expected
+    finally:
+        sink.abort()
