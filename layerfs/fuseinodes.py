@@ -65,6 +65,15 @@ class InodeTable:
         self.records: dict[int, Inode] = {ROOT_ID: root}
         if root.node.ino != ROOT_ID:
             raise ValueError("the view's root must have inode number 1")
+        tree.listen_owned(self._owned)
+
+    def _owned(self, shared: Node, copy: Node) -> None:
+        """A container copied an image's node it changes: the record
+        follows (its inode number is the same)."""
+        with self.lock:
+            record = self.records.get(copy.ino)
+            if record is not None and record.node is shared:
+                record.node = copy
 
     def get(self, node_id: int) -> Optional[Inode]:
         return self.records.get(node_id)
@@ -84,7 +93,9 @@ class InodeTable:
                 parent.beneath += 1
                 self.records[node.ino] = record
             elif record.node is not node:
-                raise AssertionError(f"two nodes with inode number {node.ino}")
+                if self.tree.current(record.node) is not node:
+                    raise AssertionError(f"two nodes with inode number {node.ino}")
+                record.node = node      # copied meanwhile (_owned is on its way)
             elif node.children is None and record.parent is not None \
                     and (record.parent is not parent or record.name != name):
                 self._reparent(record, parent, name)

@@ -1,32 +1,42 @@
-"""A container's tree: the shared view of its image, copied lazily.
+"""A container's tree: the shared view of its image, copied only where
+the container changes it.
 
-A writable filesystem changes its tree's nodes in place (an upper consults
-and changes the same :class:`~layerfs.union.Tree`), and the FUSE server
-keeps nodes by inode number, so a container cannot share node objects with
-the image's shared, immutable view (:mod:`layerfs.lowerview`).  Copying the
-whole view at open cost as much as the image is large.  Instead, a
-container's tree copies the view one directory at a time, when that
-directory is first looked into: opening a container costs the same for a
-15-entry image and a 100,000-entry one, and a container holds copies only
-of the directories it used, plus its own changes.
+A writable filesystem changes its tree (an upper consults and changes the
+same :class:`~layerfs.union.Tree`); the image's view
+(:mod:`layerfs.lowerview`) is shared by every filesystem of the image in
+the process and must never change.  Copying the whole view per container
+cost as much as the image is large, at open and in memory.  Instead:
 
-The invariant everything rests on: every node a container's tree hands out
-(through ``nodes`` or through a directory's ``children``) is the
-container's own copy, and there is exactly one copy of each base node
-(hardlinked names share it).  So the rest of layerfs keeps treating the
-tree as a plain, mutable tree.
+* a directory of the view is copied when the container first looks into
+  it (its entries, not their subtrees): a directory's ``children`` and
+  the tree's ``path -> node`` dict are the container's own, so names can
+  be added, removed and renamed;
+* every other node (files, symlinks, devices: most of an image) is the
+  view's own object, a :class:`~layerfs.union.FrozenNode`, shared by every
+  container, until the container changes it: each change takes its own
+  copy first through :meth:`ContainerTree.own`, which puts the copy under
+  every name the container gives the node (a hardlinked file has
+  several).  A change that forgot to would fail loudly on the frozen node.
 
-* :class:`LazyChildren` is a directory's ``children`` dict, filled with
-  copies of the base directory's children on first use of any method;
+What keeps a node from an earlier lookup (an open handle, the FUSE
+server's inode records) finds the copy through
+:meth:`ContainerTree.current`, or is told through
+:meth:`ContainerTree.listen_owned`.  So opening a container costs the same
+for a 15-entry image and a 100,000-entry one, and N containers of an
+image cost one view, plus per container the directories it used and the
+nodes it changed.
+
+* :class:`LazyChildren` is a directory's ``children`` dict, filled from
+  the base directory's children on first use of any method;
 * :class:`LazyNodes` is the tree's ``path -> node`` dict: a miss fills the
   directories on the way to the path, then looks again; the names of a
-  hardlinked inode are found from its base node's names, not by copying
+  hardlinked inode are found from the view's names, not by filling
   everything.
 
-Filling happens under one lock per tree (two threads must not make two
-copies of one node); a filled dict answers without it.  Whole-tree walks
-(``items()`` of ``nodes``, a recursive listing, a commit) fill everything
-they reach, so after them the container costs what a copied tree did.
+Filling and copying happen under one lock per tree (two threads must not
+make two copies of one node); a filled dict answers without it.
+Whole-tree walks (``items()`` of ``nodes``, a recursive listing, a
+commit) fill every directory they reach.
 
 No I/O: part of the union core.
 """
@@ -37,7 +47,7 @@ import sys
 import threading
 
 from .paths import join, split
-from .union import S_IFDIR, S_IFMT, Node, Tree
+from .union import S_IFDIR, S_IFMT, FrozenNode, Node, Tree, copy_node, freeze
 
 _intern = sys.intern
 _dict_get = dict.get
@@ -46,48 +56,26 @@ _dict_contains = dict.__contains__
 
 
 class _Copier:
-    """What the lazy dicts of one container share: the copies made so far
-    of base nodes with several names, the tree's ``nodes``, the lock."""
+    """What the lazy dicts of one container share: the tree's ``nodes``,
+    the lock, and the copies :meth:`ContainerTree.own` made of the view's
+    nodes (by the shared node's id)."""
 
-    __slots__ = ("nodes", "lock", "shared", "base_of", "base_tree")
+    __slots__ = ("nodes", "lock", "owned", "base_tree", "listeners")
 
     def __init__(self, base_tree: Tree) -> None:
         self.nodes: "LazyNodes" = None      # set by container_tree
         self.lock = threading.RLock()
         self.base_tree = base_tree
-        self.shared: dict[int, Node] = {}   # id(base node) -> its copy, nlink > 1 only
-        self.base_of: dict[int, Node] = {}  # the reverse, id(copy) -> base node
+        self.owned: dict[int, Node] = {}
+        self.listeners: list = []
 
     def copy(self, base: Node, path: str) -> Node:
-        if base.children is None and base.nlink > 1:
-            found = self.shared.get(id(base))
-            if found is not None:
-                return found
-        node = Node.__new__(Node)
-        node.ino = base.ino
-        node.mode = base.mode
-        node.uid = base.uid
-        node.gid = base.gid
-        node.size = base.size
-        node.mtime_ns = base.mtime_ns
-        node.atime_ns = base.atime_ns
-        node.ctime_ns = base.ctime_ns
-        node.nlink = base.nlink
-        node.rdev = base.rdev
-        node.target = base.target
-        node.xattrs = dict(base.xattrs) if base.xattrs else base.xattrs
-        node.source = base.source
-        node.data = base.data
-        node.stat_cache = None
-        node.origin = base.origin
-        if base.children is not None:
-            node.children = LazyChildren(self, path, base.children) \
-                if base.children else {}
-        else:
-            node.children = None
-            if base.nlink > 1:
-                self.shared[id(base)] = node
-                self.base_of[id(node)] = base
+        """A directory of the view as the container's own (its children
+        copied lazily); any other node is the view's own, shared."""
+        if base.children is None:
+            return base
+        node = copy_node(base)
+        node.children = LazyChildren(self, path, base.children) if base.children else {}
         return node
 
 
@@ -244,13 +232,12 @@ class LazyNodes(dict):
 
     def names_of(self, node: Node) -> list[str]:
         """Every path naming *node* (:meth:`Tree.names_of`), without copying
-        the whole view: the names its base node had are copied (so they
-        are all here, unless removed), then the copied paths are scanned."""
-        copier = self._copier
-        base = copier.base_of.get(id(node))
-        if base is not None:
-            for path, candidate in copier.base_tree.nodes.items():
-                if candidate is base:
+        the whole view: a node of the view has the directories of its names
+        there copied first (a copy :meth:`ContainerTree.own` made had them
+        copied then), then the copied paths are scanned."""
+        if node.__class__ is FrozenNode:
+            for path, candidate in self._copier.base_tree.nodes.items():
+                if candidate is node:
                     self.get(path)
         return sorted(path for path, candidate in dict.items(self) if candidate is node)
 
@@ -300,28 +287,66 @@ for _name in ("keys", "values", "items", "copy"):
     setattr(LazyNodes, _name, _filled_nodes_first(_name))
 
 
-def container_tree(base: Tree) -> Tree:
+class ContainerTree(Tree):
+    """A container's tree: the view's nodes until it changes them."""
+
+    def own(self, path: str, node: Node) -> Node:
+        """*node* (at *path*) as this container may change it: a node of
+        the view is copied once, and the copy takes its place under every
+        name the container gives it (a hardlinked file has several)."""
+        if node.__class__ is not FrozenNode:
+            return node
+        copier = self.nodes._copier
+        with copier.lock:
+            copy = copier.owned.get(id(node))
+            if copy is not None:
+                return copy
+            copy = copy_node(node)
+            nodes = self.nodes
+            if node.nlink <= 1 and _dict_get(nodes, path) is node:
+                names = [path]
+            else:
+                names = nodes.names_of(node)
+            for name in names:
+                parent_path, leaf = split(name)
+                nodes[parent_path].children[leaf] = copy
+                _dict_setitem(nodes, name, copy)
+            copier.owned[id(node)] = copy
+            for listener in copier.listeners:
+                listener(node, copy)
+        return copy
+
+    def current(self, node: Node) -> Node:
+        if node.__class__ is FrozenNode:
+            return self.nodes._copier.owned.get(id(node), node)
+        return node
+
+    def listen_owned(self, callback) -> None:
+        self.nodes._copier.listeners.append(callback)
+
+
+def container_tree(base: Tree) -> ContainerTree:
     """A tree equal to *base* that copies it lazily (see the module's
-    docstring); *base* is never changed through it."""
+    docstring); *base* is never changed through it (its nodes are made
+    :class:`~layerfs.union.FrozenNode` if they are not yet)."""
     if not getattr(base, "paths_interned", False):
         for path in dict.keys(base.nodes):     # once per view: its keys become the
             _intern(path)                       # strings every container shares
         base.paths_interned = True
+    if base.root.__class__ is not FrozenNode:
+        freeze(base)
     copier = _Copier(base)
-    tree = Tree.__new__(Tree)
-    base_root = base.root
-    root = Node.__new__(Node)
-    copier.nodes = None
-    # The root is copied at once (it is every walk's start).
+    tree = ContainerTree.__new__(ContainerTree)
     tree.nodes = nodes = LazyNodes.__new__(LazyNodes)
     dict.__init__(nodes)
     nodes._copier = copier
     nodes._complete = False
     copier.nodes = nodes
-    root = copier.copy(base_root, "/")
+    # The root is copied at once (it is every walk's start).
+    root = copier.copy(base.root, "/")
+    assert root.mode & S_IFMT == S_IFDIR
     _dict_setitem(nodes, "/", root)
     tree.root = root
     tree.version = base.version
     tree._next_ino = base._next_ino
-    assert root.mode & S_IFMT == S_IFDIR
     return tree

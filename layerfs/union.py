@@ -26,7 +26,7 @@ import os
 import stat as _stat
 from itertools import starmap
 from operator import attrgetter
-from typing import Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import attrs
 
@@ -125,6 +125,46 @@ class Node:
     def _stat_fields(self) -> tuple:
         return (self.mode, self.ino, self.nlink, self.uid, self.gid, self.size,
                 self.atime_ns, self.mtime_ns, self.ctime_ns, self.rdev)
+
+
+class FrozenNode(Node):
+    """A node of an image's shared view (:mod:`layerfs.lowerview`), which
+    every filesystem of the image in a process sees and none may change:
+    a container takes its own copy first (:meth:`Tree.own`).  Only the
+    stat memo may be set (the fields it derives from never change).  A
+    change that forgot to take the copy fails here, loudly, instead of
+    showing in every other container of the image."""
+
+    __slots__ = ()
+
+    def __setattr__(self, name: str, value) -> None:
+        if name != "stat_cache":
+            raise AttributeError(f"inode {self.ino} belongs to the image's shared view; "
+                                 f"a change must take its own copy first (Tree.own)")
+        object.__setattr__(self, name, value)
+
+
+def freeze(tree: "Tree") -> None:
+    """Make every node of *tree* a :class:`FrozenNode` (the tree is to be
+    shared, never changed again)."""
+    for node in dict.values(tree.nodes):
+        if node.__class__ is Node:          # a hardlinked node comes again
+            node.__class__ = FrozenNode
+
+
+def copy_node(node: Node) -> Node:
+    """A changeable copy of *node* (a directory's copy shares its
+    ``children`` dict: the caller gives it its own)."""
+    copy = Node.__new__(Node)
+    for field in _NODE_FIELDS:
+        setattr(copy, field, getattr(node, field))
+    if copy.xattrs:
+        copy.xattrs = dict(copy.xattrs)
+    copy.stat_cache = None
+    return copy
+
+
+_NODE_FIELDS = Node.__slots__
 
 
 # The Node fields a tree record keeps (children are rebuilt; stat_cache is
@@ -458,7 +498,7 @@ class Tree:
         if target.children is not None:
             raise InvalidLayerError(f"hardlink target {target_path!r} is a directory",
                                     layer=label, entry=entry.path)
-        self._replace(parent, name, entry.path, target)
+        self._replace(parent, name, entry.path, self.own(target_path, target))
 
     def _node_from(self, entry: Entry, layer_index: int) -> Node:
         node = self.new_node(entry.kind | entry.mode, entry.uid, entry.gid,
@@ -508,6 +548,8 @@ class Tree:
         destination_parent, destination_name = split(destination)
         new_parent = self.nodes[destination_parent]
         replaced = new_parent.children.get(destination_name)
+        if replaced is not None and replaced.children is None:
+            replaced = self.own(destination, replaced)
         cut = len(source)
         for path, child in moved:
             self.nodes[destination + path[cut:]] = child
@@ -528,6 +570,21 @@ class Tree:
             del self.nodes[path]
         old_parent.stat_cache = new_parent.stat_cache = None
         self.version += 1
+
+    def own(self, path: str, node: Node) -> Node:
+        """The node at *path* (*node*, found there) as this tree may change
+        it.  A tree's nodes are its own; a container's tree
+        (:mod:`layerfs.lazytree`) shares the image's and copies one here."""
+        return node
+
+    def current(self, node: Node) -> Node:
+        """What *node*, kept from an earlier lookup, is now (the copy
+        :meth:`own` made of it, if any)."""
+        return node
+
+    def listen_owned(self, callback: Callable[[Node, Node], None]) -> None:
+        """Have ``callback(shared, copy)`` called when :meth:`own` copies a
+        node (a plain tree never does)."""
 
     def names_of(self, node: Node) -> list[str]:
         """Every path naming *node*.  A scan of the whole view: callers use
@@ -556,7 +613,10 @@ class Tree:
 
     def _remove(self, parent: Node, name: str, path: str) -> None:
         """Remove *path* (child *name* of *parent*) and everything beneath."""
-        node = parent.children.pop(name)
+        node = parent.children[name]
+        if node.children is None:
+            node = self.own(path, node)
+        del parent.children[name]
         parent.stat_cache = None
         if node.children is None:
             del self.nodes[path]
@@ -567,13 +627,14 @@ class Tree:
         stack = [(path, node)]
         while stack:
             dir_path, directory = stack.pop()
-            del self.nodes[dir_path]
-            for child_name, child in directory.children.items():
+            for child_name, child in list(directory.children.items()):
                 child_path = join(dir_path, child_name)
                 if child.children is None:
+                    child = self.own(child_path, child)     # its name is still there
                     del self.nodes[child_path]
                     child.nlink -= 1
                     child.stat_cache = None
                 else:
                     stack.append((child_path, child))
+            del self.nodes[dir_path]
 

@@ -284,24 +284,26 @@ class Upper:
 
     # -- the family of changes -----------------------------------------------
 
-    def copy_up(self, path: str, node: Node, with_data: bool = True) -> None:
+    def copy_up(self, path: str, node: Node, with_data: bool = True) -> Node:
         """Make *node* (at *path*) live in the upper layer; the view does not
         change.  Parents first.  A regular file's data is copied only when
         *with_data*; otherwise it becomes a metacopy (metadata in the
-        sidecar, data still read from its lower layer)."""
+        sidecar, data still read from its lower layer).  Returns the node
+        as it is now (the tree's own copy of an image's node)."""
         if node.origin >= ORIGIN_MERGED:
-            return
+            return node
         if node.origin == ORIGIN_METACOPY and not with_data:
-            return
+            return node
+        node = self.tree.own(path, node)
         if path == "/":
             node.origin = ORIGIN_METACOPY
-            return
+            return node
         kind = node.mode & S_IFMT
         if kind == S_IFREG and not with_data:
             # The caller records the metadata (it is about to change it).
             log.debug("copy-up %s (metadata only)", path)
             node.origin = ORIGIN_METACOPY
-            return
+            return node
         log.debug("copy-up %s", path)
         names = self.tree.names_of(node) if node.nlink > 1 else [path]
         for name in names:
@@ -321,6 +323,7 @@ class Upper:
             self.sidecar.forget(name, subtree=False)
         self._record_unstorable(names[0], node)
         self._settle(names[0], node)
+        return node
 
     def place(self, path: str, node: Node) -> None:
         """Enter the new, empty entry *node* at the free name *path*: built in
@@ -351,7 +354,7 @@ class Upper:
         """Give the non-directory *node* (at *source*) the new name *destination*."""
         check_name(destination)
         log.debug("link %s -> %s", source, destination)
-        self.copy_up(source, node, with_data=True)
+        node = self.copy_up(source, node, with_data=True)
         self._copy_up_parent(destination)
         self.host.link(diff_path(source), diff_path(destination))
         self._unwhiteout(destination)
@@ -363,6 +366,7 @@ class Upper:
     def remove(self, path: str, node: Node) -> None:
         """Remove *path* from the view (the caller checked it may go)."""
         log.debug("remove %s", path)
+        node = self.tree.own(path, node)
         self._copy_up_parent(path)
         if node.origin >= ORIGIN_MERGED:
             self._keep_if_open(node, path)
@@ -381,10 +385,12 @@ class Upper:
         """Rename *source* to *destination* (checked by the caller)."""
         check_name(destination)
         log.debug("rename %s -> %s", source, destination)
+        if replaced is not None:
+            replaced = self.tree.own(destination, replaced)
         if node.children is not None:
             self._prepare_directory_move(source, node)
         else:
-            self.copy_up(source, node, with_data=True)
+            node = self.copy_up(source, node, with_data=True)
         self._copy_up_parent(destination)
         if replaced is not None and replaced.children is not None:
             self._empty_replaced_directory(destination, replaced)
@@ -413,6 +419,7 @@ class Upper:
         if *change* or storing fails, the node is as it was.  A metadata
         change never copies a file's data."""
         log.debug("set metadata %s", path)
+        node = self.tree.own(path, node)
         with _undone_on_error(node):
             change(node)
             if node.origin == ORIGIN_LOWER:
@@ -430,6 +437,7 @@ class Upper:
         in memory only, as there is nothing on the host to store it under
         (it goes with the inode's last reference)."""
         log.debug("set metadata of unlinked inode %d", node.ino)
+        node = self.tree.current(node)
         with _undone_on_error(node):
             change(node)
             node.ctime_ns = now_ns()

@@ -112,6 +112,7 @@ def _apply_sidecar(upper) -> None:
                             and path != "/"):
             stale.append(path)     # the entry went away or was copied up since
             continue
+        node = upper.tree.own(path, node)
         if record.get("metacopy"):
             node.origin = ORIGIN_METACOPY
         if "mode" in record:

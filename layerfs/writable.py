@@ -62,7 +62,7 @@ class Handle:
 
     def __init__(self, fs, node: Node, path: str, flags: int, fd: Optional[int]):
         self.fs = fs
-        self.node = node
+        self._node = node
         self.path = path
         self.flags = flags
         self.fd = fd
@@ -72,6 +72,12 @@ class Handle:
             fs.upper.opened_handle(node)
         self.readable = flags & ACCESS_MODE != os.O_WRONLY
         self.writable = flags & ACCESS_MODE != os.O_RDONLY
+
+    @property
+    def node(self) -> Node:
+        """The open inode as it is now (a container copies an image's node
+        when it first changes it: :meth:`layerfs.union.Tree.current`)."""
+        return self.fs.tree.current(self._node)
 
     def pread(self, size: int, offset: int) -> bytes:
         if not self.readable:
@@ -168,7 +174,7 @@ def _open(fs, path: str, flags: int, mode: int) -> Handle:
     if not (writing or flags & os.O_TRUNC):
         return Handle(fs, node, real, flags, None)
     upper = fs.upper
-    upper.copy_up(real, node, with_data=True)
+    node = upper.copy_up(real, node, with_data=True)
     fd = upper.open_data(node)
     handle = Handle(fs, node, real, flags, fd)
     if flags & os.O_TRUNC and node.size:
@@ -187,6 +193,7 @@ def open_unnamed(fs, node: Node, flags: int) -> Handle:
     writing = flags & ACCESS_MODE != os.O_RDONLY or flags & os.O_TRUNC
     if writing and fs.readonly:
         raise ReadOnlyError("")
+    node = fs.tree.current(node)
     kind = node.mode & S_IFMT
     if kind == S_IFDIR:
         if writing:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
 from layerfs.entry import DIRECTORY, HARDLINK, REGULAR, SYMLINK, Entry
 from layerfs.lazytree import LazyChildren, container_tree
 from layerfs.union import Tree
@@ -58,22 +60,37 @@ def test_it_shows_what_the_base_shows_and_its_changes_stay_its_own():
                                   "/s"]
 
 
-def test_hardlinked_names_share_one_copy_whichever_is_reached_first():
+def test_a_hardlinked_inode_is_copied_once_under_all_its_names_at_its_first_change():
     base = base_tree()
     tree = container_tree(base)
     hard = tree.nodes["/c/hard"]
-    assert tree.nodes["/a/y"] is hard and hard is not base.nodes["/a/y"]
-    assert hard.nlink == 2
+    assert tree.nodes["/a/y"] is hard is base.nodes["/a/y"]     # shared until changed
     tree.remove("/a/y")
-    assert hard.nlink == 1 and base.nodes["/c/hard"].nlink == 2
+    copy = tree.nodes["/c/hard"]
+    assert copy is not hard and tree.current(hard) is copy
+    assert copy.nlink == 1 and hard.nlink == 2
 
 
 def test_two_containers_of_one_view_are_isolated():
     base = base_tree()
     one, two = container_tree(base), container_tree(base)
-    one.nodes["/a/y"].mode = 0o100600
+    with pytest.raises(AttributeError, match="shared view"):
+        one.nodes["/a/y"].mode = 0o100600       # a change that did not take its copy
+    one.own("/a/y", one.nodes["/a/y"]).mode = 0o100600
     one.remove("/c")
+    assert one.nodes["/a/y"].mode == 0o100600 and "/c/z" not in one.nodes
     assert two.nodes["/a/y"].mode == 0o100644 and "/c/z" in two.nodes
+
+
+def test_files_are_the_views_own_until_changed_and_directories_are_copied():
+    base = base_tree()
+    one, two = container_tree(base), container_tree(base)
+    assert one.nodes["/a/b/x"] is two.nodes["/a/b/x"] is base.nodes["/a/b/x"]
+    assert one.nodes["/a"] is not base.nodes["/a"] is not two.nodes["/a"]
+    copy = one.own("/a/b/x", one.nodes["/a/b/x"])
+    assert one.nodes["/a/b/x"] is one.nodes["/a/b"].children["x"] is copy
+    assert one.own("/a/b/x", base.nodes["/a/b/x"]) is copy      # once per container
+    assert two.nodes["/a/b/x"] is base.nodes["/a/b/x"]
 
 
 def test_concurrent_lookups_make_one_copy_of_each_node():
@@ -126,6 +143,8 @@ def test_the_names_of_a_hardlinked_inode_are_found_without_copying_everything():
     node = tree.nodes["/a/x"]
     assert tree.names_of(node) == ["/a/x", "/b/y"]
     assert "/far/f1" not in dict.keys(tree.nodes)
+    node = tree.own("/a/x", node)
+    assert tree.names_of(node) == ["/a/x", "/b/y"]
     tree.insert("/c", node)
     tree.remove("/a/x")
     assert tree.names_of(node) == ["/b/y", "/c"] and node.nlink == 2
