@@ -76,7 +76,6 @@ def mounted_pss(image: str, scratch: str, counts: tuple, shared: bool) -> dict:
     daemon); else one ``layerfs mount --upper`` daemon per container."""
     import subprocess
     from layerfs import mount as layerfs_mount
-    from layerfs.storedaemon import mount_container
     kind = "shared" if shared else "separate"
     store = layerfs.Store(os.path.join(scratch, f"store-{kind}"))
     result = {}
@@ -88,10 +87,14 @@ def mounted_pss(image: str, scratch: str, counts: tuple, shared: bool) -> dict:
                 store.create([image], name)
                 point = os.path.join(scratch, f"{kind}-{name}")
                 os.mkdir(point)
+                # Through the CLI, as users mount: a daemon forked from this
+                # process would share its pages with it (PSS counted half).
                 if shared:
-                    mount_container(store, name, point)
+                    command = ["container", "mount", "--store", store.path, name, point]
                 else:
-                    layerfs_mount.mount([image], point, upper=store.get(name).upper)
+                    command = ["mount", "--layer", image, "--upper",
+                               store.get(name).upper, point]
+                subprocess.run([sys.executable, "-m", "layerfs.cli", *command], check=True)
                 points.append(point)
                 subprocess.run(["find", point], stdout=subprocess.DEVNULL, check=True)
             pids = {layerfs_mount.server_pid(p) for p in points}

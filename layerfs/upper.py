@@ -290,6 +290,7 @@ class Upper:
         *with_data*; otherwise it becomes a metacopy (metadata in the
         sidecar, data still read from its lower layer).  Returns the node
         as it is now (the tree's own copy of an image's node)."""
+        node = self.tree.current(node)      # another name's copy-up may have copied it
         if node.origin >= ORIGIN_MERGED:
             return node
         if node.origin == ORIGIN_METACOPY and not with_data:
