@@ -177,6 +177,9 @@ class WritableMachine(RuleBasedStateMachine):
         os.mkdir(self.local)
         extract(apply_stack(stack), self.local)
         self.fs = layerfs.open(self.source, upper=self.upper)
+        # The image's view, shared with the writer's tree: it never changes.
+        self.image_view = layerfs.open(self.source)
+        self.image_snapshot = snapshot(self.image_view)
         self.volatile: set[int] = set()      # local inodes whose mtime is "now"
         self.check()
 
@@ -191,6 +194,8 @@ class WritableMachine(RuleBasedStateMachine):
                 self.fs = again
                 self.check()
             self.fs = None
+        if getattr(self, "image_view", None) is not None:
+            self.image_view.close()
         if getattr(self, "tmp", None):
             shutil.rmtree(self.tmp)
 
@@ -241,6 +246,9 @@ class WritableMachine(RuleBasedStateMachine):
     def check(self) -> None:
         if getattr(self, "fs", None) is None:
             return
+        with layerfs.open(self.source) as view:     # a new one: stats are memoized
+            assert view.tree is self.image_view.tree is self.fs.lower.tree
+            assert not diff_views(self.image_snapshot, snapshot(view))
         expected, actual = snapshot(self.local), snapshot(self.fs)
         for path, node in list(expected.items()):
             st_ = os.lstat(host(self.local, path))
