@@ -318,7 +318,7 @@ class ContainerTree(Tree):
 
     def current(self, node: Node) -> Node:
         if node.__class__ is FrozenNode:
-            return self.nodes._copier.owned.get(id(node), node)
+            return self.owned.get(id(node), node)
         return node
 
     def listen_owned(self, callback) -> None:
@@ -347,6 +347,7 @@ def container_tree(base: Tree) -> ContainerTree:
     assert root.mode & S_IFMT == S_IFDIR
     _dict_setitem(nodes, "/", root)
     tree.root = root
+    tree.owned = copier.owned
     tree.version = base.version
     tree._next_ino = base._next_ino
     return tree

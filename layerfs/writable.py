@@ -22,7 +22,7 @@ import attrs
 from .entry import kind_name
 from .errors import ReadOnlyError, path_error
 from .paths import encode_name, is_within, split
-from .union import ORIGIN_LOWER, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, Node
+from .union import ORIGIN_LOWER, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, FrozenNode, Node
 from .upper import Upper, check_name, now_ns
 
 ACCESS_MODE = os.O_ACCMODE
@@ -75,18 +75,22 @@ class Handle:
 
     @property
     def node(self) -> Node:
-        """The open inode as it is now (a container copies an image's node
-        when it first changes it: :meth:`layerfs.union.Tree.current`)."""
-        return self.fs.tree.current(self._node)
+        """The open inode as it is now: a container copies an image's node
+        when it first changes it (:meth:`layerfs.union.Tree.current`)."""
+        node = self._node
+        if node.__class__ is FrozenNode:
+            node = self._node = self.fs.tree.current(node)
+        return node
 
     def pread(self, size: int, offset: int) -> bytes:
         if not self.readable:
             raise path_error(errno.EBADF, self.path)
-        if self.node.children is not None:
-            raise path_error(errno.EISDIR, self.path)
-        if self.fd is not None:
+        if self.fd is not None:         # an upper file's: never a directory
             return os.pread(self.fd, size, offset)
-        return self.fs.read_node(self.node, offset, size)
+        node = self.node
+        if node.children is not None:
+            raise path_error(errno.EISDIR, self.path)
+        return self.fs.read_node(node, offset, size)
 
     def pwrite(self, data: bytes, offset: int) -> int:
         if not self.writable:
@@ -128,7 +132,7 @@ class Handle:
             os.close(self.fd)
             self.fd = None
         if self.counted and self.fs.upper is not None:
-            self.fs.upper.closed_handle(self.node)
+            self.fs.upper.closed_handle(self._node)     # by its inode number
         self.counted = False
 
 
