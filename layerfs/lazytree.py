@@ -312,6 +312,7 @@ class ContainerTree(Tree):
                 nodes[parent_path].children[leaf] = copy
                 _dict_setitem(nodes, name, copy)
             copier.owned[id(node)] = copy
+            self.version += 1       # what was remembered by path now names the copy
             for listener in copier.listeners:
                 listener(node, copy)
         return copy

@@ -7,6 +7,10 @@ import threading
 
 import pytest
 
+import layerfs
+from layerfs.testing import layers as L
+from layerfs.testing.writers import write_image
+
 from layerfs.entry import DIRECTORY, HARDLINK, REGULAR, SYMLINK, Entry
 from layerfs.lazytree import LazyChildren, container_tree
 from layerfs.union import Tree
@@ -149,3 +153,13 @@ def test_the_names_of_a_hardlinked_inode_are_found_without_copying_everything():
     tree.remove("/a/x")
     assert tree.names_of(node) == ["/b/y", "/c"] and node.nlink == 2
     assert dict.__len__(tree.nodes) < 20
+
+
+def test_what_was_found_through_a_symlink_before_a_change_is_found_changed_after(tmp_path):
+    image = write_image([[L.file("etc/real", b"x", mode=0o644), L.symlink("etc/link", "real")]],
+                        str(tmp_path / "image"), kind="layers", compression="none")
+    with layerfs.open(image, upper=tmp_path / "upper") as fs:
+        assert fs.stat("/etc/link").st_mode & 0o777 == 0o644      # remembered by path
+        fs.chmod("/etc/real", 0o600)
+        assert fs.stat("/etc/link").st_mode & 0o777 == 0o600
+        assert fs.node("etc/./link").mode & 0o777 == 0o600
