@@ -42,16 +42,21 @@ def open_times(image: str, cache: str, scratch: str, repeats: int, label: str,
     return times
 
 
-def heap_of_open(image: str, cache: str, scratch: str, counts: tuple) -> dict:
-    """Bytes of Python heap held by *count* writable filesystems open at once."""
+def heap_of_open(image: str, cache: str, scratch: str, counts: tuple,
+                 walked: bool = False) -> dict:
+    """Bytes of Python heap held by *count* writable filesystems open at
+    once (each after a walk over its whole tree if *walked*)."""
     layerfs.open([image], cache=cache).close()
     result = {}
     for count in counts:
         tracemalloc.start()
         base = tracemalloc.get_traced_memory()[0]
         opened = [layerfs.open([image], cache=cache,
-                               upper=os.path.join(scratch, f"m{count}-{n}"))
+                               upper=os.path.join(scratch, f"m{count}-{n}-{walked}"))
                   for n in range(count)]
+        for fs in opened if walked else ():
+            for _ in fs.walk("/"):
+                pass
         result[count] = tracemalloc.get_traced_memory()[0] - base
         for fs in opened:
             fs.close()
@@ -120,7 +125,8 @@ def main(argv=None) -> int:
         small, large = os.path.join(scratch, "small.tar"), os.path.join(scratch, "large.tar")
         _write_small(small)
         write_image(large, args.files)
-        results = {"files": args.files, "open_seconds": {}, "heap_bytes": {}}
+        results = {"files": args.files, "open_seconds": {}, "heap_bytes": {},
+                   "heap_bytes_walked": {}}
         if args.mounted:     # first: the daemons fork from this process
             counts_mounted = tuple(int(c) for c in args.mounted.split(","))
             results["mounted_pss_bytes"] = {}
@@ -139,11 +145,13 @@ def main(argv=None) -> int:
                 print(f"open a container over {label:>7} entries"
                       f"{', image view held' if held else ', first of its image'}: "
                       f"{statistics.median(times) * 1000:8.1f} ms (median of {len(times)})")
-        heap = heap_of_open(large, cache, scratch, counts)
-        for count, size in heap.items():
-            results["heap_bytes"][str(count)] = size
-            print(f"{count:3} containers of the {args.files}-entry image open: "
-                  f"{size / 2**20:8.1f} MiB of Python heap")
+        for walked, key in ((False, "heap_bytes"), (True, "heap_bytes_walked")):
+            heap = heap_of_open(large, cache, scratch, counts, walked)
+            for count, size in heap.items():
+                results[key][str(count)] = size
+                print(f"{count:3} containers of the {args.files}-entry image open"
+                      f"{', each walked' if walked else ''}: "
+                      f"{size / 2**20:8.1f} MiB of Python heap")
     if args.results:
         with open(args.results, "w") as stream:
             json.dump(results, stream, indent=1)
