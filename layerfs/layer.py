@@ -713,9 +713,7 @@ class _DataSink:
                 data.close = close_both
                 return data
             final = self._cache.blob_path(hex_)
-        os.replace(self._temp, final)
-        self._temp = None
-        self._file.close()
+        self._publish(final)
         if self._spans is not None:
             fd = os.open(final, os.O_RDONLY | os.O_CLOEXEC)
             try:
@@ -753,14 +751,8 @@ class _DataSink:
         else:
             self._second_pass_checkpoints(data_end, size)
         self._drop_raw()
-        os.replace(self._temp, final)
-        self._temp = None
-        self._file.close()
-        fd = os.open(final, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            return GzipCheckpointReader(fd, self.blob, size, self._label)
-        finally:
-            os.close(fd)
+        return self._published_reader(
+            final, lambda fd: GzipCheckpointReader(fd, self.blob, size, self._label))
 
     def _second_pass_checkpoints(self, data_end: int, size: int) -> None:
         source = None
@@ -784,12 +776,22 @@ class _DataSink:
         final = self._cache.frames_path(hex_)
         self._file, self._temp = _temp_file(final)
         write_frame_table(self._file, table, size, self.stream.data_end)
+        return self._published_reader(
+            final, lambda fd: ZstdFrameReader(fd, self.blob, size, self._label))
+
+    def _publish(self, final: str) -> None:
+        """What was written under the temporary name becomes *final*."""
         os.replace(self._temp, final)
         self._temp = None
         self._file.close()
+
+    def _published_reader(self, final: str, reader: Callable[[int], object]):
+        """*reader(fd)* of *final*, once published (the reader keeps what it
+        needs of the descriptor, which is closed here)."""
+        self._publish(final)
         fd = os.open(final, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            return ZstdFrameReader(fd, self.blob, size, self._label)
+            return reader(fd)
         finally:
             os.close(fd)
 
