@@ -93,9 +93,13 @@ class InodeTable:
                 parent.beneath += 1
                 self.records[node.ino] = record
             elif record.node is not node:
-                if self.tree.current(record.node) is not node:
+                # A container copied the node meanwhile: the lookup found it
+                # before (or the record was told after) the copy was made.
+                current = self.tree.current
+                node = current(node)
+                if current(record.node) is not node:
                     raise AssertionError(f"two nodes with inode number {node.ino}")
-                record.node = node      # copied meanwhile (_owned is on its way)
+                record.node = node
             elif node.children is None and record.parent is not None \
                     and (record.parent is not parent or record.name != name):
                 self._reparent(record, parent, name)

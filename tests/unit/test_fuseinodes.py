@@ -131,3 +131,17 @@ def test_an_inode_without_a_name_takes_metadata_changes_in_memory(fs):
     st = node.stat()
     assert (st.st_mode & 0o7777, st.st_mtime_ns, node.xattrs) == (0o600, 2, {"user.a": b"1"})
     assert fs.diff()[0].change == "deleted" and len(fs.diff()) == 1
+
+
+def test_a_record_follows_the_copy_a_container_takes_of_an_image_file(fs):
+    table = InodeTable(fs.tree)
+    record = look(table, fs, "/top")
+    found_before = record.node                      # the image's node, shared
+    fs.chmod("/top", 0o600)                         # the container copies it
+    assert record.node is fs.node("/top") is not found_before
+    assert record.node.mode & 0o777 == 0o600
+    root = table.get(ROOT_ID)
+    # A lookup that found the node before the copy, answered after it.
+    assert table.looked_up(root, "top", found_before) is record
+    assert record.node is fs.node("/top") and record.lookups == 2
+    assert table.path(record) == "/top"
