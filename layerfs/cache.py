@@ -277,11 +277,14 @@ class IndexCache:
             pass
         return None
 
-    def reserve(self, nbytes: int, keep: str = "") -> bool:
-        """Room for *nbytes* more of decompressed data: True once what is
-        on disk plus *nbytes* fits the budget, evicting unpinned copies and
+    def reserve(self, nbytes: int, keep: str = "", ahead: int = 0) -> int:
+        """Room for *nbytes* more of decompressed data, once what is on
+        disk plus *nbytes* fits the budget, evicting unpinned copies and
         spans (least recently used first, never those of *keep*, a digest
-        hex) as needed; False if it cannot fit."""
+        hex) as needed.  Returns the room found: *nbytes* plus *ahead* if
+        that fits without evicting anything (a writer asks ahead so as to
+        ask, and scan the cache, less often), else *nbytes*; 0 if even
+        *nbytes* cannot fit."""
         budget = self.budget
         with self._locked():
             # Pins are asked of a victim only when it is to go (by
@@ -289,8 +292,10 @@ class IndexCache:
             # and look at no pin at all.
             entries = list(self.scan(pins=False))
             used = sum(e.size for e in entries)
+            if used + nbytes + ahead <= budget:
+                return nbytes + ahead
             if used + nbytes <= budget:
-                return True
+                return nbytes
             victims = sorted((e for e in entries if e.evictable
                               and not e.digest.endswith(keep or "\0")),
                              key=lambda e: e.last_use)
@@ -298,8 +303,8 @@ class IndexCache:
                 if self._remove_unpinned(victim):
                     used -= victim.size
                     if used + nbytes <= budget:
-                        return True
-            return False
+                        return nbytes
+            return 0
 
     def usage(self) -> int:
         return sum(e.size for e in self.scan(pins=False))

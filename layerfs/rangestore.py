@@ -60,7 +60,7 @@ import time
 from typing import Optional
 
 TOUCH_EVERY = 10.0     # seconds between two updates of the file's last use
-ROOM_STEP = 256 << 10  # room asked of the budget at a time for small (TOC) chunks
+ROOM_STEP = 16 << 20   # room asked of the budget ahead, when it has it
 BLOCK = 4096           # what a write into a hole allocates at least, per block touched
 
 
@@ -151,26 +151,23 @@ class RangeStore:
         return True
 
     def _take_room(self, n: int) -> bool:
-        """Whether *n* more bytes fit the budget.  Room for small chunks (a
-        TOC layer's may be a few bytes each) is asked of the cache a step at
-        a time, not per chunk, each ask being a scan of the cache under its
-        lock; 1 MiB chunks ask for themselves.  As with the other writers of
-        the cache, another process may take the room meanwhile: the budget
-        can be passed by less than a step per writer.  A step that does not
-        fit even once all unpinned data is evicted costs that data, where
-        the exact size might have spared some: the cache is then within a
-        step of holding only what open layers use."""
+        """Whether *n* more bytes fit the budget.  Each ask of the cache is
+        a scan of its files under its lock (47 ms with 9,000 files here),
+        so room is asked a step ahead, as long as the budget has it without
+        evicting anything: one ask per 16 chunks of 1 MiB, not one each.
+        As with the other writers of the cache, another process may take
+        the room meanwhile: the budget can be passed by less than a step
+        per writer."""
         with self._lock:
             if n <= self._room:
                 self._room -= n
                 return True
-        asks = (ROOM_STEP, n) if n < ROOM_STEP else (n,)
-        for ask in asks:
-            if self._cache.reserve(ask, keep=self._hex):
-                with self._lock:
-                    self._room = ask - n
-                return True
-        return False
+        granted = self._cache.reserve(n, keep=self._hex, ahead=max(0, ROOM_STEP - n))
+        if not granted:
+            return False
+        with self._lock:
+            self._room = granted - n
+        return True
 
     def _bounds(self, index: int) -> tuple[int, int]:
         start = index * self._chunk

@@ -624,3 +624,17 @@ def test_file_range_checks_its_range(tmp_path):
         assert blob.extent(1, 100)[1:] == (3, 4)
     with pytest.raises(InvalidLayerError):
         FileRange(path, 8, 5)
+
+
+def test_room_ahead_is_given_only_where_nothing_must_be_evicted_for_it(tmp_path):
+    cache = IndexCache(tmp_path, size=64 * 4096)
+    copy = cache.blob_path("ab" * 32)
+    os.makedirs(os.path.dirname(copy), exist_ok=True)
+    with open(copy, "wb") as stream:
+        stream.write(b"x" * 40 * 4096)                 # evictable, unpinned
+    assert cache.reserve(8 * 4096, ahead=8 * 4096) == 16 * 4096
+    assert cache.reserve(8 * 4096, ahead=32 * 4096) == 8 * 4096
+    assert os.path.exists(copy)                        # not evicted for room ahead
+    assert cache.reserve(32 * 4096, ahead=32 * 4096) == 32 * 4096
+    assert not os.path.exists(copy)                    # evicted for the room needed
+    assert cache.reserve(65 * 4096) == 0

@@ -159,3 +159,14 @@ def test_cache_prune_removes_kept_ranges_but_not_those_of_an_open_layer(tmp_path
     pin.release()
     again, counting = reader(cache, *kept[1])    # pruned: fetched again, and kept again
     assert again.read_at(0, CHUNK) == kept[1][0][:CHUNK] and counting.bytes_read == CHUNK
+
+
+def test_room_for_chunks_is_asked_of_the_cache_ahead_not_per_chunk(tmp_path):
+    cache = IndexCache(tmp_path, size=1 << 30)
+    asked = []
+    reserve = cache.reserve
+    cache.reserve = lambda n, keep="", ahead=0: asked.append(n) or reserve(n, keep, ahead)
+    data, digest, sums = make_blob(9, 64 * CHUNK)
+    blob, _ = reader(cache, data, digest, sums)
+    assert blob.read_at(0, len(data)) == data
+    assert asked == [CHUNK]             # one scan of the cache for 64 chunks, not 64
