@@ -281,10 +281,11 @@ class IndexCache:
         """Room for *nbytes* more of decompressed data, once what is on
         disk plus *nbytes* fits the budget, evicting unpinned copies and
         spans (least recently used first, never those of *keep*, a digest
-        hex) as needed.  Returns the room found: *nbytes* plus *ahead* if
-        that fits without evicting anything (a writer asks ahead so as to
-        ask, and scan the cache, less often), else *nbytes*; 0 if even
-        *nbytes* cannot fit."""
+        hex) as needed.  Returns the room found: *nbytes* plus *ahead*
+        where the budget can hold both (a writer asks ahead, so as to ask,
+        and list the cache, less often), else *nbytes*; 0 if even *nbytes*
+        cannot fit.  Room ahead is evicted for only where evicting can make
+        it (not every unpinned file, for a step the budget cannot hold)."""
         budget = self.budget
         with self._locked():
             # Pins are asked of a victim only when it is to go (by
@@ -294,17 +295,19 @@ class IndexCache:
             used = sum(e.size for e in entries)
             if used + nbytes + ahead <= budget:
                 return nbytes + ahead
-            if used + nbytes <= budget:
-                return nbytes
             victims = sorted((e for e in entries if e.evictable
                               and not e.digest.endswith(keep or "\0")),
                              key=lambda e: e.last_use)
+            if used - sum(v.size for v in victims) + nbytes + ahead > budget:
+                ahead = 0
             for victim in victims:
+                if used + nbytes + ahead <= budget:
+                    break
                 if self._remove_unpinned(victim):
                     used -= victim.size
-                    if used + nbytes <= budget:
-                        return nbytes
-            return 0
+            if used + nbytes + ahead <= budget:
+                return nbytes + ahead
+            return nbytes if used + nbytes <= budget else 0
 
     def usage(self) -> int:
         return sum(e.size for e in self.scan(pins=False))

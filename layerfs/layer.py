@@ -584,21 +584,19 @@ class _DataSink:
             self._raw_file, self._raw_temp = _temp_file(self._cache.spans_path("x"))
         n = len(data)
         if self._raw_written + n > self._raw_reserved:
-            # Room in steps (each asks the cache, which lists its files),
-            # beside what the copy has asked for and not yet written: the
-            # budget counts only what is on disk.
+            # Room a step ahead (each ask lists the cache's files), beside
+            # what the copy has asked for and not yet written: the budget
+            # counts only what is on disk.
             outstanding = (max(0, self._reserved - self._written)
                            if self._file is not None and self._spans is None else 0)
             self._raw_file.flush()
             if self._file is not None:
                 self._file.flush()
-            for step in (max(n, RESERVE_STEP), n):
-                if self._cache.reserve(step + outstanding):
-                    self._raw_reserved = self._raw_written + step
-                    break
-            else:
+            granted = self._cache.reserve(n + outstanding, ahead=max(0, RESERVE_STEP - n))
+            if not granted:
                 self._drop_raw()
                 return
+            self._raw_reserved = self._raw_written + granted - outstanding
         self._raw_file.write(data)
         self._raw_written += n
 
@@ -640,15 +638,13 @@ class _DataSink:
         if self._written + n <= self._reserved:
             return True
         self._file.flush()        # the budget counts what is on disk
-        step = max(n, RESERVE_STEP)
-        if self._cache.reserve(step + self._raw_outstanding()):
-            self._reserved = self._written + step
-            return True
-        # Not a whole step: try for just these bytes, before and after
-        # giving up the blob's temp copy (the copy comes first).
+        # A step ahead if the budget has it; else just these bytes, before
+        # and after giving up the blob's temp copy (the copy comes first).
         for _ in range(2):
-            if self._cache.reserve(n + self._raw_outstanding()):
-                self._reserved = self._written + n
+            outstanding = self._raw_outstanding()
+            granted = self._cache.reserve(n + outstanding, ahead=max(0, RESERVE_STEP - n))
+            if granted:
+                self._reserved = self._written + granted - outstanding
                 return True
             if self._raw_file is None:
                 return False

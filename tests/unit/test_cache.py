@@ -146,9 +146,9 @@ def watch_usage(cache):
     peak = []
     real_reserve = cache.reserve
 
-    def watching(n, keep=""):
+    def watching(n, keep="", ahead=0):
         peak.append(cache.usage())
-        return real_reserve(n, keep)
+        return real_reserve(n, keep, ahead)
 
     cache.reserve = watching
     return peak
@@ -313,11 +313,11 @@ def test_a_layer_that_declares_a_size_beyond_the_budget_writes_no_partial_copy(t
     copy_bytes = []
     real_reserve = cache.reserve
 
-    def watching(n, keep=""):
+    def watching(n, keep="", ahead=0):
         blobs = tmp_path / "c" / "blobs"
         copy_bytes.append(sum(f.stat().st_size for f in blobs.rglob("*") if f.is_file())
                           if blobs.exists() else 0)
-        return real_reserve(n, keep)
+        return real_reserve(n, keep, ahead)
 
     cache.reserve = watching
     with open_layer(path, cache=cache) as layer:
@@ -626,15 +626,21 @@ def test_file_range_checks_its_range(tmp_path):
         FileRange(path, 8, 5)
 
 
-def test_room_ahead_is_given_only_where_nothing_must_be_evicted_for_it(tmp_path):
+def test_room_ahead_is_evicted_for_only_where_the_budget_can_hold_it(tmp_path):
     cache = IndexCache(tmp_path, size=64 * 4096)
-    copy = cache.blob_path("ab" * 32)
-    os.makedirs(os.path.dirname(copy), exist_ok=True)
-    with open(copy, "wb") as stream:
-        stream.write(b"x" * 40 * 4096)                 # evictable, unpinned
-    assert cache.reserve(8 * 4096, ahead=8 * 4096) == 16 * 4096
-    assert cache.reserve(8 * 4096, ahead=32 * 4096) == 8 * 4096
-    assert os.path.exists(copy)                        # not evicted for room ahead
-    assert cache.reserve(32 * 4096, ahead=32 * 4096) == 32 * 4096
-    assert not os.path.exists(copy)                    # evicted for the room needed
+
+    def copy(name, blocks, last_use):
+        path = cache.blob_path(name * 64)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as stream:
+            stream.write(b"x" * blocks * 4096)
+        os.utime(path, (last_use, last_use))
+        return path
+
+    old, new = copy("a", 20, 1), copy("b", 20, 2)      # evictable, unpinned
+    assert cache.reserve(8 * 4096, ahead=8 * 4096) == 16 * 4096    # fits as it is
+    assert cache.reserve(8 * 4096, ahead=24 * 4096) == 32 * 4096   # evicts the older
+    assert not os.path.exists(old) and os.path.exists(new)
+    assert cache.reserve(8 * 4096, ahead=100 * 4096) == 8 * 4096   # never fits: asks 8
+    assert os.path.exists(new)                         # and evicts nothing for it
     assert cache.reserve(65 * 4096) == 0
