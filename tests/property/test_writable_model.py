@@ -184,20 +184,22 @@ class WritableMachine(RuleBasedStateMachine):
         self.check()
 
     def teardown(self):
-        fs = getattr(self, "fs", None)
-        if fs is not None:
-            before = snapshot(fs)
-            fs.close()
-            with layerfs.open(self.source, upper=self.upper) as again:
-                lines = diff_views(before, snapshot(again))
-                assert not lines, "reopen changed the view:\n" + "\n".join(lines)
-                self.fs = again
-                self.check()
-            self.fs = None
-        if getattr(self, "image_view", None) is not None:
-            self.image_view.close()
-        if getattr(self, "tmp", None):
-            shutil.rmtree(self.tmp)
+        try:
+            fs = getattr(self, "fs", None)
+            if fs is not None:
+                before = snapshot(fs)
+                fs.close()
+                with layerfs.open(self.source, upper=self.upper) as again:
+                    lines = diff_views(before, snapshot(again))
+                    assert not lines, "reopen changed the view:\n" + "\n".join(lines)
+                    self.fs = again
+                    self.check()
+                self.fs = None
+        finally:        # also after a failing example: hypothesis tries hundreds
+            if getattr(self, "image_view", None) is not None:
+                self.image_view.close()
+            if getattr(self, "tmp", None):
+                shutil.rmtree(self.tmp)
 
     # -- helpers ----------------------------------------------------------
 
