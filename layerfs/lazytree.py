@@ -184,6 +184,20 @@ for _name in ("keys", "values", "items", "pop", "popitem", "setdefault", "update
     setattr(LazyChildren, _name, _filled_first(_name))
 
 
+def _view_names(view: Tree, node: Node) -> list[str]:
+    """The names the view gives its hardlinked file *node*: found by one
+    scan of the view, the first time a container asks, and kept with it
+    for every container of the image (a hardlinked file is few)."""
+    names = getattr(view, "hardlink_names", None)
+    if names is None:
+        names = {}
+        for path, candidate in dict.items(view.nodes):
+            if candidate.nlink > 1 and candidate.children is None:
+                names.setdefault(id(candidate), []).append(path)
+        view.hardlink_names = names
+    return names.get(id(node), [])
+
+
 class LazyNodes(dict):
     """A container tree's ``path -> node``: a path not yet copied is found
     by filling the directories on the way to it."""
@@ -236,10 +250,10 @@ class LazyNodes(dict):
         there copied first (a copy :meth:`ContainerTree.own` made had them
         copied then), then the copied paths are scanned."""
         if node.__class__ is FrozenNode:
-            for path, candidate in self._copier.base_tree.nodes.items():
-                if candidate is node:
-                    self.get(path)
+            for path in _view_names(self._copier.base_tree, node):
+                self.get(path)
         return sorted(path for path, candidate in dict.items(self) if candidate is node)
+
 
     def get(self, path, default=None):
         node = _dict_get(self, path)
