@@ -153,11 +153,11 @@ class RangeStore:
     def _take_room(self, n: int) -> bool:
         """Whether *n* more bytes fit the budget.  Each ask of the cache is
         a scan of its files under its lock (47 ms with 9,000 files here),
-        so room is asked a step ahead, as long as the budget has it without
-        evicting anything: one ask per 16 chunks of 1 MiB, not one each.
-        As with the other writers of the cache, another process may take
-        the room meanwhile: the budget can be passed by less than a step
-        per writer."""
+        so room is asked a step ahead where the budget can hold the step
+        (see :meth:`IndexCache.reserve`): one ask per 16 chunks of 1 MiB,
+        not one each.  As with the other writers of the cache, another
+        process may take the room meanwhile: the budget can be passed by
+        less than a step per writer."""
         with self._lock:
             if n <= self._room:
                 self._room -= n
