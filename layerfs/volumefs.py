@@ -108,6 +108,11 @@ class VolumeFileSystem(FileSystem):
             parent, name = split(path)
             self._children.setdefault(parent, []).append(name)
 
+    @property
+    def volume_paths(self) -> tuple:
+        """The PATH of every volume, sorted."""
+        return self._prefixes
+
     def _check_parent(self, path: str) -> None:
         parent = split(path)[0]
         if self._mounted_at(parent) is not None:
@@ -272,7 +277,9 @@ class VolumeFileSystem(FileSystem):
                 return result
         mounted, real = self._route(path, follow_symlinks)
         if mounted is None:
-            return FileSystem.stat(self, real, follow_symlinks=follow_symlinks)
+            # FileSystem.stat without following calls self.lstat: not here.
+            return FileSystem.stat(self, real) if follow_symlinks else \
+                FileSystem.lstat(self, real)
         return mounted.host.lstat(real)
 
     def lstat(self, path: PathLike) -> os.stat_result:

@@ -313,3 +313,11 @@ def test_export_and_extract_leave_volumes_out(image, host, tmp_path):
         assert sorted(os.listdir(os.path.join(copied, "data"))) == []
         assert open(os.path.join(copied, "d", "kept"), "rb").read() == b"k"
         assert errno_of(lambda: fs.extract("/data/a", tmp_path / "a")) == errno.EXDEV
+
+
+def test_lexists_and_lstat_of_a_missing_image_path(fs):
+    # FileSystem.stat without following calls self.lstat: it once recursed.
+    assert not fs.lexists("/missing")
+    with pytest.raises(FileNotFoundError):
+        fs.lstat("/etc/missing")
+    assert fs.lexists("/to-data")
