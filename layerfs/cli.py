@@ -643,10 +643,11 @@ def cmd_example(args) -> int:
 
 
 def cmd_mount(args) -> int:
-    from .containercli import bind_after_mount, parsed_volumes
+    from .containercli import bind_after_mount, parsed_volumes, served_volumes
     from .mount import mount
     operands = take_image(args, ["MOUNTPOINT"])
     volumes = parsed_volumes(args)
+    served = served_volumes(volumes, writable=args.upper is not None)
     cache_from(args)     # records --cache-size, passes --max-layer-size on
     progress = ProgressBar("indexing")
     try:
@@ -654,10 +655,11 @@ def cmd_mount(args) -> int:
               foreground=args.foreground, options=args.options,
               platform=args.platform, cache_dir=args.cache_dir,
               registry=registry_options(args), progress=progress,
-              log_file=args.log, log_level=args.log_level)
+              log_file=args.log, log_level=args.log_level, volumes=served)
     finally:
         progress.finish()
-    bind_after_mount(operands.rest[0], volumes)
+    if not served:
+        bind_after_mount(operands.rest[0], volumes)
     return 0
 
 

@@ -76,6 +76,7 @@ def cmd_mount(args) -> int:
         raise StoreError(errno.EBUSY, f"container {args.name!r} is mounted on {where} "
                                       "already")
     volumes = parsed_volumes(args)
+    served = served_volumes(volumes, writable=True)
     progress = ProgressBar("indexing")
     try:
         if args.foreground:
@@ -87,10 +88,12 @@ def cmd_mount(args) -> int:
         else:      # served by the store's one daemon, beside its other containers
             mount_container(store, args.name, args.mountpoint, options=args.options,
                             cache_dir=args.cache_dir, registry=registry_options(args),
-                            progress=progress, log_file=args.log, log_level=args.log_level)
+                            progress=progress, log_file=args.log, log_level=args.log_level,
+                            volumes=served)
     finally:
         progress.finish()
-    bind_after_mount(args.mountpoint, volumes)
+    if not served:
+        bind_after_mount(args.mountpoint, volumes)
     return 0
 
 
@@ -103,6 +106,19 @@ def parsed_volumes(args) -> list:
     if args.foreground:
         raise StoreError(errno.EINVAL, "--volume needs a background mount (not -f)")
     return [parse_volume(text, store_of(args)) for text in args.volumes]
+
+
+def served_volumes(volumes: list, writable: bool) -> list:
+    """The volumes the mount's server is to serve itself: all of them for
+    a caller who cannot bind them with the kernel (:func:`layerfs.volume.can_bind`),
+    none for one who can (bound after mounting, :func:`bind_after_mount`)."""
+    from .volume import can_bind
+    if not volumes or can_bind():
+        return []
+    if not writable:
+        raise StoreError(errno.EPERM, "--volume without root needs a writable mount "
+                                      "(--upper): the mount's server serves the volumes")
+    return volumes
 
 
 def bind_after_mount(mountpoint: str, volumes: list) -> None:

@@ -105,8 +105,8 @@ class WritableServer(Server):
     filesystem on *mountpoint* until unmounted (see :class:`Server`).
     The operations must be made with :func:`request_context` as their
     *context*.  The filesystem is a plain :class:`layerfs.fs.FileSystem`,
-    whose paths are its tree's (a mount's volumes are bind mounts,
-    :mod:`layerfs.volume`, not a :class:`~layerfs.volumefs.VolumeFileSystem`)."""
+    whose paths are its tree's; one with volumes is served by
+    :class:`layerfs.fusevolume.VolumeServer`."""
 
     def __init__(self, operations, mountpoint: str, options: dict,
                  on_ready: Optional[Callable[[], None]] = None):
@@ -440,7 +440,7 @@ class WritableServer(Server):
         if listing is None:
             raise OSError(errno.EBADF, os.strerror(errno.EBADF))
         if offset == 0 or listing[0] is None:
-            listing[0] = _packed_listing(ino, self.node(ino).children)
+            listing[0] = self.packed_listing(ino)
         entries = listing[0]
         chosen = []
         used = 0
@@ -451,6 +451,10 @@ class WritableServer(Server):
             used += len(entry)
         data = b"".join(chosen)
         _reply_buf(req, data, used)
+
+    def packed_listing(self, ino: int) -> list:
+        """The entries of directory *ino* as READDIR gives them."""
+        return _packed_listing(ino, self.node(ino).children)
 
     _readdirplus = None
 

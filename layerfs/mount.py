@@ -95,7 +95,7 @@ def mount(source, mountpoint, *, upper=None, foreground: bool = False,
           options: Iterable[str] = (), tag: Optional[str] = None,
           platform: Optional[str] = None, cache_dir=None, registry=None,
           progress: Optional[Callable[[int, int], None]] = None,
-          log_file=None, log_level: str = "WARNING") -> None:
+          log_file=None, log_level: str = "WARNING", volumes=()) -> None:
     """Mount the image *source* (what :func:`layerfs.open` takes) on *mountpoint*.
 
     Read-only, or copy-on-write into the directory *upper*.  *options* are
@@ -107,7 +107,10 @@ def mount(source, mountpoint, *, upper=None, foreground: bool = False,
     while the image is indexed; *log_file* receives the daemon's log (and
     libfuse's, with ``-o debug``) at *log_level*.  Raises
     :class:`~layerfs.errors.MountError` when mounting is impossible, and the
-    image errors of :func:`layerfs.open`.
+    image errors of :func:`layerfs.open`.  *volumes*
+    (:class:`~layerfs.volume.Volume`) are served by the mount's own server
+    (:mod:`layerfs.fusevolume`; they need *upper*), for a caller who cannot
+    bind them with the kernel (:mod:`layerfs.volume`).
     """
     mountpoint = os.path.abspath(os.fspath(mountpoint))
     # The daemon works from "/": make every path absolute first.
@@ -123,7 +126,7 @@ def mount(source, mountpoint, *, upper=None, foreground: bool = False,
         check_upper(upper, mountpoint)
     opener = functools.partial(open_fs, source=source, upper=upper, tag=tag,
                                platform=platform, cache_dir=cache_dir,
-                               registry=registry)
+                               registry=registry, volumes=tuple(volumes))
     if foreground:
         _log_to(log_file, log_level)
         serve(opener(progress), mountpoint, user_options)
@@ -377,8 +380,7 @@ def _serve_unlocked(fs, mountpoint: str, options, on_ready) -> None:
                 from .fusell import Server
                 server = Server(fs, target, fuse_options, on_ready)
             else:
-                from .fusewrite import WritableServer
-                server = WritableServer(operations, target, fuse_options, on_ready)
+                server = writable_server(fs)(operations, target, fuse_options, on_ready)
             status = server.serve()
             if status < 0:
                 raise MountError(f"{mountpoint}: the FUSE loop failed ({os.strerror(-status)})",
@@ -405,6 +407,17 @@ def _serve_unlocked(fs, mountpoint: str, options, on_ready) -> None:
                                stdin=subprocess.DEVNULL, capture_output=True)
             os.close(device_fd)
         operations.shutdown()
+
+
+def writable_server(fs):
+    """The low-level server class for the writable *fs*: one that serves
+    volumes if *fs* has them (:mod:`layerfs.fusevolume`)."""
+    from .volumefs import VolumeFileSystem
+    if isinstance(fs, VolumeFileSystem):
+        from .fusevolume import VolumeServer
+        return VolumeServer
+    from .fusewrite import WritableServer
+    return WritableServer
 
 
 def fusermount(mountpoint: str, options: dict) -> int:
@@ -670,7 +683,7 @@ def unescape_mountinfo(text: str) -> str:
 
 
 def open_fs(progress=None, *, source, upper=None, tag=None, platform=None, cache_dir=None,
-            registry=None, share_view: bool = False):
+            registry=None, share_view: bool = False, volumes=()):
     from . import fs as layerfs_fs
     cache = None
     if cache_dir is not None:
@@ -680,7 +693,8 @@ def open_fs(progress=None, *, source, upper=None, tag=None, platform=None, cache
     # view plus lazy copies once a walk has reached everything (docs/benchmarks.md);
     # a store's daemon serves several, and shares the view (layerfs.storedaemon).
     return layerfs_fs.open(source, tag=tag, platform=platform, cache=cache, upper=upper,
-                           registry=registry, progress=progress, share_view=share_view)
+                           registry=registry, progress=progress, share_view=share_view,
+                           volumes=volumes)
 
 
 def absolute(path):

@@ -74,12 +74,14 @@ def _paths(store_path: str) -> tuple[str, str]:
 
 def mount_container(store, name: str, mountpoint, *, options=(), cache_dir=None,
                     registry=None, progress: Optional[Callable[[int, int], None]] = None,
-                    log_file=None, log_level: str = "WARNING") -> None:
+                    log_file=None, log_level: str = "WARNING", volumes=()) -> None:
     """Has the daemon of *store* (a :class:`layerfs.Store`) serve its
     container *name* on *mountpoint*, starting the daemon if the store has
     none; returns once the mount is ready.  *options* as for
     :func:`layerfs.mount.mount`; *log_file* and *log_level* are the
-    daemon's, taken by the one this call starts (if any).  Raises
+    daemon's, taken by the one this call starts (if any).  *volumes*
+    (:class:`~layerfs.volume.Volume`) are served by the daemon itself
+    (:mod:`layerfs.fusevolume`).  Raises
     :class:`MountError`, with the daemon's own message when it refused."""
     import attrs
     from . import mount as m
@@ -94,7 +96,8 @@ def mount_container(store, name: str, mountpoint, *, options=(), cache_dir=None,
     m.check_upper(container.upper, mountpoint)
     request = {"name": name, "mountpoint": mountpoint, "options": user_options,
                "cache_dir": os.path.abspath(cache_dir or default_cache_root()),
-               "registry": attrs.asdict(registry) if registry is not None else {}}
+               "registry": attrs.asdict(registry) if registry is not None else {},
+               "volumes": [attrs.astuple(volume) for volume in volumes]}
     _ask(store.path, request, progress, m.absolute(log_file), log_level)
     m.raise_readahead(mountpoint)
 
@@ -278,10 +281,12 @@ class Daemon:
         point; returns once the mount is ready.  The request's fields: the
         container ``name``, ``mountpoint``, FUSE ``options`` (a dict from
         :func:`layerfs.mount.parse_options`), ``cache_dir``, ``registry``
-        (:class:`layerfs.registry.Options` fields)."""
+        (:class:`layerfs.registry.Options` fields), ``volumes`` (fields of
+        :class:`layerfs.volume.Volume`)."""
         from .mount import open_fs
         from .registry import Options
         from .store import Store
+        from .volume import Volume
         mountpoint = request["mountpoint"]
         container = Store(self.store_path).get(request["name"])
 
@@ -295,7 +300,8 @@ class Daemon:
         fs = open_fs(progress, source=container.reference, upper=container.upper,
                      tag=container.tag, platform=container.platform,
                      cache_dir=request.get("cache_dir"),
-                     registry=Options(**request.get("registry", {})), share_view=True)
+                     registry=Options(**request.get("registry", {})), share_view=True,
+                     volumes=[Volume(*fields) for fields in request.get("volumes", ())])
         ready = threading.Event()
         failure: list = []
         thread = threading.Thread(target=self._serve, daemon=True,

@@ -91,6 +91,23 @@ def parse_volume(text: str, store=None) -> Volume:
     return Volume(source, path, readonly)
 
 
+CAP_SYS_ADMIN = 21
+
+
+def can_bind() -> bool:
+    """May this process bind volumes with the kernel (``CAP_SYS_ADMIN`` in
+    its effective set, as root has it)?  Otherwise a mount's server serves
+    them itself (:mod:`layerfs.fusevolume`)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> CAP_SYS_ADMIN & 1)
+    except OSError:
+        pass
+    return os.geteuid() == 0
+
+
 # -- binding into a mount ----------------------------------------------------------
 
 def bind_volumes(mountpoint: str, volumes) -> None:
