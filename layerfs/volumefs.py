@@ -467,6 +467,10 @@ class VolumeFileSystem(FileSystem):
                 self._check_not_above_a_volume(source_real, source)
                 self._check_not_above_a_volume(destination_real, destination)
             return getattr(FileSystem, method)(self, source_real, destination_real)
+        if from_volume is not None and source_real == "/" and method == "rename":
+            # A volume's PATH is a mount point: EBUSY before EXDEV, or mv
+            # would copy the volume out and empty the host directory.
+            raise path_error(errno.EBUSY, os.fsdecode(source))
         if from_volume is not to_volume:
             raise OSError(errno.EXDEV, os.strerror(errno.EXDEV), os.fsdecode(source),
                           None, os.fsdecode(destination))
