@@ -692,9 +692,18 @@ def open_fs(progress=None, *, source, upper=None, tag=None, platform=None, cache
     # One container per daemon: a private tree costs less than the shared
     # view plus lazy copies once a walk has reached everything (docs/benchmarks.md);
     # a store's daemon serves several, and shares the view (layerfs.storedaemon).
-    return layerfs_fs.open(source, tag=tag, platform=platform, cache=cache, upper=upper,
-                           registry=registry, progress=progress, share_view=share_view,
-                           volumes=volumes)
+    opener = functools.partial(layerfs_fs.open, source, tag=tag, platform=platform,
+                               cache=cache, upper=upper, registry=registry,
+                               share_view=share_view)
+    if not volumes:
+        return opener(progress=progress)
+    from .volume import make_volume_parents
+    with opener(progress=progress) as fs:
+        make_volume_parents(fs, volumes)
+    try:
+        return opener(volumes=volumes)
+    except ValueError as error:
+        raise MountError(str(error), errno.EINVAL) from None
 
 
 def absolute(path):

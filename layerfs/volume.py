@@ -152,6 +152,19 @@ def bind_volume(mountpoint: str, volume: Volume) -> None:
         view.close()
 
 
+def make_volume_parents(fs, volumes) -> None:
+    """Create, in the writable *fs*, the directories above each volume's
+    PATH that it lacks, as a kernel bind's mount point is made in the
+    upper (a served volume's PATH itself needs no directory:
+    :mod:`layerfs.volumefs`)."""
+    for volume in volumes:
+        current = ""
+        for name in volume.path.strip("/").split("/")[:-1]:
+            current += "/" + name
+            if not fs.lexists(current):
+                fs.mkdir(current, 0o755)
+
+
 def _make_directories(view: HostDir, path: str) -> None:
     current = ""
     for name in path.strip("/").split("/"):
