@@ -1,34 +1,40 @@
 """Volumes: host directories bound into a mounted view, and named volumes
 kept in a store.
 
-A volume is bound by the kernel, as a container engine binds one: once
-the FUSE mount is ready, the host directory is bind-mounted (``MS_BIND``)
-onto the mount point's PATH, and made read-only with a remount for
-``:ro``.  Every rule the issue asks of a volume then holds by
-construction rather than by a second implementation of every operation:
+A mount's volume is served one of two ways, by the caller's rights
+(:func:`can_bind`: ``CAP_SYS_ADMIN`` in the effective set):
 
-* reads and writes at PATH go to the host directory (the kernel's own
-  filesystem serves them): no copy-up, no whiteouts, nothing in the upper,
-  so ``diff`` and ``commit`` leave the volume out;
-* ``:ro`` gives ``EROFS``, from the kernel;
-* the image's content beneath PATH is hidden while the bind lasts;
-* layerfs never follows a symlink inside a volume (it never sees the
-  volume's entries): a symlink there resolves as the caller's kernel
-  resolves it, inside a ``chroot`` the container's root, as for any bind
-  mount of a container engine;
-* no FUSE caching applies to the volume's entries: they are not FUSE's.
+* with it (root), bound by the kernel, as a container engine binds one,
+  here: once the FUSE mount is ready, the host directory is bind-mounted
+  (``MS_BIND``) onto the mount point's PATH, and made read-only with a
+  remount for ``:ro``;
+* without it, served by the writable mount's own FUSE server
+  (:mod:`layerfs.fusevolume`, over :mod:`layerfs.volumefs`), which needs
+  an upper.
 
-PATH itself is opened component by component from the mount point with
-``O_NOFOLLOW`` (:class:`layerfs.hostdir.HostDir`), and the bind is made
-onto that descriptor (``/proc/self/fd/N``): a symlink in the image at or
-above PATH (``/var/run -> /run``) cannot redirect the bind onto the
+Every rule the issue asks of a volume holds either way:
+
+* reads and writes at PATH go to the host directory: no copy-up, no
+  whiteouts, nothing in the upper, so ``diff`` and ``commit`` leave the
+  volume out;
+* ``:ro`` gives ``EROFS``;
+* the image's content beneath PATH is hidden;
+* layerfs never follows a symlink inside a volume: a symlink there
+  resolves as the caller's kernel resolves it, inside a ``chroot`` the
+  container's root, as for any bind mount of a container engine;
+* no FUSE caching applies to the volume's entries (a bind's are not
+  FUSE's; a served volume's replies carry timeouts of 0).
+
+For a bind, PATH itself is opened component by component from the mount
+point with ``O_NOFOLLOW`` (:class:`layerfs.hostdir.HostDir`), and the bind
+is made onto that descriptor (``/proc/self/fd/N``): a symlink in the image
+at or above PATH (``/var/run -> /run``) cannot redirect the bind onto the
 host's own directories; it is refused.  A PATH missing from the image is
 created through the mount as an empty directory (it is then in the upper,
-as the mount point of a volume is in Docker's container layer).
-
-Binding needs ``CAP_SYS_ADMIN`` (root); without it, ``--volume`` is
-refused with one line.  Unmounting a mount unbinds what is beneath it
-first (:func:`unbind_beneath`).
+as the mount point of a volume is in Docker's container layer); a served
+volume gets the directories above PATH made (:func:`make_volume_parents`).
+Unmounting a mount unbinds what is beneath it first
+(:func:`unbind_beneath`).
 """
 
 from __future__ import annotations
