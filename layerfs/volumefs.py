@@ -1,7 +1,8 @@
 """Volumes in the library: ``layerfs.open(..., volumes=[...])``.
 
 Everything about serving a volume through the facade lives here.  A
-mounted view gets its volumes from the kernel (:mod:`layerfs.volume`);
+mounted view gets its volumes from the kernel for root (:mod:`layerfs.volume`),
+else from its FUSE server over this class (:mod:`layerfs.fusevolume`);
 a :class:`FileSystem` opened with ``volumes=`` is a
 :class:`VolumeFileSystem`, whose every public path operation goes through
 one dispatch point, :meth:`VolumeFileSystem._route`:
