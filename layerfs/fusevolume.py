@@ -105,6 +105,11 @@ class VolumeServer(WritableServer):
         self.volume_inodes = VolumeInodes()
         self.volume_paths = frozenset(self.fs.volume_paths)
         self.volume_names = frozenset(path.rsplit("/", 1)[1] for path in self.volume_paths)
+        # A view directory's path -> the names of the volumes' PATHs in it.
+        self.volumes_in: dict = {}
+        for path in self.volume_paths:
+            parent, name = path.rsplit("/", 1)
+            self.volumes_in.setdefault(parent or "/", []).append(name)
 
     # -- paths and replies -------------------------------------------------
 
@@ -304,19 +309,22 @@ class VolumeServer(WritableServer):
     def packed_listing(self, ino: int) -> list:
         """A volume's directory from the host; a view's directory with the
         volumes' PATHs it holds (listed whether or not the image has them)."""
+        if not is_volume_id(ino):
+            packed = super().packed_listing(ino)
+            with self.upper.lock:
+                record = self.record(ino)
+                path = self.table.path(record)
+                children = record.node.children
+            extra = [name for name in self.volumes_in.get(path, ()) if name not in children]
+            return packed + [_dirent(UNKNOWN_INO, index, 0o040000, _name_bytes(name))
+                             for index, name in enumerate(extra, len(packed) + 1)]
         with self.upper.lock:
             path = self.path(ino)
             names = self.fs.listdir(path)
-        if is_volume_id(ino):
-            entries = [(name, UNKNOWN_INO, self._mode_or_zero(path, name)) for name in names]
-        else:
-            children = self.node(ino).children
-            entries = [(name, children[name].ino if name in children else UNKNOWN_INO,
-                        children[name].mode if name in children else 0o040000)
-                       for name in names]
         packed = [_dirent(ino, 1, 0o040000, b"."), _dirent(UNKNOWN_INO, 2, 0o040000, b"..")]
-        for index, (name, child_ino, mode) in enumerate(entries, 3):
-            packed.append(_dirent(child_ino, index, mode, _name_bytes(name)))
+        for index, name in enumerate(names, 3):
+            packed.append(_dirent(UNKNOWN_INO, index, self._mode_or_zero(path, name),
+                                  _name_bytes(name)))
         return packed
 
     def _mode_or_zero(self, directory: str, name: str) -> int:

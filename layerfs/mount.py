@@ -354,6 +354,9 @@ def _serve_unlocked(fs, mountpoint: str, options, on_ready) -> None:
     operations = Operations(fs, on_ready=on_ready, context=context)
     device_fd = None
     try:
+        if not low_level and has_volumes(fs):
+            raise MountError(f"{mountpoint}: volumes served by layerfs need the low-level "
+                             "server (LAYERFS_FUSE_API=high has none)", errno.EINVAL)
         options = dict(options or {})
         options.pop("nonempty", None)
         options.setdefault("fsname", "layerfs")
@@ -409,11 +412,15 @@ def _serve_unlocked(fs, mountpoint: str, options, on_ready) -> None:
         operations.shutdown()
 
 
+def has_volumes(fs) -> bool:
+    from .volumefs import VolumeFileSystem
+    return isinstance(fs, VolumeFileSystem)
+
+
 def writable_server(fs):
     """The low-level server class for the writable *fs*: one that serves
     volumes if *fs* has them (:mod:`layerfs.fusevolume`)."""
-    from .volumefs import VolumeFileSystem
-    if isinstance(fs, VolumeFileSystem):
+    if has_volumes(fs):
         from .fusevolume import VolumeServer
         return VolumeServer
     from .fusewrite import WritableServer

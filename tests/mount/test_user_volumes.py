@@ -90,6 +90,12 @@ def test_a_users_containers_share_a_named_volume_out_of_the_upper(user):
     assert run("cat", f"{m2}/srv/shared/note").stdout == "one"
     assert _write_as(run, f"{m1}/data/new", "new").returncode == 0
     assert open(os.path.join(host, "new")).read() == "new"
+    # A PATH the image lacks is listed in its parent; types show in listings.
+    assert run("ls", f"{m1}/srv").stdout.split() == ["shared"]
+    run("mkdir", f"{m1}/data/dir")
+    assert run("find", f"{m1}/data", "-mindepth", "1", "-type", "d").stdout.split() == \
+        [f"{m1}/data/dir"]
+    run("rmdir", f"{m1}/data/dir")
     # The image's content beneath PATH is hidden.
     assert sorted(run("ls", f"{m1}/data").stdout.split()) == ["from-host", "new"]
     assert run("cat", f"{m1}/data/hidden", check=False).returncode != 0
