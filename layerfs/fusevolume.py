@@ -43,9 +43,11 @@ def is_volume_id(ino: int) -> bool:
 
 
 class VolumeInodes:
-    """Node ids of volume entries: one per host ``(st_dev, st_ino)``, with
-    the kernel's lookup count and the view path it was last reached by;
-    forgotten when the count falls to 0."""
+    """Node ids of volume entries: one per host ``(st_dev, st_ino)`` in
+    each volume, with the kernel's lookup count and the view path it was
+    last reached by; forgotten when the count falls to 0.  (Per volume: one
+    host directory bound at two PATHs, one ``:ro``, must not share ids, or
+    a request on one would be served at the other's path.)"""
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -53,9 +55,10 @@ class VolumeInodes:
         self._records: dict = {}          # node id -> [path, lookups, host key]
         self._next = itertools.count(FIRST_VOLUME_ID)
 
-    def looked_up(self, path: str, st: os.stat_result) -> int:
-        """The node id of the entry *st* at *path*, its count raised by one."""
-        key = (st.st_dev, st.st_ino)
+    def looked_up(self, volume: str, path: str, st: os.stat_result) -> int:
+        """The node id of the entry *st* at *path* in the volume at
+        *volume*, its count raised by one."""
+        key = (volume, st.st_dev, st.st_ino)
         with self._lock:
             ino = self._by_host.get(key)
             if ino is None:
@@ -104,6 +107,7 @@ class VolumeServer(WritableServer):
         super().__init__(operations, mountpoint, options, on_ready)
         self.volume_inodes = VolumeInodes()
         self.volume_paths = frozenset(self.fs.volume_paths)
+        self._innermost_first = sorted(self.volume_paths, key=len, reverse=True)
         self.volume_names = frozenset(path.rsplit("/", 1)[1] for path in self.volume_paths)
         # A view directory's path -> the names of the volumes' PATHs in it.
         self.volumes_in: dict = {}
@@ -128,10 +132,17 @@ class VolumeServer(WritableServer):
         attr.st_ino = ino
         return attr
 
+    def _volume_of(self, path: str) -> str:
+        """The PATH of the (innermost) volume holding *path*."""
+        for volume in self._innermost_first:
+            if path == volume or path.startswith(volume + "/"):
+                return volume
+        raise _stale()
+
     def _volume_entry(self, path: str) -> fuse_entry_param:
         """The entry at *path* of a volume, counted (timeouts 0)."""
         st = self.fs.lstat(path)
-        ino = self.volume_inodes.looked_up(path, st)
+        ino = self.volume_inodes.looked_up(self._volume_of(path), path, st)
         param = fuse_entry_param(ino=ino, generation=0, attr_timeout=0, entry_timeout=0)
         param.attr = self._volume_attr(ino, st)
         return param

@@ -103,6 +103,17 @@ def test_a_users_containers_share_a_named_volume_out_of_the_upper(user):
     result = _write_as(run, f"{m1}/etc/ro/x")
     assert result.returncode != 0 and "Read-only file system" in result.stderr
     assert not os.path.exists(os.path.join(host, "x"))
+    # The same host directory at /data and at /etc/ro: a descriptor held on
+    # /etc/ro stays read-only however /data is reached meanwhile.
+    answer = run(cli[0], "-c", "import os\n"
+                 f"fd = os.open('{m1}/etc/ro', os.O_RDONLY | os.O_DIRECTORY)\n"
+                 f"os.listdir('{m1}/data')\n"
+                 "try:\n"
+                 "    os.close(os.open('y', os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=fd))\n"
+                 "except OSError as error:\n"
+                 "    print(error.errno)\n").stdout
+    assert answer.strip() == str(errno.EROFS)
+    assert not os.path.exists(os.path.join(host, "y"))
     # Nothing of the volumes is in the upper (but /srv, made for the named
     # volume's PATH as for a bind's): diff and commit leave them out.
     assert run(*cli, "container", "diff", "a").stdout == "A /srv\n"

@@ -19,18 +19,21 @@ def stat_of(dev: int, ino: int) -> os.stat_result:
 
 def test_ids_are_above_view_inodes_and_stable_per_host_inode():
     inodes = VolumeInodes()
-    first = inodes.looked_up("/data/a", stat_of(1, 10))
+    first = inodes.looked_up("/data", "/data/a", stat_of(1, 10))
     assert is_volume_id(first) and first >= FIRST_VOLUME_ID and not is_volume_id(2 ** 40)
-    assert inodes.looked_up("/data/b", stat_of(1, 10)) == first      # a hard link
+    assert inodes.looked_up("/data", "/data/b", stat_of(1, 10)) == first      # a hard link
     assert inodes.path(first) == "/data/b"
-    other = inodes.looked_up("/data/c", stat_of(2, 10))
+    other = inodes.looked_up("/data", "/data/c", stat_of(2, 10))
     assert other != first
+    # One host directory at two PATHs: ids of its own in each.
+    elsewhere = inodes.looked_up("/ro", "/ro/a", stat_of(1, 10))
+    assert elsewhere != first and inodes.path(first) == "/data/b"
 
 
 def test_an_id_is_forgotten_when_the_kernel_forgets_every_lookup():
     inodes = VolumeInodes()
-    ino = inodes.looked_up("/data/a", stat_of(1, 10))
-    inodes.looked_up("/data/a", stat_of(1, 10))
+    ino = inodes.looked_up("/data", "/data/a", stat_of(1, 10))
+    inodes.looked_up("/data", "/data/a", stat_of(1, 10))
     inodes.forget(ino, 1)
     assert inodes.path(ino) == "/data/a"
     inodes.forget(ino, 1)
@@ -39,14 +42,14 @@ def test_an_id_is_forgotten_when_the_kernel_forgets_every_lookup():
         inodes.path(ino)
     assert info.value.errno == errno.ESTALE
     inodes.forget(ino, 1)                   # a late FORGET: nothing to do
-    assert inodes.looked_up("/data/a", stat_of(1, 10)) != ino
+    assert inodes.looked_up("/data", "/data/a", stat_of(1, 10)) != ino
 
 
 def test_a_rename_moves_the_paths_below():
     inodes = VolumeInodes()
-    directory = inodes.looked_up("/data/d", stat_of(1, 1))
-    inside = inodes.looked_up("/data/d/f", stat_of(1, 2))
-    beside = inodes.looked_up("/data/dd", stat_of(1, 3))
+    directory = inodes.looked_up("/data", "/data/d", stat_of(1, 1))
+    inside = inodes.looked_up("/data", "/data/d/f", stat_of(1, 2))
+    beside = inodes.looked_up("/data", "/data/dd", stat_of(1, 3))
     inodes.moved("/data/d", "/data/e")
     assert (inodes.path(directory), inodes.path(inside), inodes.path(beside)) == \
         ("/data/e", "/data/e/f", "/data/dd")
