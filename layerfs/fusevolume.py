@@ -168,10 +168,15 @@ class VolumeServer(WritableServer):
     # -- names -------------------------------------------------------------
 
     def _lookup(self, req, parent, name):
-        if is_volume_id(parent) or _name(name) in self.volume_names:
-            with self.upper.lock:
-                if self._is_volume_child(parent, name):
-                    self._reply_volume_entry(req, self.child_path(parent, name))
+        if is_volume_id(parent):
+            # The host's answer: no lock of the view's needed.
+            self._reply_volume_entry(req, self.child_path(parent, name))
+            return
+        if _name(name) in self.volume_names:
+            with self.upper.lock:       # the view's path of *parent* holds meanwhile
+                path = self.child_path(parent, name)
+                if path in self.volume_paths:
+                    self._reply_volume_entry(req, path)
                     return
         super()._lookup(req, parent, name)
 

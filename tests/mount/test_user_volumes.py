@@ -23,7 +23,8 @@ pytestmark = [pytest.mark.mount, requires_fuse,
 
 
 def _image_layer(path: str) -> None:
-    """/data (with a file the volume hides), /d, /etc and /tmp, all the user's."""
+    """/data (with a file the volume hides), /d, /etc and /tmp, all the
+    user's, and /ln -> d."""
     with tarfile.open(path, "w") as tar:
         for name in ("data", "d", "etc", "tmp"):
             info = tarfile.TarInfo(name)
@@ -34,6 +35,9 @@ def _image_layer(path: str) -> None:
             info = tarfile.TarInfo(name)
             info.size, info.uid, info.gid = len(data), USER, USER
             tar.addfile(info, io.BytesIO(data))
+        info = tarfile.TarInfo("ln")
+        info.type, info.linkname = tarfile.SYMTYPE, "d"
+        tar.addfile(info)
 
 
 @pytest.fixture
@@ -216,4 +220,9 @@ def test_a_users_mount_with_an_upper_serves_volumes_and_one_without_is_refused(u
     run(*cli, "umount", m3)
     result = run(*cli, "mount", owned["layer"], m3, "--volume", f"{host}:/data", check=False)
     assert result.returncode != 0 and "needs a writable mount" in result.stderr
+    assert not is_mounted(m3)
+    # A PATH reached through the image's symlink is refused, and nothing mounted.
+    result = run(*cli, "mount", owned["layer"], m3, "--upper", upper, "--volume",
+                 f"{host}:/ln/v", check=False)
+    assert result.returncode != 0 and "/ln is not a directory of the view" in result.stderr
     assert not is_mounted(m3)
