@@ -26,7 +26,7 @@ import os
 import stat as _stat
 import threading
 
-from .fusell import (PACKER, _reply_attr, _reply_buf, _reply_create, _reply_entry,
+from .fusell import (PACKER, _reply_attr, _reply_create, _reply_entry,
                      _reply_err, _reply_open, _reply_readlink, _reply_none, c_stat,
                      fuse_entry_param, reply_extent, UNKNOWN_INO)
 from .fusewrite import (RENAME_NOREPLACE, SET_ATIME, SET_ATIME_NOW, SET_GID, SET_MODE,
