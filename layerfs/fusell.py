@@ -198,6 +198,8 @@ class Server:
     def _setup(self, fs, mountpoint: str, options: dict, on_ready) -> None:
         self.fs = fs
         self.mountpoint = mountpoint
+        # Whether libfuse mounted (a /dev/fd/N mount point is then its own).
+        self.session_mounted = False
         self.on_ready = on_ready
         self.timeout = float(options.get("attr_timeout", 86400))
         self.entry_timeout = float(options.get("entry_timeout", 86400))
@@ -306,6 +308,7 @@ class Server:
             try:
                 if _session_mount(session, os.fsencode(self.mountpoint)) != 0:
                     raise RuntimeError(4)
+                self.session_mounted = True
                 try:
                     config = _loop_cfg_create()
                     _loop_cfg_set_max_threads(config, self.max_threads)

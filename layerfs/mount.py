@@ -86,6 +86,9 @@ KNOWN_OPTIONS = KERNEL_OPTIONS | {
 
 _ERROR_PREFIX = "layerfs-mount-error "
 LOOP_ENDED_BY_SIGNAL = 8
+# fuse_main's statuses for an end before it mounted (libfuse 3's helper.c:
+# bad arguments, no mount point, fuse_new failed, the mount failed).
+FUSE_MAIN_BEFORE_MOUNT = (1, 2, 3, 4)
 _PROGRESS_PREFIX = "layerfs-mount-progress "
 RUNTIME_DIR_VARIABLE = "LAYERFS_RUNTIME_DIR"
 UMOUNT_TIMEOUT = 60.0
@@ -353,6 +356,10 @@ def _serve_unlocked(fs, mountpoint: str, options, on_ready) -> None:
         context = adapter.context
     operations = Operations(fs, on_ready=on_ready, context=context)
     device_fd = None
+    # libfuse's session owns /dev/fd/N once it has mounted it, and closes it
+    # at its end: closing it again could close whatever took the number
+    # since (another session's descriptor, in the store's daemon).
+    device_taken = False
     try:
         if not low_level and has_volumes(fs):
             raise MountError(f"{mountpoint}: volumes served by layerfs need the low-level "
@@ -384,13 +391,21 @@ def _serve_unlocked(fs, mountpoint: str, options, on_ready) -> None:
                 server = Server(fs, target, fuse_options, on_ready)
             else:
                 server = writable_server(fs)(operations, target, fuse_options, on_ready)
-            status = server.serve()
+            try:
+                status = server.serve()
+            finally:
+                device_taken = server.session_mounted
             if status < 0:
                 raise MountError(f"{mountpoint}: the FUSE loop failed ({os.strerror(-status)})",
                                  -status)
             return
-        adapter.FUSE(operations, target, foreground=True, nothreads=False,
-                     readdirplus=operations.readonly, **fuse_options)
+        try:
+            adapter.FUSE(operations, target, foreground=True, nothreads=False,
+                         readdirplus=operations.readonly, **fuse_options)
+        finally:
+            error = sys.exc_info()[1]
+            device_taken = not (isinstance(error, RuntimeError) and error.args
+                                and error.args[0] in FUSE_MAIN_BEFORE_MOUNT)
     except RuntimeError as error:
         # libfuse 3's fuse_main answers 8 whenever its loop ended other than
         # by an unmount, and a signal (SIGTERM, SIGINT: the ordinary way to
@@ -402,14 +417,17 @@ def _serve_unlocked(fs, mountpoint: str, options, on_ready) -> None:
                          f"{error.args[0] if error.args else '?'}; libfuse's own "
                          f"message is above or in the log)", errno.EIO) from None
     finally:
-        if device_fd is not None:
-            # libfuse does not unmount what it did not mount (a signal, or
-            # an error, ended the loop while still mounted).
-            if mount_type(mountpoint) is not None:
-                subprocess.run(["fusermount3", "-u", "-z", mountpoint], check=False,
-                               stdin=subprocess.DEVNULL, capture_output=True)
-            os.close(device_fd)
-        operations.shutdown()
+        try:
+            if device_fd is not None:
+                # libfuse does not unmount what it did not mount (a signal, or
+                # an error, ended the loop while still mounted).
+                if mount_type(mountpoint) is not None:
+                    subprocess.run(["fusermount3", "-u", "-z", mountpoint], check=False,
+                                   stdin=subprocess.DEVNULL, capture_output=True)
+                if not device_taken:
+                    os.close(device_fd)
+        finally:
+            operations.shutdown()
 
 
 def has_volumes(fs) -> bool:

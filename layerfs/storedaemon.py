@@ -319,10 +319,12 @@ class Daemon:
 
     def _serve(self, fs, mountpoint: str, options: dict, ready: threading.Event,
                failure: list) -> None:
-        from .mount import serve
+        from .mount import describe, serve
         try:
             serve(fs, mountpoint, options, on_ready=ready.set)
         except OSError as error:
+            if ready.is_set():      # the mount was answered for: only the log hears
+                log.error("serving %s ended: %s", mountpoint, describe(error))
             failure.append(error)
         except BaseException as error:
             log.exception("serving %s failed", mountpoint)

@@ -15,6 +15,7 @@ import tempfile
 
 import pytest
 
+import layerfs
 from layerfs import mount as layerfs_mount
 from mount_helpers import ROOT, force_unmount, is_mounted, requires_fuse, stack
 
@@ -250,3 +251,35 @@ def test_a_user_in_the_chroot_owns_what_it_creates(tmp_path):
         assert result.stdout == "mine\n"
         st = os.stat(f"{root}/home/user/made/file")
         assert (st.st_uid, st.st_gid) == (1000, 1000)
+
+
+def test_a_user_commits_a_container_right_after_unmounting_it(sample_layers, public_dir):
+    """The session closes its filesystem (and releases the upper) before
+    ``umount`` returns: it used to stop at closing /dev/fd/N a second time
+    (libfuse had closed it), which left the upper locked in the store's
+    daemon and its last changes unflushed."""
+    owned = {}
+    for name in ("m", "run", "cache", "home", "store", "layers", "out"):
+        owned[name] = os.path.join(public_dir, name)
+        os.mkdir(owned[name])
+        os.chown(owned[name], USER, USER)
+    layers = [shutil.copy(path, owned["layers"]) for path in sample_layers]
+    layers.append(os.path.join(owned["layers"], "tmp.tar"))
+    with tarfile.open(layers[-1], "w") as tar:      # a /tmp the user may write in
+        info = tarfile.TarInfo("tmp")
+        info.type, info.mode = tarfile.DIRTYPE, 0o1777
+        tar.addfile(info)
+    env = dict(os.environ, PYTHONPATH=user_pythonpath(public_dir), HOME=owned["home"],
+               LAYERFS_RUNTIME_DIR=owned["run"], LAYERFS_CACHE_DIR=owned["cache"],
+               LAYERFS_STORE=owned["store"])
+    env.pop("XDG_RUNTIME_DIR", None)
+    cli = [user_python(env), "-m", "layerfs.cli"]
+    as_user(*cli, "container", "create", *stack(layers), "c", env=env)
+    for attempt in range(3):
+        as_user(*cli, "container", "mount", "c", owned["m"], env=env)
+        as_user("sh", "-c", f"echo {attempt} > {owned['m']}/tmp/f{attempt}", env=env)
+        as_user(*cli, "umount", owned["m"], env=env)
+        out = os.path.join(owned["out"], str(attempt))
+        as_user(*cli, "container", "commit", "c", out, env=env)
+        with layerfs.open(out) as committed:
+            assert committed.read_bytes(f"/tmp/f{attempt}") == f"{attempt}\n".encode()
