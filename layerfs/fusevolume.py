@@ -20,19 +20,16 @@ WritableServer itself and pays nothing for this.
 from __future__ import annotations
 
 import ctypes
-import errno
 import itertools
 import os
 import stat as _stat
 import threading
 
 from .fusell import (PACKER, _reply_attr, _reply_create, _reply_entry,
-                     _reply_err, _reply_open, _reply_readlink, _reply_none, c_stat,
+                     _reply_open, _reply_readlink, _reply_none, c_stat,
                      fuse_entry_param, reply_extent, UNKNOWN_INO)
-from .fusewrite import (RENAME_NOREPLACE, SET_ATIME, SET_ATIME_NOW, SET_GID, SET_MODE,
-                        SET_MTIME, SET_MTIME_NOW, SET_SIZE, SET_UID, WritableServer,
-                        _caller_of, _dirent, _name, _name_bytes, _stale)
-from .fusecore import resolve_times
+from .fusewrite import (SET_ATIME, SET_ATIME_NOW, SET_MTIME, SET_MTIME_NOW, SET_SIZE,
+                        WritableServer, _caller_of, _dirent, _name, _name_bytes, _stale)
 
 # View inode numbers count up from 1: these never meet them.
 FIRST_VOLUME_ID = 1 << 62
@@ -152,13 +149,6 @@ class VolumeServer(WritableServer):
         if _reply_entry(req, ctypes.byref(param)) != 0:
             self.volume_inodes.forget(param.ino, 1)
 
-    def _is_volume_child(self, parent: int, name: bytes) -> bool:
-        """Is *name* in *parent* a volume's entry (or a volume's PATH)?"""
-        if is_volume_id(parent):
-            return True
-        return _name(name) in self.volume_names and \
-            self.child_path(parent, name) in self.volume_paths
-
     def created(self, req, parent: int, name: bytes) -> None:
         if is_volume_id(parent):
             self._reply_volume_entry(req, self.child_path(parent, name))
@@ -205,21 +195,13 @@ class VolumeServer(WritableServer):
             self.operations.link(self.child_path(parent, name), self.path(ino))
             self.created(req, parent, name)
 
-    def _rename(self, req, parent, name, new_parent, new_name, flags):
-        if not (is_volume_id(parent) or is_volume_id(new_parent)
-                or self._is_volume_child(parent, name)):
-            return super()._rename(req, parent, name, new_parent, new_name, flags)
-        if flags & ~RENAME_NOREPLACE:
-            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
-        with self.upper.lock:
-            source = self.child_path(parent, name)
-            destination = self.child_path(new_parent, new_name)
-            if flags & RENAME_NOREPLACE and self.fs.lexists(destination):
-                raise OSError(errno.EEXIST, os.strerror(errno.EEXIST))
-            # EXDEV across the boundary, EBUSY for a volume's PATH.
-            self.operations.rename(source, destination)
+    def renamed(self, source: str, destination: str, new_parent: int, new_name: bytes) -> None:
+        # The filesystem refused a rename across a volume's boundary (EXDEV)
+        # and of a volume's PATH (EBUSY): this one stayed in a volume, or out.
+        if is_volume_id(new_parent):
             self.volume_inodes.moved(source, destination)
-        _reply_err(req, 0)
+        else:
+            super().renamed(source, destination, new_parent, new_name)
 
     # -- attributes --------------------------------------------------------
 
@@ -236,23 +218,15 @@ class VolumeServer(WritableServer):
         handle = self.handles.get(fi.contents.fh) if fi else None
         wanted = attr.contents
         path = self.path(ino)
-        operations = self.operations
-        if to_set & SET_MODE:
-            operations.chmod(path, wanted.st_mode & 0o7777)
-        if to_set & (SET_UID | SET_GID):
-            operations.chown(path, wanted.st_uid if to_set & SET_UID else -1,
-                             wanted.st_gid if to_set & SET_GID else -1)
+        self.set_mode_and_owner(path, wanted, to_set)
         if to_set & SET_SIZE:
             if handle is not None:
                 handle.truncate(wanted.st_size)
             else:
-                operations.truncate(path, wanted.st_size)
+                self.operations.truncate(path, wanted.st_size)
         if to_set & (SET_ATIME | SET_MTIME | SET_ATIME_NOW | SET_MTIME_NOW):
-            times = resolve_times(
-                (self._time(to_set, SET_ATIME, SET_ATIME_NOW, wanted.st_atimespec),
-                 self._time(to_set, SET_MTIME, SET_MTIME_NOW, wanted.st_mtimespec)),
-                lambda: self.fs.lstat(path))
-            self.fs.utime(path, ns=times, follow_symlinks=False)
+            self.fs.utime(path, ns=self.wanted_times(wanted, to_set, lambda: self.fs.lstat(path)),
+                          follow_symlinks=False)
         st = handle.fstat() if handle is not None else self.fs.lstat(path)
         _reply_attr(req, ctypes.byref(self._volume_attr(ino, st)), 0)
 
@@ -311,16 +285,10 @@ class VolumeServer(WritableServer):
 
     # -- directories -------------------------------------------------------
 
-    def _opendir(self, req, ino, fi):
-        if not is_volume_id(ino):
-            return super()._opendir(req, ino, fi)
-        if not _stat.S_ISDIR(self.fs.lstat(self.path(ino)).st_mode):
-            raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
-        fh = next(self._next_listing)
-        self.listings[fh] = [None]
-        fi.contents.fh = fh
-        if _reply_open(req, fi) != 0:
-            self.listings.pop(fh, None)
+    def is_directory(self, ino: int) -> bool:
+        if is_volume_id(ino):
+            return _stat.S_ISDIR(self.fs.lstat(self.path(ino)).st_mode)
+        return super().is_directory(ino)
 
     def packed_listing(self, ino: int) -> list:
         """A volume's directory from the host; a view's directory with the

@@ -280,10 +280,14 @@ class WritableServer(Server):
             if flags & RENAME_NOREPLACE and self.fs.lexists(destination):
                 raise OSError(errno.EEXIST, os.strerror(errno.EEXIST))
             self.operations.rename(source, destination)
-            moved = self.node(new_parent).children.get(_name(new_name))
-            if moved is not None:
-                self.table.moved(moved, self.record(new_parent), _name(new_name))
+            self.renamed(source, destination, new_parent, new_name)
         _reply_err(req, 0)
+
+    def renamed(self, source: str, destination: str, new_parent: int, new_name: bytes) -> None:
+        """The inode table follows a rename just done (under the upper's lock)."""
+        moved = self.node(new_parent).children.get(_name(new_name))
+        if moved is not None:
+            self.table.moved(moved, self.record(new_parent), _name(new_name))
 
     # -- attributes --------------------------------------------------------
 
@@ -304,11 +308,7 @@ class WritableServer(Server):
             # An inode no name reaches (fchmod of an unlinked open file)
             # is changed as itself.
             path = self.table.path(record) or writable.Unnamed(node)
-            if to_set & SET_MODE:
-                operations.chmod(path, wanted.st_mode & 0o7777)
-            if to_set & (SET_UID | SET_GID):
-                operations.chown(path, wanted.st_uid if to_set & SET_UID else -1,
-                                 wanted.st_gid if to_set & SET_GID else -1)
+            self.set_mode_and_owner(path, wanted, to_set)
             if to_set & SET_SIZE:
                 if handle is None and isinstance(path, writable.Unnamed):
                     handle = writable.open_unnamed(self.fs, node, os.O_WRONLY)
@@ -322,14 +322,27 @@ class WritableServer(Server):
                 else:
                     operations.truncate(path, wanted.st_size)
             if times:
-                atime, mtime = resolve_times(
-                    (self._time(to_set, SET_ATIME, SET_ATIME_NOW, wanted.st_atimespec),
-                     self._time(to_set, SET_MTIME, SET_MTIME_NOW, wanted.st_mtimespec)),
-                    node.stat)
-                self.fs.utime(path, ns=(atime, mtime), follow_symlinks=False)
+                self.fs.utime(path, ns=self.wanted_times(wanted, to_set, node.stat),
+                              follow_symlinks=False)
             node = handle.node if handle is not None else self.node(ino)
             result = c_stat.from_buffer_copy(PACKER.node(node))
         _reply_attr(req, ctypes.byref(result), self.timeout)
+
+    def set_mode_and_owner(self, path, wanted, to_set: int) -> None:
+        """A SETATTR's mode, then owner (libfuse's high-level order)."""
+        if to_set & SET_MODE:
+            self.operations.chmod(path, wanted.st_mode & 0o7777)
+        if to_set & (SET_UID | SET_GID):
+            self.operations.chown(path, wanted.st_uid if to_set & SET_UID else -1,
+                                  wanted.st_gid if to_set & SET_GID else -1)
+
+    def wanted_times(self, wanted, to_set: int, current: Callable) -> tuple:
+        """A SETATTR's (atime, mtime) in ns, *current()* giving the stat of
+        what it leaves alone."""
+        return resolve_times(
+            (self._time(to_set, SET_ATIME, SET_ATIME_NOW, wanted.st_atimespec),
+             self._time(to_set, SET_MTIME, SET_MTIME_NOW, wanted.st_mtimespec)),
+            current)
 
     @staticmethod
     def _time(to_set: int, given: int, now: int, spec) -> int:
@@ -415,14 +428,16 @@ class WritableServer(Server):
     # -- directories -------------------------------------------------------
 
     def _opendir(self, req, ino, fi):
-        directory = self.node(ino)
-        if directory.children is None:
+        if not self.is_directory(ino):
             raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
         fh = next(self._next_listing)
         self.listings[fh] = [None]
         fi.contents.fh = fh
         if _reply_open(req, fi) != 0:
             self.listings.pop(fh, None)
+
+    def is_directory(self, ino: int) -> bool:
+        return self.node(ino).children is not None
 
     def _releasedir(self, req, ino, fi):
         self.listings.pop(fi.contents.fh, None)

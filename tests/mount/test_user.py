@@ -135,16 +135,19 @@ def test_a_user_mounts_lists_and_unmounts_through_fusermount3(sample_layers, pub
 
 @pytest.mark.skipif(bool(user_fuse_unavailable()) and os.environ.get("CI") != "true",
                     reason=user_fuse_unavailable() or "-")
-def test_a_user_mounts_containers_through_the_stores_daemon(sample_layers, public_dir,
-                                                            monkeypatch):
+def user_store(public_dir: str, sample_layers, *more: str) -> tuple:
+    """USER's own store, cache and runtime directories (and *more*, say mount
+    points) under *public_dir*, the sample layers plus a /tmp USER may
+    write in, the environment and the command line of USER's layerfs:
+    ``(owned, layers, env, cli)``."""
     owned = {}
-    for name in ("m1", "m2", "run", "cache", "home", "store", "layers"):
+    for name in ("run", "cache", "home", "store", "layers", *more):
         owned[name] = os.path.join(public_dir, name)
         os.mkdir(owned[name])
         os.chown(owned[name], USER, USER)
     layers = [shutil.copy(path, owned["layers"]) for path in sample_layers]
     layers.append(os.path.join(owned["layers"], "tmp.tar"))
-    with tarfile.open(layers[-1], "w") as tar:      # a /tmp the user may write in
+    with tarfile.open(layers[-1], "w") as tar:
         info = tarfile.TarInfo("tmp")
         info.type, info.mode = tarfile.DIRTYPE, 0o1777
         tar.addfile(info)
@@ -152,7 +155,12 @@ def test_a_user_mounts_containers_through_the_stores_daemon(sample_layers, publi
                LAYERFS_RUNTIME_DIR=owned["run"], LAYERFS_CACHE_DIR=owned["cache"],
                LAYERFS_STORE=owned["store"])
     env.pop("XDG_RUNTIME_DIR", None)
-    cli = [user_python(env), "-m", "layerfs.cli"]
+    return owned, layers, env, [user_python(env), "-m", "layerfs.cli"]
+
+
+def test_a_user_mounts_containers_through_the_stores_daemon(sample_layers, public_dir,
+                                                            monkeypatch):
+    owned, layers, env, cli = user_store(public_dir, sample_layers, "m1", "m2")
     for name, point in (("a", owned["m1"]), ("b", owned["m2"])):
         as_user(*cli, "container", "create", *stack(layers), name, env=env)
         as_user(*cli, "container", "mount", name, point, env=env)
@@ -258,22 +266,7 @@ def test_a_user_commits_a_container_right_after_unmounting_it(sample_layers, pub
     ``umount`` returns: it used to stop at closing /dev/fd/N a second time
     (libfuse had closed it), which left the upper locked in the store's
     daemon and its last changes unflushed."""
-    owned = {}
-    for name in ("m", "run", "cache", "home", "store", "layers", "out"):
-        owned[name] = os.path.join(public_dir, name)
-        os.mkdir(owned[name])
-        os.chown(owned[name], USER, USER)
-    layers = [shutil.copy(path, owned["layers"]) for path in sample_layers]
-    layers.append(os.path.join(owned["layers"], "tmp.tar"))
-    with tarfile.open(layers[-1], "w") as tar:      # a /tmp the user may write in
-        info = tarfile.TarInfo("tmp")
-        info.type, info.mode = tarfile.DIRTYPE, 0o1777
-        tar.addfile(info)
-    env = dict(os.environ, PYTHONPATH=user_pythonpath(public_dir), HOME=owned["home"],
-               LAYERFS_RUNTIME_DIR=owned["run"], LAYERFS_CACHE_DIR=owned["cache"],
-               LAYERFS_STORE=owned["store"])
-    env.pop("XDG_RUNTIME_DIR", None)
-    cli = [user_python(env), "-m", "layerfs.cli"]
+    owned, layers, env, cli = user_store(public_dir, sample_layers, "m", "out")
     as_user(*cli, "container", "create", *stack(layers), "c", env=env)
     for attempt in range(3):
         as_user(*cli, "container", "mount", "c", owned["m"], env=env)
