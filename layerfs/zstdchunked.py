@@ -77,14 +77,8 @@ def parse_footer_tarsplit(data: bytes) -> Optional[tuple[int, int, int]]:
 
 def parse_tarsplit_position(text: str, label: str) -> tuple[int, int, int]:
     """The tarsplit-position annotation ``offset:length:uncompressed``."""
-    try:
-        values = tuple(int(part) for part in text.split(":"))
-    except (ValueError, AttributeError):
-        values = ()
-    if len(values) != 3 or min(values) < 0:
-        raise InvalidLayerError(f"{TARSPLIT_POSITION_ANNOTATION} {text!r} is not "
-                                "offset:length:uncompressed_length", layer=label)
-    return values  # type: ignore[return-value]
+    return _parse_numbers(text, TARSPLIT_POSITION_ANNOTATION,
+                          ("offset", "length", "uncompressed_length"), label)
 
 
 def tarsplit_records(data: bytes, label: str):
@@ -132,14 +126,20 @@ def parse_footer(data: bytes) -> Optional[tuple[int, int, int, int]]:
 
 def parse_position(text: str, label: str) -> tuple[int, int, int, int]:
     """The manifest-position annotation ``offset:length:uncompressed:type``."""
+    return _parse_numbers(text, POSITION_ANNOTATION,
+                          ("offset", "length", "uncompressed_length", "type"), label)
+
+
+def _parse_numbers(text: str, annotation: str, fields: tuple, label: str) -> tuple:
+    """The annotation *text*: one non-negative integer per field, joined by ``:``."""
     try:
         values = tuple(int(part) for part in text.split(":"))
     except (ValueError, AttributeError):
         values = ()
-    if len(values) != 4 or min(values) < 0:
-        raise InvalidLayerError(f"{POSITION_ANNOTATION} {text!r} is not "
-                                "offset:length:uncompressed_length:type", layer=label)
-    return values  # type: ignore[return-value]
+    if len(values) != len(fields) or min(values) < 0:
+        raise InvalidLayerError(f"{annotation} {text!r} is not {':'.join(fields)}",
+                                layer=label)
+    return values
 
 
 def decompress_frames(raw: bytes, limit: int) -> bytes:
