@@ -355,10 +355,7 @@ class RemoteBlob:
     def _open(self, offset: int, length: int) -> None:
         self._close()
         end = min(self.size, offset + max(length, self.read_ahead))
-        response = self.client.request(
-            "GET", f"{self.client.ref.repository}/blobs/{self.digest}",
-            headers={"Range": f"bytes={offset}-{end - 1}"}, stream=True)
-        self.requests += 1
+        response = self._ranged_get(offset, end)
         if response.status_code == 200:       # Range ignored: the whole blob
             start = 0
             end = self.size
@@ -371,6 +368,14 @@ class RemoteBlob:
         self._response = response
         self._chunks = response.iter_content(CHUNK_SIZE)
         self._pending, self._position, self._end = b"", start, end
+
+    def _ranged_get(self, start: int, end: int):
+        """A streamed GET of the blob's bytes *start* to *end* (exclusive)."""
+        response = self.client.request(
+            "GET", f"{self.client.ref.repository}/blobs/{self.digest}",
+            headers={"Range": f"bytes={start}-{end - 1}"}, stream=True)
+        self.requests += 1
+        return response
 
     def _is_aside(self, offset: int, length: int) -> bool:
         """Whether a read is small and away from where a response with much
@@ -387,10 +392,7 @@ class RemoteBlob:
         """A small read away from the response a pass is streaming (a
         gzip trailer, a footer): its exact range, by a request of its own,
         so that the streaming response is not dropped and asked again."""
-        response = self.client.request(
-            "GET", f"{self.client.ref.repository}/blobs/{self.digest}",
-            headers={"Range": f"bytes={offset}-{offset + length - 1}"}, stream=True)
-        self.requests += 1
+        response = self._ranged_get(offset, offset + length)
         if response.status_code != 206:       # Range ignored, or an error: as before
             response.close()
             self._open(offset, length)
