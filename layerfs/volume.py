@@ -50,7 +50,7 @@ import attrs
 
 from .errors import MountError, StoreError
 from .hostdir import HostDir
-from .paths import is_canonical
+from .paths import is_canonical, parents
 
 MS_RDONLY = 1
 MS_NOSUID = 2
@@ -164,19 +164,15 @@ def make_volume_parents(fs, volumes) -> None:
     upper (a served volume's PATH itself needs no directory:
     :mod:`layerfs.volumefs`)."""
     for volume in volumes:
-        current = ""
-        for name in volume.path.strip("/").split("/")[:-1]:
-            current += "/" + name
-            if not fs.lexists(current):
-                fs.mkdir(current, 0o755)
+        for ancestor in parents(volume.path):
+            if not fs.lexists(ancestor):
+                fs.mkdir(ancestor, 0o755)
 
 
 def _make_directories(view: HostDir, path: str) -> None:
-    current = ""
-    for name in path.strip("/").split("/"):
-        current += "/" + name
+    for directory in (*parents(path), path):
         try:
-            view.mkdir(current, 0o755)
+            view.mkdir(directory, 0o755)
         except FileExistsError:
             pass
 
